@@ -1,0 +1,40 @@
+"""skmerge: merge unmerged X-ray diffraction data by variational inference.
+
+The package speaks numpy, pandas and reciprocalspaceship; TensorFlow is imported only
+when a model is built, so reading data and the command line's help stay fast.
+"""
+
+from importlib import import_module
+
+from .errors import IncompatibleVersionError, InputError, NumericalError, SkmergeError
+
+__version__ = "0.1.0"
+
+# Public names that live in modules importing TensorFlow are loaded on first use.
+_LAZY = {
+    "read_unmerged": "skmerge.table",
+    "merge_inverse_variance": "skmerge.baseline",
+    "datasets": "skmerge.datasets",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = import_module(_LAZY[name])
+        value = module if module.__name__.endswith(name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'skmerge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "IncompatibleVersionError",
+    "InputError",
+    "NumericalError",
+    "SkmergeError",
+    *_LAZY,
+]

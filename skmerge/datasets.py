@@ -1,0 +1,386 @@
+"""Simulated diffraction data with known truth.
+
+:func:`make_unmerged` runs the experiment forwards: true amplitudes drawn from the Wilson
+distribution, a crystal rotated in the beam (or held still in a polychromatic beam), the
+reflections that meet the Ewald sphere recorded on a flat detector, and each observation's
+intensity multiplied by a physically shaped scale and given Poisson-like noise. Every
+quantity skmerge estimates is returned alongside, so tests can score a merge against the
+truth instead of against another program.
+"""
+
+import gemmi
+import numpy as np
+import pandas as pd
+import reciprocalspaceship as rs
+from scipy.spatial.transform import Rotation
+from sklearn.utils import Bunch, check_random_state
+
+from .errors import InputError
+from .symmetry import map_to_asu, reflection_flags, systematically_absent, unique_hkl
+from .table import read_unmerged
+
+_DETECTOR_DISTANCE_MM = 150.0
+_PIXEL_MM = 0.1
+_BACKGROUND = 20.0  # photons under a spot, sets the noise floor of weak reflections
+_ERROR_FRACTION = 0.02  # multiplicative error of every measurement
+
+
+def make_unmerged(
+    n_images=180,
+    *,
+    spacegroup="P 21 21 21",
+    cell=(40.0, 50.0, 60.0, 90.0, 90.0, 90.0),
+    dmin=2.0,
+    oscillation=1.0,
+    wavelength=1.0,
+    wilson_b=15.0,
+    mean_intensity=300.0,
+    anomalous=False,
+    anomalous_signal=0.05,
+    laue=False,
+    wavelength_range=(0.9, 1.9),
+    outlier_fraction=0.0,
+    random_state=None,
+):
+    """Simulate an unmerged data set and return it with the truth behind it.
+
+    Monochromatic mode (the default) simulates a rotation experiment: the crystal turns by
+    ``oscillation`` degrees per image about an axis perpendicular to the beam, and each
+    reflection is recorded on the image during which it crosses the Ewald sphere. Laue
+    mode holds the crystal still during each image (turning it by ``oscillation`` between
+    images) in a beam spanning ``wavelength_range``; reflections whose directions coincide
+    (the harmonics n·h) land on one spot whose intensity is their sum.
+
+    The scale of an observation is the product of a smooth function of the rotation angle
+    (beam intensity, illuminated volume, absorption), a per-image Wilson B that grows with
+    exposure (radiation damage), a detector-position factor (absorption and polarisation
+    across the detector), in Laue mode a source spectrum over wavelength, and 2 %
+    image-to-image jitter. Reported σ follow counting statistics plus a 2 % error, and
+    ``outlier_fraction`` of the observations are replaced by gross outliers (zingers and
+    shadowed spots).
+
+    Parameters
+    ----------
+    n_images : int, default=180
+        Number of images.
+    spacegroup : str, default="P 21 21 21"
+    cell : sequence of 6 floats, default=(40, 50, 60, 90, 90, 90)
+    dmin : float, default=2.0
+        Resolution limit in Å.
+    oscillation : float, default=1.0
+        Degrees of rotation per image (monochromatic) or between images (Laue).
+    wavelength : float, default=1.0
+        Wavelength in Å of the monochromatic beam.
+    wilson_b : float, default=15.0
+        Overall B factor of the true intensities, ⟨I⟩ ∝ exp(−B / (2 d²)).
+    mean_intensity : float, default=300.0
+        Mean photon count of a reflection at low resolution (sets the signal-to-noise
+        ratio and the magnitude of the numbers).
+    anomalous : bool, default=False
+        Give acentric Friedel mates different amplitudes and keep them apart in the
+        observation table.
+    anomalous_signal : float, default=0.05
+        Relative standard deviation of F(+) and F(−) about their mean.
+    laue : bool, default=False
+        Simulate a polychromatic (Laue) experiment.
+    wavelength_range : (float, float), default=(0.9, 1.9)
+        Band of the polychromatic beam in Å (Laue mode).
+    outlier_fraction : float, default=0.0
+        Fraction of observations replaced by gross outliers.
+    random_state : int, RandomState instance or None
+        Makes the simulation repeatable.
+
+    Returns
+    -------
+    X : rs.DataSet
+        Observation table as :func:`skmerge.read_unmerged` builds it, with metadata
+        columns BATCH, ROT (degrees), XDET and YDET (pixels) and, in Laue mode,
+        Wavelength (Å). In Laue mode each row is a spot, indexed by its lowest harmonic.
+    truth : Bunch
+        ``merged``: rs.DataSet indexed by the ASU H, K, L of every reflection observed,
+        with F, I (= F²), CENTRIC, EPSILON, dHKL and, when anomalous, F(+), F(-), DANO.
+        ``scale``: the true scale of each row of X (of its reported harmonic in Laue mode).
+        ``Itrue``: the noise-free intensity of each row. ``outlier``: which rows are gross
+        outliers. In Laue mode also ``harmonics``: one row per harmonic of every spot
+        (``spot``, ASU H, K, L, n, Wavelength, scale, I).
+
+    Examples
+    --------
+    >>> from skmerge.datasets import make_unmerged
+    >>> X, truth = make_unmerged(n_images=60, random_state=0)
+    >>> X.shape[0] > 10000
+    True
+    """
+    rng = check_random_state(random_state)
+    sg = gemmi.SpaceGroup(spacegroup)
+    uc = gemmi.UnitCell(*cell)
+    if not uc.is_compatible_with_spacegroup(sg, 1e-3):
+        raise InputError(f"cell={tuple(cell)} is incompatible with space group {spacegroup}.")
+    if not 0.0 <= outlier_fraction < 1.0:
+        raise InputError(f"outlier_fraction={outlier_fraction} must lie in [0, 1).")
+
+    sphere = _reflections_in_sphere(uc, sg, dmin)
+    amplitudes = _wilson_amplitudes(sphere, sg, uc, wilson_b, anomalous_signal if anomalous else 0.0, rng)
+    orientation = Rotation.random(random_state=rng).as_matrix()
+    reciprocal = sphere @ np.array(uc.frac.mat) @ orientation.T
+    if laue:
+        obs, harmonics = _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmin, uc)
+    else:
+        obs = _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength)
+        harmonics = None
+
+    image_scale = np.exp(
+        0.3 * np.sin(2 * np.pi * np.arange(n_images) / max(n_images, 1) + 0.5)
+        - 0.2 * np.arange(n_images) / max(n_images, 1)
+        + 0.02 * rng.standard_normal(n_images)
+    )
+    decay_b = 8.0 * np.arange(n_images) / max(n_images, 1)
+
+    def scale_of(image, d, x, y, lam):
+        r2 = ((x - 1500.0) ** 2 + (y - 1500.0) ** 2) / 1500.0**2
+        s = image_scale[image] * np.exp(-decay_b[image] / (2 * d**2))
+        s = s * (1.0 - 0.25 * r2 + 0.08 * (x - 1500.0) / 1500.0)
+        if laue:
+            lo, hi = wavelength_range
+            centre, width = lo + 0.35 * (hi - lo), 0.3 * (hi - lo)
+            s = s * np.exp(-0.5 * ((lam - centre) / width) ** 2)
+        return mean_intensity * s
+
+    if laue:
+        f2 = _amplitude_of(amplitudes, harmonics["hkl"], sg, anomalous) ** 2
+        h_scale = scale_of(harmonics["image"], harmonics["d"], harmonics["x"], harmonics["y"], harmonics["lam"])
+        i_true = np.bincount(harmonics["spot"], weights=h_scale * f2, minlength=len(obs["image"]))
+        scale = h_scale[harmonics["first"]]
+    else:
+        f = _amplitude_of(amplitudes, obs["hkl"], sg, anomalous)
+        scale = scale_of(obs["image"], obs["d"], obs["x"], obs["y"], wavelength)
+        i_true = scale * f**2
+
+    sigma = np.sqrt(np.maximum(i_true, 0.0) + _BACKGROUND + (_ERROR_FRACTION * i_true) ** 2)
+    i_obs = i_true + sigma * rng.standard_normal(len(i_true))
+    outlier = rng.random_sample(len(i_true)) < outlier_fraction
+    if outlier.any():
+        zinger = rng.random_sample(outlier.sum()) < 0.7
+        i_obs[outlier] = np.where(
+            zinger,
+            i_true[outlier] * rng.uniform(3.0, 10.0, outlier.sum()) + 10 * sigma[outlier],
+            i_true[outlier] * rng.uniform(0.0, 0.2, outlier.sum()),
+        )
+
+    raw = rs.DataSet(
+        {
+            "H": obs["hkl"][:, 0],
+            "K": obs["hkl"][:, 1],
+            "L": obs["hkl"][:, 2],
+            "BATCH": obs["image"] + 1,
+            "I": i_obs.astype(np.float32),
+            "SIGI": sigma.astype(np.float32),
+            "ROT": obs["phi"].astype(np.float32),
+            "XDET": obs["x"].astype(np.float32),
+            "YDET": obs["y"].astype(np.float32),
+            **({"Wavelength": obs["lam"].astype(np.float32)} if laue else {}),
+        },
+        spacegroup=sg,
+        cell=uc,
+        merged=False,
+    ).infer_mtz_dtypes()
+    X = read_unmerged(raw, anomalous=anomalous)
+    if len(X) != len(raw):
+        raise AssertionError("the simulator produced observations the table builder dropped")
+
+    truth = Bunch(
+        merged=_truth_table(amplitudes, X, sg, uc, anomalous),
+        scale=scale,
+        Itrue=i_true,
+        outlier=outlier,
+    )
+    if laue:
+        asu, _ = map_to_asu(harmonics["hkl"], sg, anomalous)
+        truth.harmonics = pd.DataFrame(
+            {
+                "spot": harmonics["spot"],
+                "H": asu[:, 0],
+                "K": asu[:, 1],
+                "L": asu[:, 2],
+                "n": harmonics["n"],
+                "Wavelength": harmonics["lam"],
+                "scale": h_scale,
+                "I": h_scale * f2,
+            }
+        )
+    return X, truth
+
+
+def _reflections_in_sphere(cell, spacegroup, dmin):
+    """Every allowed Miller index (both Friedel mates) with d ≥ dmin."""
+    # |h| = |q·a| ≤ |a|/d bounds each index by the cell edge over the resolution.
+    hmax, kmax, lmax = (int(np.floor(x / dmin)) for x in cell.parameters[:3])
+    h, k, l = np.meshgrid(
+        np.arange(-hmax, hmax + 1), np.arange(-kmax, kmax + 1), np.arange(-lmax, lmax + 1), indexing="ij"
+    )
+    hkl = np.stack([h.ravel(), k.ravel(), l.ravel()], axis=1).astype(np.int32)
+    hkl = hkl[np.abs(hkl).sum(axis=1) > 0]
+    hkl = hkl[cell.calculate_d_array(hkl) >= dmin]
+    return hkl[~systematically_absent(hkl, spacegroup)]
+
+
+def _wilson_amplitudes(sphere, spacegroup, cell, wilson_b, anomalous_signal, rng):
+    """True F(+) and F(−) of every ASU reflection, from the Wilson distribution.
+
+    Returns a dict from the packed ASU key to (F+, F−)."""
+    asu, _ = map_to_asu(sphere, spacegroup, anomalous=False)
+    unique, _ = unique_hkl(asu)
+    centric, epsilon = reflection_flags(unique, spacegroup)
+    d = cell.calculate_d_array(unique)
+    variance = epsilon * np.exp(-wilson_b / (2 * d**2))
+    # Acentric: E = |complex Gaussian| (Rayleigh); centric: |real Gaussian| (half-normal).
+    real = rng.standard_normal(len(unique))
+    imag = rng.standard_normal(len(unique))
+    f = np.where(
+        centric,
+        np.abs(real) * np.sqrt(variance),
+        np.hypot(real, imag) * np.sqrt(variance / 2),
+    )
+    delta = np.clip(anomalous_signal * rng.standard_normal(len(unique)), -0.5, 0.5)
+    delta[centric] = 0.0
+    return {"hkl": unique, "plus": f * (1 + delta), "minus": f * (1 - delta), "centric": centric}
+
+
+def _amplitude_of(amplitudes, hkl, spacegroup, anomalous):
+    asu, minus = map_to_asu(hkl, spacegroup, anomalous=False)
+    row = _lookup(amplitudes["hkl"], asu)
+    if not anomalous:
+        return 0.5 * (amplitudes["plus"][row] + amplitudes["minus"][row])
+    return np.where(minus, amplitudes["minus"][row], amplitudes["plus"][row])
+
+
+def _lookup(unique, hkl):
+    """Row of each hkl in the sorted unique table ``unique``."""
+    both, inverse = unique_hkl(np.concatenate([unique, hkl]))
+    if len(both) != len(unique):
+        raise AssertionError("Miller index outside the simulated set")
+    return inverse[len(unique):]
+
+
+def _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength):
+    """Reflections crossing the Ewald sphere while the crystal turns about the x axis.
+
+    The beam runs along +z, so the diffraction condition |s0 + q| = 1/λ reads
+    q_z = −λ|q|²/2. Turning q by φ about x gives q_z(φ) = r cos(φ − α) with
+    r = √(q_y² + q_z²), α = atan2(q_y, q_z): two crossings per turn where |c| ≤ r.
+    """
+    q2 = (reciprocal**2).sum(axis=1)
+    c = -wavelength * q2 / 2
+    r = np.hypot(reciprocal[:, 1], reciprocal[:, 2])
+    alpha = np.arctan2(reciprocal[:, 1], reciprocal[:, 2])
+    reachable = np.flatnonzero(np.abs(c) < r)
+    total = n_images * oscillation
+    rows, phi = [], []
+    for sign in (1.0, -1.0):
+        crossing = alpha[reachable] + sign * np.arccos(c[reachable] / r[reachable])
+        angle = np.degrees(crossing) % 360.0
+        for turn in range(int(np.ceil(total / 360.0))):
+            a = angle + 360.0 * turn
+            rows.append(reachable[a < total])
+            phi.append(a[a < total])
+    rows, phi = np.concatenate(rows), np.concatenate(phi)
+    order = np.argsort(phi, kind="stable")
+    rows, phi = rows[order], phi[order]
+    x, y = _detector_position(_rotate_x(reciprocal[rows], np.radians(phi)), wavelength)
+    return {
+        "hkl": sphere[rows],
+        "phi": phi,
+        "image": np.minimum((phi / oscillation).astype(np.int64), n_images - 1),
+        "d": 1 / np.sqrt(q2[rows]),
+        "x": x,
+        "y": y,
+    }
+
+
+def _rotate_x(q, angle):
+    cos, sin = np.cos(angle), np.sin(angle)
+    return np.stack([q[:, 0], cos * q[:, 1] - sin * q[:, 2], sin * q[:, 1] + cos * q[:, 2]], axis=1)
+
+
+def _detector_position(q_lab, wavelength):
+    """Pixel position on a flat detector normal to the beam of the diffracted ray."""
+    s1 = q_lab + np.array([0.0, 0.0, 1.0]) / np.asarray(wavelength).reshape(-1, 1)
+    forward = np.maximum(s1[:, 2], 1e-6)
+    x = _DETECTOR_DISTANCE_MM * s1[:, 0] / forward / _PIXEL_MM + 1500.0
+    y = _DETECTOR_DISTANCE_MM * s1[:, 1] / forward / _PIXEL_MM + 1500.0
+    return x, y
+
+
+def _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmin, cell):
+    """Spots of a still crystal in a polychromatic beam, one image per orientation.
+
+    Reflection q diffracts at λ = −2 q_z / |q|² and n·q at λ/n along the same ray, so the
+    in-band harmonics of one fundamental h₀ = h / gcd(h) on one image form one spot.
+    """
+    lo, hi = wavelength_range
+    q2 = (reciprocal**2).sum(axis=1)
+    n0 = np.gcd.reduce(np.abs(sphere), axis=1)
+    fundamental = sphere // n0[:, None]
+    fundamental_id = unique_hkl(fundamental)[1]
+    d = 1 / np.sqrt(q2)
+    spots, harmonics = [], []
+    n_spots = 0
+    for image in range(n_images):
+        q = _rotate_x(reciprocal, np.radians(image * oscillation))
+        lam = -2 * q[:, 2] / q2
+        rows = np.flatnonzero((lam >= lo) & (lam <= hi))
+        # One spot per fundamental; its rows ordered by harmonic number.
+        order = np.lexsort((n0[rows], fundamental_id[rows]))
+        rows = rows[order]
+        first = np.r_[True, fundamental_id[rows][1:] != fundamental_id[rows][:-1]]
+        spot = np.cumsum(first) - 1 + n_spots
+        x, y = _detector_position(q[rows], lam[rows])
+        harmonics.append((rows, spot, np.full(len(rows), image), lam[rows], x, y))
+        n_spots += int(first.sum())
+    rows, spot, image, lam, x, y = (np.concatenate(a) for a in zip(*harmonics))
+    first = np.r_[True, spot[1:] != spot[:-1]]
+    spots = {
+        "hkl": sphere[rows][first],
+        "phi": image[first] * oscillation,
+        "image": image[first],
+        "d": d[rows][first],
+        "x": x[first],
+        "y": y[first],
+        "lam": lam[first],
+    }
+    harmonics = {
+        "hkl": sphere[rows],
+        "spot": spot,
+        "n": n0[rows],
+        "image": image,
+        "d": d[rows],
+        "x": x,
+        "y": y,
+        "lam": lam,
+        "first": np.flatnonzero(first),
+    }
+    return spots, harmonics
+
+
+def _truth_table(amplitudes, X, spacegroup, cell, anomalous):
+    """True amplitudes of the ASU reflections observed in X (Friedel mates merged)."""
+    observed, _ = map_to_asu(X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32), spacegroup, False)
+    hkl, _ = unique_hkl(observed)
+    row = _lookup(amplitudes["hkl"], hkl)
+    plus, minus = amplitudes["plus"][row], amplitudes["minus"][row]
+    centric, epsilon = reflection_flags(hkl, spacegroup)
+    f = 0.5 * (plus + minus)
+    columns = {
+        "H": hkl[:, 0],
+        "K": hkl[:, 1],
+        "L": hkl[:, 2],
+        "F": f,
+        "I": f**2,
+        "CENTRIC": centric,
+        "EPSILON": epsilon,
+        "dHKL": cell.calculate_d_array(hkl),
+    }
+    if anomalous:
+        columns.update({"F(+)": plus, "F(-)": minus, "DANO": plus - minus})
+    merged = rs.DataSet(columns, spacegroup=spacegroup, cell=cell, merged=True)
+    return merged.set_index(["H", "K", "L"]).infer_mtz_dtypes()

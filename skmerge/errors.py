@@ -1,0 +1,26 @@
+"""Exceptions raised by skmerge.
+
+Every problem with what a user hands to skmerge (files, columns, values, parameters that
+cannot work with the data) is reported as an :class:`InputError`, whose message names the
+culprit and says what to do about it.
+"""
+
+
+class SkmergeError(Exception):
+    """Base class of every exception skmerge raises on purpose."""
+
+
+class InputError(SkmergeError, ValueError):
+    """A file, column or value given to skmerge cannot be used.
+
+    The message names the file, column or value and says how to fix it.
+    """
+
+
+class NumericalError(SkmergeError, RuntimeError):
+    """Training could not continue because the loss or its gradients stopped being finite,
+    even after restoring the last good state and lowering the learning rate."""
+
+
+class IncompatibleVersionError(SkmergeError, RuntimeError):
+    """A persisted merger was written by a skmerge version this one cannot load."""

@@ -1,0 +1,390 @@
+"""Reflection files → the observation table every other part of skmerge reads.
+
+The observation table is an ``rs.DataSet`` with one row per observation and a plain
+``RangeIndex`` (so that scikit-learn can index rows by position). Its columns:
+
+==================  ======================================================================
+H, K, L             ASU Miller index (Friedel-minus acentrics negated when anomalous)
+Hobs, Kobs, Lobs    Miller index as observed
+asu_index           dense integer id of (H, K, L)
+CENTRIC, EPSILON    centric flag and multiplicity ε of the reflection
+dHKL                resolution in Å, from the cell of the observation's file
+image_id            contiguous image id, unique across files (ordered by file, then image)
+file_id             position of the observation's file in the input list
+Iobs, SIGIobs       the intensity and its standard deviation
+(anything else)     every other column of the input, kept as metadata
+==================  ======================================================================
+"""
+
+from os import PathLike
+
+import gemmi
+import numpy as np
+import pandas as pd
+import reciprocalspaceship as rs
+
+from .errors import InputError
+from .io import read_reflection_file
+from .symmetry import (
+    map_to_asu,
+    reflection_flags,
+    resolution,
+    systematically_absent,
+    unique_hkl,
+)
+
+INDEX_COLUMNS = ("H", "K", "L")
+OBSERVED_INDEX_COLUMNS = ("Hobs", "Kobs", "Lobs")
+TABLE_COLUMNS = (
+    *INDEX_COLUMNS,
+    *OBSERVED_INDEX_COLUMNS,
+    "asu_index",
+    "CENTRIC",
+    "EPSILON",
+    "dHKL",
+    "image_id",
+    "file_id",
+    "Iobs",
+    "SIGIobs",
+)
+# Cells of files merged together may differ by this much before they count as
+# non-isomorphous (relative for lengths, degrees for angles).
+_CELL_LENGTH_TOLERANCE = 0.02
+_CELL_ANGLE_TOLERANCE = 2.0
+
+
+def read_unmerged(
+    paths,
+    *,
+    spacegroup=None,
+    cell=None,
+    anomalous=False,
+    dmin=None,
+    isigi_cutoff=None,
+    intensity_key=None,
+    sigma_key=None,
+    image_key=None,
+    drop_invalid=False,
+):
+    """Read unmerged reflection files into one observation table.
+
+    Parameters
+    ----------
+    paths : path, rs.DataSet, or list of them
+        Unmerged MTZ, XDS_ASCII.HKL / INTEGRATE.HKL, CrystFEL ``.stream`` or DIALS
+        ``.refl`` files (the format is recognised from the file), or data sets already
+        in memory. Several inputs are concatenated; ``file_id`` records their order.
+    spacegroup : str, int or gemmi.SpaceGroup, optional
+        Overrides the files' space group; required when no file records one.
+    cell : sequence of 6 floats or gemmi.UnitCell, optional
+        Overrides the files' cells (and skips their isomorphism check).
+    anomalous : bool, default=False
+        Keep acentric Friedel mates apart in H, K, L and ``asu_index``.
+    dmin : float, optional
+        Drop observations with dHKL below this resolution (Å).
+    isigi_cutoff : float, optional
+        Drop observations with I/σ(I) below this value.
+    intensity_key, sigma_key, image_key : str, optional
+        Input columns holding the intensity, its σ and the image number. By default the
+        first ``Intensity``-typed column, its ``Stddev`` partner and the first
+        ``Batch``-typed column.
+    drop_invalid : bool, default=False
+        Drop observations whose intensity or σ is not finite or whose σ ≤ 0 instead of
+        raising an error.
+
+    Returns
+    -------
+    rs.DataSet
+        The observation table described in this module's docstring, with ``cell`` and
+        ``spacegroup`` set.
+
+    Raises
+    ------
+    InputError
+        For a missing or unreadable file, a missing or ambiguous column, invalid values,
+        no or conflicting space groups, a cell that does not fit the space group,
+        non-isomorphous files, or when the filters leave nothing.
+
+    Examples
+    --------
+    >>> import skmerge
+    >>> X = skmerge.read_unmerged("hypf_unmerged.mtz", anomalous=True)  # doctest: +SKIP
+    >>> X[["H", "K", "L", "image_id", "Iobs", "SIGIobs"]].head()  # doctest: +SKIP
+    """
+    sources = _read_sources(paths, spacegroup)
+    spacegroup = _resolve_spacegroup(sources, spacegroup)
+    cells = _resolve_cells(sources, cell, spacegroup)
+    _check_positive("dmin", dmin)
+    _check_positive("isigi_cutoff", isigi_cutoff, allow_zero=True, allow_negative=True)
+
+    parts = []
+    for file_id, (name, dataset) in enumerate(sources):
+        part = _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invalid)
+        part["file_id"] = file_id
+        part["dHKL"] = resolution(part[list(OBSERVED_INDEX_COLUMNS)].to_numpy(), cells[file_id])
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True, sort=False)
+
+    hkl_obs = table[list(OBSERVED_INDEX_COLUMNS)].to_numpy(np.int32)
+    keep = ~systematically_absent(hkl_obs, spacegroup)
+    removed = {"systematic absences": int((~keep).sum())}
+    if dmin is not None:
+        ok = table["dHKL"].to_numpy() >= dmin
+        removed[f"dHKL < {dmin}"] = int((keep & ~ok).sum())
+        keep &= ok
+    if isigi_cutoff is not None:
+        ok = table["Iobs"].to_numpy() >= isigi_cutoff * table["SIGIobs"].to_numpy()
+        removed[f"I/σ < {isigi_cutoff}"] = int((keep & ~ok).sum())
+        keep &= ok
+    if not keep.any():
+        detail = ", ".join(f"{n} by {why}" for why, n in removed.items() if n)
+        raise InputError(
+            f"{_names(sources)}: no observations left after filtering ({detail}). "
+            "Relax dmin / isigi_cutoff, or check the space group."
+        )
+    table = table.loc[keep].reset_index(drop=True)
+    return _finish_table(table, hkl_obs[keep], spacegroup, cells[0], anomalous)
+
+
+def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
+    asu_hkl, _ = map_to_asu(hkl_obs, spacegroup, anomalous)
+    _, asu_index = unique_hkl(asu_hkl)
+    centric, epsilon = reflection_flags(asu_hkl, spacegroup)
+    _, image_id = np.unique(
+        np.stack([table["file_id"].to_numpy(np.int64), table["image"].to_numpy(np.int64)], 1),
+        axis=0,
+        return_inverse=True,
+    )
+    columns = {
+        **{k: asu_hkl[:, i] for i, k in enumerate(INDEX_COLUMNS)},
+        **{k: hkl_obs[:, i] for i, k in enumerate(OBSERVED_INDEX_COLUMNS)},
+        "asu_index": asu_index,
+        "CENTRIC": centric,
+        "EPSILON": epsilon,
+        "dHKL": table["dHKL"].to_numpy(np.float32),
+        "image_id": image_id.ravel(),
+        "file_id": table["file_id"].to_numpy(),
+        "Iobs": table["Iobs"].to_numpy(np.float32),
+        "SIGIobs": table["SIGIobs"].to_numpy(np.float32),
+    }
+    out = rs.DataSet(columns, spacegroup=spacegroup, cell=cell, merged=False)
+    out = out.astype(
+        {
+            **{k: "HKL" for k in (*INDEX_COLUMNS, *OBSERVED_INDEX_COLUMNS)},
+            "asu_index": "MTZInt",
+            "EPSILON": "MTZInt",
+            "dHKL": "MTZReal",
+            "image_id": "Batch",
+            "file_id": "MTZInt",
+            "Iobs": "Intensity",
+            "SIGIobs": "Stddev",
+        }
+    )
+    metadata = table.drop(columns=[c for c in table.columns if c in _WORK_COLUMNS])
+    for column in metadata.columns:
+        out[column] = metadata[column].array
+    return out
+
+
+_WORK_COLUMNS = {*OBSERVED_INDEX_COLUMNS, "image", "file_id", "dHKL", "Iobs", "SIGIobs"}
+
+
+def _read_sources(paths, spacegroup):
+    if isinstance(paths, (str, PathLike, pd.DataFrame)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise InputError("no reflection files given.")
+    sg = _as_spacegroup(spacegroup) if spacegroup is not None else None
+    sources = []
+    for i, item in enumerate(paths):
+        if isinstance(item, pd.DataFrame):
+            sources.append((f"<data set {i}>", item))
+        elif isinstance(item, (str, PathLike)):
+            sources.append((str(item), read_reflection_file(item, spacegroup=sg)))
+        else:
+            raise InputError(
+                f"input {i} is a {type(item).__name__}; give file paths or rs.DataSet objects."
+            )
+    return sources
+
+
+def _as_spacegroup(value):
+    if isinstance(value, gemmi.SpaceGroup):
+        return value
+    try:
+        sg = gemmi.SpaceGroup(value) if isinstance(value, str) else gemmi.find_spacegroup_by_number(int(value))
+    except (ValueError, TypeError, RuntimeError):
+        sg = None
+    if sg is None:
+        raise InputError(
+            f"spacegroup={value!r} is not a space group gemmi knows; give a symbol such as "
+            "'P 21 21 21' or an international number."
+        )
+    return sg
+
+
+def _resolve_spacegroup(sources, spacegroup):
+    if spacegroup is not None:
+        return _as_spacegroup(spacegroup)
+    found = {}
+    for name, dataset in sources:
+        sg = getattr(dataset, "spacegroup", None)
+        if sg is not None:
+            found.setdefault(sg.xhm(), []).append(name)
+    if not found:
+        raise InputError(
+            f"{_names(sources)}: no space group recorded in the input; pass spacegroup= "
+            "(e.g. spacegroup='P 43 21 2')."
+        )
+    if len(found) > 1:
+        listing = "; ".join(f"{sg} in {', '.join(names)}" for sg, names in found.items())
+        raise InputError(
+            f"the files record different space groups ({listing}). Merge files of one "
+            "space group, or pass spacegroup= to impose one."
+        )
+    return gemmi.SpaceGroup(next(iter(found)))
+
+
+def _resolve_cells(sources, cell, spacegroup):
+    """One cell per source; checks them against the space group and against each other."""
+    if cell is not None:
+        if not isinstance(cell, gemmi.UnitCell):
+            try:
+                cell = gemmi.UnitCell(*[float(x) for x in cell])
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"cell={cell!r}: give six numbers a, b, c, α, β, γ.") from exc
+        cells = [cell] * len(sources)
+        names = ["cell="] * len(sources)
+    else:
+        cells, names = [], []
+        for name, dataset in sources:
+            c = getattr(dataset, "cell", None)
+            if c is None or c.volume <= 0:
+                raise InputError(f"{name}: no unit cell recorded; pass cell=(a, b, c, α, β, γ).")
+            cells.append(c)
+            names.append(name)
+    for name, c in zip(names, cells):
+        if not c.is_compatible_with_spacegroup(spacegroup, 1e-2):
+            raise InputError(
+                f"{name}: cell {_fmt_cell(c)} is incompatible with space group "
+                f"{spacegroup.xhm()}; check the space group or pass the right cell=."
+            )
+    first = np.array(cells[0].parameters)
+    for name, c in zip(names[1:], cells[1:]):
+        p = np.array(c.parameters)
+        if (np.abs(p[:3] / first[:3] - 1) > _CELL_LENGTH_TOLERANCE).any() or (
+            np.abs(p[3:] - first[3:]) > _CELL_ANGLE_TOLERANCE
+        ).any():
+            raise InputError(
+                f"{name}: cell {_fmt_cell(c)} is not isomorphous with {names[0]} "
+                f"({_fmt_cell(cells[0])}). Merge isomorphous data only, or pass cell= to "
+                "impose one cell on all files."
+            )
+    return cells
+
+
+def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invalid):
+    """One source → a plain DataFrame with Hobs/Kobs/Lobs, image, Iobs, SIGIobs, metadata."""
+    frame = dataset.reset_index() if "H" not in dataset.columns else dataset.copy()
+    missing = [k for k in INDEX_COLUMNS if k not in frame.columns]
+    if missing:
+        raise InputError(f"{name}: no Miller index column(s) {', '.join(missing)}.")
+    ikey = intensity_key or _first_of_type(frame, "Intensity", ("I", "IOBS", "Iobs"))
+    if ikey is None:
+        raise InputError(
+            f"{name}: no intensity column found (no column of MTZ type J); pass "
+            f"intensity_key=. Columns: {', '.join(map(str, frame.columns))}."
+        )
+    skey = sigma_key or _sigma_partner(name, frame, ikey)
+    bkey = image_key or _first_of_type(frame, "Batch", ("BATCH", "image", "IMAGE"))
+    if bkey is None:
+        raise InputError(
+            f"{name}: no image column found (no column of MTZ type B); pass image_key=. "
+            f"Columns: {', '.join(map(str, frame.columns))}."
+        )
+    for role, key in (("intensity_key", ikey), ("sigma_key", skey), ("image_key", bkey)):
+        if key not in frame.columns:
+            raise InputError(
+                f"{name}: {role}={key!r} is not a column; columns: "
+                f"{', '.join(map(str, frame.columns))}."
+            )
+    intensity = frame[ikey].to_numpy(np.float64, na_value=np.nan)
+    sigma = frame[skey].to_numpy(np.float64, na_value=np.nan)
+    image = frame[bkey].to_numpy(np.float64, na_value=np.nan)
+    bad = ~np.isfinite(intensity) | ~np.isfinite(sigma) | ~(sigma > 0)
+    if bad.any() and not drop_invalid:
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{name}: {int(bad.sum())} observation(s) have a non-finite {ikey} or {skey}, or "
+            f"{skey} ≤ 0 (first at row {first}: {ikey}={intensity[first]}, "
+            f"{skey}={sigma[first]}). Fix the file, or pass drop_invalid=True to drop them."
+        )
+    if not np.isfinite(image).all() or (image != np.round(image)).any():
+        raise InputError(f"{name}: image column {bkey!r} must hold whole numbers.")
+    part = pd.DataFrame(
+        {
+            "Hobs": frame["H"].to_numpy(np.int32),
+            "Kobs": frame["K"].to_numpy(np.int32),
+            "Lobs": frame["L"].to_numpy(np.int32),
+            "image": image.astype(np.int64),
+            "Iobs": intensity,
+            "SIGIobs": sigma,
+        }
+    )
+    drop = {*INDEX_COLUMNS, ikey, skey, *TABLE_COLUMNS}
+    metadata = frame[[c for c in frame.columns if c not in drop]].reset_index(drop=True)
+    part = pd.concat([part, metadata], axis=1)
+    return part.loc[~bad].reset_index(drop=True) if bad.any() else part
+
+
+def _first_of_type(frame, mtz_type, fallback_names):
+    for column, dtype in frame.dtypes.items():
+        if getattr(dtype, "name", str(dtype)) == mtz_type:
+            return column
+    return next((n for n in fallback_names if n in frame.columns), None)
+
+
+def _sigma_partner(name, frame, intensity_key):
+    """The σ column of an intensity column: the Stddev column right after it (the MTZ
+    convention), else the one named after it (SIGI for I, SigI, SIGIPR for IPR)."""
+    columns = list(frame.columns)
+    position = columns.index(intensity_key) if intensity_key in columns else -1
+    if 0 <= position < len(columns) - 1:
+        nxt = columns[position + 1]
+        if getattr(frame[nxt].dtype, "name", "") == "Stddev":
+            return nxt
+    wanted = {f"sig{intensity_key}".lower(), f"sigma{intensity_key}".lower(), f"sigma({intensity_key})".lower()}
+    named = [c for c in columns if str(c).lower() in wanted]
+    if len(named) == 1:
+        return named[0]
+    stddev = [c for c in columns if getattr(frame[c].dtype, "name", "") == "Stddev"]
+    if len(stddev) == 1:
+        return stddev[0]
+    if not stddev and not named:
+        raise InputError(
+            f"{name}: no σ column found for intensity {intensity_key!r}; pass sigma_key=."
+        )
+    raise InputError(
+        f"{name}: cannot tell which of {', '.join(map(str, named or stddev))} is the σ of "
+        f"{intensity_key!r}; pass sigma_key=."
+    )
+
+
+def _check_positive(name, value, allow_zero=False, allow_negative=False):
+    if value is None:
+        return
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}={value!r} must be a number.") from exc
+    if not np.isfinite(v) or (not allow_negative and (v < 0 or (v == 0 and not allow_zero))):
+        raise InputError(f"{name}={value!r} must be a positive number.")
+
+
+def _names(sources):
+    return ", ".join(name for name, _ in sources)
+
+
+def _fmt_cell(cell):
+    return "(" + ", ".join(f"{x:.2f}" for x in cell.parameters) + ")"

@@ -1,0 +1,21 @@
+"""Shared fixtures: real data under ../shared/data and small simulated data sets."""
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if DATA.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"real data folder {DATA} is missing (see ../shared/data/README.md)")
+    for item in items:
+        if "realdata" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return DATA
