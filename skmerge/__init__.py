@@ -15,6 +15,13 @@ _LAZY = {
     "read_unmerged": "skmerge.table",
     "merge_inverse_variance": "skmerge.baseline",
     "datasets": "skmerge.datasets",
+    "VariationalMerger": "skmerge.merger",
+    "WilsonPrior": "skmerge.model.priors",
+    "ReferencePrior": "skmerge.model.priors",
+    "NormalLikelihood": "skmerge.model.likelihoods",
+    "LaplaceLikelihood": "skmerge.model.likelihoods",
+    "StudentTLikelihood": "skmerge.model.likelihoods",
+    "PositionalEncoding": "skmerge.features",
 }
 
 

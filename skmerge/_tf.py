@@ -28,6 +28,10 @@ def _quiet_import():
         try:
             import tensorflow
             import tensorflow_probability
+
+            # The first XLA compilation logs through absl before logging is set up;
+            # trigger it while standard error is still captured.
+            tensorflow.function(lambda x: x + 1, jit_compile=True)(tensorflow.constant(0.0))
         except Exception as exc:
             os.dup2(saved_fd, 2)
             captured.seek(0)

@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 from sklearn.utils import Bunch, check_random_state
 
 from .errors import InputError
-from .symmetry import map_to_asu, reflection_flags, systematically_absent, unique_hkl
+from .symmetry import lookup_hkl, map_to_asu, reflection_flags, systematically_absent, unique_hkl
 from .table import read_unmerged
 
 _DETECTOR_DISTANCE_MM = 150.0
@@ -248,18 +248,10 @@ def _wilson_amplitudes(sphere, spacegroup, cell, wilson_b, anomalous_signal, rng
 
 def _amplitude_of(amplitudes, hkl, spacegroup, anomalous):
     asu, minus = map_to_asu(hkl, spacegroup, anomalous=False)
-    row = _lookup(amplitudes["hkl"], asu)
+    row = lookup_hkl(amplitudes["hkl"], asu)
     if not anomalous:
         return 0.5 * (amplitudes["plus"][row] + amplitudes["minus"][row])
     return np.where(minus, amplitudes["minus"][row], amplitudes["plus"][row])
-
-
-def _lookup(unique, hkl):
-    """Row of each hkl in the sorted unique table ``unique``."""
-    both, inverse = unique_hkl(np.concatenate([unique, hkl]))
-    if len(both) != len(unique):
-        raise AssertionError("Miller index outside the simulated set")
-    return inverse[len(unique):]
 
 
 def _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength):
@@ -366,7 +358,7 @@ def _truth_table(amplitudes, X, spacegroup, cell, anomalous):
     """True amplitudes of the ASU reflections observed in X (Friedel mates merged)."""
     observed, _ = map_to_asu(X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32), spacegroup, False)
     hkl, _ = unique_hkl(observed)
-    row = _lookup(amplitudes["hkl"], hkl)
+    row = lookup_hkl(amplitudes["hkl"], hkl)
     plus, minus = amplitudes["plus"][row], amplitudes["minus"][row]
     centric, epsilon = reflection_flags(hkl, spacegroup)
     f = 0.5 * (plus + minus)

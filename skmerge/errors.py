@@ -5,6 +5,8 @@ cannot work with the data) is reported as an :class:`InputError`, whose message 
 culprit and says what to do about it.
 """
 
+from sklearn.utils._param_validation import InvalidParameterError
+
 
 class SkmergeError(Exception):
     """Base class of every exception skmerge raises on purpose."""
@@ -15,6 +17,11 @@ class InputError(SkmergeError, ValueError):
 
     The message names the file, column or value and says how to fix it.
     """
+
+
+class ParameterError(InputError, InvalidParameterError):
+    """An estimator parameter has a value it cannot take (scikit-learn's
+    ``InvalidParameterError`` and an :class:`InputError` at once)."""
 
 
 class NumericalError(SkmergeError, RuntimeError):

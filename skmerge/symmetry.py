@@ -9,24 +9,48 @@ import numpy as np
 import reciprocalspaceship as rs
 
 
+# Miller indices are packed into one int64 key (3 × 21 bits) so that unique, sort and
+# lookup are 1-D numpy operations, several times faster than their axis=0 versions.
+_PACK_OFFSET = 1 << 20
+_PACK_WIDTH = 1 << 21
+
+
+def pack_hkl(hkl):
+    """One sortable int64 key per row of an (N, 3) array of Miller indices."""
+    hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
+    if len(hkl) and np.abs(hkl).max() >= _PACK_OFFSET:
+        raise ValueError("Miller index out of range")
+    return ((hkl[:, 0] + _PACK_OFFSET) * _PACK_WIDTH + hkl[:, 1] + _PACK_OFFSET) * _PACK_WIDTH + hkl[:, 2] + _PACK_OFFSET
+
+
+def unpack_hkl(keys):
+    """Inverse of :func:`pack_hkl`."""
+    keys = np.asarray(keys, dtype=np.int64)
+    l = keys % _PACK_WIDTH - _PACK_OFFSET
+    k = (keys // _PACK_WIDTH) % _PACK_WIDTH - _PACK_OFFSET
+    h = keys // (_PACK_WIDTH * _PACK_WIDTH) - _PACK_OFFSET
+    return np.stack([h, k, l], axis=1).astype(np.int32)
+
+
 def unique_hkl(hkl):
     """Dense ids of the distinct rows of an (N, 3) integer array.
 
-    Returns ``(unique, inverse)`` with ``unique[inverse] == hkl``; rows are ordered as
-    ``np.unique`` orders the packed keys (by H, then K, then L). Packing three indices into
-    one int64 makes this a 1-D unique, several times faster than ``np.unique(axis=0)``.
+    Returns ``(unique, inverse)`` with ``unique[inverse] == hkl``; rows are sorted by H,
+    then K, then L.
     """
-    hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
-    if len(hkl) == 0:
-        return np.zeros((0, 3), dtype=np.int32), np.zeros(0, dtype=np.int64)
-    offset = np.abs(hkl).max() + 1
-    width = 2 * offset + 1
-    keys = ((hkl[:, 0] + offset) * width + (hkl[:, 1] + offset)) * width + hkl[:, 2] + offset
-    unique_keys, inverse = np.unique(keys, return_inverse=True)
-    l = unique_keys % width - offset
-    k = (unique_keys // width) % width - offset
-    h = unique_keys // (width * width) - offset
-    return np.stack([h, k, l], axis=1).astype(np.int32), inverse.ravel()
+    unique_keys, inverse = np.unique(pack_hkl(hkl), return_inverse=True)
+    return unpack_hkl(unique_keys), inverse.ravel()
+
+
+def lookup_hkl(table, hkl):
+    """Row of each of ``hkl`` in ``table`` (rows sorted as :func:`unique_hkl` returns
+    them), or −1 where it is absent."""
+    table_keys = pack_hkl(table)
+    keys = pack_hkl(hkl)
+    if len(table_keys) == 0:
+        return np.full(len(keys), -1, dtype=np.int64)
+    row = np.minimum(np.searchsorted(table_keys, keys), len(table_keys) - 1)
+    return np.where(table_keys[row] == keys, row, -1)
 
 
 def map_to_asu(hkl, spacegroup, anomalous=False):

@@ -151,7 +151,7 @@ def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
     _, asu_index = unique_hkl(asu_hkl)
     centric, epsilon = reflection_flags(asu_hkl, spacegroup)
     _, image_id = np.unique(
-        np.stack([table["file_id"].to_numpy(np.int64), table["image"].to_numpy(np.int64)], 1),
+        np.stack([table["file_id"].to_numpy(np.int64), table["image_id"].to_numpy(np.int64)], 1),
         axis=0,
         return_inverse=True,
     )
@@ -186,7 +186,9 @@ def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
     return out
 
 
-_WORK_COLUMNS = {*OBSERVED_INDEX_COLUMNS, "image", "file_id", "dHKL", "Iobs", "SIGIobs"}
+# The columns _standardise makes; image_id holds the file's own image number until
+# _finish_table renumbers the images across files.
+_WORK_COLUMNS = {*OBSERVED_INDEX_COLUMNS, "image_id", "file_id", "dHKL", "Iobs", "SIGIobs"}
 
 
 def _read_sources(paths, spacegroup):
@@ -285,7 +287,8 @@ def _resolve_cells(sources, cell, spacegroup):
 
 
 def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invalid):
-    """One source → a plain DataFrame with Hobs/Kobs/Lobs, image, Iobs, SIGIobs, metadata."""
+    """One source → a plain DataFrame with Hobs/Kobs/Lobs, image_id (the file's own
+    image number), Iobs, SIGIobs and the metadata."""
     frame = dataset.reset_index() if "H" not in dataset.columns else dataset.copy()
     missing = [k for k in INDEX_COLUMNS if k not in frame.columns]
     if missing:
@@ -327,7 +330,7 @@ def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invali
             "Hobs": frame["H"].to_numpy(np.int32),
             "Kobs": frame["K"].to_numpy(np.int32),
             "Lobs": frame["L"].to_numpy(np.int32),
-            "image": image.astype(np.int64),
+            "image_id": image.astype(np.int64),
             "Iobs": intensity,
             "SIGIobs": sigma,
         }

@@ -1,0 +1,730 @@
+"""VariationalMerger: the variational merging model as a scikit-learn estimator."""
+
+import copy
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import gemmi
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, InvalidParameterError, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from . import __version__
+from .errors import IncompatibleVersionError, InputError, ParameterError
+from .features import check_metadata_columns, make_metadata_transformer, split_metadata
+from .merged import friedel_halves, merged_table
+from .symmetry import lookup_hkl, map_to_asu, reflection_flags, resolution, unique_hkl
+
+_SCORE_SAMPLES = 32
+_EVAL_CHUNK = 200_000
+_PERSISTENCE_FORMAT = 1
+
+
+@dataclass
+class Reflections:
+    """The ASU reflections a model has parameters for (numpy only, picklable)."""
+
+    hkl: np.ndarray
+    centric: np.ndarray
+    epsilon: np.ndarray
+    dhkl: np.ndarray
+    spacegroup: gemmi.SpaceGroup
+    cell: gemmi.UnitCell
+    anomalous: bool
+    mean_intensity: np.ndarray = None
+    """Mean I/ε at each reflection's resolution, in standardised units (the Wilson Σ)."""
+
+    @classmethod
+    def from_hkl(cls, hkl, spacegroup, cell, anomalous):
+        centric, epsilon = reflection_flags(hkl, spacegroup)
+        return cls(hkl, centric, epsilon.astype(np.float32), resolution(hkl, cell), spacegroup, cell, anomalous)
+
+    def __len__(self):
+        return len(self.hkl)
+
+
+class VariationalMerger(TransformerMixin, BaseEstimator):
+    """Merge unmerged intensities into structure-factor amplitudes by variational inference.
+
+    The model (see ``docs/model.md``): one amplitude F_h per ASU reflection with a
+    Wilson or reference prior; one scale Σᵢ per observation from a neural network on the
+    observation's metadata (plus optional per-image offsets); and a likelihood of each
+    observed intensity around Σᵢ·F_h². The surrogate posterior of each F_h is a normal
+    truncated to [0, ∞); the ELBO is maximised with Adam. Intensities are standardised
+    internally, so any magnitude trains alike; outputs are returned in the input's units.
+
+    Parameters
+    ----------
+    prior : "wilson" or prior object, default="wilson"
+        :class:`~skmerge.WilsonPrior` or :class:`~skmerge.ReferencePrior`.
+    likelihood : {"normal", "laplace", "studentt"} or likelihood object, default="normal"
+    dof : float, default=16.0
+        Degrees of freedom of the Student-t likelihood.
+    metadata : list of str or transformer, default=None
+        Columns of X that drive the scale model, or a ready (unfitted) transformer such
+        as a ``ColumnTransformer`` that maps X to numeric features. None uses ``["dHKL"]``.
+        The default transformer turns dHKL into 1/d² and standardises every column;
+        ``"image_id"`` in the list switches on per-image offsets instead of being a number.
+    positional_encoding : int, default=0
+        Frequencies of :class:`~skmerge.features.PositionalEncoding` applied to every
+        metadata column by the default transformer (0: none).
+    mlp_layers, mlp_width : int, default=20, 10
+        Depth and width of the scale network (careless's defaults).
+    image_scales : bool, default=True
+        Give every image its own scale offset.
+    mc_samples : int, default=1
+        Monte Carlo samples per step for the expected log-likelihood.
+    max_iter : int, default=2000
+        Maximum number of optimisation steps.
+    learning_rate : float, default=0.003
+        Adam step size.
+    tol : float, default=1e-4
+        Improvement of the loss (nats per observation) that counts as progress.
+    n_iter_no_change : int, default=300
+        Stop after this many steps without progress.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the images and stop on their predictive
+        log-likelihood instead of the training loss; the best state is kept.
+    validation_fraction : float, default=0.1
+    anomalous : bool, default=False
+        Keep acentric Friedel mates apart and output the anomalous columns.
+    posterior_init : {"data", "prior"}, default="data"
+        Start the posterior from a quick scaled merge (French–Wilson amplitudes), or from
+        the prior.
+    warm_start : bool or "scales", default=False
+        Start from the previous fit: True reuses the scale model and the posterior of
+        reflections seen before; "scales" reuses only the scale model (the posterior is
+        started afresh from the data under those scales).
+    freeze : {None, "scales", "posterior"}, default=None
+        Keep that part of a warm-started model fixed during the fit.
+    jit_compile : bool, default=True
+        Compile the training loop with XLA.
+    random_state : int, RandomState instance or None, default=None
+        Makes the fit repeatable.
+    verbose : int, default=0
+        Show a progress bar with the loss when positive.
+
+    Attributes
+    ----------
+    reflections_ : Reflections
+        The ASU reflections with parameters.
+    reflection_counts_ : ndarray of shape (n_reflections,)
+        Observations of each reflection used in the fit.
+    image_ids_ : ndarray
+        image_id of the images with their own scale offset.
+    intensity_scale_ : float
+        The unit of the standardised intensities (mean I/ε of the training data).
+    metadata_transformer_ : transformer
+        The fitted metadata transformer.
+    loss_curve_ : ndarray of shape (n_iter_, 3)
+        Loss (−ELBO per observation), its negative log-likelihood and KL parts, per step.
+    n_iter_ : int
+        Steps taken by the last fit.
+    converged_ : bool
+        Whether the last fit stopped on its convergence criterion.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+
+    See Also
+    --------
+    skmerge.read_unmerged : builds the observation table X.
+    skmerge.merge_inverse_variance : the unscaled baseline.
+
+    Examples
+    --------
+    >>> from skmerge import VariationalMerger
+    >>> from skmerge.datasets import make_unmerged
+    >>> X, truth = make_unmerged(n_images=40, random_state=0)
+    >>> merger = VariationalMerger(mlp_layers=4, max_iter=300, random_state=0).fit(X)
+    >>> merged = merger.transform(X)
+    >>> list(merged.columns)
+    ['F', 'SIGF', 'I', 'SIGI', 'N']
+    """
+
+    _parameter_constraints = {
+        "prior": [StrOptions({"wilson"}), HasMethods(["build"])],
+        "likelihood": [StrOptions({"normal", "laplace", "studentt"}), HasMethods(["log_prob"])],
+        "dof": [Interval(Real, 0, None, closed="neither")],
+        "metadata": [None, list, tuple, HasMethods(["fit", "transform"])],
+        "positional_encoding": [Interval(Integral, 0, None, closed="left")],
+        "mlp_layers": [Interval(Integral, 1, None, closed="left")],
+        "mlp_width": [Interval(Integral, 1, None, closed="left")],
+        "image_scales": ["boolean"],
+        "mc_samples": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "anomalous": ["boolean"],
+        "posterior_init": [StrOptions({"data", "prior"})],
+        "warm_start": ["boolean", StrOptions({"scales"})],
+        "freeze": [None, StrOptions({"scales", "posterior"})],
+        "jit_compile": ["boolean"],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        *,
+        prior="wilson",
+        likelihood="normal",
+        dof=16.0,
+        metadata=None,
+        positional_encoding=0,
+        mlp_layers=20,
+        mlp_width=10,
+        image_scales=True,
+        mc_samples=1,
+        max_iter=2000,
+        learning_rate=0.003,
+        tol=1e-4,
+        n_iter_no_change=300,
+        early_stopping=False,
+        validation_fraction=0.1,
+        anomalous=False,
+        posterior_init="data",
+        warm_start=False,
+        freeze=None,
+        jit_compile=True,
+        random_state=None,
+        verbose=0,
+    ):
+        self.prior = prior
+        self.likelihood = likelihood
+        self.dof = dof
+        self.metadata = metadata
+        self.positional_encoding = positional_encoding
+        self.mlp_layers = mlp_layers
+        self.mlp_width = mlp_width
+        self.image_scales = image_scales
+        self.mc_samples = mc_samples
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.anomalous = anomalous
+        self.posterior_init = posterior_init
+        self.warm_start = warm_start
+        self.freeze = freeze
+        self.jit_compile = jit_compile
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y=None):
+        """Fit the model to an observation table.
+
+        Parameters
+        ----------
+        X : rs.DataSet
+            Observation table from :func:`skmerge.read_unmerged` (or any DataFrame with
+            its columns and ``spacegroup``/``cell``).
+        y : array-like of shape (n_observations,), optional
+            Intensities to use instead of ``X["Iobs"]``.
+
+        Returns
+        -------
+        self
+        """
+        from .model.training import Trainer
+
+        self._check_params()
+        warm = bool(self.warm_start) and hasattr(self, "reflections_")
+        if self.freeze is not None and not warm:
+            raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit.")
+        intensity, sigma = _intensities(X, y)
+        _symmetry(X)
+        self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
+        self.n_features_in_ = len(self.feature_names_in_)
+        rng = check_random_state(self.random_state)
+        self.seed_ = int(rng.randint(2**31 - 1))
+
+        train = np.ones(len(X), dtype=bool)
+        if self.early_stopping:
+            train = _training_rows(X["image_id"].to_numpy(np.int64), self.validation_fraction, rng)
+        X_train = X if train.all() else X.iloc[np.flatnonzero(train)]
+        previous = self._state() if warm else None
+        model, data = self._build_model(X_train, intensity[train], sigma[train], rng, previous)
+
+        variables = []
+        if self.freeze != "posterior":
+            variables += [model.posterior.loc_raw, model.posterior.scale_raw]
+        if self.freeze != "scales":
+            variables += list(model.scale_network.trainable_variables)
+        else:
+            model.freeze_scales(data)
+        trainer = Trainer(model, variables, data, learning_rate=self.learning_rate, seed=self.seed_, jit_compile=self.jit_compile)
+        monitor = None
+        if self.early_stopping:
+            monitor = self._validation_monitor(model, X.iloc[np.flatnonzero(~train)], intensity[~train])
+        with _progress(self.max_iter, self.verbose) as progress:
+            history, converged = trainer.run(
+                self.max_iter, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
+                progress=progress, monitor=monitor,
+            )
+        self.loss_curve_ = history
+        self.n_iter_ = len(history)
+        self.converged_ = bool(converged)
+        self.posterior_weights_ = model.posterior.get_weights()
+        self.scale_weights_ = model.scale_network.get_weights()
+        self.skmerge_version_ = __version__
+        model.fixed_scales = None
+        self._model = model
+        return self
+
+    def _build_model(self, X, intensity, sigma, rng, previous):
+        """Reflections, features, starting values and the TensorFlow model for a fit.
+
+        A fresh fit standardises the intensities, fits the metadata transformer, scales
+        the images quickly and estimates the Wilson curve; a warm start keeps all four."""
+        from .model.initialisation import evaluate_curve, quick_image_scales, wilson_curve
+        from .model.training import MergingModel
+
+        reflections, refl = _reflection_table(_observed_hkl(X), X.spacegroup, X.cell, self.anomalous)
+        image_ids, image_row = np.unique(X["image_id"].to_numpy(np.int64), return_inverse=True)
+        if previous is None:
+            self.intensity_scale_ = _intensity_scale(intensity, reflections.epsilon[refl])
+            self.metadata_transformer_ = self._make_transformer(X).fit(X)
+        intensity, sigma = intensity / self.intensity_scale_, sigma / self.intensity_scale_
+        features = self._features(X)
+        self.n_metadata_features_ = features.shape[1]
+        image_scale = None
+        if previous is None:
+            image_scale, merged, _ = quick_image_scales(refl, image_row, intensity, sigma, len(reflections), len(image_ids))
+            self.wilson_curve_ = wilson_curve(reflections.dhkl, merged / reflections.epsilon)
+        reflections.mean_intensity = evaluate_curve(self.wilson_curve_, reflections.dhkl)
+        self.reflections_ = reflections
+        self.image_ids_ = image_ids
+        self.reflection_counts_ = np.bincount(refl, minlength=len(reflections))
+
+        data = _tensor_data(refl, image_row, features, intensity, sigma)
+        scale_network = self._build_scale_network(features.shape[1], rng, previous, image_scale)
+        posterior = self._build_posterior(previous, scale_network, data)
+        prior = _make_prior(self.prior).build(reflections)
+        likelihood = _make_likelihood(self.likelihood, self.dof)
+        return MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples), data
+
+    def _check_params(self):
+        try:
+            self._validate_params()
+        except InvalidParameterError as exc:
+            raise ParameterError(str(exc)) from None
+
+    def _make_transformer(self, X):
+        if self.metadata is not None and not isinstance(self.metadata, (list, tuple)):
+            return copy.deepcopy(self.metadata)
+        columns, _ = split_metadata(self.metadata)
+        check_metadata_columns(X, columns)
+        return make_metadata_transformer(columns, self.positional_encoding)
+
+    def _uses_image_offsets(self):
+        if isinstance(self.metadata, (list, tuple)):
+            return self.image_scales or split_metadata(self.metadata)[1]
+        return self.image_scales
+
+    def _features(self, X):
+        if isinstance(self.metadata, (list, tuple)) or self.metadata is None:
+            check_metadata_columns(X, split_metadata(self.metadata)[0])
+        try:
+            features = np.asarray(self.metadata_transformer_.transform(X), dtype=np.float32)
+        except (KeyError, ValueError) as exc:
+            raise InputError(f"the metadata transformer failed on X: {exc}") from exc
+        if features.ndim != 2 or len(features) != len(X):
+            raise InputError("the metadata transformer must return one row of numbers per observation.")
+        if not np.isfinite(features).all():
+            raise InputError("the metadata transformer produced NaN or infinite features; check the metadata columns.")
+        return features
+
+    def _build_scale_network(self, n_features, rng, previous, image_scale):
+        from .model.scaling import ScaleNetwork
+
+        n_images = len(self.image_ids_) if self._uses_image_offsets() else 0
+        offsets = np.log(image_scale) if previous is None and n_images else None
+        network = ScaleNetwork(n_features, self.mlp_layers, self.mlp_width, n_images, rng, offsets)
+        if previous is not None:
+            weights = list(previous["scale_weights"])
+            if n_images:
+                old = dict(zip(previous["image_ids"], weights[-1])) if len(weights[-1]) else {}
+                fallback = float(np.mean(weights[-1])) if len(weights[-1]) else 0.0
+                weights[-1] = np.array([old.get(i, fallback) for i in self.image_ids_], np.float32)
+            else:
+                weights[-1] = np.zeros(0, np.float32)
+            network.set_weights(weights)
+        return network
+
+    def _build_posterior(self, previous, scale_network, data):
+        from .model.initialisation import french_wilson
+        from .model.initialisation import _merge as merge
+        from .model.posterior import TruncatedNormalPosterior
+
+        reflections = self.reflections_
+        prior_mean = np.sqrt(reflections.epsilon.astype(np.float64))
+        if self.posterior_init == "prior" and previous is None:
+            loc, scale = 0.8 * prior_mean, 0.5 * prior_mean
+        else:
+            mu, spread = (t.numpy().astype(np.float64) for t in scale_network(data["features"], data["image"]))
+            scale_mean = np.exp(mu + spread**2 / 2)
+            refl = data["refl"].numpy()
+            merged, merged_sigma = merge(
+                refl, data["intensity"].numpy() / scale_mean, data["sigma"].numpy() / scale_mean, len(reflections)
+            )
+            loc, scale = french_wilson(reflections, merged, merged_sigma)
+            bad = ~np.isfinite(loc) | ~np.isfinite(scale) | (scale <= 0)
+            loc = np.where(bad, 0.8 * prior_mean, np.maximum(loc, 1e-3))
+            scale = np.where(bad, 0.5 * prior_mean, scale)
+        posterior = TruncatedNormalPosterior(loc, scale)
+        if previous is not None and self.warm_start is True:
+            rows = lookup_hkl(previous["hkl"], reflections.hkl)
+            known = rows >= 0
+            weights = posterior.get_weights()
+            for key in weights:
+                weights[key][known] = previous["posterior_weights"][key][rows[known]]
+            posterior.set_weights(weights)
+        return posterior
+
+    def _state(self):
+        return {
+            "hkl": self.reflections_.hkl,
+            "posterior_weights": self.posterior_weights_,
+            "scale_weights": self.scale_weights_,
+            "image_ids": self.image_ids_,
+        }
+
+    def _validation_monitor(self, model, X_val, intensity_val):
+        """A function returning the current mean negative log predictive density of the
+        held-out images (what early stopping watches)."""
+        from ._tf import tf
+
+        self._model = model
+        data, extra = self._evaluation_data(X_val, intensity_val)
+        seed = tf.constant([self.seed_, 1])
+        evaluate = tf.function(
+            lambda: -tf.reduce_mean(model.log_predictive(data, 4, seed, extra)), jit_compile=self.jit_compile
+        )
+        return lambda: float(evaluate())
+
+    # --------------------------------------------------------------- evaluation
+    def _get_model(self):
+        """The TensorFlow model, rebuilt from the stored numpy weights when needed (after
+        unpickling)."""
+        model = getattr(self, "_model", None)
+        if model is not None:
+            return model
+        from .model.posterior import TruncatedNormalPosterior
+        from .model.scaling import ScaleNetwork
+        from .model.training import MergingModel
+
+        posterior = TruncatedNormalPosterior(np.ones(len(self.reflections_)), np.ones(len(self.reflections_)))
+        posterior.set_weights(self.posterior_weights_)
+        n_images = len(self.scale_weights_[-1])
+        network = ScaleNetwork(self.n_metadata_features_, self.mlp_layers, self.mlp_width, n_images, np.random.RandomState(0))
+        network.set_weights(self.scale_weights_)
+        prior = _make_prior(self.prior).build(self.reflections_)
+        self._model = MergingModel(posterior, prior, _make_likelihood(self.likelihood, self.dof), network, self.mc_samples)
+        return self._model
+
+    def _locate(self, hkl):
+        """Rows of ASU reflections ``hkl`` among the model's; reflections the fit never
+        saw are numbered after them and get the prior returned alongside (else None)."""
+        refl = lookup_hkl(self.reflections_.hkl, hkl)
+        unseen = refl < 0
+        if not unseen.any():
+            return refl, None
+        from .model.initialisation import evaluate_curve
+
+        new_hkl, new_row = unique_hkl(hkl[unseen])
+        refl[unseen] = len(self.reflections_) + new_row
+        known = self.reflections_
+        union = Reflections.from_hkl(np.concatenate([known.hkl, new_hkl]), known.spacegroup, known.cell, self.anomalous)
+        union.mean_intensity = evaluate_curve(self.wilson_curve_, union.dhkl)
+        # Built on the union so that a reference prior is normalised as in the fit.
+        prior = _make_prior(self.prior).build(union).take(np.arange(len(known), len(union)))
+        return refl, prior
+
+    def _asu_hkl(self, X):
+        _check_table(X)
+        return map_to_asu(_observed_hkl(X), self.reflections_.spacegroup, self.anomalous)[0]
+
+    def _evaluation_data(self, X, intensity=None):
+        """Tensors for evaluating X, and the prior of reflections the fit never saw."""
+        refl, extra = self._locate(self._asu_hkl(X))
+        image_id = X["image_id"].to_numpy(np.int64)
+        rows = np.minimum(np.searchsorted(self.image_ids_, image_id), len(self.image_ids_) - 1)
+        image = np.where(self.image_ids_[rows] == image_id, rows, -1)
+        if intensity is None:
+            intensity = X["Iobs"].to_numpy(np.float64) if "Iobs" in X else np.zeros(len(X))
+        sigma = X["SIGIobs"].to_numpy(np.float64) if "SIGIobs" in X else np.ones(len(X))
+        c = self.intensity_scale_
+        return _tensor_data(refl, image, self._features(X), intensity / c, sigma / c), extra
+
+    def transform(self, X):
+        """Merged amplitudes and intensities of the reflections observed in X.
+
+        Returns
+        -------
+        rs.DataSet
+            Indexed by the ASU H, K, L, with F, SIGF (posterior mean and standard
+            deviation of F), I = E[F²] = F² + SIGF², SIGI = √(E[F⁴] − I²) and N
+            (observations used in the fit). With ``anomalous=True`` also F(±), SIGF(±),
+            I(±), SIGI(±), N(±), DANO = F(+) − F(−) and SIGDANO. Reflections the fit never
+            saw carry their prior's moments and N = 0.
+        """
+        check_is_fitted(self, "posterior_weights_")
+        hkl, _ = unique_hkl(self._asu_hkl(X))
+        refl, extra = self._locate(hkl)
+        moments = self._get_model().amplitude_moments(extra)
+        m1, m2, m3, m4 = (m.numpy().astype(np.float64)[refl] for m in moments)
+        counts = np.append(self.reflection_counts_, 0)[np.minimum(refl, len(self.reflections_))]
+        columns = _amplitude_columns(m1, m2, m3, m4, counts.astype(np.int32), self.intensity_scale_)
+        if not self.anomalous:
+            return merged_table(hkl, columns, self.reflections_.spacegroup, self.reflections_.cell)
+        return _anomalous_table(hkl, columns, self.reflections_)
+
+    def predict(self, X):
+        """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order."""
+        return self.predict_with_uncertainty(X)[0]
+
+    def predict_with_uncertainty(self, X):
+        """Predicted intensity, its standard deviation, and the scale and its standard
+        deviation, per observation of X (intensities in the input's units)."""
+        check_is_fitted(self, "posterior_weights_")
+        data, extra = self._evaluation_data(X)
+        model = self._get_model()
+        outputs = [[] for _ in range(4)]
+        for chunk in _chunks(data):
+            for out, value in zip(outputs, model.predict(chunk, extra)):
+                out.append(value.numpy().astype(np.float64))
+        mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
+        c = self.intensity_scale_
+        return mean * c, sd * c, scale, scale_sd
+
+    def score_samples(self, X, y=None):
+        """Log predictive density log p(Iᵢ | training data) of each observation of X, in
+        the units of the input intensities, estimated with 32 Monte Carlo samples."""
+        from ._tf import tf
+
+        check_is_fitted(self, "posterior_weights_")
+        intensity, _ = _intensities(X, y)
+        data, extra = self._evaluation_data(X, intensity)
+        model = self._get_model()
+        seed = tf.constant([self.seed_, 2])
+        values = [model.log_predictive(chunk, _SCORE_SAMPLES, seed, extra).numpy() for chunk in _chunks(data)]
+        return np.concatenate(values).astype(np.float64) - math.log(self.intensity_scale_)
+
+    def score(self, X, y=None):
+        """Mean log predictive density per observation of X (higher is better).
+
+        Each observation's likelihood is averaged over the posterior of its reflection
+        (the prior for reflections the fit never saw) and over its scale (images without
+        an offset of their own use the mean offset); the log of that average is then
+        averaged over observations. Densities are per unit of the input intensities, so
+        scores of different models on the same data compare directly.
+        """
+        return float(np.mean(self.score_samples(X, y)))
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the columns :meth:`transform` returns."""
+        names = ["F", "SIGF", "I", "SIGI", "N"]
+        if self.anomalous:
+            names += [
+                "F(+)", "SIGF(+)", "F(-)", "SIGF(-)", "I(+)", "SIGI(+)", "I(-)", "SIGI(-)",
+                "N(+)", "N(-)", "DANO", "SIGDANO",
+            ]
+        return np.array(names, dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # X must be an observation table (a DataFrame with named columns and symmetry),
+        # not an arbitrary 2-D array, and fitting needs no target.
+        tags.input_tags.two_d_array = False
+        tags.target_tags.required = False
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+    # -------------------------------------------------------------- persistence
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_model", None)
+        state["_skmerge_persistence"] = _PERSISTENCE_FORMAT
+        return state
+
+    def __setstate__(self, state):
+        fmt = state.pop("_skmerge_persistence", None)
+        version = state.get("skmerge_version_")
+        if version is not None and (fmt != _PERSISTENCE_FORMAT or version.split(".")[:2] != __version__.split(".")[:2]):
+            raise IncompatibleVersionError(
+                f"this merger was saved by skmerge {version} (format {fmt}); skmerge "
+                f"{__version__} cannot load it. Refit it, or install skmerge {version}."
+            )
+        super().__setstate__(state)
+
+
+# ---------------------------------------------------------------------- helpers
+def _make_prior(prior):
+    from .model.priors import make_prior
+
+    return make_prior(prior)
+
+
+def _make_likelihood(likelihood, dof):
+    from .model.likelihoods import make_likelihood
+
+    return make_likelihood(likelihood, dof)
+
+
+_REQUIRED = ("image_id",)
+
+
+def _check_table(X):
+    if not hasattr(X, "columns"):
+        raise InputError(
+            "X must be an observation table (an rs.DataSet from skmerge.read_unmerged), "
+            f"not {type(X).__name__}."
+        )
+    missing = [c for c in _REQUIRED if c not in X.columns]
+    if not ({"Hobs", "Kobs", "Lobs"} <= set(X.columns) or {"H", "K", "L"} <= set(X.columns)):
+        missing.append("Hobs/Kobs/Lobs")
+    if missing:
+        raise InputError(
+            f"X lacks column(s) {', '.join(missing)}; build it with skmerge.read_unmerged."
+        )
+    if len(X) == 0:
+        raise InputError("X has no observations.")
+
+
+def _symmetry(X):
+    spacegroup, cell = getattr(X, "spacegroup", None), getattr(X, "cell", None)
+    if spacegroup is None or cell is None:
+        raise InputError("X has no space group or cell; build it with skmerge.read_unmerged.")
+    return spacegroup, cell
+
+
+def _observed_hkl(X):
+    keys = ["Hobs", "Kobs", "Lobs"] if "Hobs" in X.columns else ["H", "K", "L"]
+    return X[keys].to_numpy(np.int32)
+
+
+def _intensities(X, y):
+    _check_table(X)
+    for column in ("Iobs", "SIGIobs"):
+        if column not in X.columns and (column == "SIGIobs" or y is None):
+            raise InputError(f"X lacks column {column!r}; build it with skmerge.read_unmerged.")
+    intensity = X["Iobs"].to_numpy(np.float64) if y is None else np.asarray(y, dtype=np.float64).ravel()
+    sigma = X["SIGIobs"].to_numpy(np.float64)
+    if len(intensity) != len(X):
+        raise InputError(f"y has {len(intensity)} values for {len(X)} observations.")
+    bad = ~np.isfinite(intensity) | ~np.isfinite(sigma) | ~(sigma > 0)
+    if bad.any():
+        raise InputError(
+            f"{int(bad.sum())} observation(s) have a non-finite intensity or σ, or σ ≤ 0; "
+            "drop them (skmerge.read_unmerged(..., drop_invalid=True) does)."
+        )
+    return intensity, sigma
+
+
+def _intensity_scale(intensity, epsilon):
+    scale = float(np.mean(intensity / epsilon))
+    if not scale > 0:
+        raise InputError("the mean intensity is not positive; these data hold no signal to merge.")
+    return scale
+
+
+def _training_rows(image, fraction, rng):
+    images = np.unique(image)
+    if len(images) < 2:
+        raise ParameterError("early_stopping needs at least two images to hold one out.")
+    n_val = min(max(1, int(round(fraction * len(images)))), len(images) - 1)
+    held_out = rng.choice(images, n_val, replace=False)
+    return ~np.isin(image, held_out)
+
+
+def _reflection_table(hkl, spacegroup, cell, anomalous):
+    asu, _ = map_to_asu(hkl, spacegroup, anomalous)
+    unique, refl = unique_hkl(asu)
+    return Reflections.from_hkl(unique, spacegroup, cell, anomalous), refl
+
+
+def _tensor_data(refl, image, features, intensity, sigma):
+    from ._tf import tf
+
+    return {
+        "refl": tf.constant(refl, tf.int32),
+        "image": tf.constant(image, tf.int32),
+        "features": tf.constant(features, tf.float32),
+        "intensity": tf.constant(intensity, tf.float32),
+        "sigma": tf.constant(sigma, tf.float32),
+    }
+
+
+def _chunks(data):
+    n = int(data["intensity"].shape[0])
+    for start in range(0, n, _EVAL_CHUNK):
+        yield {k: v[start : start + _EVAL_CHUNK] for k, v in data.items()}
+
+
+def _amplitude_columns(m1, m2, m3, m4, counts, intensity_scale):
+    """F, SIGF, I, SIGI, N in the input's units from the raw moments of F."""
+    root = math.sqrt(intensity_scale)
+    sigf = np.sqrt(np.maximum(m2 - m1**2, 0.0))
+    sigi = np.sqrt(np.maximum(m4 - m2**2, 0.0))
+    return {"F": m1 * root, "SIGF": sigf * root, "I": m2 * intensity_scale, "SIGI": sigi * intensity_scale, "N": counts}
+
+
+def _anomalous_table(hkl, columns, reflections):
+    plus_hkl, halves = friedel_halves(hkl, columns, reflections.spacegroup)
+    n_halves = (~np.isnan(halves["F(+)"])).astype(int) + (~np.isnan(halves["F(-)"])).astype(int)
+    centric, _ = reflection_flags(plus_hkl, reflections.spacegroup)
+    n_halves = np.where(centric, 1, n_halves)
+    combined = {}
+    for name in ("F", "I"):
+        plus, minus = halves[f"{name}(+)"], halves[f"{name}(-)"]
+        sig_plus, sig_minus = halves[f"SIG{name}(+)"], halves[f"SIG{name}(-)"]
+        total = np.where(centric, plus, np.nansum([plus, minus], axis=0))
+        var = np.where(centric, sig_plus**2, np.nansum([sig_plus**2, sig_minus**2], axis=0))
+        combined[name] = total / n_halves
+        combined[f"SIG{name}"] = np.sqrt(var) / n_halves
+    n_plus = np.nan_to_num(halves["N(+)"]).astype(np.int32)
+    n_minus = np.nan_to_num(halves["N(-)"]).astype(np.int32)
+    combined["N"] = np.where(centric, n_plus, n_plus + n_minus)
+    dano = halves["F(+)"] - halves["F(-)"]
+    sigdano = np.sqrt(halves["SIGF(+)"] ** 2 + halves["SIGF(-)"] ** 2)
+    out = {
+        "F": combined["F"], "SIGF": combined["SIGF"], "I": combined["I"], "SIGI": combined["SIGI"], "N": combined["N"],
+        "F(+)": halves["F(+)"], "SIGF(+)": halves["SIGF(+)"], "F(-)": halves["F(-)"], "SIGF(-)": halves["SIGF(-)"],
+        "I(+)": halves["I(+)"], "SIGI(+)": halves["SIGI(+)"], "I(-)": halves["I(-)"], "SIGI(-)": halves["SIGI(-)"],
+        "N(+)": n_plus, "N(-)": n_minus,
+        "DANO": np.where(centric, np.nan, dano), "SIGDANO": np.where(centric, np.nan, sigdano),
+    }
+    return merged_table(plus_hkl, out, reflections.spacegroup, reflections.cell)
+
+
+class _progress:
+    """A tqdm bar with the loss and ETA when verbose, else nothing."""
+
+    def __init__(self, total, verbose):
+        self.total, self.verbose, self.bar = total, verbose, None
+
+    def __enter__(self):
+        if not self.verbose:
+            return None
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="fit", unit="step", dynamic_ncols=True)
+
+        def update(step, loss):
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

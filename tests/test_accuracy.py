@@ -1,0 +1,103 @@
+"""Accuracy against the truth of simulated data sets.
+
+The reference is what a perfect scaling would allow: an inverse-variance merge of the same
+observations with the true scales divided out. Amplitudes are compared per resolution
+shell as well as overall, because an amplitude's overall fall-off with resolution (the
+Wilson B) is shared between F and the scales and is not identifiable from the data.
+"""
+
+import numpy as np
+import pytest
+from sklearn.model_selection import GroupShuffleSplit
+
+import skmerge
+from skmerge import VariationalMerger
+from skmerge.datasets import make_unmerged
+from skmerge.stats import resolution_shells
+
+METADATA = ["dHKL", "BATCH", "XDET", "YDET"]
+
+
+def _cc(merged, truth, column="F"):
+    """Overall and mean per-shell Pearson CC of a merged column with the truth."""
+    true = truth.merged.loc[merged.index]
+    a, b = merged[column].to_numpy(float), true[column].to_numpy(float)
+    shell, _ = resolution_shells(true["dHKL"].to_numpy(), 10)
+    per_shell = np.mean([np.corrcoef(a[shell == i], b[shell == i])[0, 1] for i in range(10)])
+    return np.corrcoef(a, b)[0, 1], per_shell
+
+
+def _true_scale_merge(X, truth):
+    merged = skmerge.merge_inverse_variance(X, scale=truth.scale)
+    merged["F"] = np.sqrt(np.maximum(merged["I"].to_numpy(float), 0.0))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def rotation():
+    X, truth = make_unmerged(n_images=180, wilson_b=20.0, random_state=11)
+    assert len(X) >= 50_000
+    return X, truth, VariationalMerger(metadata=METADATA, random_state=0).fit(X)
+
+
+def test_scale_model_recovers_the_scales(rotation):
+    X, truth, merger = rotation
+    merged = merger.transform(X)
+    reference = _true_scale_merge(X, truth)
+    overall, per_shell = _cc(merged, truth)
+    ref_overall, ref_per_shell = _cc(reference, truth)
+    assert per_shell > ref_per_shell - 0.01
+    assert overall > ref_overall - 0.01
+    _, _, scale, _ = merger.predict_with_uncertainty(X)
+    assert np.corrcoef(np.log(scale), np.log(truth.scale))[0, 1] > 0.95
+
+
+def test_sigf_is_calibrated(rotation):
+    X, truth, merger = rotation
+    merged = merger.transform(X)
+    true = truth.merged.loc[merged.index]
+    shell, _ = resolution_shells(true["dHKL"].to_numpy(), 10)
+    f, sigf, f_true = (a.to_numpy(float) for a in (merged["F"], merged["SIGF"], true["F"]))
+    z = np.empty_like(f)
+    for i in range(10):
+        # Put the truth on the merger's scale in each shell (the fall-off is not identifiable).
+        s = shell == i
+        k = np.sum(f[s] * f_true[s]) / np.sum(f_true[s] ** 2)
+        z[s] = (f[s] - k * f_true[s]) / sigf[s]
+    assert 0.7 <= z.std() <= 1.5
+
+
+@pytest.fixture(scope="module")
+def outliers():
+    return make_unmerged(n_images=180, outlier_fraction=0.02, random_state=12)
+
+
+def test_studentt_beats_normal_with_outliers(outliers):
+    X, truth = outliers
+    normal = VariationalMerger(metadata=METADATA, likelihood="normal", random_state=0).fit(X)
+    studentt = VariationalMerger(metadata=METADATA, likelihood="studentt", dof=4.0, random_state=0).fit(X)
+    _, cc_normal = _cc(normal.transform(X), truth)
+    _, cc_studentt = _cc(studentt.transform(X), truth)
+    assert cc_studentt > cc_normal + 0.01
+
+
+def test_held_out_score_prefers_studentt_with_outliers(outliers):
+    X, _ = outliers
+    train, test = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0).split(X, groups=X["image_id"]))
+    X_train, X_test = X.iloc[train], X.iloc[test]
+    scores = {
+        likelihood: VariationalMerger(metadata=METADATA, likelihood=likelihood, dof=4.0, random_state=0)
+        .fit(X_train)
+        .score(X_test)
+        for likelihood in ("normal", "studentt")
+    }
+    assert scores["studentt"] > scores["normal"]
+
+
+def test_anomalous_differences_are_recovered():
+    X, truth = make_unmerged(n_images=180, anomalous=True, anomalous_signal=0.08, random_state=13)
+    merged = VariationalMerger(anomalous=True, metadata=METADATA, random_state=0).fit(X).transform(X)
+    paired = merged.dropna(subset=["DANO"])
+    true = truth.merged.loc[paired.index]
+    # The signal is as large as the noise here: a correlation well above zero, not near one.
+    assert np.corrcoef(paired["DANO"], true["DANO"])[0, 1] > 0.5

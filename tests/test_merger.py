@@ -1,0 +1,287 @@
+"""VariationalMerger's scikit-learn surface on small simulated data."""
+
+import subprocess
+import sys
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.utils._param_validation import InvalidParameterError
+
+import skmerge
+from skmerge import InputError, VariationalMerger
+from skmerge.datasets import make_unmerged
+
+FAST = dict(mlp_layers=2, mlp_width=8, max_iter=150, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_unmerged(n_images=24, random_state=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(small):
+    X, _ = small
+    return VariationalMerger(metadata=["dHKL", "XDET", "YDET"], **FAST).fit(X)
+
+
+@pytest.fixture(scope="module")
+def fitted_anomalous():
+    X, truth = make_unmerged(n_images=24, anomalous=True, anomalous_signal=0.1, random_state=4)
+    return X, truth, VariationalMerger(anomalous=True, **FAST).fit(X)
+
+
+def test_transform_returns_merged_table_with_mtz_types(small, fitted):
+    X, _ = small
+    merged = fitted.transform(X)
+    assert list(merged.columns) == ["F", "SIGF", "I", "SIGI", "N"]
+    assert merged.index.names == ["H", "K", "L"]
+    assert [str(t) for t in merged.dtypes] == ["SFAmplitude", "Stddev", "Intensity", "Stddev", "MTZInt"]
+    assert merged.spacegroup.xhm() == X.spacegroup.xhm() and merged.cell == X.cell
+    assert len(merged) == X["asu_index"].nunique()
+    assert merged["N"].sum() == len(X)
+    values = merged[["F", "SIGF", "I", "SIGI"]].to_numpy(float)
+    assert np.isfinite(values).all() and (values > 0).all()
+
+
+def test_intensity_is_second_moment_of_amplitude(small, fitted):
+    merged = fitted.transform(small[0])
+    np.testing.assert_allclose(merged["I"], merged["F"] ** 2 + merged["SIGF"] ** 2, rtol=1e-4)
+
+
+def test_outputs_are_in_the_units_of_the_input(small, fitted):
+    X, _ = small
+    merged = fitted.transform(X)
+    ratio = np.median(fitted.predict(X) / np.maximum(X["Iobs"].to_numpy(float), 1e-3))
+    assert 0.5 < ratio < 2.0
+    assert 0.2 < merged["I"].mean() / X["Iobs"].mean() < 5.0
+
+
+def test_anomalous_columns(fitted_anomalous):
+    X, truth, merger = fitted_anomalous
+    merged = merger.transform(X)
+    assert list(merged.columns) == list(merger.get_feature_names_out())
+    assert str(merged["DANO"].dtype) == "AnomalousDifference"
+    assert str(merged["F(+)"].dtype) == "FriedelSFAmplitude"
+    both = merged.dropna(subset=["F(+)", "F(-)"])
+    np.testing.assert_allclose(both["DANO"].dropna(), (both["F(+)"] - both["F(-)"]).loc[both["DANO"].notna()], rtol=1e-5, atol=1e-5)
+    centric = merged.label_centrics()["CENTRIC"].to_numpy()
+    assert merged["DANO"][centric].isna().all()
+    assert (merged["N"] == np.where(centric, merged["N(+)"], merged["N(+)"] + merged["N(-)"])).all()
+
+
+def test_predict_follows_row_order(small, fitted):
+    X, _ = small
+    order = np.random.RandomState(0).permutation(len(X))
+    np.testing.assert_allclose(fitted.predict(X.iloc[order]), fitted.predict(X)[order], rtol=1e-5)
+
+
+def test_score_is_mean_of_score_samples_and_finite(small, fitted):
+    X, _ = small
+    samples = fitted.score_samples(X)
+    assert samples.shape == (len(X),) and np.isfinite(samples).all()
+    assert fitted.score(X) == pytest.approx(samples.mean())
+
+
+def test_score_prefers_true_intensities_to_shuffled_ones(small, fitted):
+    X, _ = small
+    shuffled = np.random.RandomState(1).permutation(X["Iobs"].to_numpy())
+    assert fitted.score(X) > fitted.score(X, y=shuffled) + 1.0
+
+
+def test_held_out_images_and_unseen_reflections(small):
+    X, _ = small
+    images = X["image_id"].to_numpy()
+    train = images < 18
+    merger = VariationalMerger(**FAST).fit(X[train])
+    X_test = X[~train]
+    assert np.isfinite(merger.score(X_test))
+    assert np.isfinite(merger.predict(X_test)).all()
+    merged = merger.transform(X_test)
+    unseen = ~merged.index.isin(merger.transform(X[train]).index)
+    assert unseen.any()
+    assert (merged["N"][unseen] == 0).all() and np.isfinite(merged["F"][unseen]).all()
+
+
+def test_y_overrides_intensities(small, fitted):
+    X, _ = small
+    same = clone(fitted).fit(X, y=X["Iobs"].to_numpy())
+    np.testing.assert_array_equal(same.transform(X)["F"], fitted.transform(X)["F"])
+    shuffled = np.random.RandomState(0).permutation(X["Iobs"].to_numpy())
+    other = clone(fitted).fit(X, y=shuffled)
+    assert np.corrcoef(other.transform(X)["F"], fitted.transform(X)["F"])[0, 1] < 0.5
+
+
+def test_same_random_state_gives_identical_fits(small):
+    X, _ = small
+    a = VariationalMerger(**FAST).fit(X)
+    b = VariationalMerger(**FAST).fit(X)
+    np.testing.assert_array_equal(a.loss_curve_, b.loss_curve_)
+    np.testing.assert_array_equal(a.transform(X)["F"], b.transform(X)["F"])
+    c = VariationalMerger(**{**FAST, "random_state": 1}).fit(X)
+    assert not np.array_equal(a.loss_curve_, c.loss_curve_)
+
+
+def test_not_fitted_errors(small):
+    X, _ = small
+    merger = VariationalMerger()
+    for method in (merger.transform, merger.predict, merger.score):
+        with pytest.raises(NotFittedError):
+            method(X)
+
+
+def test_clone_and_params_round_trip():
+    prior = skmerge.ReferencePrior(reference=pd.DataFrame(), kind="laplace")
+    merger = VariationalMerger(prior=prior, likelihood="studentt", dof=4.0, metadata=["dHKL", "XDET"])
+    params = merger.get_params()
+    assert params["dof"] == 4.0 and params["prior__kind"] == "laplace"
+    copy = clone(merger)
+    assert copy.get_params()["metadata"] == ["dHKL", "XDET"]
+    assert copy.prior is not prior and copy.prior.kind == "laplace"
+    copy.set_params(prior__kind="normal", mlp_layers=3)
+    assert copy.prior.kind == "normal" and copy.mlp_layers == 3 and prior.kind == "laplace"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"likelihood": "cauchy"}, {"dof": 0.0}, {"mlp_layers": 0}, {"learning_rate": -1.0}, {"prior": "flat"}],
+)
+def test_invalid_parameters_raise_parameter_error(small, params):
+    with pytest.raises(InputError) as info:
+        VariationalMerger(**params).fit(small[0])
+    assert isinstance(info.value, InvalidParameterError)
+    assert next(iter(params)) in str(info.value)
+
+
+def test_bad_tables_raise_input_error(small):
+    X, _ = small
+    merger = VariationalMerger(**FAST)
+    with pytest.raises(InputError, match="Iobs"):
+        merger.fit(X.drop(columns=["Iobs"]))
+    with pytest.raises(InputError, match="image_id"):
+        merger.fit(X.drop(columns=["image_id"]))
+    bad = X.copy()
+    bad.loc[3, "SIGIobs"] = -1.0
+    with pytest.raises(InputError, match="σ"):
+        merger.fit(bad)
+    with pytest.raises(InputError, match="'DETX'.*available"):
+        VariationalMerger(metadata=["dHKL", "DETX"], **FAST).fit(X)
+    with pytest.raises(InputError, match="observation table"):
+        merger.fit(X.to_numpy())
+
+
+def test_in_a_pipeline(small):
+    X, _ = small
+    pipe = Pipeline([("keep_strong", FunctionTransformer(lambda t: t[t["Iobs"] > -1e9])), ("merge", VariationalMerger(**FAST))])
+    merged = pipe.fit(X).transform(X)
+    assert list(merged.columns) == ["F", "SIGF", "I", "SIGI", "N"]
+    assert np.isfinite(pipe.score(X))
+
+
+def test_set_output_and_feature_names(small, fitted):
+    X, _ = small
+    assert list(fitted.get_feature_names_out()) == ["F", "SIGF", "I", "SIGI", "N"]
+    assert fitted.n_features_in_ == X.shape[1]
+    assert list(fitted.feature_names_in_) == list(X.columns)
+    merger = clone(fitted).set_output(transform="pandas").fit(X)
+    assert list(merger.transform(X).columns) == ["F", "SIGF", "I", "SIGI", "N"]
+
+
+def test_metadata_as_column_transformer(small):
+    X, _ = small
+    transformer = ColumnTransformer([("xy", StandardScaler(), ["XDET", "YDET"])])
+    merger = VariationalMerger(metadata=transformer, **FAST).fit(X)
+    assert merger.metadata_transformer_ is not transformer
+    assert merger.n_metadata_features_ == 2
+    assert not hasattr(transformer, "transformers_")
+
+
+def test_image_id_in_metadata_means_per_image_offsets(small):
+    X, _ = small
+    merger = VariationalMerger(metadata=["dHKL", "image_id"], image_scales=False, **FAST).fit(X)
+    assert len(merger.scale_weights_[-1]) == X["image_id"].nunique()
+    assert merger.n_metadata_features_ == 1
+    without = VariationalMerger(metadata=["dHKL"], image_scales=False, **FAST).fit(X)
+    assert len(without.scale_weights_[-1]) == 0
+
+
+def test_warm_start_continues_from_previous_loss(small):
+    X, _ = small
+    merger = VariationalMerger(warm_start=True, **{**FAST, "max_iter": 300}).fit(X)
+    first_fit = merger.loss_curve_
+    merger.fit(X)
+    previous_final = first_fit[-50:, 0].mean()
+    assert abs(merger.loss_curve_[:10, 0].mean() - previous_final) < 0.25 * abs(first_fit[:10, 0].mean() - previous_final)
+
+
+def test_freeze_scales_keeps_the_scale_model(small, fitted):
+    X, _ = small
+    import copy
+
+    merger = copy.deepcopy(fitted).set_params(warm_start="scales", freeze="scales")
+    merger.fit(X)
+    for before, after in zip(fitted.scale_weights_, merger.scale_weights_):
+        np.testing.assert_array_equal(before, after)
+    with pytest.raises(InputError, match="freeze"):
+        VariationalMerger(freeze="scales").fit(X)
+
+
+def test_early_stopping_holds_out_images(small):
+    X, _ = small
+    merger = VariationalMerger(early_stopping=True, validation_fraction=0.25, **{**FAST, "max_iter": 400}).fit(X)
+    assert len(merger.image_ids_) == X["image_id"].nunique() - 6
+    assert np.isfinite(merger.score(X))
+
+
+def test_verbose_shows_a_progress_bar(small, capsys):
+    VariationalMerger(verbose=1, **{**FAST, "max_iter": 60}).fit(small[0])
+    assert "step" in capsys.readouterr().err
+
+
+def test_large_intensities_train_like_small_ones(small):
+    X, _ = small
+    big = X.copy()
+    big["Iobs"] = big["Iobs"] * 1e3
+    big["SIGIobs"] = big["SIGIobs"] * 1e3
+    assert big["Iobs"].mean() > 2e4
+    a = VariationalMerger(**FAST).fit(X).transform(X)
+    b = VariationalMerger(**FAST).fit(big).transform(big)
+    assert np.isfinite(b.to_numpy(float)).all()
+    assert np.corrcoef(a["F"], b["F"])[0, 1] > 0.999
+
+
+def test_pickle_keeps_outputs_and_refuses_other_versions(small, fitted, tmp_path):
+    X, _ = small
+    path = tmp_path / "merger.joblib"
+    joblib.dump(fitted, path)
+    loaded = joblib.load(path)
+    np.testing.assert_array_equal(loaded.predict(X), fitted.predict(X))
+    state = fitted.__getstate__()
+    state["skmerge_version_"] = "0.0.1"
+    with pytest.raises(skmerge.IncompatibleVersionError, match="0.0.1"):
+        VariationalMerger().__setstate__(state)
+
+
+def test_joblib_round_trip_in_a_fresh_process(small, fitted, tmp_path):
+    X, _ = small
+    joblib.dump(fitted, tmp_path / "merger.joblib")
+    joblib.dump(X, tmp_path / "X.joblib")
+    script = (
+        "import joblib, numpy as np\n"
+        f"m = joblib.load(r'{tmp_path / 'merger.joblib'}'); X = joblib.load(r'{tmp_path / 'X.joblib'}')\n"
+        f"np.save(r'{tmp_path / 'pred.npy'}', m.predict(X))\n"
+        f"np.save(r'{tmp_path / 'F.npy'}', m.transform(X)['F'].to_numpy(float))\n"
+        f"np.save(r'{tmp_path / 'score.npy'}', m.score(X))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), fitted.predict(X))
+    np.testing.assert_array_equal(np.load(tmp_path / "F.npy"), fitted.transform(X)["F"].to_numpy(float))
+    assert float(np.load(tmp_path / "score.npy")) == fitted.score(X)
