@@ -81,10 +81,12 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Maximum number of optimisation steps.
     learning_rate : float, default=0.003
         Adam step size.
-    tol : float, default=1e-4
-        Improvement of the loss (nats per observation) that counts as progress.
-    n_iter_no_change : int, default=300
-        Stop after this many steps without progress.
+    tol : float, default=1e-3
+        Progress, in nats per observation, that keeps training going: it stops when the
+        mean loss of the last ``n_iter_no_change`` steps is less than ``tol`` below that
+        of the ``n_iter_no_change`` steps before (with early stopping: when the held-out
+        loss has not improved by ``tol`` for ``n_iter_no_change`` steps).
+    n_iter_no_change : int, default=200
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the images and stop on their predictive
         log-likelihood instead of the training loss; the best state is kept.
@@ -183,8 +185,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         mc_samples=1,
         max_iter=2000,
         learning_rate=0.003,
-        tol=1e-4,
-        n_iter_no_change=300,
+        tol=1e-3,
+        n_iter_no_change=200,
         early_stopping=False,
         validation_fraction=0.1,
         anomalous=False,

@@ -152,13 +152,16 @@ class Trainer:
     def _state(self):
         return [*self.variables, *self.m, *self.v, self.step]
 
-    def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None, min_iter=0):
+    def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None):
         """Optimise for up to ``max_iter`` steps.
 
-        Stops early when the monitored loss (``monitor()``, e.g. a held-out loss, else the
-        mean training loss of each chunk) has not improved by more than ``tol`` for
-        ``n_iter_no_change`` steps. Returns the loss terms of every step and whether it
-        converged. With a monitor, the best monitored state is restored at the end.
+        Without a monitor, training stops when the mean loss of the last
+        ``n_iter_no_change`` steps is less than ``tol`` below the mean of the
+        ``n_iter_no_change`` steps before them (comparing window means keeps the Monte
+        Carlo noise of single steps from looking like progress). With a monitor (e.g. a
+        held-out loss, evaluated after every chunk) it stops when the monitor has not
+        improved by ``tol`` for ``n_iter_no_change`` steps, and the best monitored state
+        is restored. Returns the loss terms of every step and whether it converged.
         """
         history, recoveries = [], 0
         best, best_state, since_best = np.inf, None, 0
@@ -184,14 +187,22 @@ class Trainer:
             history.extend(terms)
             if progress is not None:
                 progress(len(history), terms[:, 0].mean())
-            current = monitor() if monitor is not None else float(terms[:, 0].mean())
+            if monitor is None:
+                if len(history) >= 2 * n_iter_no_change:
+                    loss = np.asarray(history)[:, 0]
+                    last = loss[-n_iter_no_change:].mean()
+                    before = loss[-2 * n_iter_no_change : -n_iter_no_change].mean()
+                    if before - last < tol:
+                        converged = True
+                        break
+                continue
+            current = monitor()
             if current < best - tol:
                 best, since_best = current, 0
-                if monitor is not None:
-                    best_state = [v.numpy() for v in self.variables]
+                best_state = [v.numpy() for v in self.variables]
             else:
                 since_best += n
-            if since_best >= n_iter_no_change and len(history) >= min_iter:
+            if since_best >= n_iter_no_change:
                 converged = True
                 break
         if best_state is not None:
