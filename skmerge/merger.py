@@ -16,7 +16,7 @@ from . import __version__
 from .errors import IncompatibleVersionError, InputError, ParameterError
 from .features import check_metadata_columns, make_metadata_transformer, split_metadata
 from .merged import friedel_halves, merged_table
-from .symmetry import lookup_hkl, map_to_asu, reflection_flags, resolution, unique_hkl
+from .symmetry import lookup_keys, map_to_asu, pack_hkl, reflection_flags, resolution, unpack_group, unpack_hkl
 
 _SCORE_SAMPLES = 32
 _EVAL_CHUNK = 200_000
@@ -34,13 +34,22 @@ class Reflections:
     spacegroup: gemmi.SpaceGroup
     cell: gemmi.UnitCell
     anomalous: bool
+    group: np.ndarray = None
+    """The file each reflection belongs to when files are merged separately, else None."""
     mean_intensity: np.ndarray = None
     """Mean I/ε at each reflection's resolution, in standardised units (the Wilson Σ)."""
 
     @classmethod
-    def from_hkl(cls, hkl, spacegroup, cell, anomalous):
+    def from_keys(cls, keys, spacegroup, cell, anomalous, separate):
+        """The reflections of sorted keys made by :func:`skmerge.symmetry.pack_hkl`."""
+        hkl = unpack_hkl(keys)
         centric, epsilon = reflection_flags(hkl, spacegroup)
-        return cls(hkl, centric, epsilon.astype(np.float32), resolution(hkl, cell), spacegroup, cell, anomalous)
+        group = unpack_group(keys) if separate else None
+        return cls(hkl, centric, epsilon.astype(np.float32), resolution(hkl, cell), spacegroup, cell, anomalous, group)
+
+    @property
+    def keys(self):
+        return pack_hkl(self.hkl, self.group)
 
     def __len__(self):
         return len(self.hkl)
@@ -93,6 +102,10 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
     validation_fraction : float, default=0.1
     anomalous : bool, default=False
         Keep acentric Friedel mates apart and output the anomalous columns.
+    separate_files : bool, default=False
+        Give every file (``file_id``) its own amplitudes while sharing the scale model:
+        time points or derivatives scaled together and merged separately. ``transform``
+        then adds a ``file_id`` column.
     posterior_init : {"data", "prior"}, default="data"
         Start the posterior from a quick scaled merge (French–Wilson amplitudes), or from
         the prior.
@@ -163,6 +176,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "anomalous": ["boolean"],
+        "separate_files": ["boolean"],
         "posterior_init": [StrOptions({"data", "prior"})],
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
@@ -190,6 +204,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         early_stopping=False,
         validation_fraction=0.1,
         anomalous=False,
+        separate_files=False,
         posterior_init="data",
         warm_start=False,
         freeze=None,
@@ -213,6 +228,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.anomalous = anomalous
+        self.separate_files = separate_files
         self.posterior_init = posterior_init
         self.warm_start = warm_start
         self.freeze = freeze
@@ -290,7 +306,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         from .model.initialisation import evaluate_curve, quick_image_scales, wilson_curve
         from .model.training import MergingModel
 
-        reflections, refl = _reflection_table(_observed_hkl(X), X.spacegroup, X.cell, self.anomalous)
+        keys, refl = np.unique(self._reflection_keys(X, X.spacegroup), return_inverse=True)
+        reflections = Reflections.from_keys(keys, X.spacegroup, X.cell, self.anomalous, self.separate_files)
         image_ids, image_row = np.unique(X["image_id"].to_numpy(np.int64), return_inverse=True)
         if previous is None:
             self.intensity_scale_ = _intensity_scale(intensity, reflections.epsilon[refl])
@@ -384,7 +401,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             scale = np.where(bad, 0.5 * prior_mean, scale)
         posterior = TruncatedNormalPosterior(loc, scale)
         if previous is not None and self.warm_start is True:
-            rows = lookup_hkl(previous["hkl"], reflections.hkl)
+            rows = lookup_keys(previous["keys"], reflections.keys)
             known = rows >= 0
             weights = posterior.get_weights()
             for key in weights:
@@ -394,7 +411,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
 
     def _state(self):
         return {
-            "hkl": self.reflections_.hkl,
+            "keys": self.reflections_.keys,
             "posterior_weights": self.posterior_weights_,
             "scale_weights": self.scale_weights_,
             "image_ids": self.image_ids_,
@@ -433,31 +450,42 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self._model = MergingModel(posterior, prior, _make_likelihood(self.likelihood, self.dof), network, self.mc_samples)
         return self._model
 
-    def _locate(self, hkl):
-        """Rows of ASU reflections ``hkl`` among the model's; reflections the fit never
-        saw are numbered after them and get the prior returned alongside (else None)."""
-        refl = lookup_hkl(self.reflections_.hkl, hkl)
+    def _locate(self, keys):
+        """Rows of reflection ``keys`` among the model's; reflections the fit never saw
+        are numbered after them and get the prior returned alongside (else None)."""
+        known = self.reflections_
+        refl = lookup_keys(known.keys, keys)
         unseen = refl < 0
         if not unseen.any():
             return refl, None
         from .model.initialisation import evaluate_curve
 
-        new_hkl, new_row = unique_hkl(hkl[unseen])
-        refl[unseen] = len(self.reflections_) + new_row
-        known = self.reflections_
-        union = Reflections.from_hkl(np.concatenate([known.hkl, new_hkl]), known.spacegroup, known.cell, self.anomalous)
+        new_keys, new_row = np.unique(keys[unseen], return_inverse=True)
+        refl[unseen] = len(known) + new_row.ravel()
+        union = Reflections.from_keys(
+            np.concatenate([known.keys, new_keys]), known.spacegroup, known.cell, self.anomalous, self.separate_files
+        )
         union.mean_intensity = evaluate_curve(self.wilson_curve_, union.dhkl)
         # Built on the union so that a reference prior is normalised as in the fit.
         prior = _make_prior(self.prior).build(union).take(np.arange(len(known), len(union)))
         return refl, prior
 
-    def _asu_hkl(self, X):
+    def _reflection_keys(self, X, spacegroup=None):
+        """The packed (file, ASU index) key of each observation's reflection, in the
+        fitted model's space group unless another is given."""
         _check_table(X)
-        return map_to_asu(_observed_hkl(X), self.reflections_.spacegroup, self.anomalous)[0]
+        spacegroup = spacegroup or self.reflections_.spacegroup
+        hkl, _ = map_to_asu(_observed_hkl(X), spacegroup, self.anomalous)
+        group = None
+        if self.separate_files:
+            if "file_id" not in X.columns:
+                raise InputError("separate_files=True needs a file_id column; build X with skmerge.read_unmerged.")
+            group = X["file_id"].to_numpy(np.int64)
+        return pack_hkl(hkl, group)
 
     def _evaluation_data(self, X, intensity=None):
         """Tensors for evaluating X, and the prior of reflections the fit never saw."""
-        refl, extra = self._locate(self._asu_hkl(X))
+        refl, extra = self._locate(self._reflection_keys(X))
         image_id = X["image_id"].to_numpy(np.int64)
         rows = np.minimum(np.searchsorted(self.image_ids_, image_id), len(self.image_ids_) - 1)
         image = np.where(self.image_ids_[rows] == image_id, rows, -1)
@@ -476,19 +504,25 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             Indexed by the ASU H, K, L, with F, SIGF (posterior mean and standard
             deviation of F), I = E[F²] = F² + SIGF², SIGI = √(E[F⁴] − I²) and N
             (observations used in the fit). With ``anomalous=True`` also F(±), SIGF(±),
-            I(±), SIGI(±), N(±), DANO = F(+) − F(−) and SIGDANO. Reflections the fit never
-            saw carry their prior's moments and N = 0.
+            I(±), SIGI(±), N(±), DANO = F(+) − F(−) and SIGDANO. With
+            ``separate_files=True`` a ``file_id`` column tells the files apart (the
+            index repeats across files). Reflections the fit never saw carry their
+            prior's moments and N = 0.
         """
         check_is_fitted(self, "posterior_weights_")
-        hkl, _ = unique_hkl(self._asu_hkl(X))
-        refl, extra = self._locate(hkl)
+        keys = np.unique(self._reflection_keys(X))
+        refl, extra = self._locate(keys)
         moments = self._get_model().amplitude_moments(extra)
         m1, m2, m3, m4 = (m.numpy().astype(np.float64)[refl] for m in moments)
         counts = np.append(self.reflection_counts_, 0)[np.minimum(refl, len(self.reflections_))]
         columns = _amplitude_columns(m1, m2, m3, m4, counts.astype(np.int32), self.intensity_scale_)
-        if not self.anomalous:
-            return merged_table(hkl, columns, self.reflections_.spacegroup, self.reflections_.cell)
-        return _anomalous_table(hkl, columns, self.reflections_)
+        hkl = unpack_hkl(keys)
+        group = unpack_group(keys) if self.separate_files else None
+        if self.anomalous:
+            return _anomalous_table(hkl, columns, self.reflections_, group)
+        if group is not None:
+            columns["file_id"] = group
+        return merged_table(hkl, columns, self.reflections_.spacegroup, self.reflections_.cell)
 
     def predict(self, X):
         """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order."""
@@ -648,12 +682,6 @@ def _training_rows(image, fraction, rng):
     return ~np.isin(image, held_out)
 
 
-def _reflection_table(hkl, spacegroup, cell, anomalous):
-    asu, _ = map_to_asu(hkl, spacegroup, anomalous)
-    unique, refl = unique_hkl(asu)
-    return Reflections.from_hkl(unique, spacegroup, cell, anomalous), refl
-
-
 def _tensor_data(refl, image, features, intensity, sigma):
     from ._tf import tf
 
@@ -680,8 +708,11 @@ def _amplitude_columns(m1, m2, m3, m4, counts, intensity_scale):
     return {"F": m1 * root, "SIGF": sigf * root, "I": m2 * intensity_scale, "SIGI": sigi * intensity_scale, "N": counts}
 
 
-def _anomalous_table(hkl, columns, reflections):
-    plus_hkl, halves = friedel_halves(hkl, columns, reflections.spacegroup)
+def _anomalous_table(hkl, columns, reflections, group=None):
+    if group is None:
+        plus_hkl, halves = friedel_halves(hkl, columns, reflections.spacegroup)
+    else:
+        plus_hkl, halves, plus_group = friedel_halves(hkl, columns, reflections.spacegroup, group=group)
     n_halves = (~np.isnan(halves["F(+)"])).astype(int) + (~np.isnan(halves["F(-)"])).astype(int)
     centric, _ = reflection_flags(plus_hkl, reflections.spacegroup)
     n_halves = np.where(centric, 1, n_halves)
@@ -705,6 +736,8 @@ def _anomalous_table(hkl, columns, reflections):
         "N(+)": n_plus, "N(-)": n_minus,
         "DANO": np.where(centric, np.nan, dano), "SIGDANO": np.where(centric, np.nan, sigdano),
     }
+    if group is not None:
+        out["file_id"] = plus_group
     return merged_table(plus_hkl, out, reflections.spacegroup, reflections.cell)
 
 

@@ -9,48 +9,65 @@ import numpy as np
 import reciprocalspaceship as rs
 
 
-# Miller indices are packed into one int64 key (3 × 21 bits) so that unique, sort and
-# lookup are 1-D numpy operations, several times faster than their axis=0 versions.
-_PACK_OFFSET = 1 << 20
-_PACK_WIDTH = 1 << 21
+# Miller indices are packed into one int64 key (3 × 16 bits, plus a group number such as
+# a file id in the bits above) so that unique, sort and lookup are 1-D numpy operations,
+# several times faster than their axis=0 versions.
+_PACK_OFFSET = 1 << 15
+_PACK_WIDTH = 1 << 16
+_GROUP_SHIFT = 48
 
 
-def pack_hkl(hkl):
-    """One sortable int64 key per row of an (N, 3) array of Miller indices."""
+def pack_hkl(hkl, group=None):
+    """One sortable int64 key per row of an (N, 3) array of Miller indices, optionally
+    prefixed by a non-negative group number per row (keys sort by group first)."""
     hkl = np.asarray(hkl, dtype=np.int64).reshape(-1, 3)
     if len(hkl) and np.abs(hkl).max() >= _PACK_OFFSET:
         raise ValueError("Miller index out of range")
-    return ((hkl[:, 0] + _PACK_OFFSET) * _PACK_WIDTH + hkl[:, 1] + _PACK_OFFSET) * _PACK_WIDTH + hkl[:, 2] + _PACK_OFFSET
+    keys = ((hkl[:, 0] + _PACK_OFFSET) * _PACK_WIDTH + hkl[:, 1] + _PACK_OFFSET) * _PACK_WIDTH + hkl[:, 2] + _PACK_OFFSET
+    if group is not None:
+        keys = keys + (np.asarray(group, dtype=np.int64) << _GROUP_SHIFT)
+    return keys
 
 
 def unpack_hkl(keys):
-    """Inverse of :func:`pack_hkl`."""
-    keys = np.asarray(keys, dtype=np.int64)
+    """Miller indices of keys made by :func:`pack_hkl`."""
+    keys = np.asarray(keys, dtype=np.int64) & ((1 << _GROUP_SHIFT) - 1)
     l = keys % _PACK_WIDTH - _PACK_OFFSET
     k = (keys // _PACK_WIDTH) % _PACK_WIDTH - _PACK_OFFSET
     h = keys // (_PACK_WIDTH * _PACK_WIDTH) - _PACK_OFFSET
     return np.stack([h, k, l], axis=1).astype(np.int32)
 
 
-def unique_hkl(hkl):
-    """Dense ids of the distinct rows of an (N, 3) integer array.
+def unpack_group(keys):
+    """Group numbers of keys made by :func:`pack_hkl`."""
+    return (np.asarray(keys, dtype=np.int64) >> _GROUP_SHIFT).astype(np.int32)
 
-    Returns ``(unique, inverse)`` with ``unique[inverse] == hkl``; rows are sorted by H,
-    then K, then L.
+
+def unique_hkl(hkl, group=None):
+    """Dense ids of the distinct rows of an (N, 3) integer array (within each group).
+
+    Returns ``(unique, inverse)`` with ``unique[inverse] == hkl``; rows are sorted by
+    group, then H, K and L. With ``group``, ``unique`` holds the packed keys instead of
+    Miller indices (see :func:`unpack_hkl` and :func:`unpack_group`).
     """
-    unique_keys, inverse = np.unique(pack_hkl(hkl), return_inverse=True)
-    return unpack_hkl(unique_keys), inverse.ravel()
+    unique_keys, inverse = np.unique(pack_hkl(hkl, group), return_inverse=True)
+    return (unpack_hkl(unique_keys) if group is None else unique_keys), inverse.ravel()
+
+
+def lookup_keys(table_keys, keys):
+    """Row of each key in the sorted ``table_keys``, or −1 where it is absent."""
+    table_keys = np.asarray(table_keys, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    if len(table_keys) == 0:
+        return np.full(len(keys), -1, dtype=np.int64)
+    row = np.minimum(np.searchsorted(table_keys, keys), len(table_keys) - 1)
+    return np.where(table_keys[row] == keys, row, -1)
 
 
 def lookup_hkl(table, hkl):
     """Row of each of ``hkl`` in ``table`` (rows sorted as :func:`unique_hkl` returns
     them), or −1 where it is absent."""
-    table_keys = pack_hkl(table)
-    keys = pack_hkl(hkl)
-    if len(table_keys) == 0:
-        return np.full(len(keys), -1, dtype=np.int64)
-    row = np.minimum(np.searchsorted(table_keys, keys), len(table_keys) - 1)
-    return np.where(table_keys[row] == keys, row, -1)
+    return lookup_keys(pack_hkl(table), pack_hkl(hkl))
 
 
 def map_to_asu(hkl, spacegroup, anomalous=False):

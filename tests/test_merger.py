@@ -285,3 +285,22 @@ def test_joblib_round_trip_in_a_fresh_process(small, fitted, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), fitted.predict(X))
     np.testing.assert_array_equal(np.load(tmp_path / "F.npy"), fitted.transform(X)["F"].to_numpy(float))
     assert float(np.load(tmp_path / "score.npy")) == fitted.score(X)
+
+
+def test_separate_files_share_scales_but_not_amplitudes(small):
+    X, _ = small
+    X = X.copy()
+    X["file_id"] = (X["image_id"].to_numpy() % 2).astype("int32")
+    merger = VariationalMerger(separate_files=True, **FAST).fit(X)
+    merged = merger.transform(X)
+    assert list(merged.columns)[-1] == "file_id"
+    for file_id in (0, 1):
+        part = merged[merged["file_id"] == file_id]
+        assert part["N"].sum() == (X["file_id"] == file_id).sum()
+        assert not part.index.duplicated().any()
+    first = merged[merged["file_id"] == 0]["F"]
+    second = merged[merged["file_id"] == 1]["F"]
+    both = first.index.intersection(second.index)
+    assert len(both) > 100
+    assert np.corrcoef(first.loc[both], second.loc[both])[0, 1] > 0.9
+    assert len(merger.scale_weights_[-1]) == X["image_id"].nunique()
