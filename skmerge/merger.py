@@ -86,6 +86,11 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Give every image its own scale offset.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
+    batch_size : int, default=None
+        Images per optimisation step. None uses every observation in every step (full
+        batch); a number draws that many whole images at random for each step, with the
+        likelihood and KL terms scaled so that the loss stays an unbiased estimate —
+        the cost of a step and its memory then no longer grow with the data.
     max_iter : int, default=2000
         Maximum number of optimisation steps.
     learning_rate : float, default=0.003
@@ -169,6 +174,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         "mlp_width": [Interval(Integral, 1, None, closed="left")],
         "image_scales": ["boolean"],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -197,6 +203,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         mlp_width=10,
         image_scales=True,
         mc_samples=1,
+        batch_size=None,
         max_iter=2000,
         learning_rate=0.003,
         tol=1e-3,
@@ -221,6 +228,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.mlp_width = mlp_width
         self.image_scales = image_scales
         self.mc_samples = mc_samples
+        self.batch_size = batch_size
         self.max_iter = max_iter
         self.learning_rate = learning_rate
         self.tol = tol
@@ -252,7 +260,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        from .model.training import Trainer
+        from .model.training import ImageBatches, Trainer
 
         self._check_params()
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
@@ -278,7 +286,11 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         if self.freeze != "scales":
             variables += list(model.scale_network.trainable_variables)
         else:
-            model.freeze_scales(data)
+            data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
+        if self.batch_size is not None and self.batch_size < len(self.image_ids_):
+            data = ImageBatches(
+                data, data["image"].numpy(), self.reflection_counts_[data["refl"].numpy()], self.batch_size
+            )
         trainer = Trainer(model, variables, data, learning_rate=self.learning_rate, seed=self.seed_, jit_compile=self.jit_compile)
         monitor = None
         if self.early_stopping:
@@ -294,7 +306,6 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.posterior_weights_ = model.posterior.get_weights()
         self.scale_weights_ = model.scale_network.get_weights()
         self.skmerge_version_ = __version__
-        model.fixed_scales = None
         self._model = model
         return self
 
@@ -587,7 +598,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
 
     # -------------------------------------------------------------- persistence
     def __getstate__(self):
-        state = super().__getstate__()
+        # object.__getstate__ hands back the live __dict__: copy before editing.
+        state = dict(super().__getstate__())
         state.pop("_model", None)
         state["_skmerge_persistence"] = _PERSISTENCE_FORMAT
         return state

@@ -304,3 +304,29 @@ def test_separate_files_share_scales_but_not_amplitudes(small):
     assert len(both) > 100
     assert np.corrcoef(first.loc[both], second.loc[both])[0, 1] > 0.9
     assert len(merger.scale_weights_[-1]) == X["image_id"].nunique()
+
+
+def test_image_minibatches_estimate_the_full_loss_without_bias(small, fitted):
+    from skmerge._tf import tf
+    from skmerge.model.training import ImageBatches
+
+    X, _ = small
+    model = fitted._get_model()
+    data, _ = fitted._evaluation_data(X)
+    # Frozen scales make the loss deterministic given the amplitude samples.
+    data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
+    data["spread"] = tf.zeros_like(data["spread"])
+    seed = tf.constant([5, 6])
+    full = model.loss_terms(data, seed).numpy()
+    counts = np.bincount(data["refl"].numpy())
+    batches = ImageBatches(data, data["image"].numpy(), counts[data["refl"].numpy()], batch_size=4)
+    draws = np.array([model.loss_terms(batches.draw(tf.constant([i, 1])), seed).numpy() for i in range(300)])
+    spread = draws.std(axis=0) / np.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(axis=0) - full) < 4 * spread + 1e-6)
+    assert draws[:, 0].std() > 0
+
+
+def test_minibatch_fit_matches_full_batch(small, fitted):
+    X, _ = small
+    minibatch = VariationalMerger(metadata=["dHKL", "XDET", "YDET"], batch_size=6, **{**FAST, "max_iter": 400}).fit(X)
+    assert np.corrcoef(minibatch.transform(X)["F"], fitted.transform(X)["F"])[0, 1] > 0.99

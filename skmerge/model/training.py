@@ -25,6 +25,11 @@ class MergingModel(tf.Module):
 
     All quantities are in standardised units: intensities divided by the merger's
     intensity scale, so that ⟨F²/ε⟩ ≈ 1 and scales are of order one.
+
+    The data are rows (one per reflection contribution: ``refl``, ``image``, ``features``)
+    and observations (``intensity``, ``sigma``). Normally each row is one observation. In
+    Laue data a spot may hold several harmonics: then ``spot`` maps each row to its
+    observation, whose predicted intensity is the sum over its rows of Σ·F².
     """
 
     def __init__(self, posterior, prior, likelihood, scale_network, mc_samples):
@@ -34,32 +39,46 @@ class MergingModel(tf.Module):
         self.likelihood = likelihood
         self.scale_network = scale_network
         self.mc_samples = int(mc_samples)
-        self.fixed_scales = None
 
-    def freeze_scales(self, data):
-        """Evaluate the scale model once for ``data`` and reuse it in every step: with
-        the scales frozen the network need not run again."""
-        self.fixed_scales = self.scale_network(data["features"], data["image"])
-
-    def _scales(self, data):
-        if self.fixed_scales is not None:
-            return self.fixed_scales
+    def scales(self, data):
+        """(μ, s) of log Σ per row; frozen scales are looked up instead of recomputed."""
+        if "mu" in data:
+            return data["mu"], data["spread"]
         return self.scale_network(data["features"], data["image"])
+
+    def _predicted(self, samples, data, seed):
+        """Samples of each observation's predicted intensity, shape (n_samples, n_obs)."""
+        f = tf.gather(samples, data["refl"], axis=1)
+        mu, spread = self.scales(data)
+        z = tf.random.stateless_normal(tf.shape(f), seed=seed + 7)
+        predicted = tf.exp(mu + spread * z) * tf.square(f)
+        if "spot" not in data:
+            return predicted
+        n_obs = tf.shape(data["intensity"])[0]
+        summed = tf.math.unsorted_segment_sum(tf.transpose(predicted), data["spot"], n_obs)
+        return tf.transpose(summed)
 
     def loss_terms(self, data, seed):
         """−ELBO per observation and its parts: the expected negative log-likelihood and
-        the KL divergence of the amplitudes, both divided by the number of observations."""
+        the KL divergence of the amplitudes, both divided by the number of observations.
+
+        A minibatch carries ``weight`` (of each observation: N/batch for the images drawn,
+        0 for padding), ``kl_weight`` (of each row: the same factor over the number of
+        rows of the row's reflection, so that the rows of all images together count each
+        reflection's KL once) and ``n_total``; without them the batch is the whole data.
+        """
         samples = self.posterior.sample(self.mc_samples, seed)
-        f = tf.gather(samples, data["refl"], axis=1)
-        mu, spread = self._scales(data)
-        z = tf.random.stateless_normal(tf.shape(f), seed=seed + 7)
-        predicted = tf.exp(mu + spread * z) * tf.square(f)
-        log_lik = self.likelihood.log_prob(data["intensity"], predicted, data["sigma"])
-        n_obs = tf.cast(tf.shape(data["intensity"])[0], tf.float32)
-        nll = -tf.reduce_sum(tf.reduce_mean(log_lik, axis=0)) / n_obs
-        moments = self.posterior.moments()
-        kl = -(self.posterior.entropy() + self.prior.expected_log_prob(moments, samples))
-        kl = tf.reduce_sum(kl) / n_obs
+        log_lik = self.likelihood.log_prob(data["intensity"], self._predicted(samples, data, seed), data["sigma"])
+        log_lik = tf.reduce_mean(log_lik, axis=0)
+        kl = -(self.posterior.entropy() + self.prior.expected_log_prob(self.posterior.moments(), samples))
+        if "weight" in data:
+            n_total = data["n_total"]
+            nll = -tf.reduce_sum(data["weight"] * log_lik) / n_total
+            kl = tf.reduce_sum(data["kl_weight"] * tf.gather(kl, data["refl"])) / n_total
+        else:
+            n_total = tf.cast(tf.shape(data["intensity"])[0], tf.float32)
+            nll = -tf.reduce_sum(log_lik) / n_total
+            kl = tf.reduce_sum(kl) / n_total
         return tf.stack([nll + kl, nll, kl])
 
     def amplitude_moments(self, extra_prior=None):
@@ -77,10 +96,9 @@ class MergingModel(tf.Module):
         return tf.concat([samples, extra_prior.sample(n_samples, seed + 3)], 1)
 
     def predict(self, data, extra_prior=None):
-        """Mean and standard deviation of each observation's predicted intensity, and
-        the mean and standard deviation of its scale."""
+        """Per row: mean and standard deviation of Σ·F², and of the scale Σ."""
         _, m2, _, m4 = (tf.gather(m, data["refl"]) for m in self.amplitude_moments(extra_prior))
-        mu, spread = self.scale_network(data["features"], data["image"])
+        mu, spread = self.scales(data)
         var = tf.square(spread)
         scale_mean = tf.exp(mu + var / 2)
         scale_sq = tf.exp(2 * mu + 2 * var)
@@ -93,20 +111,83 @@ class MergingModel(tf.Module):
         """log p(Iᵢ | data) per observation, averaging the likelihood over samples of
         the posterior (the prior for reflections the fit never saw) and of the scales."""
         samples = self.amplitude_samples(n_samples, seed, extra_prior)
-        f = tf.gather(samples, data["refl"], axis=1)
-        mu, spread = self.scale_network(data["features"], data["image"])
-        z = tf.random.stateless_normal(tf.shape(f), seed=seed + 7)
-        predicted = tf.exp(mu + spread * z) * tf.square(f)
+        predicted = self._predicted(samples, data, seed)
         log_lik = self.likelihood.log_prob(data["intensity"], predicted, data["sigma"])
         return tf.reduce_logsumexp(log_lik, axis=0) - math.log(n_samples)
+
+
+class ImageBatches:
+    """Random batches of whole images, drawn inside the compiled training loop.
+
+    The rows (and observations) of every image are listed in padded tables so that a
+    batch of ``batch_size`` images has a fixed shape; padding gets zero weight. Drawing
+    ``batch_size`` of the n images uniformly makes each image's terms count n/batch_size
+    times, which keeps the loss an unbiased estimate of the full-data loss.
+    """
+
+    def __init__(self, data, image, n_rows_per_reflection, batch_size, spot=None):
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.n_images = int(image.max()) + 1
+        self.n_total = float(len(data["intensity"]))
+        row_table, local = _padded_table(image)
+        self.row_table = tf.constant(row_table, tf.int32)
+        self.kl_per_row = tf.constant(1.0 / n_rows_per_reflection, tf.float32)
+        self.spot_table = None
+        if spot is not None:
+            spot_image = np.zeros(len(data["intensity"]), np.int64)
+            spot_image[spot] = image
+            spot_table, spot_local = _padded_table(spot_image)
+            self.spot_table = tf.constant(spot_table, tf.int32)
+            self.row_spot = tf.constant(spot_local[spot], tf.int32)
+
+    def draw(self, seed):
+        """One batch: the data of ``batch_size`` random images."""
+        scores = tf.random.stateless_uniform([self.n_images], seed=seed + 11)
+        images = tf.math.top_k(scores, self.batch_size).indices
+        factor = self.n_images / self.batch_size
+        rows = tf.reshape(tf.gather(self.row_table, images), [-1])
+        row_ok = tf.cast(rows >= 0, tf.float32)
+        rows = tf.maximum(rows, 0)
+        batch = {k: tf.gather(v, rows) for k, v in self.data.items() if k not in ("intensity", "sigma", "spot")}
+        batch["kl_weight"] = factor * row_ok * tf.gather(self.kl_per_row, rows)
+        batch["n_total"] = tf.constant(self.n_total, tf.float32)
+        if self.spot_table is None:
+            obs, obs_ok = rows, row_ok
+        else:
+            table = tf.gather(self.spot_table, images)
+            slot = tf.repeat(tf.range(self.batch_size), tf.shape(self.row_table)[1])
+            batch["spot"] = slot * tf.shape(table)[1] + tf.gather(self.row_spot, rows)
+            obs = tf.reshape(table, [-1])
+            obs_ok = tf.cast(obs >= 0, tf.float32)
+            obs = tf.maximum(obs, 0)
+        batch["intensity"] = tf.gather(self.data["intensity"], obs)
+        batch["sigma"] = tf.gather(self.data["sigma"], obs)
+        batch["weight"] = factor * obs_ok
+        return batch
+
+
+def _padded_table(group):
+    """Rows of each group id in a (n_groups, max_size) table padded with −1, and the
+    position of every row within its group."""
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.empty(len(group), np.int64)
+    position[order] = np.arange(len(group)) - np.repeat(starts, counts)
+    table = np.full((len(counts), max(counts.max(), 1)), -1, np.int64)
+    table[group, position] = np.arange(len(group))
+    return table, position
 
 
 class Trainer:
     """Adam on a chosen set of variables, a chunk of steps per compiled call.
 
-    Steps whose loss or gradient is not finite leave the state untouched; a chunk with
-    such steps restores the state from its start and halves the learning rate, and
-    after repeated consecutive failures training stops with :class:`NumericalError`.
+    ``data`` is the whole data (full-batch steps) or an :class:`ImageBatches` that draws
+    a batch for every step. Steps whose loss or gradient is not finite leave the state
+    untouched; a chunk with such steps restores the state from its start and halves the
+    learning rate, and after repeated consecutive failures training stops with
+    :class:`NumericalError`.
     """
 
     def __init__(self, model, variables, data, *, learning_rate, seed, jit_compile=True):
@@ -124,7 +205,9 @@ class Trainer:
         def body(i, n_bad, history):
             seed = tf.stack([tf.constant(self.seed, tf.int64), self.step])
             with tf.GradientTape() as tape:
-                terms = self.model.loss_terms(self.data, tf.cast(seed, tf.int32))
+                seed = tf.cast(seed, tf.int32)
+                batch = self.data.draw(seed) if isinstance(self.data, ImageBatches) else self.data
+                terms = self.model.loss_terms(batch, seed)
                 loss = terms[0]
             grads = tape.gradient(loss, self.variables)
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
