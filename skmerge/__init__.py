@@ -22,6 +22,7 @@ _LAZY = {
     "LaplaceLikelihood": "skmerge.model.likelihoods",
     "StudentTLikelihood": "skmerge.model.likelihoods",
     "PositionalEncoding": "skmerge.features",
+    "merging_statistics": "skmerge.stats",
 }
 
 

@@ -1,0 +1,193 @@
+"""Writers of skmerge's output files.
+
+Every file is written to a temporary name in its own directory and renamed into place
+(``os.replace``, atomic on POSIX and Windows), so an interrupted run leaves either the
+complete file or none — never a truncated one under the final name.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import reciprocalspaceship as rs
+
+from ..errors import InputError
+
+# MTZ column types of the per-observation predictions file.
+PREDICTION_TYPES = {
+    "Iobs": "Intensity",
+    "SIGIobs": "Stddev",
+    "Ipred": "Intensity",
+    "SIGIpred": "Stddev",
+    "Scale": "MTZReal",
+    "SIGScale": "Stddev",
+    "image_id": "Batch",
+    "file_id": "MTZInt",
+    "test": "MTZInt",
+}
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path next to ``path`` to write to; renamed to ``path`` when the block
+    ends without an exception, removed otherwise.
+
+    Examples
+    --------
+    >>> with atomic_path("out/hypf_0.mtz") as tmp:  # doctest: +SKIP
+    ...     merged.write_mtz(tmp)
+    """
+    path = Path(path)
+    tmp = _reserve_temporary(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _reserve_temporary(path):
+    """Create an empty, uniquely named file beside ``path`` with the permissions a new
+    file gets (``tempfile.mkstemp`` would make it private to the user)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def write_mtz(dataset, path):
+    """Write an ``rs.DataSet`` as an MTZ file, atomically."""
+    # reciprocalspaceship may convert columns of the object it writes in place.
+    dataset = dataset.copy()
+    with atomic_path(path) as tmp:
+        dataset.write_mtz(tmp)
+    return Path(path)
+
+
+def write_csv(frame, path, index=False):
+    """Write a DataFrame as CSV, atomically."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index)
+    return Path(path)
+
+
+def write_json(data, path):
+    """Write JSON-serialisable ``data``, atomically (NaN written as null)."""
+    text = json.dumps(_json_safe(data), indent=2, ensure_ascii=False)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def write_joblib(obj, path):
+    """Persist ``obj`` (e.g. a fitted merger) with joblib, atomically."""
+    import joblib
+
+    with atomic_path(path) as tmp:
+        joblib.dump(obj, tmp)
+    return Path(path)
+
+
+def write_figure(figure, path, dpi=120):
+    """Save a matplotlib Figure as PNG through the Agg canvas, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
+
+
+def history_table(loss_curve):
+    """The per-step loss terms of a fit as a DataFrame: step, loss, nll, kl."""
+    curve = np.asarray(loss_curve, dtype=np.float64).reshape(len(loss_curve), -1)
+    names = ["loss", "nll", "kl"][: curve.shape[1]]
+    table = pd.DataFrame(curve, columns=names)
+    table.insert(0, "step", np.arange(1, len(table) + 1))
+    return table
+
+
+def predictions_table(X, ipred, sigipred, scale, sigscale, test=None):
+    """Per-observation predictions as an unmerged ``rs.DataSet`` ready for MTZ.
+
+    The rows are indexed by the reflection's ASU index with an M/ISYM column (the
+    standard unmerged MTZ layout), which reciprocalspaceship reads back as the observed
+    index and gemmi as ASU index plus symmetry operator.
+
+    Parameters
+    ----------
+    X : rs.DataSet
+        The observation table (Hobs/Kobs/Lobs, Iobs, SIGIobs, image_id, file_id).
+    ipred, sigipred, scale, sigscale : array-like of shape (n_observations,)
+        ``VariationalMerger.predict_with_uncertainty(X)``.
+    test : array-like of bool, optional
+        True for observations held out of the fit.
+    """
+    n = len(X)
+    test = np.zeros(n, dtype=bool) if test is None else np.asarray(test, dtype=bool)
+    keys = ["Hobs", "Kobs", "Lobs"] if "Hobs" in X.columns else ["H", "K", "L"]
+    hkl = X[keys].to_numpy(np.int32)
+    data = {
+        "H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2],
+        "Iobs": X["Iobs"].to_numpy(np.float32),
+        "SIGIobs": X["SIGIobs"].to_numpy(np.float32),
+        "Ipred": np.asarray(ipred, dtype=np.float32),
+        "SIGIpred": np.asarray(sigipred, dtype=np.float32),
+        "Scale": np.asarray(scale, dtype=np.float32),
+        "SIGScale": np.asarray(sigscale, dtype=np.float32),
+        "image_id": X["image_id"].to_numpy(np.int64),
+        "file_id": X["file_id"].to_numpy(np.int64) if "file_id" in X.columns else np.zeros(n, np.int64),
+        "test": test.astype(np.int32),
+    }
+    for name, values in data.items():
+        if len(values) != n:
+            raise InputError(f"{name} has {len(values)} values for {n} observations.")
+    table = rs.DataSet(data, spacegroup=X.spacegroup, cell=X.cell, merged=False)
+    table = table.astype({"H": "HKL", "K": "HKL", "L": "HKL", **PREDICTION_TYPES}).set_index(["H", "K", "L"])
+    table = table.hkl_to_asu()
+    return table[["M/ISYM", *PREDICTION_TYPES]]
+
+
+def split_by_file(table, n_files):
+    """One table per data set written separately.
+
+    With ``n_files=1`` the whole table; otherwise the rows of each ``file_id`` in
+    range(n_files). Merged tables lose their ``file_id`` column (it is the file's number
+    in the output name); per-observation tables keep it.
+    """
+    has_id = "file_id" in table.columns
+    merged = bool(getattr(table, "merged", False))
+    if n_files == 1:
+        return [table.drop(columns=["file_id"]) if has_id and merged else table]
+    if not has_id:
+        raise InputError("the table has no file_id column to split the data sets by.")
+    file_id = table["file_id"].to_numpy(np.int64)
+    parts = []
+    for i in range(n_files):
+        part = table.iloc[np.flatnonzero(file_id == i)].copy()
+        parts.append(part.drop(columns=["file_id"]) if merged else part)
+    return parts
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    return value
