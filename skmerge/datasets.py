@@ -39,6 +39,7 @@ def make_unmerged(
     anomalous_signal=0.05,
     laue=False,
     wavelength_range=(0.9, 1.9),
+    resolve_harmonics=False,
     outlier_fraction=0.0,
     random_state=None,
 ):
@@ -85,6 +86,9 @@ def make_unmerged(
         Simulate a polychromatic (Laue) experiment.
     wavelength_range : (float, float), default=(0.9, 1.9)
         Band of the polychromatic beam in Å (Laue mode).
+    resolve_harmonics : bool, default=False
+        Laue mode with an idealised detector that records every harmonic as a spot of
+        its own: the same crystal and images without harmonic overlap.
     outlier_fraction : float, default=0.0
         Fraction of observations replaced by gross outliers.
     random_state : int, RandomState instance or None
@@ -97,8 +101,8 @@ def make_unmerged(
         columns BATCH, ROT (degrees), XDET and YDET (pixels) and, in Laue mode,
         Wavelength (Å). In Laue mode each row is a spot, indexed by its lowest harmonic.
     truth : Bunch
-        ``merged``: rs.DataSet indexed by the ASU H, K, L of every reflection observed,
-        with F, I (= F²), CENTRIC, EPSILON, dHKL and, when anomalous, F(+), F(-), DANO.
+        ``merged``: rs.DataSet indexed by the ASU H, K, L of every reflection observed
+        (every harmonic in Laue mode), with F, I (= F²), CENTRIC, EPSILON, dHKL and, when anomalous, F(+), F(-), DANO.
         ``scale``: the true scale of each row of X (of its reported harmonic in Laue mode).
         ``Itrue``: the noise-free intensity of each row. ``outlier``: which rows are gross
         outliers. In Laue mode also ``harmonics``: one row per harmonic of every spot
@@ -125,6 +129,8 @@ def make_unmerged(
     reciprocal = sphere @ np.array(uc.frac.mat) @ orientation.T
     if laue:
         obs, harmonics = _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmin, uc)
+        if resolve_harmonics:
+            obs, harmonics = _resolved(harmonics, oscillation)
     else:
         obs = _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength)
         harmonics = None
@@ -189,7 +195,9 @@ def make_unmerged(
         raise AssertionError("the simulator produced observations the table builder dropped")
 
     truth = Bunch(
-        merged=_truth_table(amplitudes, X, sg, uc, anomalous),
+        merged=_truth_table(
+            amplitudes, harmonics["hkl"] if laue else X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32), sg, uc, anomalous
+        ),
         scale=scale,
         Itrue=i_true,
         outlier=outlier,
@@ -354,9 +362,25 @@ def _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmi
     return spots, harmonics
 
 
-def _truth_table(amplitudes, X, spacegroup, cell, anomalous):
-    """True amplitudes of the ASU reflections observed in X (Friedel mates merged)."""
-    observed, _ = map_to_asu(X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32), spacegroup, False)
+def _resolved(harmonics, oscillation):
+    """Every harmonic as a spot of its own."""
+    n = len(harmonics["spot"])
+    spots = {
+        "hkl": harmonics["hkl"],
+        "phi": harmonics["image"] * oscillation,
+        "image": harmonics["image"],
+        "d": harmonics["d"],
+        "x": harmonics["x"],
+        "y": harmonics["y"],
+        "lam": harmonics["lam"],
+    }
+    return spots, {**harmonics, "spot": np.arange(n), "first": np.arange(n)}
+
+
+def _truth_table(amplitudes, hkl, spacegroup, cell, anomalous):
+    """True amplitudes of the ASU reflections of the observed ``hkl`` (Friedel mates
+    merged)."""
+    observed, _ = map_to_asu(hkl, spacegroup, False)
     hkl, _ = unique_hkl(observed)
     row = lookup_hkl(amplitudes["hkl"], hkl)
     plus, minus = amplitudes["plus"][row], amplitudes["minus"][row]

@@ -111,6 +111,15 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Give every file (``file_id``) its own amplitudes while sharing the scale model:
         time points or derivatives scaled together and merged separately. ``transform``
         then adds a ``file_id`` column.
+    laue : bool, default=False
+        Polychromatic data: every spot is expanded into its harmonics
+        (:func:`skmerge.laue.expand_harmonics`, unless X already is) and its intensity is
+        compared with the sum of Σ·F² over them. ``predict`` and ``score`` then work per
+        spot.
+    wavelength_key : str, default="Wavelength"
+        The wavelength column of Laue data (also usable as metadata).
+    wavelength_range : (float, float), optional
+        The beam's band in Å; by default each file's smallest and largest wavelength.
     posterior_init : {"data", "prior"}, default="data"
         Start the posterior from a quick scaled merge (French–Wilson amplitudes), or from
         the prior.
@@ -183,6 +192,9 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "anomalous": ["boolean"],
         "separate_files": ["boolean"],
+        "laue": ["boolean"],
+        "wavelength_key": [str],
+        "wavelength_range": [None, tuple, list],
         "posterior_init": [StrOptions({"data", "prior"})],
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
@@ -212,6 +224,9 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         validation_fraction=0.1,
         anomalous=False,
         separate_files=False,
+        laue=False,
+        wavelength_key="Wavelength",
+        wavelength_range=None,
         posterior_init="data",
         warm_start=False,
         freeze=None,
@@ -237,6 +252,9 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.anomalous = anomalous
         self.separate_files = separate_files
+        self.laue = laue
+        self.wavelength_key = wavelength_key
+        self.wavelength_range = wavelength_range
         self.posterior_init = posterior_init
         self.warm_start = warm_start
         self.freeze = freeze
@@ -266,19 +284,21 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
         if self.freeze is not None and not warm:
             raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit.")
-        intensity, sigma = _intensities(X, y)
+        _check_table(X)
         _symmetry(X)
         self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
         self.n_features_in_ = len(self.feature_names_in_)
         rng = check_random_state(self.random_state)
         self.seed_ = int(rng.randint(2**31 - 1))
+        if self.laue and not warm:
+            self._fit_band(X)
 
         train = np.ones(len(X), dtype=bool)
         if self.early_stopping:
             train = _training_rows(X["image_id"].to_numpy(np.int64), self.validation_fraction, rng)
-        X_train = X if train.all() else X.iloc[np.flatnonzero(train)]
         previous = self._state() if warm else None
-        model, data = self._build_model(X_train, intensity[train], sigma[train], rng, previous)
+        observations = self._observations(_rows(X, train), None if y is None else np.asarray(y)[train])
+        model, data = self._build_model(observations, rng, previous)
 
         variables = []
         if self.freeze != "posterior":
@@ -289,12 +309,13 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
         if self.batch_size is not None and self.batch_size < len(self.image_ids_):
             data = ImageBatches(
-                data, data["image"].numpy(), self.reflection_counts_[data["refl"].numpy()], self.batch_size
+                data, data["image"].numpy(), self.reflection_counts_[data["refl"].numpy()], self.batch_size,
+                spot=observations.spot,
             )
         trainer = Trainer(model, variables, data, learning_rate=self.learning_rate, seed=self.seed_, jit_compile=self.jit_compile)
         monitor = None
         if self.early_stopping:
-            monitor = self._validation_monitor(model, X.iloc[np.flatnonzero(~train)], intensity[~train])
+            monitor = self._validation_monitor(model, _rows(X, ~train), None if y is None else np.asarray(y)[~train])
         with _progress(self.max_iter, self.verbose) as progress:
             history, converged = trainer.run(
                 self.max_iter, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
@@ -309,38 +330,92 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self._model = model
         return self
 
-    def _build_model(self, X, intensity, sigma, rng, previous):
+    def _build_model(self, observations, rng, previous):
         """Reflections, features, starting values and the TensorFlow model for a fit.
 
         A fresh fit standardises the intensities, fits the metadata transformer, scales
-        the images quickly and estimates the Wilson curve; a warm start keeps all four."""
+        the images quickly and estimates the Wilson curve; a warm start keeps all four.
+        Starting values come from the observations that hold one reflection each (in
+        Laue data, the spots without harmonic overlap)."""
         from .model.initialisation import evaluate_curve, quick_image_scales, wilson_curve
         from .model.training import MergingModel
 
+        X = observations.rows
         keys, refl = np.unique(self._reflection_keys(X, X.spacegroup), return_inverse=True)
         reflections = Reflections.from_keys(keys, X.spacegroup, X.cell, self.anomalous, self.separate_files)
         image_ids, image_row = np.unique(X["image_id"].to_numpy(np.int64), return_inverse=True)
+        single = observations.single_rows()
         if previous is None:
-            self.intensity_scale_ = _intensity_scale(intensity, reflections.epsilon[refl])
+            self.intensity_scale_ = _intensity_scale(
+                observations.intensity[observations.of_row(single)], reflections.epsilon[refl[single]]
+            )
             self.metadata_transformer_ = self._make_transformer(X).fit(X)
-        intensity, sigma = intensity / self.intensity_scale_, sigma / self.intensity_scale_
+        c = self.intensity_scale_
+        intensity, sigma = observations.intensity / c, observations.sigma / c
         features = self._features(X)
         self.n_metadata_features_ = features.shape[1]
         image_scale = None
         if previous is None:
-            image_scale, merged, _ = quick_image_scales(refl, image_row, intensity, sigma, len(reflections), len(image_ids))
-            self.wilson_curve_ = wilson_curve(reflections.dhkl, merged / reflections.epsilon)
+            obs = observations.of_row(single)
+            image_scale, merged, _ = quick_image_scales(
+                refl[single], image_row[single], intensity[obs], sigma[obs], len(reflections), len(image_ids)
+            )
+            seen = np.isfinite(merged)
+            self.wilson_curve_ = wilson_curve(reflections.dhkl[seen], merged[seen] / reflections.epsilon[seen])
         reflections.mean_intensity = evaluate_curve(self.wilson_curve_, reflections.dhkl)
         self.reflections_ = reflections
         self.image_ids_ = image_ids
         self.reflection_counts_ = np.bincount(refl, minlength=len(reflections))
 
-        data = _tensor_data(refl, image_row, features, intensity, sigma)
+        data = _tensor_data(refl, image_row, features, intensity, sigma, observations.spot)
         scale_network = self._build_scale_network(features.shape[1], rng, previous, image_scale)
-        posterior = self._build_posterior(previous, scale_network, data)
+        start = _tensor_data(refl[single], image_row[single], features[single], *(
+            v[observations.of_row(single)] for v in (intensity, sigma)))
+        posterior = self._build_posterior(previous, scale_network, start)
         prior = _make_prior(self.prior).build(reflections)
         likelihood = _make_likelihood(self.likelihood, self.dof)
         return MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples), data
+
+    def _observations(self, X, y=None):
+        """X's rows and observations: for Laue data the harmonics of every spot (X is
+        expanded unless it already is) and the spots."""
+        intensity, sigma = _intensities(X, y)
+        if not self.laue:
+            return _Observations(X, intensity, sigma, None)
+        from .laue import SPOT_ID, expand_harmonics
+
+        if SPOT_ID in X.columns:
+            _, first, spot = np.unique(X[SPOT_ID].to_numpy(), return_index=True, return_inverse=True)
+            intensity, sigma = intensity[first], sigma[first]
+            # Rows of one spot next to each other, spots in order: evaluation chunks rely on it.
+            order = np.argsort(spot.ravel(), kind="stable")
+            rows, spot = X.iloc[order], spot.ravel()[order]
+        else:
+            rows = expand_harmonics(
+                X, wavelength_key=self.wavelength_key, wavelength_range=self.wavelength_bands_,
+                dmin=self.dmin_, anomalous=self.anomalous,
+            )
+            spot = rows[SPOT_ID].to_numpy()
+        return _Observations(rows, intensity, sigma, spot.ravel())
+
+    def _fit_band(self, X):
+        """The band and resolution limit of the harmonic expansion, fixed at fit time so
+        that every later expansion (held-out data, predictions) uses the same."""
+        if self.wavelength_key not in X.columns:
+            raise InputError(
+                f"laue=True needs a wavelength column; {self.wavelength_key!r} is not one of "
+                f"{', '.join(map(str, X.columns))}. Set wavelength_key=."
+            )
+        if self.wavelength_range is not None:
+            self.wavelength_bands_ = tuple(float(v) for v in self.wavelength_range)
+        else:
+            wavelength = X[self.wavelength_key].to_numpy(np.float64)
+            file_id = X["file_id"].to_numpy() if "file_id" in X.columns else np.zeros(len(X), int)
+            self.wavelength_bands_ = {
+                int(f): (float(wavelength[file_id == f].min()), float(wavelength[file_id == f].max()))
+                for f in np.unique(file_id)
+            }
+        self.dmin_ = float(X["dHKL"].min())
 
     def _check_params(self):
         try:
@@ -428,13 +503,13 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             "image_ids": self.image_ids_,
         }
 
-    def _validation_monitor(self, model, X_val, intensity_val):
+    def _validation_monitor(self, model, X_val, y_val):
         """A function returning the current mean negative log predictive density of the
         held-out images (what early stopping watches)."""
         from ._tf import tf
 
         self._model = model
-        data, extra = self._evaluation_data(X_val, intensity_val)
+        data, extra = self._evaluation_data(X_val, y_val)
         seed = tf.constant([self.seed_, 1])
         evaluate = tf.function(
             lambda: -tf.reduce_mean(model.log_predictive(data, 4, seed, extra)), jit_compile=self.jit_compile
@@ -494,17 +569,19 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             group = X["file_id"].to_numpy(np.int64)
         return pack_hkl(hkl, group)
 
-    def _evaluation_data(self, X, intensity=None):
+    def _evaluation_data(self, X, y=None):
         """Tensors for evaluating X, and the prior of reflections the fit never saw."""
-        refl, extra = self._locate(self._reflection_keys(X))
-        image_id = X["image_id"].to_numpy(np.int64)
-        rows = np.minimum(np.searchsorted(self.image_ids_, image_id), len(self.image_ids_) - 1)
-        image = np.where(self.image_ids_[rows] == image_id, rows, -1)
-        if intensity is None:
-            intensity = X["Iobs"].to_numpy(np.float64) if "Iobs" in X else np.zeros(len(X))
-        sigma = X["SIGIobs"].to_numpy(np.float64) if "SIGIobs" in X else np.ones(len(X))
+        observations = self._observations(X, y)
+        rows = observations.rows
+        refl, extra = self._locate(self._reflection_keys(rows))
+        image_id = rows["image_id"].to_numpy(np.int64)
+        found = np.minimum(np.searchsorted(self.image_ids_, image_id), len(self.image_ids_) - 1)
+        image = np.where(self.image_ids_[found] == image_id, found, -1)
         c = self.intensity_scale_
-        return _tensor_data(refl, image, self._features(X), intensity / c, sigma / c), extra
+        data = _tensor_data(
+            refl, image, self._features(rows), observations.intensity / c, observations.sigma / c, observations.spot
+        )
+        return data, extra
 
     def transform(self, X):
         """Merged amplitudes and intensities of the reflections observed in X.
@@ -521,7 +598,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             prior's moments and N = 0.
         """
         check_is_fitted(self, "posterior_weights_")
-        keys = np.unique(self._reflection_keys(X))
+        keys = np.unique(self._reflection_keys(self._observations(X).rows))
         refl, extra = self._locate(keys)
         moments = self._get_model().amplitude_moments(extra)
         m1, m2, m3, m4 = (m.numpy().astype(np.float64)[refl] for m in moments)
@@ -536,12 +613,15 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         return merged_table(hkl, columns, self.reflections_.spacegroup, self.reflections_.cell)
 
     def predict(self, X):
-        """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order."""
+        """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order (for
+        Laue data, of each spot: the sum over its harmonics)."""
         return self.predict_with_uncertainty(X)[0]
 
     def predict_with_uncertainty(self, X):
         """Predicted intensity, its standard deviation, and the scale and its standard
-        deviation, per observation of X (intensities in the input's units)."""
+        deviation, per observation of X (intensities in the input's units). For a Laue
+        spot the intensity sums its harmonics (their variances added) and the scale is
+        that of its first harmonic."""
         check_is_fitted(self, "posterior_weights_")
         data, extra = self._evaluation_data(X)
         model = self._get_model()
@@ -550,6 +630,13 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             for out, value in zip(outputs, model.predict(chunk, extra)):
                 out.append(value.numpy().astype(np.float64))
         mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
+        if "spot" in data:
+            spot = data["spot"].numpy()
+            n_obs = int(data["intensity"].shape[0])
+            first = np.unique(spot, return_index=True)[1]
+            mean = np.bincount(spot, weights=mean, minlength=n_obs)
+            sd = np.sqrt(np.bincount(spot, weights=sd**2, minlength=n_obs))
+            scale, scale_sd = scale[first], scale_sd[first]
         c = self.intensity_scale_
         return mean * c, sd * c, scale, scale_sd
 
@@ -559,8 +646,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         from ._tf import tf
 
         check_is_fitted(self, "posterior_weights_")
-        intensity, _ = _intensities(X, y)
-        data, extra = self._evaluation_data(X, intensity)
+        data, extra = self._evaluation_data(X, y)
         model = self._get_model()
         seed = tf.constant([self.seed_, 2])
         values = [model.log_predictive(chunk, _SCORE_SAMPLES, seed, extra).numpy() for chunk in _chunks(data)]
@@ -694,22 +780,66 @@ def _training_rows(image, fraction, rng):
     return ~np.isin(image, held_out)
 
 
-def _tensor_data(refl, image, features, intensity, sigma):
+@dataclass
+class _Observations:
+    """Rows (reflection contributions) and observations of a table. ``spot`` maps each
+    row to its observation in Laue data; otherwise rows and observations coincide."""
+
+    rows: object
+    intensity: np.ndarray
+    sigma: np.ndarray
+    spot: np.ndarray = None
+
+    def of_row(self, rows):
+        """The observation of each of the given rows."""
+        return rows if self.spot is None else self.spot[rows]
+
+    def single_rows(self):
+        """Rows that are their observation's only row."""
+        if self.spot is None:
+            return np.arange(len(self.intensity))
+        return np.flatnonzero(np.bincount(self.spot)[self.spot] == 1)
+
+
+def _rows(X, mask):
+    return X if mask.all() else X.iloc[np.flatnonzero(mask)]
+
+
+def _tensor_data(refl, image, features, intensity, sigma, spot=None):
     from ._tf import tf
 
-    return {
+    data = {
         "refl": tf.constant(refl, tf.int32),
         "image": tf.constant(image, tf.int32),
         "features": tf.constant(features, tf.float32),
         "intensity": tf.constant(intensity, tf.float32),
         "sigma": tf.constant(sigma, tf.float32),
     }
+    if spot is not None:
+        data["spot"] = tf.constant(spot, tf.int32)
+    return data
 
 
 def _chunks(data):
-    n = int(data["intensity"].shape[0])
-    for start in range(0, n, _EVAL_CHUNK):
-        yield {k: v[start : start + _EVAL_CHUNK] for k, v in data.items()}
+    """Pieces of evaluation data of about _EVAL_CHUNK rows, never splitting a spot."""
+    n_rows = int(data["refl"].shape[0])
+    if n_rows <= _EVAL_CHUNK:
+        yield data
+        return
+    row_keys = [k for k in data if k not in ("intensity", "sigma")]
+    spot = data["spot"].numpy() if "spot" in data else np.arange(n_rows)
+    start = 0
+    while start < n_rows:
+        stop = min(start + _EVAL_CHUNK, n_rows)
+        while stop < n_rows and spot[stop] == spot[stop - 1]:
+            stop += 1
+        first, last = spot[start], spot[stop - 1] + 1
+        chunk = {k: data[k][start:stop] for k in row_keys}
+        chunk["intensity"], chunk["sigma"] = data["intensity"][first:last], data["sigma"][first:last]
+        if "spot" in data:
+            chunk["spot"] = chunk["spot"] - first
+        yield chunk
+        start = stop
 
 
 def _amplitude_columns(m1, m2, m3, m4, counts, intensity_scale):

@@ -58,14 +58,20 @@ def evaluate_curve(curve, dhkl):
 
 def french_wilson(reflections, intensity, sigma):
     """French–Wilson amplitude estimates (mean, sd) of merged intensities, via
-    reciprocalspaceship (Wilson prior by resolution shell)."""
+    reciprocalspaceship (Wilson prior by resolution shell); NaN where the intensity is."""
+    f = np.full(len(intensity), np.nan)
+    sigf = np.full(len(intensity), np.nan)
+    ok = np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
+    if ok.sum() < 2:
+        return f, sigf
+    hkl = reflections.hkl[ok]
     table = rs.DataSet(
         {
-            "H": reflections.hkl[:, 0],
-            "K": reflections.hkl[:, 1],
-            "L": reflections.hkl[:, 2],
-            "I": intensity,
-            "SIGI": sigma,
+            "H": hkl[:, 0],
+            "K": hkl[:, 1],
+            "L": hkl[:, 2],
+            "I": intensity[ok],
+            "SIGI": sigma[ok],
         },
         spacegroup=reflections.spacegroup,
         cell=reflections.cell,
@@ -77,13 +83,15 @@ def french_wilson(reflections, intensity, sigma):
         scaled = rs.algorithms.scale_merged_intensities(
             table, "I", "SIGI", dropna=False, bins=min(50, max(1, len(table) // 100))
         )
-    f = scaled["FW-F"].to_numpy(np.float64, na_value=np.nan)
-    sigf = scaled["FW-SIGF"].to_numpy(np.float64, na_value=np.nan)
+    f[ok] = scaled["FW-F"].to_numpy(np.float64, na_value=np.nan)
+    sigf[ok] = scaled["FW-SIGF"].to_numpy(np.float64, na_value=np.nan)
     return f, sigf
 
 
 def _merge(refl, intensity, sigma, n_reflections):
+    """Inverse-variance merge; NaN for reflections without observations."""
     w = sigma**-2.0
     total = np.bincount(refl, weights=w, minlength=n_reflections)
-    mean = np.bincount(refl, weights=w * intensity, minlength=n_reflections) / total
-    return mean, total**-0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.bincount(refl, weights=w * intensity, minlength=n_reflections) / total
+        return mean, np.where(total > 0, total, np.nan) ** -0.5
