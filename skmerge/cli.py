@@ -121,6 +121,20 @@ examples:
   skmerge stats out/hypf"""
 
 
+_POLY_DESCRIPTION = _MONO_DESCRIPTION.replace(
+    "Merge unmerged monochromatic intensities", "Merge unmerged polychromatic (Laue) intensities"
+).replace(
+    "inference.", "inference. Every spot is expanded into its harmonics n·h (wavelength λ/n) inside the\n"
+    "beam's band, and its intensity is modelled as their sum.", 1
+)
+
+_POLY_EPILOG = """\
+examples:
+  skmerge poly --separate-files --wavelength-key Wavelength "X,Y,Wavelength,dHKL,Hobs,Kobs,Lobs" \\
+      off.mtz 2ms.mtz out/pyp
+  skmerge stats out/pyp"""
+
+
 def _add_mono_arguments(mono):
     d = ESTIMATOR_DEFAULTS
     mono.add_argument(
@@ -204,6 +218,16 @@ def _add_mono_arguments(mono):
     compat.add_argument("--beta-2", type=_positive_float, metavar="B", help="ignored: Adam's beta_2 is 0.99")
 
 
+def _add_poly_arguments(poly):
+    _add_mono_arguments(poly)
+    laue = poly.add_argument_group("Laue")
+    laue.add_argument("-w", "--wavelength-key", default="Wavelength", metavar="KEY",
+                      help="column with each spot's wavelength in Å (default: Wavelength)")
+    laue.add_argument("-l", "--wavelength-range", type=_positive_float, nargs=2, metavar=("LAMBDA_MIN", "LAMBDA_MAX"),
+                      help="band of the beam in Å for the harmonic expansion (default: each file's smallest "
+                      "and largest recorded wavelength)")
+
+
 def _add_table_arguments(group):
     group.add_argument("--shells", type=_positive_int, default=10, metavar="N",
                        help="resolution shells of the statistics table (default: 10)")
@@ -224,6 +248,11 @@ def build_parser():
                                description=_MONO_DESCRIPTION, epilog=_MONO_EPILOG, formatter_class=_Formatter)
     _add_mono_arguments(mono)
     mono.set_defaults(run=_mono)
+
+    poly = commands.add_parser("poly", help="merge polychromatic (Laue) data (careless poly's flags)",
+                               description=_POLY_DESCRIPTION, epilog=_POLY_EPILOG, formatter_class=_Formatter)
+    _add_poly_arguments(poly)
+    poly.set_defaults(run=_mono)
 
     stats = commands.add_parser(
         "stats", help="print the merging-statistics table of a finished run", formatter_class=_Formatter,
@@ -334,6 +363,10 @@ def merger_parameters(args, keys):
     }
     if args.separate_files:
         params["separate_files"] = True
+    if args.command == "poly":
+        params["laue"], params["wavelength_key"] = True, args.wavelength_key
+        if args.wavelength_range is not None:
+            params["wavelength_range"] = tuple(args.wavelength_range)
     if args.dof is not None:
         params["likelihood"], params["dof"] = "studentt", args.dof
     elif args.likelihood is not None:
@@ -371,6 +404,12 @@ def _mono(args):
                       isigi_cutoff=args.isigi_cutoff, intensity_key=args.intensity_key,
                       sigma_key=args.uncertainty_key, image_key=args.image_key)
     check_metadata_keys(keys, X)
+    if args.command == "poly" and args.wavelength_key not in X.columns:
+        raise UsageError(f"--wavelength-key {args.wavelength_key!r} is not a column of the files; columns: "
+                         f"{', '.join(map(str, X.columns))}")
+    if args.command == "poly" and args.wavelength_range and not args.wavelength_range[0] < args.wavelength_range[1]:
+        raise UsageError(f"--wavelength-range {args.wavelength_range[0]:g} {args.wavelength_range[1]:g}: "
+                         "give the smaller wavelength first")
     warning = partiality_warning(X, keys)
     if warning:
         log.warning(warning)

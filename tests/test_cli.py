@@ -552,3 +552,31 @@ def test_partiality_warning():
     assert partiality_warning(X, ["dHKL", "FRACTIONCALC"]) is None
     assert "sum the partials" in partiality_warning(X.drop(columns=["FRACTIONCALC"]), ["dHKL"])
     assert partiality_warning(X.assign(PARTIAL=False), ["dHKL"]) is None
+
+
+@pytest.mark.realdata
+def test_pyp_poly_acceptance(data_dir, tmp_path, capsys):
+    files = [str(data_dir / "pyp_laue" / name) for name in ("off.mtz", "2ms.mtz")]
+    assert main(["poly", "--separate-files", "--merge-half-datasets", "--wavelength-key", "Wavelength",
+                 "--disable-progress-bar", *TINY, "X,Y,Wavelength,dHKL,Hobs,Kobs,Lobs", *files,
+                 str(tmp_path / "pyp")]) == 0
+    for i in (0, 1):
+        assert (tmp_path / f"pyp_{i}.mtz").is_file() and (tmp_path / f"pyp_xval_{i}.mtz").is_file()
+        predictions = rs.read_mtz(str(tmp_path / f"pyp_predictions_{i}.mtz"))
+        assert len(predictions) == (48069, 48055)[i]  # one prediction per spot
+    merger = joblib.load(tmp_path / "pyp.joblib")
+    assert merger.laue and merger.separate_files
+    assert set(merger.wavelength_bands_) == {0, 1}
+    printed = capsys.readouterr().out
+    assert "data set 0 (off.mtz)" in printed and "data set 1 (2ms.mtz)" in printed
+    assert _tables(printed).count("CC1/2") == 4  # the legend line and the heading of each table
+
+
+def test_poly_flags_and_errors(sim_mtz, tmp_path, capsys):
+    args = build_parser().parse_args(["poly", "-w", "LAMBDA", "-l", "0.9", "1.2", "dHKL", "a.mtz", "out/x"])
+    params = merger_parameters(args, ["dHKL"])
+    assert params["laue"] and params["wavelength_key"] == "LAMBDA" and params["wavelength_range"] == (0.9, 1.2)
+    assert "laue" not in merger_parameters(build_parser().parse_args(["mono", "dHKL", "a.mtz", "out/x"]), ["dHKL"])
+    status = main(["poly", "dHKL", str(sim_mtz), str(tmp_path / "x")])
+    assert status == 2 and "--wavelength-key 'Wavelength'" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
