@@ -466,8 +466,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         return network
 
     def _build_posterior(self, previous, scale_network, data):
+        from .baseline import inverse_variance_mean
         from .model.initialisation import french_wilson
-        from .model.initialisation import _merge as merge
         from .model.posterior import TruncatedNormalPosterior
 
         reflections = self.reflections_
@@ -478,7 +478,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             mu, spread = (t.numpy().astype(np.float64) for t in scale_network(data["features"], data["image"]))
             scale_mean = np.exp(mu + spread**2 / 2)
             refl = data["refl"].numpy()
-            merged, merged_sigma = merge(
+            merged, merged_sigma = inverse_variance_mean(
                 refl, data["intensity"].numpy() / scale_mean, data["sigma"].numpy() / scale_mean, len(reflections)
             )
             loc, scale = french_wilson(reflections, merged, merged_sigma)

@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import reciprocalspaceship as rs
 
+from ..baseline import inverse_variance_mean
+
 _SCALING_ROUNDS = 5
 
 
@@ -21,14 +23,14 @@ def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
     k = np.ones(n_images)
     w = sigma**-2.0
     for _ in range(_SCALING_ROUNDS):
-        merged, _ = _merge(refl, intensity / k[image], sigma / k[image], n_reflections)
+        merged, _ = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
         pred = merged[refl]
         num = np.bincount(image, weights=w * intensity * pred, minlength=n_images)
         den = np.bincount(image, weights=w * pred * pred, minlength=n_images)
         k = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
         k = np.clip(k, 1e-3 * np.median(k[k > 0]) if (k > 0).any() else 1e-3, None)
         k /= np.exp(np.mean(np.log(k)))
-    merged, merged_sigma = _merge(refl, intensity / k[image], sigma / k[image], n_reflections)
+    merged, merged_sigma = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
     return k, merged, merged_sigma
 
 
@@ -86,12 +88,3 @@ def french_wilson(reflections, intensity, sigma):
     f[ok] = scaled["FW-F"].to_numpy(np.float64, na_value=np.nan)
     sigf[ok] = scaled["FW-SIGF"].to_numpy(np.float64, na_value=np.nan)
     return f, sigf
-
-
-def _merge(refl, intensity, sigma, n_reflections):
-    """Inverse-variance merge; NaN for reflections without observations."""
-    w = sigma**-2.0
-    total = np.bincount(refl, weights=w, minlength=n_reflections)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.bincount(refl, weights=w * intensity, minlength=n_reflections) / total
-        return mean, np.where(total > 0, total, np.nan) ** -0.5
