@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import reciprocalspaceship as rs
 
 DEFAULT_VENV = Path(__file__).resolve().parent / ".venv-careless"
@@ -107,22 +108,56 @@ def _sample_peak_rss(process, timeout):
     return peak
 
 
-def _run_measured(command, log_handle, timeout):
-    """Run ``command`` with output to ``log_handle``; return (exit status, peak RSS).
+def _busy_cpu_seconds():
+    """CPU seconds the whole machine has spent busy since boot (all cores), or None."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    t = psutil.cpu_times()
+    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
 
-    On Linux with GNU time (``/usr/bin/time``) the peak is its maximum resident set
-    size of the command, read by the kernel; otherwise the process tree is sampled
-    with psutil. (This process cannot use ``os.wait4`` itself: a child forked from
-    it starts with its memory high-water mark.) On timeout the process group is
-    killed, the exit status is negative and the peak is None.
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_measured(command, log_handle, timeout=None, env=None):
+    """Run ``command`` with output to ``log_handle`` and measure it from the OS.
+
+    On Linux with GNU time (``/usr/bin/time``) the peak resident memory is GNU time's
+    maximum resident set size of the command (read by the kernel: the largest RSS of
+    any single process of the tree; the programs measured here run in one process), and
+    its user and system CPU times are reported too; otherwise the RSS of the process tree
+    is sampled with psutil. (This process cannot use ``os.wait4`` itself: a child
+    forked from it starts with its memory high-water mark.)
+
+    Besides the command's own CPU time, the CPU time the rest of the machine used while
+    it ran is reported (``others_cpu_cores``: busy CPU seconds of the whole machine minus
+    the command's, divided by the wall time), so that a measurement disturbed by other
+    work can be recognised. On timeout the process group is killed, the exit status is
+    negative and the peak is None.
+
+    Returns
+    -------
+    dict
+        ``returncode``, ``wall_time_s``, ``peak_rss_bytes``, ``cpu_user_s``,
+        ``cpu_sys_s`` (None without GNU time), ``others_cpu_cores`` (None when unknown),
+        ``loadavg_start`` and ``loadavg_end`` (1, 5 and 15 minute load averages).
     """
     use_gnu_time = sys.platform.startswith("linux") and os.access(_GNU_TIME, os.X_OK)
+    result = {"loadavg_start": _loadavg(), "cpu_user_s": None, "cpu_sys_s": None, "others_cpu_cores": None}
     with tempfile.TemporaryDirectory() as tmp:
         rss_file = Path(tmp) / "maxrss"
         if use_gnu_time:
-            command = [_GNU_TIME, "-f", "%M", "-o", str(rss_file), *command]
+            command = [_GNU_TIME, "-f", "%M %U %S", "-o", str(rss_file), *command]
+        busy_start = _busy_cpu_seconds()
+        start = time.perf_counter()
         process = subprocess.Popen(
-            command, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         peak = None
         try:
@@ -133,12 +168,62 @@ def _run_measured(command, log_handle, timeout):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            return process.returncode, None
+            result.update(returncode=process.returncode, wall_time_s=time.perf_counter() - start,
+                          peak_rss_bytes=None, loadavg_end=_loadavg())
+            return result
+        wall = time.perf_counter() - start
+        busy_end = _busy_cpu_seconds()
+        result.update(returncode=process.returncode, wall_time_s=wall, loadavg_end=_loadavg())
         if use_gnu_time:
-            # The last line is the size in kilobytes; a line before it may report a
+            # The last line is "maxrss_kB user_s sys_s"; a line before it may report a
             # non-zero exit status or a killing signal.
-            peak = int(rss_file.read_text().split()[-1]) * 1024
-    return process.returncode, peak
+            rss_kb, user, system = rss_file.read_text().split()[-3:]
+            peak = int(rss_kb) * 1024
+            result["cpu_user_s"], result["cpu_sys_s"] = float(user), float(system)
+            if busy_start is not None and busy_end is not None and wall > 0:
+                others = (busy_end - busy_start) - float(user) - float(system)
+                result["others_cpu_cores"] = round(max(others, 0.0) / wall, 3)
+        result["peak_rss_bytes"] = peak
+    return result
+
+
+def others_cpu_cores(seconds=5.0):
+    """CPU cores the machine is keeping busy right now, apart from this process, averaged
+    over ``seconds`` (None without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    busy0, mine0 = _busy_cpu_seconds(), sum(me.cpu_times()[:2])
+    time.sleep(seconds)
+    busy1, mine1 = _busy_cpu_seconds(), sum(me.cpu_times()[:2])
+    return max((busy1 - busy0) - (mine1 - mine0), 0.0) / seconds
+
+
+def wait_until_quiet(threshold=0.3, max_wait=3600.0, poll=30.0, log=print):
+    """Wait until the rest of the machine uses less than ``threshold`` cores.
+
+    Other developers share this machine; timing while their tests run would measure
+    them too. Checks every ``poll`` seconds for up to ``max_wait`` seconds.
+
+    Returns
+    -------
+    dict
+        ``others_cpu_cores`` at the last check, ``waited_s`` and ``quiet`` (False when
+        ``max_wait`` ran out and the measurement goes ahead on a busy machine).
+    """
+    start = time.monotonic()
+    while True:
+        busy = others_cpu_cores()
+        waited = time.monotonic() - start
+        if busy is None or busy < threshold:
+            return {"others_cpu_cores": busy, "waited_s": round(waited, 1), "quiet": True}
+        if waited >= max_wait:
+            log(f"  machine still busy ({busy:.2f} cores in use by others) after {waited:.0f} s; measuring anyway")
+            return {"others_cpu_cores": busy, "waited_s": round(waited, 1), "quiet": False}
+        log(f"  machine busy ({busy:.2f} cores in use by others, load {_loadavg()}); waiting {poll:.0f} s")
+        time.sleep(poll)
 
 
 def _count_history_rows(history_csv):
@@ -203,7 +288,8 @@ def run_careless(
         ``command`` (list of str), ``returncode`` (int: careless's exit status;
         if signal N killed it, 128 + N under GNU time and -N otherwise; -9 if
         killed on timeout), ``wall_time_s``
-        (float), ``peak_rss_bytes`` (int, or None if killed on timeout), ``log``
+        (float), ``peak_rss_bytes`` (int, or None if killed on timeout), the CPU and
+        load figures of :func:`run_measured`, ``log``
         (str), ``output_files`` (sorted list of str, without the log),
         ``training_steps`` (rows of the history file, or None if it was not
         written) and ``numerical_issues`` (bool: careless stopped training early
@@ -231,17 +317,13 @@ def run_careless(
     command += [*map(str, extra_args), keys, *map(str, files), str(out_prefix)]
 
     with open(log, "w") as log_handle:
-        start = time.perf_counter()
-        returncode, peak_rss = _run_measured(command, log_handle, timeout)
-        wall_time = time.perf_counter() - start
+        measured = run_measured(command, log_handle, timeout)
 
     outputs = sorted(str(p) for p in out_prefix.parent.iterdir() if p != log)
     history = out_prefix.with_name(out_prefix.name + "_history.csv")
     return {
         "command": command,
-        "returncode": returncode,
-        "wall_time_s": wall_time,
-        "peak_rss_bytes": peak_rss,
+        **measured,
         "log": str(log),
         "output_files": outputs,
         "training_steps": _count_history_rows(history),
@@ -256,35 +338,84 @@ def _pearson(x, y):
     return float(np.corrcoef(np.asarray(x, float), np.asarray(y, float))[0, 1])
 
 
-def _pair_halves(table, column):
-    """Join half 0 and half 1 of one repeat on the Miller index; drop incomplete pairs."""
-    halves = [table.loc[table["half"] == h, [column]] for h in (0, 1)]
-    pairs = halves[0].join(halves[1], how="inner", lsuffix="1", rsuffix="2")
-    return pairs.dropna()
+def _friedel_layout(ds):
+    """The Friedel-column names of an anomalous merged table in either spelling
+    (careless: ``SigF(+)``; skmerge: ``SIGF(+)``), or None for a non-anomalous one."""
+    if "F(+)" not in ds.columns:
+        return None
+    return {"sigma_prefix": "SigF" if "SigF(+)" in ds.columns else "SIGF"}
+
+
+def _half_values(ds, anomalous_layout):
+    """One row per (repeat, half, reflection) with the columns ``I`` (or None), ``F``,
+    indexed by H, K, L and, in Friedel layout, ``friedel`` (+1 / −1).
+
+    In Friedel layout each Friedel half is a reflection of its own (the anomalous model
+    has one amplitude for each); centric reflections, which both programs write into
+    both Friedel columns, count once (as +). Rows with no observations (N ≤ 0) or a
+    missing value are dropped.
+    """
+    data = ds.reset_index()
+    base = {k: data[k].to_numpy(np.int64) for k in ("H", "K", "L", "repeat", "half")}
+    if not anomalous_layout:
+        frame = pd.DataFrame(base)
+        frame["friedel"] = 1
+        for q in ("I", "F"):
+            frame[q] = data[q].to_numpy(np.float64, na_value=np.nan) if q in data else np.nan
+        if "N" in data:
+            frame.loc[data["N"].to_numpy(np.float64, na_value=0) <= 0, ["I", "F"]] = np.nan
+        return frame
+    centric = ds.label_centrics()["CENTRIC"].to_numpy(bool)
+    parts = []
+    for sign, suffix in ((1, "(+)"), (-1, "(-)")):
+        frame = pd.DataFrame(base)
+        frame["friedel"] = sign
+        for q in ("I", "F"):
+            column = q + suffix
+            frame[q] = data[column].to_numpy(np.float64, na_value=np.nan) if column in data else np.nan
+        if "N" + suffix in data:
+            frame.loc[data["N" + suffix].to_numpy(np.float64, na_value=0) <= 0, ["I", "F"]] = np.nan
+        if sign == -1:
+            frame = frame[~centric]
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _paired(frame, column, keys):
+    """(repeat, a, b): ``column`` in half 0 and half 1 over the reflections finite in both."""
+    frame = frame[np.isfinite(frame[column])]
+    for repeat, table in frame.groupby("repeat", sort=True):
+        a = table.loc[table["half"] == 0, [*keys, column]]
+        b = table.loc[table["half"] == 1, [*keys, column]]
+        pairs = a.merge(b, on=keys, suffixes=("_a", "_b"))
+        yield repeat, pairs[column + "_a"].to_numpy(), pairs[column + "_b"].to_numpy()
 
 
 def half_dataset_cc(xval_mtz_path, anomalous):
-    """Half-dataset correlations from a careless ``*_xval_<i>.mtz`` file.
+    """Half-dataset correlations from an ``*_xval_<i>.mtz`` file of careless or skmerge.
 
-    The file stacks every (repeat, half) merge as rows, told apart by its integer
-    ``repeat`` and ``half`` columns. Each statistic is computed per repeat and then
-    averaged over repeats.
+    Both programs stack every (repeat, half) merge as rows, told apart by integer
+    ``repeat`` and ``half`` columns; careless spells standard deviations ``SigF``,
+    skmerge ``SIGF``, and skmerge's anomalous files also hold Friedel-mean ``F``, ``I``
+    and ``DANO`` columns. Only the columns both programs write are used, in the same way,
+    so the numbers of the two programs compare directly. Each statistic is computed per
+    repeat and then averaged over repeats.
 
     CC1/2 is the Pearson correlation between the halves' merged intensities ``I``, or
-    structure-factor amplitudes ``F`` if the file has no intensities (``quantity``
-    says which). In an anomalous file Friedel mates count as separate reflections, as
-    in careless's own ``careless.cchalf``; careless writes centric reflections into both
-    Friedel columns, so they count twice. CCanom is the Pearson correlation between the
+    structure-factor amplitudes ``F`` if the file has no intensities (``quantity`` says
+    which). In an anomalous file each Friedel half counts as a reflection of its own
+    (``I(+)`` and ``I(-)``, as the anomalous model has one amplitude for each, and as
+    careless's ``careless.cchalf`` counts); centric reflections, written into both Friedel
+    columns by both programs, count once. CCanom is the Pearson correlation between the
     halves' ``DANO = F(+) - F(-)`` over acentric reflections measured in both Friedel
     mates in both halves (``careless.ccanom`` also keeps centrics, whose DANO is 0).
 
     Parameters
     ----------
     xval_mtz_path : str or pathlib.Path
-        careless half-dataset file.
+        careless or skmerge half-dataset file.
     anomalous : bool
-        Whether to compute CCanom; the file must then come from an ``--anomalous``
-        run.
+        Whether to compute CCanom; the file must then come from an anomalous run.
 
     Returns
     -------
@@ -294,29 +425,28 @@ def half_dataset_cc(xval_mtz_path, anomalous):
         ``cc_anom``, ``cc_anom_per_repeat`` and ``n_cc_anom``.
     """
     ds = rs.read_mtz(str(xval_mtz_path))
-    has_friedel = "F(+)" in ds.columns
-    if anomalous and not has_friedel:
-        raise ValueError(
-            f"{xval_mtz_path}: no F(+)/F(-) columns; was careless run with --anomalous?"
-        )
-    stacked = ds.stack_anomalous() if has_friedel else ds
-    quantity = "I" if "I" in stacked.columns else "F"
-    repeats = sorted(ds["repeat"].unique())
+    layout = _friedel_layout(ds)
+    if anomalous and layout is None:
+        raise ValueError(f"{xval_mtz_path}: no F(+)/F(-) columns; was the run anomalous?")
+    values = _half_values(ds, layout is not None)
+    quantity = "I" if np.isfinite(values["I"]).any() else "F"
+    keys = ["H", "K", "L", "friedel"]
 
     result = {"quantity": quantity, "cc_half_per_repeat": [], "n_cc_half": []}
-    for repeat in repeats:
-        pairs = _pair_halves(stacked[stacked["repeat"] == repeat], quantity)
-        result["cc_half_per_repeat"].append(_pearson(pairs[quantity + "1"], pairs[quantity + "2"]))
-        result["n_cc_half"].append(len(pairs))
+    for _, a, b in _paired(values, quantity, keys):
+        result["cc_half_per_repeat"].append(_pearson(a, b))
+        result["n_cc_half"].append(len(a))
+    if not result["n_cc_half"]:
+        raise ValueError(f"{xval_mtz_path}: no reflection merged in both halves")
     result["cc_half"] = float(np.mean(result["cc_half_per_repeat"]))
 
     if anomalous:
-        acentric = ds.loc[~ds.label_centrics()["CENTRIC"].to_numpy()].copy()
-        acentric["DANO"] = (acentric["F(+)"] - acentric["F(-)"]).astype(float)
+        plus = values[values["friedel"] == 1].set_index(["H", "K", "L", "repeat", "half"])["F"]
+        minus = values[values["friedel"] == -1].set_index(["H", "K", "L", "repeat", "half"])["F"]
+        dano = (plus - minus).dropna().rename("DANO").reset_index()  # centrics have no (-) row
         result["cc_anom_per_repeat"], result["n_cc_anom"] = [], []
-        for repeat in repeats:
-            pairs = _pair_halves(acentric[acentric["repeat"] == repeat], "DANO")
-            result["cc_anom_per_repeat"].append(_pearson(pairs["DANO1"], pairs["DANO2"]))
-            result["n_cc_anom"].append(len(pairs))
-        result["cc_anom"] = float(np.mean(result["cc_anom_per_repeat"]))
+        for _, a, b in _paired(dano, "DANO", ["H", "K", "L"]):
+            result["cc_anom_per_repeat"].append(_pearson(a, b))
+            result["n_cc_anom"].append(len(a))
+        result["cc_anom"] = float(np.mean(result["cc_anom_per_repeat"])) if result["n_cc_anom"] else float("nan")
     return result

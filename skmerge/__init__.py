@@ -23,6 +23,10 @@ _LAZY = {
     "StudentTLikelihood": "skmerge.model.likelihoods",
     "PositionalEncoding": "skmerge.features",
     "merging_statistics": "skmerge.stats",
+    "metrics": "skmerge.metrics",
+    "model_selection": "skmerge.model_selection",
+    "ImageKFold": "skmerge.model_selection",
+    "ImageShuffleSplit": "skmerge.model_selection",
 }
 
 

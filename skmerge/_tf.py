@@ -4,6 +4,14 @@ TensorFlow prints CUDA/cuDNN registration errors and oneDNN notices to the proce
 standard error from C++ before Python logging is configured, so setting the log level is
 not enough: the file descriptor itself is redirected while the import runs. Import errors
 are still raised normally, with the captured text attached.
+
+Thread limits. A process that has been told how many threads to use keeps TensorFlow to
+that number too: ``OMP_NUM_THREADS`` — which joblib's loky workers receive (``cpu_count
+// n_jobs`` by default, see ``inner_max_num_threads``), which dask's nanny sets to 1 in
+its workers, and which batch schedulers and users set — becomes TensorFlow's intra-op and
+inter-op thread count, unless ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` are
+set explicitly (they win). Without any of these TensorFlow uses every core, as before.
+Parallel model searches therefore do not oversubscribe the cores.
 """
 
 import os
@@ -14,13 +22,68 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+_THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def _thread_limit(environ=os.environ):
+    """TensorFlow's thread counts (intra-op, inter-op) for this process, or None to leave
+    TensorFlow's defaults: explicit ``TF_NUM_*_THREADS`` first, else ``OMP_NUM_THREADS``."""
+    def positive(name):
+        try:
+            value = int(str(environ.get(name, "")).strip())
+        except ValueError:
+            return None
+        return value if value > 0 else None
+
+    limit = positive("OMP_NUM_THREADS")
+    intra = positive("TF_NUM_INTRAOP_THREADS") or limit
+    inter = positive("TF_NUM_INTEROP_THREADS") or limit
+    if intra is None and inter is None:
+        return None
+    return intra, inter
+
+
+def _apply_thread_limit(tensorflow, limit):
+    """Tell TensorFlow the thread counts before its runtime starts (a no-op when
+    something else has already started it)."""
+    if limit is None:
+        return
+    intra, inter = limit
+    threading = tensorflow.config.threading
+    try:
+        # A count already configured in this process (non-zero) is left alone.
+        if intra and not threading.get_intra_op_parallelism_threads():
+            threading.set_intra_op_parallelism_threads(intra)
+        if inter and not threading.get_inter_op_parallelism_threads():
+            threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:
+        pass  # TensorFlow was initialised before skmerge imported it: keep its settings.
+
+
+def thread_settings():
+    """This process's thread-limiting environment variables and the (intra-op, inter-op)
+    thread counts TensorFlow was configured with (0: TensorFlow's default, one per core).
+    Handy to check what a joblib or dask worker is running with."""
+    names = ("OMP_NUM_THREADS", *_THREAD_VARIABLES)
+    environment = {name: os.environ[name] for name in names if name in os.environ}
+    threading = tf.config.threading
+    return environment, (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
+
 
 def _quiet_import():
+    limit = _thread_limit()
     if "tensorflow" in sys.modules:
         import tensorflow
         import tensorflow_probability
 
+        _apply_thread_limit(tensorflow, limit)
         return tensorflow, tensorflow_probability
+    if limit is not None:
+        # Read by TensorFlow's runtime when it starts (the API calls below cover the
+        # eager context; the variables also reach thread pools created outside it).
+        for name, value in zip(_THREAD_VARIABLES, limit):
+            if value:
+                os.environ.setdefault(name, str(value))
     sys.stderr.flush()
     saved_fd = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as captured:
@@ -29,6 +92,7 @@ def _quiet_import():
             import tensorflow
             import tensorflow_probability
 
+            _apply_thread_limit(tensorflow, limit)
             # The first XLA compilation logs through absl before logging is set up;
             # trigger it while standard error is still captured.
             tensorflow.function(lambda x: x + 1, jit_compile=True)(tensorflow.constant(0.0))

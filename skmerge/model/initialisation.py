@@ -6,11 +6,14 @@ started from the prior.
 import warnings
 
 import numpy as np
-import reciprocalspaceship as rs
+from reciprocalspaceship.algorithms.scale_merged_intensities import _french_wilson_posterior_quad
 
 from ..baseline import inverse_variance_mean
 
 _SCALING_ROUNDS = 5
+# Reflections per French–Wilson quadrature call: 100 grid points each, ~10 arrays of
+# float64, so ~80 MB at a time.
+_FRENCH_WILSON_CHUNK = 10_000
 
 
 def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
@@ -59,32 +62,27 @@ def evaluate_curve(curve, dhkl):
 
 
 def french_wilson(reflections, intensity, sigma):
-    """French–Wilson amplitude estimates (mean, sd) of merged intensities, via
-    reciprocalspaceship (Wilson prior by resolution shell); NaN where the intensity is."""
+    """French–Wilson amplitude estimates (mean, sd) of merged intensities under a Wilson
+    prior whose mean intensity Σ(d) comes from the data themselves (:func:`wilson_curve`);
+    NaN where the intensity is.
+
+    The posterior moments are reciprocalspaceship's Chebyshev–Gauss quadrature. Its public
+    wrapper (``rs.algorithms.scale_merged_intensities``) estimates Σ with a kernel smoother
+    that holds an (n_reflections × 20·bins) matrix — gigabytes at a million reflections —
+    so Σ is taken from the shell means here and the quadrature runs in bounded chunks.
+    """
     f = np.full(len(intensity), np.nan)
     sigf = np.full(len(intensity), np.nan)
-    ok = np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0)
-    if ok.sum() < 2:
+    ok = np.flatnonzero(np.isfinite(intensity) & np.isfinite(sigma) & (sigma > 0))
+    if len(ok) < 2:
         return f, sigf
-    hkl = reflections.hkl[ok]
-    table = rs.DataSet(
-        {
-            "H": hkl[:, 0],
-            "K": hkl[:, 1],
-            "L": hkl[:, 2],
-            "I": intensity[ok],
-            "SIGI": sigma[ok],
-        },
-        spacegroup=reflections.spacegroup,
-        cell=reflections.cell,
-        merged=True,
-    ).set_index(["H", "K", "L"])
-    table = table.astype({"I": "Intensity", "SIGI": "Stddev"})
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        scaled = rs.algorithms.scale_merged_intensities(
-            table, "I", "SIGI", dropna=False, bins=min(50, max(1, len(table) // 100))
-        )
-    f[ok] = scaled["FW-F"].to_numpy(np.float64, na_value=np.nan)
-    sigf[ok] = scaled["FW-SIGF"].to_numpy(np.float64, na_value=np.nan)
+    epsilon = reflections.epsilon.astype(np.float64)
+    curve = wilson_curve(reflections.dhkl[ok], intensity[ok] / epsilon[ok])
+    wilson_sigma = evaluate_curve(curve, reflections.dhkl) * epsilon
+    for chunk in np.array_split(ok, -(-len(ok) // _FRENCH_WILSON_CHUNK)):
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            _, _, f[chunk], sigf[chunk] = _french_wilson_posterior_quad(
+                intensity[chunk], sigma[chunk], wilson_sigma[chunk], reflections.centric[chunk]
+            )
     return f, sigf
