@@ -24,7 +24,7 @@ and likelihood):
   (``_careless.half_dataset_cc``) from both programs' ``_xval_`` files.
 
 Prints one table (and the targets of the issue, met or not) and writes everything as JSON
-to ``bench/out/compare_careless[_quick].json``.
+to ``compare_careless.json`` in the output folder (default ``bench/out/compare[_quick]``).
 
 Usage::
 
@@ -148,6 +148,8 @@ def child_fit(spec_path):
         params["separate_files"] = True
     if spec["mode"] == "poly":
         params.update(laue=True, wavelength_key=spec["wavelength_key"])
+    if spec.get("batch_size"):
+        params["batch_size"] = spec["batch_size"]
     merger = skmerge.VariationalMerger(**params).fit(X)
     t_fit = time.perf_counter()
     merged = merger.transform(X)
@@ -234,7 +236,7 @@ def run_skmerge_fixed(case, steps, directory, args):
     spec = {"files": [str(f) for f in case.files], "keys": case.keys, "anomalous": case.anomalous,
             "intensity_key": case.intensity_key, "sigma_key": case.sigma_key, "steps": steps,
             "separate_files": case.separate_files, "mode": case.mode, "wavelength_key": case.wavelength_key,
-            "out": str(prefix), "result": str(Path(directory) / "child.json")}
+            "out": str(prefix), "result": str(Path(directory) / "child.json"), "batch_size": args.skmerge_batch_size}
     key = ["skmerge-api", spec]
     cached = _cached(directory, key, args.reuse)
     if cached:
@@ -257,6 +259,8 @@ def run_skmerge_cli(case, directory, args):
     """``skmerge mono|poly --merge-half-datasets`` with its defaults (convergence stopping)."""
     prefix = Path(directory) / case.name
     command = [args.skmerge, case.mode, "--disable-progress-bar", "--merge-half-datasets", *case.shared_flags()]
+    if args.skmerge_batch_size:
+        command += ["--batch-size", str(args.skmerge_batch_size)]
     if case.anomalous:
         command.append("--anomalous")
     command += [case.keys, *map(str, case.files), str(prefix)]
@@ -298,7 +302,7 @@ def run_case(case, settings, args, root):
     if case.timing:
         for program in ("careless", "skmerge"):
             for steps in (n1, n2):
-                directory = root / case.name / f"{program}_steps{steps}"
+                directory = root / case.name / f"{program}{_variant(program, args)}_steps{steps}"
                 log(f"[{case.name}] {program}: {steps} steps, no half datasets")
                 if program == "careless":
                     r = run_careless(case, steps, False, directory, args)
@@ -312,10 +316,15 @@ def run_case(case, settings, args, root):
     log("  " + _summary(r, r.get("training_steps")) + _cc_text(r))
     results["careless_quality"] = r
     log(f"[{case.name}] skmerge {case.mode}: defaults (convergence stopping) + half-dataset merging")
-    r = run_skmerge_cli(case, root / case.name / "skmerge_quality", args)
+    r = run_skmerge_cli(case, root / case.name / f"skmerge{_variant('skmerge', args)}_quality", args)
     log("  " + _summary(r, r.get("training_steps")) + _cc_text(r))
     results["skmerge_quality"] = r
     return results
+
+
+def _variant(program, args):
+    """Folder suffix of skmerge runs with image minibatches (careless runs are shared)."""
+    return f"_batch{args.skmerge_batch_size}" if program == "skmerge" and args.skmerge_batch_size else ""
 
 
 def _cc_text(result):
@@ -479,6 +488,9 @@ def main(argv=None):
     parser.add_argument("--careless", help="careless executable (default: bench/.venv-careless, created if needed)")
     parser.add_argument("--skmerge", default=_default_skmerge(),
                         help="skmerge executable (default: the console script next to this Python)")
+    parser.add_argument("--skmerge-batch-size", type=int, metavar="IMAGES",
+                        help="skmerge trains on minibatches of this many images (default: full batch); "
+                        "with --reuse and the same --out, careless's runs are reused")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -507,14 +519,17 @@ def main(argv=None):
         "date": started.isoformat(timespec="seconds"), "mode": mode, "host": platform.node(),
         "cpu_count": os.cpu_count(), "loadavg_at_start": _careless._loadavg(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "versions": versions(args.careless), "settings": {**settings, "datasets": names, **NETWORK, "seed": SEED},
+        "versions": versions(args.careless),
+        "settings": {**settings, "datasets": names, **NETWORK, "seed": SEED, "skmerge_batch_size": args.skmerge_batch_size},
     }
     log(f"compare_careless ({mode}) {header['date']}  {header['cpu_count']} CPUs, {header['memory_gib']} GiB, "
         f"load average at start {header['loadavg_at_start']}")
     log("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
     log(f"settings: timing runs {settings['timing_steps'][0]} and {settings['timing_steps'][1]} steps; careless "
         f"{settings['careless_steps']} steps (+ as many per half) with --merge-half-datasets; skmerge defaults "
-        f"(<= 2000 steps, convergence) with --merge-half-datasets; network {NETWORK['mlp_layers']}x"
+        f"(<= 2000 steps, convergence) with --merge-half-datasets"
+        + (f", minibatches of {args.skmerge_batch_size} images" if args.skmerge_batch_size else ", full batch")
+        + f"; network {NETWORK['mlp_layers']}x"
         f"{NETWORK['mlp_width']}, {NETWORK['mc_samples']} MC sample, seed {SEED}")
     for n in names:
         c = CASES[n]
@@ -522,7 +537,7 @@ def main(argv=None):
             f"{' '.join(c.shared_flags())}{' --anomalous' if c.anomalous else ''}" + (f"  ({c.note})" if c.note else ""))
 
     results, analyses = {}, {}
-    json_path = HERE / "out" / f"compare_careless{'_quick' if args.quick else ''}.json"
+    json_path = root / f"compare_careless{_variant('skmerge', args)}.json"
     for n in names:
         results[n] = run_case(CASES[n], settings, args, root)
         analyses[n] = analyse(results[n], settings)

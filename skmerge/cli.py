@@ -190,6 +190,9 @@ def _add_mono_arguments(mono):
                      help=f"Adam learning rate (default: {d['learning_rate']:g})")
     fit.add_argument("--mc-samples", type=_positive_int, metavar="N",
                      help=f"Monte Carlo samples per step (default: {d['mc_samples']})")
+    fit.add_argument("--batch-size", type=_positive_int, metavar="IMAGES",
+                     help="train on random batches of this many whole images per step, so that a step's time "
+                     "and memory do not grow with the data (default: every image in every step)")
     fit.add_argument("--early-stopping", action="store_true",
                      help="hold out 10%% of the images and stop when their likelihood stops improving")
     fit.add_argument("--seed", type=int, default=0, help="random seed of the fit and of all splits (default: 0)")
@@ -372,7 +375,7 @@ def merger_parameters(args, keys):
     elif args.likelihood is not None:
         params["likelihood"] = args.likelihood
     for flag, name in (("iterations", "max_iter"), ("learning_rate", "learning_rate"), ("mlp_layers", "mlp_layers"),
-                       ("mlp_width", "mlp_width"), ("mc_samples", "mc_samples"),
+                       ("mlp_width", "mlp_width"), ("mc_samples", "mc_samples"), ("batch_size", "batch_size"),
                        ("positional_encoding_frequencies", "positional_encoding")):
         if getattr(args, flag) is not None:
             params[name] = getattr(args, flag)

@@ -118,13 +118,14 @@ def _parse(*argv):
 def test_flags_map_to_estimator_parameters():
     args = _parse("--anomalous", "--studentt-likelihood-dof", "8", "--iterations", "30_000", "--learning-rate",
                   "0.01", "--mlp-layers", "3", "--mlp-width", "7", "--mc-samples", "4", "--disable-image-scales",
-                  "--early-stopping", "--seed", "5", "--disable-progress-bar", "--separate-files", "-L", "2")
+                  "--early-stopping", "--seed", "5", "--disable-progress-bar", "--separate-files", "-L", "2",
+                  "--batch-size", "16")
     params = merger_parameters(args, ["dHKL", "BATCH"])
     assert params == {
         "metadata": ["dHKL", "BATCH"], "anomalous": True, "image_scales": False, "early_stopping": True,
         "random_state": 5, "verbose": 0, "separate_files": True, "likelihood": "studentt", "dof": 8.0,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
-        "positional_encoding": 2,
+        "positional_encoding": 2, "batch_size": 16,
     }
     # Without flags the estimator's own defaults apply, and the progress bar is on.
     params = merger_parameters(_parse(), ["dHKL"])
@@ -580,3 +581,14 @@ def test_poly_flags_and_errors(sim_mtz, tmp_path, capsys):
     status = main(["poly", "dHKL", str(sim_mtz), str(tmp_path / "x")])
     assert status == 2 and "--wavelength-key 'Wavelength'" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_demo_merges_a_simulated_data_set_and_prints_the_table(capsys):
+    code = main(["demo", "--images", "24", "--shells", "4", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "simulated" in out and "fitted in" in out and "CC1/2" in out
+    # The closing line compares the merged amplitudes with the simulated truth.
+    cc_line = next(line for line in out.splitlines() if line.startswith("CC(F, truth)"))
+    overall = float(cc_line.rsplit("overall", 1)[1])
+    assert overall > 0.9
