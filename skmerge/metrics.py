@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from .errors import InputError
+from .stats import cc_half, half_dataset_merges, weighted_pearson
 
 __all__ = [
     "CCHalfScorer",
@@ -43,52 +44,6 @@ __all__ = [
     "heldout_loglik",
     "weighted_pearson",
 ]
-
-
-def weighted_pearson(a, b, weights=None):
-    """Pearson correlation of ``a`` and ``b`` with observation weights.
-
-    With weights wᵢ, means ā = Σwᵢaᵢ/Σwᵢ (likewise b̄) and
-
-        r = Σwᵢ(aᵢ − ā)(bᵢ − b̄) / √(Σwᵢ(aᵢ − ā)² · Σwᵢ(bᵢ − b̄)²);
-
-    equal weights give the ordinary Pearson correlation.
-
-    Parameters
-    ----------
-    a, b : array-like of shape (n,)
-    weights : array-like of shape (n,), optional
-        Non-negative weights; None weighs every pair equally.
-
-    Returns
-    -------
-    float
-        NaN for fewer than three pairs or when either variable is constant.
-
-    Examples
-    --------
-    >>> from skmerge.metrics import weighted_pearson
-    >>> round(weighted_pearson([1, 2, 3, 4], [1, 2, 3, 5]), 4)
-    0.9827
-    >>> round(weighted_pearson([1, 2, 3, 4], [1, 2, 3, 5], weights=[1, 1, 1, 0]), 4)
-    1.0
-    """
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    if not (len(a) == len(b) == len(w)):
-        raise InputError(f"weighted_pearson got arrays of lengths {len(a)}, {len(b)} and {len(w)}.")
-    if (w < 0).any() or not np.isfinite(w).all():
-        raise InputError("weighted_pearson needs finite, non-negative weights.")
-    if np.count_nonzero(w) < 3 or w.sum() <= 0:
-        return float("nan")
-    w = w / w.sum()
-    da = a - np.dot(w, a)
-    db = b - np.dot(w, b)
-    var_a, var_b = np.dot(w, da * da), np.dot(w, db * db)
-    if not (var_a > 0 and var_b > 0):
-        return float("nan")
-    return float(np.dot(w, da * db) / np.sqrt(var_a * var_b))
 
 
 def _unwrap(estimator, X):
@@ -235,7 +190,6 @@ def half_dataset_cc(estimator, X, *, n_repeats=1, column="I", n_bins=10, random_
     --------
     >>> half_dataset_cc(merger, X, n_repeats=2)  # doctest: +SKIP
     """
-    from .stats import cc_half, half_dataset_merges
 
     merger, Xt = _unwrap(estimator, X)
     halves = half_dataset_merges(merger, Xt, n_repeats=n_repeats, random_state=random_state)

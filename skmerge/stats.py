@@ -571,18 +571,53 @@ def _cc_pred(predictions, edges, clip, method, cell):
     return np.array(values), int(test.sum())
 
 
-def weighted_pearson(x, y, w):
-    """Pearson correlation of x and y with weights w (NaN for fewer than 3 points or no
-    spread)."""
-    x, y, w = (np.asarray(v, dtype=np.float64) for v in (x, y, w))
-    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(w) & (w > 0)
-    x, y, w = x[ok], y[ok], w[ok]
-    if len(x) < 3:
-        return np.nan
+def weighted_pearson(a, b, weights=None):
+    """Pearson correlation of ``a`` and ``b`` with observation weights.
+
+    With weights wᵢ, means ā = Σwᵢaᵢ/Σwᵢ (likewise b̄) and
+
+        r = Σwᵢ(aᵢ − ā)(bᵢ − b̄) / √(Σwᵢ(aᵢ − ā)² · Σwᵢ(bᵢ − b̄)²);
+
+    equal weights give the ordinary Pearson correlation. Pairs with a non-finite value
+    are left out.
+
+    Parameters
+    ----------
+    a, b : array-like of shape (n,)
+    weights : array-like of shape (n,), optional
+        Non-negative weights; None weighs every pair equally.
+
+    Returns
+    -------
+    float
+        NaN for fewer than three pairs or when either variable is constant.
+
+    Examples
+    --------
+    >>> from skmerge.stats import weighted_pearson
+    >>> round(weighted_pearson([1, 2, 3, 4], [1, 2, 3, 5]), 4)
+    0.9827
+    >>> round(weighted_pearson([1, 2, 3, 4], [1, 2, 3, 5], weights=[1, 1, 1, 0]), 4)
+    1.0
+    """
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    if not (len(a) == len(b) == len(w)):
+        raise InputError(f"weighted_pearson got arrays of lengths {len(a)}, {len(b)} and {len(w)}.")
+    if (w < 0).any() or not np.isfinite(w).all():
+        raise InputError("weighted_pearson needs finite, non-negative weights.")
+    finite = np.isfinite(a) & np.isfinite(b)
+    a, b, w = a[finite], b[finite], w[finite]
+    if np.count_nonzero(w) < 3 or w.sum() <= 0:
+        return float("nan")
     w = w / w.sum()
-    dx, dy = x - np.sum(w * x), y - np.sum(w * y)
-    denominator = math.sqrt(np.sum(w * dx**2) * np.sum(w * dy**2))
-    return float(np.sum(w * dx * dy) / denominator) if denominator > 0 else np.nan
+    da = a - np.dot(w, a)
+    db = b - np.dot(w, b)
+    var_a, var_b = np.dot(w, da * da), np.dot(w, db * db)
+    if not (var_a > 0 and var_b > 0):
+        return float("nan")
+    return float(np.dot(w, da * db) / np.sqrt(var_a * var_b))
 
 
 def _correlation(a, b, method):
