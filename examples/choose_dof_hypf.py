@@ -13,8 +13,6 @@ write the merged amplitudes.
     python examples/choose_dof_hypf.py --dask local         # on a local dask cluster
     python examples/choose_dof_hypf.py --dask tcp://scheduler:8786   # on a lab's cluster
 
-A search makes many fits in the same processes; each XLA compilation costs a few seconds
-and keeps some memory, so the fits run without XLA here unless ``--jit`` is given.
 
 The scale model uses the image number (BATCH) and the other metadata instead of a free
 offset per image: a held-out image has no offset of its own, so per-image offsets
@@ -52,7 +50,7 @@ def parse_args():
     parser.add_argument("--n-jobs", type=int, default=None, help="parallel fits with joblib (default: one at a time)")
     parser.add_argument(
         "--jit", action="store_true",
-        help="compile every fit's training loop with XLA (saves time per step, costs seconds and memory per fit)",
+        help="compile every fit's training loop with XLA (slower on CPUs; costs seconds and memory per fit)",
     )
     parser.add_argument(
         "--dask", default=None, metavar="ADDRESS",

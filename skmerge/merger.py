@@ -129,8 +129,10 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         started afresh from the data under those scales).
     freeze : {None, "scales", "posterior"}, default=None
         Keep that part of a warm-started model fixed during the fit.
-    jit_compile : bool, default=True
-        Compile the training loop with XLA.
+    jit_compile : bool, default=False
+        Compile the training loop with XLA. On CPUs TensorFlow's graph execution is
+        faster (37 vs 70 ms per step on hypf) and saves seconds of compilation per fit;
+        XLA may pay off on accelerators.
     random_state : int, RandomState instance or None, default=None
         Makes the fit repeatable.
     verbose : int, default=0
@@ -230,7 +232,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         posterior_init="data",
         warm_start=False,
         freeze=None,
-        jit_compile=True,
+        jit_compile=False,
         random_state=None,
         verbose=0,
     ):

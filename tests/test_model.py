@@ -146,3 +146,39 @@ def test_trainer_raises_numerical_error_when_every_step_fails():
     trainer = Trainer(model, [model.x], {}, learning_rate=0.1, seed=0, jit_compile=False)
     with pytest.raises(NumericalError, match="stopped being finite"):
         trainer.run(200, tol=0.0, n_iter_no_change=10**6)
+
+
+@pytest.mark.parametrize("n_rows", [1, 4096, 10_001])
+def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
+    """The chunked, recomputing scale network gives the values and gradients of the plain
+    (rows, features) dense stack, for one partial chunk, exactly one, and several."""
+    from skmerge.model.scaling import ScaleNetwork
+
+    rng = np.random.RandomState(1)
+    network = ScaleNetwork(5, 4, 10, n_images=0, rng=rng)
+    network.out_kernel.assign(rng.normal(0, 0.3, (10, 2)).astype(np.float32))
+    features = tf.constant(rng.normal(size=(n_rows, 5)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(n_rows, 2)).astype(np.float32))
+    image = tf.fill([n_rows], -1)
+
+    def plain():
+        h = tf.nn.leaky_relu(features @ network.kernels[0] + network.biases[0], 0.01)
+        for kernel, bias in zip(network.kernels[1:], network.biases[1:]):
+            h = h + tf.nn.leaky_relu(h @ kernel + bias, 0.01)
+        out = h @ network.out_kernel + network.out_bias
+        return out[:, 0], tf.nn.softplus(out[:, 1]) + 1e-3
+
+    variables = network.trainable_variables
+    results = []
+    for fn in (lambda: network(features, image), plain):
+        with tf.GradientTape() as tape:
+            mu, spread = fn()
+            loss = tf.reduce_sum(weights[:, 0] * mu + weights[:, 1] * spread)
+        grads = tape.gradient(loss, variables)
+        results.append((mu.numpy(), spread.numpy(), [g.numpy() for g in grads if g is not None]))
+    (mu, spread, grads), (mu_ref, spread_ref, grads_ref) = results
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(spread, spread_ref, rtol=1e-4, atol=1e-5)
+    assert len(grads) == len(grads_ref) == 2 * 4 + 2
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-3 * np.abs(g_ref).max())

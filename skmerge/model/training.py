@@ -1,7 +1,7 @@
 """The ELBO and the loop that maximises it.
 
 A whole chunk of optimisation steps runs inside one compiled TensorFlow function (a
-``tf.while_loop``, XLA-compiled), so the host only speaks to TensorFlow once per chunk: to
+``tf.while_loop`` in a TensorFlow graph, optionally XLA-compiled), so the host only speaks to TensorFlow once per chunk: to
 read the loss terms, update the progress bar, check convergence and keep a copy of the
 last good state.
 """
