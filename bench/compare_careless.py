@@ -261,6 +261,8 @@ def run_skmerge_cli(case, directory, args):
     command = [args.skmerge, case.mode, "--disable-progress-bar", "--merge-half-datasets", *case.shared_flags()]
     if args.skmerge_batch_size:
         command += ["--batch-size", str(args.skmerge_batch_size)]
+    if args.skmerge_early_stopping:
+        command.append("--early-stopping")
     if case.anomalous:
         command.append("--anomalous")
     command += [case.keys, *map(str, case.files), str(prefix)]
@@ -316,15 +318,19 @@ def run_case(case, settings, args, root):
     log("  " + _summary(r, r.get("training_steps")) + _cc_text(r))
     results["careless_quality"] = r
     log(f"[{case.name}] skmerge {case.mode}: defaults (convergence stopping) + half-dataset merging")
-    r = run_skmerge_cli(case, root / case.name / f"skmerge{_variant('skmerge', args)}_quality", args)
+    r = run_skmerge_cli(case, root / case.name / f"skmerge{_variant('skmerge', args, quality=True)}_quality", args)
     log("  " + _summary(r, r.get("training_steps")) + _cc_text(r))
     results["skmerge_quality"] = r
     return results
 
 
-def _variant(program, args):
-    """Folder suffix of skmerge runs with image minibatches (careless runs are shared)."""
-    return f"_batch{args.skmerge_batch_size}" if program == "skmerge" and args.skmerge_batch_size else ""
+def _variant(program, args, quality=False):
+    """Folder suffix of skmerge runs with image minibatches or (quality runs only, as
+    it does not change a step) early stopping; careless runs are shared."""
+    if program != "skmerge":
+        return ""
+    suffix = f"_batch{args.skmerge_batch_size}" if args.skmerge_batch_size else ""
+    return suffix + ("_es" if quality and args.skmerge_early_stopping else "")
 
 
 def _cc_text(result):
@@ -491,6 +497,8 @@ def main(argv=None):
     parser.add_argument("--skmerge-batch-size", type=int, metavar="IMAGES",
                         help="skmerge trains on minibatches of this many images (default: full batch); "
                         "with --reuse and the same --out, careless's runs are reused")
+    parser.add_argument("--skmerge-early-stopping", action="store_true",
+                        help="skmerge's quality run stops on the loss of held-out images (--early-stopping)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -520,7 +528,8 @@ def main(argv=None):
         "cpu_count": os.cpu_count(), "loadavg_at_start": _careless._loadavg(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "versions": versions(args.careless),
-        "settings": {**settings, "datasets": names, **NETWORK, "seed": SEED, "skmerge_batch_size": args.skmerge_batch_size},
+        "settings": {**settings, "datasets": names, **NETWORK, "seed": SEED, "skmerge_batch_size": args.skmerge_batch_size,
+                     "skmerge_early_stopping": args.skmerge_early_stopping},
     }
     log(f"compare_careless ({mode}) {header['date']}  {header['cpu_count']} CPUs, {header['memory_gib']} GiB, "
         f"load average at start {header['loadavg_at_start']}")
@@ -529,6 +538,7 @@ def main(argv=None):
         f"{settings['careless_steps']} steps (+ as many per half) with --merge-half-datasets; skmerge defaults "
         f"(<= 2000 steps, convergence) with --merge-half-datasets"
         + (f", minibatches of {args.skmerge_batch_size} images" if args.skmerge_batch_size else ", full batch")
+        + (", early stopping on held-out images" if args.skmerge_early_stopping else "")
         + f"; network {NETWORK['mlp_layers']}x"
         f"{NETWORK['mlp_width']}, {NETWORK['mc_samples']} MC sample, seed {SEED}")
     for n in names:
@@ -537,7 +547,7 @@ def main(argv=None):
             f"{' '.join(c.shared_flags())}{' --anomalous' if c.anomalous else ''}" + (f"  ({c.note})" if c.note else ""))
 
     results, analyses = {}, {}
-    json_path = root / f"compare_careless{_variant('skmerge', args)}.json"
+    json_path = root / f"compare_careless{_variant('skmerge', args, quality=True)}.json"
     for n in names:
         results[n] = run_case(CASES[n], settings, args, root)
         analyses[n] = analyse(results[n], settings)

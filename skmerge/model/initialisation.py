@@ -12,8 +12,9 @@ from ..baseline import inverse_variance_mean
 
 _SCALING_ROUNDS = 5
 # Reflections per French–Wilson quadrature call: 100 grid points each, ~10 arrays of
-# float64, so ~80 MB at a time.
-_FRENCH_WILSON_CHUNK = 10_000
+# float64, so ~16 MB at a time (10,000 made the initialisation of a half-dataset merge
+# the peak of a whole hypf run).
+_FRENCH_WILSON_CHUNK = 2_000
 
 
 def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
