@@ -13,7 +13,6 @@ write the merged amplitudes.
     python examples/choose_dof_hypf.py --dask local         # on a local dask cluster
     python examples/choose_dof_hypf.py --dask tcp://scheduler:8786   # on a lab's cluster
 
-
 The scale model uses the image number (BATCH) and the other metadata instead of a free
 offset per image: a held-out image has no offset of its own, so per-image offsets
 cannot help predict it, while a smooth function of the image number can.

@@ -68,7 +68,7 @@ class ScaleNetwork(tf.Module):
         """The dense stack on a chunk of rows held transposed, (features, rows) → (2, rows).
 
         With rows along the last axis each 10 × 10 layer is one wide matrix product,
-        which the CPU kernels run much faster than a tall (rows, 10) @ (10, 10) one.
+        which the CPU kernels run faster than a tall (rows, 10) @ (10, 10) one.
         """
         h = tf.nn.leaky_relu(tf.matmul(self.kernels[0], h, transpose_a=True) + self.biases[0][:, None], _LEAK)
         for kernel, bias in zip(self.kernels[1:], self.biases[1:]):

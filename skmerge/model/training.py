@@ -1,9 +1,9 @@
 """The ELBO and the loop that maximises it.
 
-A whole chunk of optimisation steps runs inside one compiled TensorFlow function (a
-``tf.while_loop`` in a TensorFlow graph, optionally XLA-compiled), so the host only speaks to TensorFlow once per chunk: to
-read the loss terms, update the progress bar, check convergence and keep a copy of the
-last good state.
+A whole chunk of optimisation steps runs inside one TensorFlow graph function (a
+``tf.while_loop``, optionally XLA-compiled), so the host only speaks to TensorFlow once
+per chunk: to read the loss terms, update the progress bar, check convergence and keep a
+copy of the last good state.
 """
 
 import math
