@@ -194,7 +194,8 @@ def _add_mono_arguments(mono):
                      help="train on random batches of this many whole images per step, so that a step's time "
                      "and memory do not grow with the data (default: every image in every step)")
     fit.add_argument("--early-stopping", action="store_true",
-                     help="hold out 10%% of the images and stop when their likelihood stops improving")
+                     help="choose the number of steps on 10%% of the images held out (the step of their best likelihood), "
+                     "then refit on every image for that many steps; for serial stills")
     fit.add_argument("--seed", type=int, default=0, help="random seed of the fit and of all splits (default: 0)")
 
     validation = mono.add_argument_group("validation")

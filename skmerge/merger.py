@@ -102,8 +102,12 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         loss has not improved by ``tol`` for ``n_iter_no_change`` steps).
     n_iter_no_change : int, default=200
     early_stopping : bool, default=False
-        Hold out ``validation_fraction`` of the images and stop on their predictive
-        log-likelihood instead of the training loss; the best state is kept.
+        Choose the number of steps on held-out images instead of the training loss: fit
+        with ``validation_fraction`` of the images held out until their predictive
+        log-likelihood has not improved for ``n_iter_no_change`` steps, then refit on
+        every image for the number of steps that gave the best held-out value (so every
+        image is merged). Serial stills need it: trained longer, the scale model
+        overfits them.
     validation_fraction : float, default=0.1
     anomalous : bool, default=False
         Keep acentric Friedel mates apart and output the anomalous columns.
@@ -280,8 +284,6 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        from .model.training import ImageBatches, Trainer
-
         self._check_params()
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
         if self.freeze is not None and not warm:
@@ -295,11 +297,33 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         if self.laue and not warm:
             self._fit_band(X)
 
-        train = np.ones(len(X), dtype=bool)
+        every_row = np.ones(len(X), dtype=bool)
+        previous = self._state() if warm else None
         if self.early_stopping:
             train = _training_rows(X["image_id"].to_numpy(np.int64), self.validation_fraction, rng)
-        previous = self._state() if warm else None
-        observations = self._observations(_rows(X, train), None if y is None else np.asarray(y)[train])
+            _, _, converged, best_step = self._train(X, y, train, rng, previous, self.max_iter, validation=~train)
+            # The held-out images chose the number of steps; the merge uses every image.
+            model, history, _, _ = self._train(X, y, every_row, rng, previous, best_step, stop=False)
+        else:
+            model, history, converged, _ = self._train(X, y, every_row, rng, previous, self.max_iter)
+        self.loss_curve_ = history
+        self.n_iter_ = len(history)
+        self.converged_ = bool(converged)
+        self.posterior_weights_ = model.posterior.get_weights()
+        self.scale_weights_ = model.scale_network.get_weights()
+        self.skmerge_version_ = __version__
+        self._model = model
+        return self
+
+    def _train(self, X, y, rows, rng, previous, max_iter, *, validation=None, stop=True):
+        """Build the model on the ``rows`` of X and optimise it for up to ``max_iter`` steps:
+        until the training loss levels off, until the loss of the ``validation`` rows
+        stops improving (the best state is kept), or, with ``stop=False``, for exactly
+        ``max_iter`` steps. Returns the model, the loss history, whether training
+        converged and the number of steps that led to the kept state."""
+        from .model.training import ImageBatches, Trainer
+
+        observations = self._observations(_rows(X, rows), None if y is None else np.asarray(y)[rows])
         model, data = self._build_model(observations, rng, previous)
 
         variables = []
@@ -316,21 +340,14 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             )
         trainer = Trainer(model, variables, data, learning_rate=self.learning_rate, seed=self.seed_, jit_compile=self.jit_compile)
         monitor = None
-        if self.early_stopping:
-            monitor = self._validation_monitor(model, _rows(X, ~train), None if y is None else np.asarray(y)[~train])
-        with _progress(self.max_iter, self.verbose) as progress:
+        if validation is not None:
+            monitor = self._validation_monitor(model, _rows(X, validation), None if y is None else np.asarray(y)[validation])
+        with _progress(max_iter, self.verbose) as progress:
             history, converged = trainer.run(
-                self.max_iter, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
+                max_iter, tol=self.tol, n_iter_no_change=self.n_iter_no_change if stop else max_iter,
                 progress=progress, monitor=monitor,
             )
-        self.loss_curve_ = history
-        self.n_iter_ = len(history)
-        self.converged_ = bool(converged)
-        self.posterior_weights_ = model.posterior.get_weights()
-        self.scale_weights_ = model.scale_network.get_weights()
-        self.skmerge_version_ = __version__
-        self._model = model
-        return self
+        return model, history, converged, trainer.kept_step
 
     def _build_model(self, observations, rng, previous):
         """Reflections, features, starting values and the TensorFlow model for a fit.

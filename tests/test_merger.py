@@ -233,10 +233,28 @@ def test_freeze_scales_keeps_the_scale_model(small, fitted):
         VariationalMerger(freeze="scales").fit(X)
 
 
-def test_early_stopping_holds_out_images(small):
+def test_early_stopping_chooses_the_steps_on_held_out_images_then_merges_every_image(small, monkeypatch):
+    from skmerge.model import training
+
     X, _ = small
-    merger = VariationalMerger(early_stopping=True, validation_fraction=0.25, **{**FAST, "max_iter": 400}).fit(X)
-    assert len(merger.image_ids_) == X["image_id"].nunique() - 6
+    kept, lengths = [], []
+    run = training.Trainer.run
+
+    def spy(self, max_iter, **kwargs):
+        history, converged = run(self, max_iter, **kwargs)
+        kept.append(self.kept_step)
+        lengths.append(len(history))
+        return history, converged
+
+    monkeypatch.setattr(training.Trainer, "run", spy)
+    merger = VariationalMerger(early_stopping=True, validation_fraction=0.25, tol=0.0, n_iter_no_change=100,
+                               **{**FAST, "max_iter": 600}).fit(X)
+    # First fit on 18 of 24 images, watching the other 6; then all 24 images for the
+    # number of steps of the best held-out loss.
+    assert len(kept) == 2 and 0 < kept[0] <= lengths[0]
+    assert lengths[1] == kept[0] == merger.n_iter_ == len(merger.loss_curve_)
+    assert len(merger.image_ids_) == X["image_id"].nunique()
+    assert merger.transform(X)["N"].sum() == len(X)
     assert np.isfinite(merger.score(X))
 
 

@@ -244,10 +244,12 @@ class Trainer:
         Carlo noise of single steps from looking like progress). With a monitor (e.g. a
         held-out loss, evaluated after every chunk) it stops when the monitor has not
         improved by ``tol`` for ``n_iter_no_change`` steps, and the best monitored state
-        is restored. Returns the loss terms of every step and whether it converged.
+        is restored. Returns the loss terms of every step and whether it converged;
+        ``kept_step`` is then the number of steps that led to the final state.
         """
         history, recoveries = [], 0
         best, best_state, since_best = np.inf, None, 0
+        self.kept_step = 0
         converged = False
         while len(history) < max_iter:
             n = min(_CHUNK, max_iter - len(history))
@@ -283,6 +285,7 @@ class Trainer:
             if current < best - tol:
                 best, since_best = current, 0
                 best_state = [v.numpy() for v in self.variables]
+                self.kept_step = len(history)
             else:
                 since_best += n
             if since_best >= n_iter_no_change:
@@ -291,4 +294,6 @@ class Trainer:
         if best_state is not None:
             for var, value in zip(self.variables, best_state):
                 var.assign(value)
+        else:
+            self.kept_step = len(history)
         return np.array(history).reshape(-1, len(LOSS_TERMS)), converged
