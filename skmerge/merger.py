@@ -1,6 +1,7 @@
 """VariationalMerger: the variational merging model as a scikit-learn estimator."""
 
 import copy
+import gc
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -302,6 +303,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         if self.early_stopping:
             train = _training_rows(X["image_id"].to_numpy(np.int64), self.validation_fraction, rng)
             _, _, converged, best_step = self._train(X, y, train, rng, previous, self.max_iter, validation=~train)
+            gc.collect()  # the first model's TensorFlow functions sit in reference cycles
             # The held-out images chose the number of steps; the merge uses every image.
             model, history, _, _ = self._train(X, y, every_row, rng, previous, best_step, stop=False)
         else:
