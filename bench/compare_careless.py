@@ -256,7 +256,8 @@ def run_skmerge_fixed(case, steps, directory, args):
 
 
 def run_skmerge_cli(case, directory, args):
-    """``skmerge mono|poly --merge-half-datasets`` with its defaults (convergence stopping)."""
+    """``skmerge mono|poly --merge-half-datasets`` with its defaults (convergence stopping),
+    or with ``--batch-size`` / ``--early-stopping`` when asked for."""
     prefix = Path(directory) / case.name
     command = [args.skmerge, case.mode, "--disable-progress-bar", "--merge-half-datasets", *case.shared_flags()]
     if args.skmerge_batch_size:

@@ -190,7 +190,6 @@ def half_dataset_cc(estimator, X, *, n_repeats=1, column="I", n_bins=10, random_
     --------
     >>> half_dataset_cc(merger, X, n_repeats=2)  # doctest: +SKIP
     """
-
     merger, Xt = _unwrap(estimator, X)
     halves = half_dataset_merges(merger, Xt, n_repeats=n_repeats, random_state=random_state)
     return cc_half(halves, column=column, n_bins=n_bins)

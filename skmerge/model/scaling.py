@@ -89,7 +89,7 @@ class ScaleNetwork(tf.Module):
         n_chunks = (n + _CHUNK_ROWS - 1) // _CHUNK_ROWS
         padded = tf.pad(features, [[0, n_chunks * _CHUNK_ROWS - n], [0, 0]])
         chunks = tf.transpose(tf.reshape(padded, [n_chunks, _CHUNK_ROWS, -1]), [0, 2, 1])
-        variables = [*self.kernels, *self.biases, self.out_kernel, self.out_bias]
+        variables = self._dense_variables()
 
         def each_chunk(fn, elems, signature):
             return tf.map_fn(fn, elems, parallel_iterations=_PARALLEL_CHUNKS, fn_output_signature=signature)
@@ -118,5 +118,8 @@ class ScaleNetwork(tf.Module):
         for v, value in zip(self._ordered(), weights):
             v.assign(value)
 
+    def _dense_variables(self):
+        return [*self.kernels, *self.biases, self.out_kernel, self.out_bias]
+
     def _ordered(self):
-        return [*self.kernels, *self.biases, self.out_kernel, self.out_bias, self.image_offsets]
+        return [*self._dense_variables(), self.image_offsets]
