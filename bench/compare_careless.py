@@ -257,13 +257,15 @@ def run_skmerge_fixed(case, steps, directory, args):
 
 def run_skmerge_cli(case, directory, args):
     """``skmerge mono|poly --merge-half-datasets`` with its defaults (convergence stopping),
-    or with ``--batch-size`` / ``--early-stopping`` when asked for."""
+    or with ``--batch-size`` / ``--early-stopping`` / ``--error-model`` when asked for."""
     prefix = Path(directory) / case.name
     command = [args.skmerge, case.mode, "--disable-progress-bar", "--merge-half-datasets", *case.shared_flags()]
     if args.skmerge_batch_size:
         command += ["--batch-size", str(args.skmerge_batch_size)]
     if args.skmerge_early_stopping:
         command.append("--early-stopping")
+    if args.skmerge_error_model:
+        command.append("--error-model")
     if case.anomalous:
         command.append("--anomalous")
     command += [case.keys, *map(str, case.files), str(prefix)]
@@ -326,12 +328,15 @@ def run_case(case, settings, args, root):
 
 
 def _variant(program, args, quality=False):
-    """Folder suffix of skmerge runs with image minibatches or (quality runs only, as
-    it does not change a step) early stopping; careless runs are shared."""
+    """Folder suffix of skmerge runs with image minibatches or (quality runs only: the
+    timing runs keep measuring the default step) early stopping or the error model;
+    careless runs are shared."""
     if program != "skmerge":
         return ""
     suffix = f"_batch{args.skmerge_batch_size}" if args.skmerge_batch_size else ""
-    return suffix + ("_es" if quality and args.skmerge_early_stopping else "")
+    if quality:
+        suffix += ("_es" if args.skmerge_early_stopping else "") + ("_em" if args.skmerge_error_model else "")
+    return suffix
 
 
 def _cc_text(result):
@@ -500,6 +505,8 @@ def main(argv=None):
                         "with --reuse and the same --out, careless's runs are reused")
     parser.add_argument("--skmerge-early-stopping", action="store_true",
                         help="skmerge's quality run stops on the loss of held-out images (--early-stopping)")
+    parser.add_argument("--skmerge-error-model", action="store_true",
+                        help="skmerge's quality run refines the sigmas (--error-model)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -530,7 +537,8 @@ def main(argv=None):
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "versions": versions(args.careless),
         "settings": {**settings, "datasets": names, **NETWORK, "seed": SEED, "skmerge_batch_size": args.skmerge_batch_size,
-                     "skmerge_early_stopping": args.skmerge_early_stopping},
+                     "skmerge_early_stopping": args.skmerge_early_stopping,
+                     "skmerge_error_model": args.skmerge_error_model},
     }
     log(f"compare_careless ({mode}) {header['date']}  {header['cpu_count']} CPUs, {header['memory_gib']} GiB, "
         f"load average at start {header['loadavg_at_start']}")
@@ -540,6 +548,7 @@ def main(argv=None):
         f"(<= 2000 steps, convergence) with --merge-half-datasets"
         + (f", minibatches of {args.skmerge_batch_size} images" if args.skmerge_batch_size else ", full batch")
         + (", early stopping on held-out images" if args.skmerge_early_stopping else "")
+        + (", error model" if args.skmerge_error_model else "")
         + f"; network {NETWORK['mlp_layers']}x"
         f"{NETWORK['mlp_width']}, {NETWORK['mc_samples']} MC sample, seed {SEED}")
     for n in names:

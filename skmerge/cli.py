@@ -169,6 +169,9 @@ def _add_mono_arguments(mono):
     model.add_argument("--studentt-likelihood-dof", type=_positive_float, metavar="DOF", dest="dof",
                        help=f"Student-t likelihood with DOF degrees of freedom (with --likelihood studentt "
                        f"alone: {d['dof']:g})")
+    model.add_argument("--error-model", action="store_true",
+                       help="refine the sigmas as SdFac*sqrt(sigma^2 + (SdAdd*Ipred)^2) with the model "
+                       "(recommended for serial stills, whose sigmas leave out the partiality error)")
     model.add_argument("--reference-mtz", metavar="FILE",
                        help="prior centred on the amplitudes of this merged MTZ (Wilson where it has none)")
     model.add_argument("--reference-prior", choices=("normal", "laplace", "studentt"),
@@ -195,7 +198,7 @@ def _add_mono_arguments(mono):
                      "and memory do not grow with the data (default: every image in every step)")
     fit.add_argument("--early-stopping", action="store_true",
                      help="choose the number of steps on 10%% of the images held out (the step of their best likelihood), "
-                     "then refit on every image for that many steps; for serial stills")
+                     "then refit on every image for that many steps (helps serial stills fitted without --error-model)")
     fit.add_argument("--seed", type=int, default=0, help="random seed of the fit and of all splits (default: 0)")
 
     validation = mono.add_argument_group("validation")
@@ -367,6 +370,8 @@ def merger_parameters(args, keys):
     }
     if args.separate_files:
         params["separate_files"] = True
+    if args.error_model:
+        params["error_model"] = True
     if args.command == "poly":
         params["laue"], params["wavelength_key"] = True, args.wavelength_key
         if args.wavelength_range is not None:
@@ -429,7 +434,8 @@ def _mono(args):
 
     merger.fit(X_train)
     log.info(f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else
-             " (the maximum; not converged — raise --iterations)"))
+             " (the maximum; not converged — raise --iterations)")
+             + (f"; error model SdFac {merger.sdfac_:.3g}, SdAdd {merger.sdadd_:.3g}" if args.error_model else ""))
     merged = merger.transform(X_train)
     predictions = writers.predictions_table(X, *merger.predict_with_uncertainty(X), test=test)
     halves = None

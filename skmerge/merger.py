@@ -73,6 +73,11 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
     likelihood : {"normal", "laplace", "studentt"} or likelihood object, default="normal"
     dof : float, default=16.0
         Degrees of freedom of the Student-t likelihood.
+    error_model : bool, default=False
+        Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
+        started from the residuals of a quick merge and learned with the rest of the
+        model (see :class:`~skmerge.model.likelihoods.ErrorModel`). Serial stills need
+        it: their σ leaves out the error of the partiality.
     metadata : list of str or transformer, default=None
         Columns of X that drive the scale model, or a ready (unfitted) transformer such
         as a ``ColumnTransformer`` that maps X to numeric features. None uses ``["dHKL"]``.
@@ -107,8 +112,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         with ``validation_fraction`` of the images held out until their predictive
         log-likelihood has not improved for ``n_iter_no_change`` steps, then refit on
         every image for the number of steps that gave the best held-out value (so every
-        image is merged). Serial stills need it: trained longer, the scale model
-        overfits them.
+        image is merged). It helps serial stills fitted without ``error_model``, whose
+        fit otherwise worsens with training.
     validation_fraction : float, default=0.1
     anomalous : bool, default=False
         Keep acentric Friedel mates apart and output the anomalous columns.
@@ -184,6 +189,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         "prior": [StrOptions({"wilson"}), HasMethods(["build"])],
         "likelihood": [StrOptions({"normal", "laplace", "studentt"}), HasMethods(["log_prob"])],
         "dof": [Interval(Real, 0, None, closed="neither")],
+        "error_model": ["boolean"],
         "metadata": [None, list, tuple, HasMethods(["fit", "transform"])],
         "positional_encoding": [Interval(Integral, 0, None, closed="left")],
         "mlp_layers": [Interval(Integral, 1, None, closed="left")],
@@ -216,6 +222,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         prior="wilson",
         likelihood="normal",
         dof=16.0,
+        error_model=False,
         metadata=None,
         positional_encoding=0,
         mlp_layers=20,
@@ -244,6 +251,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.prior = prior
         self.likelihood = likelihood
         self.dof = dof
+        self.error_model = error_model
         self.metadata = metadata
         self.positional_encoding = positional_encoding
         self.mlp_layers = mlp_layers
@@ -297,6 +305,9 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.seed_ = int(rng.randint(2**31 - 1))
         if self.laue and not warm:
             self._fit_band(X)
+        if not (warm and self.error_model):
+            for name in ("sdfac_", "sdadd_"):
+                self.__dict__.pop(name, None)
 
         every_row = np.ones(len(X), dtype=bool)
         previous = self._state() if warm else None
@@ -313,6 +324,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         self.converged_ = bool(converged)
         self.posterior_weights_ = model.posterior.get_weights()
         self.scale_weights_ = model.scale_network.get_weights()
+        if model.error_model is not None:
+            self.sdfac_, self.sdadd_ = model.error_model.get_weights()
         self.skmerge_version_ = __version__
         self._model = model
         return self
@@ -333,6 +346,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             variables += [model.posterior.loc_raw, model.posterior.scale_raw]
         if self.freeze != "scales":
             variables += list(model.scale_network.trainable_variables)
+            if model.error_model is not None:
+                variables += list(model.error_model.trainable_variables)
         else:
             data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
         if self.batch_size is not None and self.batch_size < len(self.image_ids_):
@@ -359,6 +374,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Starting values come from the observations that hold one reflection each (in
         Laue data, the spots without harmonic overlap)."""
         from .model.initialisation import evaluate_curve, quick_image_scales, wilson_curve
+        from .model.likelihoods import initial_error_model
         from .model.training import MergingModel
 
         X = observations.rows
@@ -383,6 +399,9 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             )
             seen = np.isfinite(merged)
             self.wilson_curve_ = wilson_curve(reflections.dhkl[seen], merged[seen] / reflections.epsilon[seen])
+            if self.error_model:
+                predicted = image_scale[image_row[single]] * merged[refl[single]]
+                self.sdfac_, self.sdadd_ = initial_error_model(refl[single], intensity[obs], sigma[obs], predicted)
         reflections.mean_intensity = evaluate_curve(self.wilson_curve_, reflections.dhkl)
         self.reflections_ = reflections
         self.image_ids_ = image_ids
@@ -395,7 +414,19 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         posterior = self._build_posterior(previous, scale_network, start)
         prior = _make_prior(self.prior).build(reflections)
         likelihood = _make_likelihood(self.likelihood, self.dof)
-        return MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples), data
+        model = MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples, self._build_error_model())
+        return model, data
+
+    def _build_error_model(self):
+        """The error model at the fitted (or, in a fresh fit, the starting) SdFac and
+        SdAdd; None without one."""
+        if not self.error_model:
+            return None
+        from .model.likelihoods import ErrorModel
+
+        if not hasattr(self, "sdfac_"):
+            raise ParameterError("error_model=True cannot warm-start from a fit made without it; refit from scratch.")
+        return ErrorModel(self.sdfac_, self.sdadd_)
 
     def _observations(self, X, y=None):
         """X's rows and observations: for Laue data the harmonics of every spot (X is
@@ -554,7 +585,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         network = ScaleNetwork(self.n_metadata_features_, self.mlp_layers, self.mlp_width, n_images, np.random.RandomState(0))
         network.set_weights(self.scale_weights_)
         prior = _make_prior(self.prior).build(self.reflections_)
-        self._model = MergingModel(posterior, prior, _make_likelihood(self.likelihood, self.dof), network, self.mc_samples)
+        likelihood = _make_likelihood(self.likelihood, self.dof)
+        self._model = MergingModel(posterior, prior, likelihood, network, self.mc_samples, self._build_error_model())
         return self._model
 
     def _locate(self, keys):

@@ -101,3 +101,43 @@ def test_anomalous_differences_are_recovered():
     true = truth.merged.loc[paired.index]
     # The signal is as large as the noise here: a correlation well above zero, not near one.
     assert np.corrcoef(paired["DANO"], true["DANO"])[0, 1] > 0.5
+
+
+@pytest.fixture(scope="module")
+def misreported():
+    """σ understated three-fold, and 15 % proportional error left out of σ."""
+    X, truth = make_unmerged(n_images=60, random_state=13)
+    noise = np.random.RandomState(0).normal(size=len(X))
+    understated = X.assign(SIGIobs=X["SIGIobs"] / 3)
+    proportional = X.assign(Iobs=X["Iobs"] + 0.15 * noise * truth.Itrue)
+    return understated, proportional, truth
+
+
+def test_error_model_recovers_sdfac_and_sdadd(misreported):
+    understated, proportional, _ = misreported
+    fit = dict(metadata=METADATA, mlp_layers=4, error_model=True, random_state=0)
+    merger = VariationalMerger(**fit).fit(understated)
+    # The simulated σ hold a 2 % proportional term, which SdAdd absorbs.
+    assert 2.7 < merger.sdfac_ < 3.3
+    assert merger.sdadd_ < 0.03
+    merger = VariationalMerger(**fit).fit(proportional)
+    assert 0.85 < merger.sdfac_ < 1.15
+    assert 0.12 < merger.sdadd_ < 0.18
+
+
+def test_error_model_keeps_sigf_calibrated_when_sigma_is_understated(misreported):
+    understated, _, truth = misreported
+    z_spread = {}
+    for error_model in (False, True):
+        merged = VariationalMerger(metadata=METADATA, mlp_layers=4, error_model=error_model, random_state=0).fit(
+            understated).transform(understated)
+        f, sigf = merged["F"].to_numpy(float), merged["SIGF"].to_numpy(float)
+        f_true = truth.merged.loc[merged.index, "F"].to_numpy(float)
+        shell, _ = resolution_shells(truth.merged.loc[merged.index, "dHKL"].to_numpy(), 10)
+        z = np.empty_like(f)
+        for i in range(10):
+            s = shell == i
+            z[s] = (f[s] - np.sum(f[s] * f_true[s]) / np.sum(f_true[s] ** 2) * f_true[s]) / sigf[s]
+        z_spread[error_model] = z.std()
+    assert z_spread[False] > 1.8  # understated σ give overconfident SIGF ...
+    assert 0.7 <= z_spread[True] <= 1.5  # ... which the error model repairs

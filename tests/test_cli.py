@@ -99,7 +99,7 @@ def test_mono_help_is_grouped_and_lists_careless_flags(capsys):
                  "--learning-rate", "--mlp-layers", "--mlp-width", "--mc-samples", "--disable-image-scales",
                  "--test-fraction", "--merge-half-datasets", "--half-dataset-repeats", "--seed",
                  "--disable-progress-bar", "--reference-mtz", "--reference-prior", "--likelihood", "--early-stopping",
-                 "--quiet"):
+                 "--error-model", "--quiet"):
         assert flag in text, flag
     assert "dHKL, Hobs, Kobs, Lobs, image_id, file_id" in text
 
@@ -119,13 +119,13 @@ def test_flags_map_to_estimator_parameters():
     args = _parse("--anomalous", "--studentt-likelihood-dof", "8", "--iterations", "30_000", "--learning-rate",
                   "0.01", "--mlp-layers", "3", "--mlp-width", "7", "--mc-samples", "4", "--disable-image-scales",
                   "--early-stopping", "--seed", "5", "--disable-progress-bar", "--separate-files", "-L", "2",
-                  "--batch-size", "16")
+                  "--batch-size", "16", "--error-model")
     params = merger_parameters(args, ["dHKL", "BATCH"])
     assert params == {
         "metadata": ["dHKL", "BATCH"], "anomalous": True, "image_scales": False, "early_stopping": True,
         "random_state": 5, "verbose": 0, "separate_files": True, "likelihood": "studentt", "dof": 8.0,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
-        "positional_encoding": 2, "batch_size": 16,
+        "positional_encoding": 2, "batch_size": 16, "error_model": True,
     }
     # Without flags the estimator's own defaults apply, and the progress bar is on.
     params = merger_parameters(_parse(), ["dHKL"])
@@ -231,8 +231,8 @@ def _lock(directory):
 
 @pytest.fixture(scope="session")
 def anomalous_run(sim_mtz, tmp_path_factory):
-    """One run with every output (anomalous, two half-dataset repeats, a test set),
-    made once per test session and shared by the xdist workers."""
+    """One run with every output (anomalous, two half-dataset repeats, a test set, the
+    error model), made once per test session and shared by the xdist workers."""
     directory = _shared(tmp_path_factory, "anomalous_run")
     out = directory / "run" / "sim"
     with _lock(directory):
@@ -241,7 +241,7 @@ def anomalous_run(sim_mtz, tmp_path_factory):
             stdout, stderr = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
                 code = main(["mono", "--anomalous", "--merge-half-datasets", "--half-dataset-repeats", "2",
-                             "--test-fraction", "0.1", *TINY, "--shells", "5",
+                             "--test-fraction", "0.1", "--error-model", *TINY, "--shells", "5",
                              "dHKL,Hobs,Kobs,Lobs,XDET,YDET,BATCH", str(sim_mtz), str(out)])
             (directory / "out").write_text(stdout.getvalue())
             (directory / "err").write_text(stderr.getvalue())
@@ -294,6 +294,13 @@ def test_predictions_round_trip(anomalous_run, sim_mtz):
     hkl = np.array(mtz.make_miller_array())
     asu = gemmi.ReciprocalAsu(mtz.spacegroup)
     assert all(asu.is_in(list(h)) for h in hkl[:200])
+
+
+def test_error_model_is_fitted_reported_and_saved(anomalous_run):
+    out, capture = anomalous_run
+    merger = joblib.load(f"{out}.joblib")
+    assert merger.error_model
+    assert f"SdFac {merger.sdfac_:.3g}, SdAdd {merger.sdadd_:.3g}" in capture["err"]
 
 
 def test_fitted_merger_is_saved(anomalous_run):

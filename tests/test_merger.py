@@ -1,5 +1,7 @@
 """VariationalMerger's scikit-learn surface on small simulated data."""
 
+import copy
+import pickle
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 import skmerge
 from skmerge import InputError, VariationalMerger
+from skmerge.errors import ParameterError
 from skmerge.datasets import make_unmerged
 
 FAST = dict(mlp_layers=2, mlp_width=8, max_iter=150, random_state=0)
@@ -348,3 +351,18 @@ def test_minibatch_fit_matches_full_batch(small, fitted):
     X, _ = small
     minibatch = VariationalMerger(metadata=["dHKL", "XDET", "YDET"], batch_size=6, **{**FAST, "max_iter": 400}).fit(X)
     assert np.corrcoef(minibatch.transform(X)["F"], fitted.transform(X)["F"])[0, 1] > 0.99
+
+
+def test_error_model_is_kept_through_pickling_and_checked_on_warm_start(small, fitted):
+    X, _ = small
+    merger = VariationalMerger(metadata=["dHKL", "XDET", "YDET"], error_model=True, **FAST).fit(X)
+    assert merger.sdfac_ > 0 and merger.sdadd_ > 0
+    loaded = pickle.loads(pickle.dumps(merger))
+    assert (loaded.sdfac_, loaded.sdadd_) == (merger.sdfac_, merger.sdadd_)
+    assert loaded.score(X) == merger.score(X)
+    # The error model changes the likelihood that score uses.
+    assert merger.score(X) != fitted.score(X)
+    # A later fit without the error model drops its fitted values.
+    assert not hasattr(clone(merger).set_params(error_model=False).fit(X), "sdfac_")
+    with pytest.raises(ParameterError, match="error_model=True"):
+        copy.deepcopy(fitted).set_params(warm_start=True, error_model=True).fit(X)

@@ -32,13 +32,20 @@ class MergingModel(tf.Module):
     observation, whose predicted intensity is the sum over its rows of Σ·F².
     """
 
-    def __init__(self, posterior, prior, likelihood, scale_network, mc_samples):
+    def __init__(self, posterior, prior, likelihood, scale_network, mc_samples, error_model=None):
         super().__init__(name="merging_model")
         self.posterior = posterior
         self.prior = prior
         self.likelihood = likelihood
         self.scale_network = scale_network
         self.mc_samples = int(mc_samples)
+        self.error_model = error_model
+
+    def _log_likelihood(self, data, predicted):
+        sigma = data["sigma"]
+        if self.error_model is not None:
+            sigma = self.error_model(sigma, predicted)
+        return self.likelihood.log_prob(data["intensity"], predicted, sigma)
 
     def scales(self, data):
         """(μ, s) of log Σ per row; frozen scales are looked up instead of recomputed."""
@@ -68,8 +75,7 @@ class MergingModel(tf.Module):
         reflection's KL once) and ``n_total``; without them the batch is the whole data.
         """
         samples = self.posterior.sample(self.mc_samples, seed)
-        log_lik = self.likelihood.log_prob(data["intensity"], self._predicted(samples, data, seed), data["sigma"])
-        log_lik = tf.reduce_mean(log_lik, axis=0)
+        log_lik = tf.reduce_mean(self._log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
         kl = -(self.posterior.entropy() + self.prior.expected_log_prob(self.posterior.moments(), samples))
         if "weight" in data:
             n_total = data["n_total"]
@@ -111,8 +117,7 @@ class MergingModel(tf.Module):
         """log p(Iᵢ | data) per observation, averaging the likelihood over samples of
         the posterior (the prior for reflections the fit never saw) and of the scales."""
         samples = self.amplitude_samples(n_samples, seed, extra_prior)
-        predicted = self._predicted(samples, data, seed)
-        log_lik = self.likelihood.log_prob(data["intensity"], predicted, data["sigma"])
+        log_lik = self._log_likelihood(data, self._predicted(samples, data, seed))
         return tf.reduce_logsumexp(log_lik, axis=0) - math.log(n_samples)
 
 
