@@ -75,9 +75,9 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Degrees of freedom of the Student-t likelihood.
     error_model : bool, default=False
         Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
-        started from the residuals of a quick merge and learned with the rest of the
-        model (see :class:`~skmerge.model.likelihoods.ErrorModel`). Serial stills need
-        it: their σ leaves out the error of the partiality.
+        learned with the rest of the model from the reported σ on (see
+        :class:`~skmerge.model.likelihoods.ErrorModel`); fitted values in ``sdfac_`` and
+        ``sdadd_``. Serial stills need it: their σ leave out the error of the partiality.
     metadata : list of str or transformer, default=None
         Columns of X that drive the scale model, or a ready (unfitted) transformer such
         as a ``ColumnTransformer`` that maps X to numeric features. None uses ``["dHKL"]``.
@@ -374,7 +374,6 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Starting values come from the observations that hold one reflection each (in
         Laue data, the spots without harmonic overlap)."""
         from .model.initialisation import evaluate_curve, quick_image_scales, wilson_curve
-        from .model.likelihoods import initial_error_model
         from .model.training import MergingModel
 
         X = observations.rows
@@ -399,9 +398,6 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             )
             seen = np.isfinite(merged)
             self.wilson_curve_ = wilson_curve(reflections.dhkl[seen], merged[seen] / reflections.epsilon[seen])
-            if self.error_model:
-                predicted = image_scale[image_row[single]] * merged[refl[single]]
-                self.sdfac_, self.sdadd_ = initial_error_model(refl[single], intensity[obs], sigma[obs], predicted)
         reflections.mean_intensity = evaluate_curve(self.wilson_curve_, reflections.dhkl)
         self.reflections_ = reflections
         self.image_ids_ = image_ids
@@ -414,16 +410,19 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         posterior = self._build_posterior(previous, scale_network, start)
         prior = _make_prior(self.prior).build(reflections)
         likelihood = _make_likelihood(self.likelihood, self.dof)
-        model = MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples, self._build_error_model())
+        error_model = self._build_error_model(fresh=previous is None)
+        model = MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples, error_model)
         return model, data
 
-    def _build_error_model(self):
-        """The error model at the fitted (or, in a fresh fit, the starting) SdFac and
+    def _build_error_model(self, fresh):
+        """The error model at its starting values (``fresh``) or at the fitted SdFac and
         SdAdd; None without one."""
         if not self.error_model:
             return None
         from .model.likelihoods import ErrorModel
 
+        if fresh:
+            return ErrorModel()
         if not hasattr(self, "sdfac_"):
             raise ParameterError("error_model=True cannot warm-start from a fit made without it; refit from scratch.")
         return ErrorModel(self.sdfac_, self.sdadd_)
@@ -586,7 +585,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         network.set_weights(self.scale_weights_)
         prior = _make_prior(self.prior).build(self.reflections_)
         likelihood = _make_likelihood(self.likelihood, self.dof)
-        self._model = MergingModel(posterior, prior, likelihood, network, self.mc_samples, self._build_error_model())
+        self._model = MergingModel(posterior, prior, likelihood, network, self.mc_samples, self._build_error_model(False))
         return self._model
 
     def _locate(self, keys):

@@ -183,19 +183,3 @@ def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
     for g, g_ref in zip(grads, grads_ref):
         np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-3 * np.abs(g_ref).max())
 
-
-def test_initial_error_model_recovers_known_sdfac_and_sdadd():
-    from skmerge.model.likelihoods import initial_error_model
-
-    rng = np.random.RandomState(0)
-    n_refl, per_refl = 4000, 4
-    refl = np.repeat(np.arange(n_refl), per_refl)
-    true_intensity = rng.exponential(100.0, n_refl)[refl]
-    sigma = np.sqrt(true_intensity + 10.0)
-    sd = 2.0 * np.sqrt(sigma**2 + (0.1 * true_intensity) ** 2)
-    intensity = true_intensity + sd * rng.normal(size=len(refl))
-    weight = 1 / sd**2
-    merged = np.bincount(refl, weight * intensity) / np.bincount(refl, weight)
-    sdfac, sdadd = initial_error_model(refl, intensity, sigma, merged[refl])
-    assert abs(sdfac - 2.0) < 0.2
-    assert abs(sdadd - 0.1) < 0.03
