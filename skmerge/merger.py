@@ -74,10 +74,11 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
     dof : float, default=16.0
         Degrees of freedom of the Student-t likelihood.
     error_model : bool, default=False
-        Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
-        learned with the rest of the model from the reported σ on (see
-        :class:`~skmerge.model.likelihoods.ErrorModel`); fitted values in ``sdfac_`` and
-        ``sdadd_``. Serial stills need it: their σ leave out the error of the partiality.
+        Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²): SdFac and SdAdd
+        start at 1 and 0.01 (the reported σ) and are learned with the rest of the model
+        (:class:`~skmerge.model.likelihoods.ErrorModel`); the fitted values are ``sdfac_``
+        and ``sdadd_``. Serial stills need it: their σ leave out the error of the
+        partiality.
     metadata : list of str or transformer, default=None
         Columns of X that drive the scale model, or a ready (unfitted) transformer such
         as a ``ColumnTransformer`` that maps X to numeric features. None uses ``["dHKL"]``.
@@ -297,6 +298,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
         if self.freeze is not None and not warm:
             raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit.")
+        if warm and self.error_model and not hasattr(self, "sdfac_"):
+            raise ParameterError("error_model=True cannot warm-start from a fit made without it; refit from scratch.")
         _check_table(X)
         _symmetry(X)
         self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
@@ -421,11 +424,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             return None
         from .model.likelihoods import ErrorModel
 
-        if fresh:
-            return ErrorModel()
-        if not hasattr(self, "sdfac_"):
-            raise ParameterError("error_model=True cannot warm-start from a fit made without it; refit from scratch.")
-        return ErrorModel(self.sdfac_, self.sdadd_)
+        return ErrorModel() if fresh else ErrorModel(self.sdfac_, self.sdadd_)
 
     def _observations(self, X, y=None):
         """X's rows and observations: for Laue data the harmonics of every spot (X is
@@ -584,8 +583,8 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         network = ScaleNetwork(self.n_metadata_features_, self.mlp_layers, self.mlp_width, n_images, np.random.RandomState(0))
         network.set_weights(self.scale_weights_)
         prior = _make_prior(self.prior).build(self.reflections_)
-        likelihood = _make_likelihood(self.likelihood, self.dof)
-        self._model = MergingModel(posterior, prior, likelihood, network, self.mc_samples, self._build_error_model(False))
+        likelihood, error_model = _make_likelihood(self.likelihood, self.dof), self._build_error_model(fresh=False)
+        self._model = MergingModel(posterior, prior, likelihood, network, self.mc_samples, error_model)
         return self._model
 
     def _locate(self, keys):

@@ -141,3 +141,16 @@ def test_error_model_keeps_sigf_calibrated_when_sigma_is_understated(misreported
         z_spread[error_model] = z.std()
     assert z_spread[False] > 1.8  # understated σ give overconfident SIGF ...
     assert 0.7 <= z_spread[True] <= 1.5  # ... which the error model repairs
+
+
+def test_held_out_score_prefers_the_error_model_when_sigma_is_understated(misreported):
+    understated, _, _ = misreported
+    groups = understated["image_id"]
+    train, test = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0).split(understated, groups=groups))
+    scores = {
+        error_model: VariationalMerger(metadata=METADATA, mlp_layers=4, error_model=error_model, random_state=0)
+        .fit(understated.iloc[train])
+        .score(understated.iloc[test])
+        for error_model in (False, True)
+    }
+    assert scores[True] > scores[False]

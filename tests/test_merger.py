@@ -18,8 +18,8 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 import skmerge
 from skmerge import InputError, VariationalMerger
-from skmerge.errors import ParameterError
 from skmerge.datasets import make_unmerged
+from skmerge.errors import ParameterError
 
 FAST = dict(mlp_layers=2, mlp_width=8, max_iter=150, random_state=0)
 
