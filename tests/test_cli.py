@@ -599,3 +599,21 @@ def test_demo_merges_a_simulated_data_set_and_prints_the_table(capsys):
     cc_line = next(line for line in out.splitlines() if line.startswith("CC(F, truth)"))
     overall = float(cc_line.rsplit("overall", 1)[1])
     assert overall > 0.9
+
+
+@pytest.mark.parametrize("spread, error_model, warned", [(5.0, False, True), (1.0, False, False), (5.0, True, False)])
+def test_sigma_scatter_warning(spread, error_model, warned):
+    from skmerge.cli import sigma_scatter_warning
+
+    rng = np.random.default_rng(0)
+    sigma = rng.uniform(5, 50, 20_000)
+    ipred = rng.exponential(500, 20_000)
+    test = rng.random(20_000) < 0.1
+    iobs = ipred + spread * sigma * rng.normal(size=20_000)
+    iobs[test] += 100 * sigma[test]  # held-out observations do not count
+    predictions = pd.DataFrame({"Iobs": iobs, "SIGIobs": sigma, "Ipred": ipred, "test": test.astype(np.int32)})
+    warning = sigma_scatter_warning(predictions, error_model)
+    if warned:
+        assert "5.0 times more than their sigmas say" in warning and "--error-model" in warning
+    else:
+        assert warning is None
