@@ -492,7 +492,8 @@ def _mono(args):
     written.append(writers.write_csv(history, f"{out}_history.csv"))
     written.append(writers.write_joblib(merger, f"{out}.joblib"))
     names = _data_set_names(args.reflection_files, n_sets)
-    written += _write_statistics(statistics, names, out, writers)
+    error_model = {"sdfac": merger.sdfac_, "sdadd": merger.sdadd_} if args.error_model else None
+    written += _write_statistics(statistics, names, out, writers, error_model)
     written.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
     if halves is not None or test.any():
         labels = None if n_sets == 1 else names
@@ -605,7 +606,7 @@ def _data_set_names(files, n_sets):
     return [Path(f).name for f in files]
 
 
-def _write_statistics(statistics, names, out, writers):
+def _write_statistics(statistics, names, out, writers, error_model=None):
     import pandas as pd
 
     tables = []
@@ -617,6 +618,8 @@ def _write_statistics(statistics, names, out, writers):
         "skmerge_version": __version__,
         "datasets": [{"index": i, "name": name, **s.to_dict()} for i, (s, name) in enumerate(zip(statistics, names))],
     }
+    if error_model is not None:
+        document["error_model"] = {k: float(v) for k, v in error_model.items()}
     return [writers.write_csv(pd.concat(tables, ignore_index=True), f"{out}_stats.csv"),
             writers.write_json(document, f"{out}_stats.json")]
 

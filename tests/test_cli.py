@@ -301,6 +301,8 @@ def test_error_model_is_fitted_reported_and_saved(anomalous_run):
     merger = joblib.load(f"{out}.joblib")
     assert merger.error_model
     assert f"SdFac {merger.sdfac_:.3g}, SdAdd {merger.sdadd_:.3g}" in capture["err"]
+    document = json.loads(open(f"{out}_stats.json").read())
+    assert document["error_model"] == {"sdfac": merger.sdfac_, "sdadd": merger.sdadd_}
 
 
 def test_fitted_merger_is_saved(anomalous_run):
