@@ -360,17 +360,15 @@ def partiality_warning(X, keys):
             f"lowers CC1/2 and CCanom: {hint}")
 
 
-def sigma_scatter_warning(predictions, error_model):
+def sigma_scatter_warning(predictions):
     """A warning when the fitted observations scatter about their predictions far more
-    than their σ say and the error model is off, else None.
+    than their σ say, else None.
 
     The factor is √(median z² / 0.455), z = (Iobs − Ipred)/σ, 0.455 being the median of
     z² for correct σ; the median keeps a few outliers from setting it. Measured after
     default fits: hypf 2.0, PYP 1.8, thermolysin (XFEL stills) 6.9, where --error-model
     lifted CC1/2 from 0.33 to 0.79.
     """
-    if error_model:
-        return None
     import numpy as np
 
     fitted = predictions["test"].to_numpy() == 0
@@ -459,12 +457,13 @@ def _mono(args):
              + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
 
     merger.fit(X_train)
+    error_model = {"sdfac": float(merger.sdfac_), "sdadd": float(merger.sdadd_)} if args.error_model else None
     log.info(f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else
              " (the maximum; not converged — raise --iterations)")
-             + (f"; error model SdFac {merger.sdfac_:.3g}, SdAdd {merger.sdadd_:.3g}" if args.error_model else ""))
+             + (f"; error model SdFac {merger.sdfac_:.3g}, SdAdd {merger.sdadd_:.3g}" if error_model else ""))
     merged = merger.transform(X_train)
     predictions = writers.predictions_table(X, *merger.predict_with_uncertainty(X), test=test)
-    warning = sigma_scatter_warning(predictions, args.error_model)
+    warning = None if error_model else sigma_scatter_warning(predictions)
     if warning:
         log.warning(warning)
     halves = None
@@ -492,7 +491,6 @@ def _mono(args):
     written.append(writers.write_csv(history, f"{out}_history.csv"))
     written.append(writers.write_joblib(merger, f"{out}.joblib"))
     names = _data_set_names(args.reflection_files, n_sets)
-    error_model = {"sdfac": merger.sdfac_, "sdadd": merger.sdadd_} if args.error_model else None
     written += _write_statistics(statistics, names, out, writers, error_model)
     written.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
     if halves is not None or test.any():
@@ -619,7 +617,7 @@ def _write_statistics(statistics, names, out, writers, error_model=None):
         "datasets": [{"index": i, "name": name, **s.to_dict()} for i, (s, name) in enumerate(zip(statistics, names))],
     }
     if error_model is not None:
-        document["error_model"] = {k: float(v) for k, v in error_model.items()}
+        document["error_model"] = error_model
     return [writers.write_csv(pd.concat(tables, ignore_index=True), f"{out}_stats.csv"),
             writers.write_json(document, f"{out}_stats.json")]
 

@@ -377,7 +377,6 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         Starting values come from the observations that hold one reflection each (in
         Laue data, the spots without harmonic overlap)."""
         from .model.initialisation import evaluate_curve, quick_image_scales, wilson_curve
-        from .model.training import MergingModel
 
         X = observations.rows
         keys, refl = np.unique(self._reflection_keys(X, X.spacegroup), return_inverse=True)
@@ -411,20 +410,20 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         start = _tensor_data(refl[single], image_row[single], features[single], *(
             v[observations.of_row(single)] for v in (intensity, sigma)))
         posterior = self._build_posterior(previous, scale_network, start)
-        prior = _make_prior(self.prior).build(reflections)
-        likelihood = _make_likelihood(self.likelihood, self.dof)
-        error_model = self._build_error_model(fresh=previous is None)
-        model = MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples, error_model)
-        return model, data
+        return self._merging_model(posterior, scale_network, fresh=previous is None), data
 
-    def _build_error_model(self, fresh):
-        """The error model at its starting values (``fresh``) or at the fitted SdFac and
-        SdAdd; None without one."""
-        if not self.error_model:
-            return None
+    def _merging_model(self, posterior, scale_network, fresh):
+        """The posterior and scale network joined with the prior, the likelihood and the
+        error model: at its starting values (``fresh``) or at the fitted SdFac and SdAdd."""
         from .model.likelihoods import ErrorModel
+        from .model.training import MergingModel
 
-        return ErrorModel() if fresh else ErrorModel(self.sdfac_, self.sdadd_)
+        error_model = None
+        if self.error_model:
+            error_model = ErrorModel() if fresh else ErrorModel(self.sdfac_, self.sdadd_)
+        prior = _make_prior(self.prior).build(self.reflections_)
+        likelihood = _make_likelihood(self.likelihood, self.dof)
+        return MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples, error_model)
 
     def _observations(self, X, y=None):
         """X's rows and observations: for Laue data the harmonics of every spot (X is
@@ -575,16 +574,13 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
             return model
         from .model.posterior import TruncatedNormalPosterior
         from .model.scaling import ScaleNetwork
-        from .model.training import MergingModel
 
         posterior = TruncatedNormalPosterior(np.ones(len(self.reflections_)), np.ones(len(self.reflections_)))
         posterior.set_weights(self.posterior_weights_)
         n_images = len(self.scale_weights_[-1])
         network = ScaleNetwork(self.n_metadata_features_, self.mlp_layers, self.mlp_width, n_images, np.random.RandomState(0))
         network.set_weights(self.scale_weights_)
-        prior = _make_prior(self.prior).build(self.reflections_)
-        likelihood, error_model = _make_likelihood(self.likelihood, self.dof), self._build_error_model(fresh=False)
-        self._model = MergingModel(posterior, prior, likelihood, network, self.mc_samples, error_model)
+        self._model = self._merging_model(posterior, network, fresh=False)
         return self._model
 
     def _locate(self, keys):

@@ -301,6 +301,7 @@ def test_error_model_is_fitted_reported_and_saved(anomalous_run):
     merger = joblib.load(f"{out}.joblib")
     assert merger.error_model
     assert f"SdFac {merger.sdfac_:.3g}, SdAdd {merger.sdadd_:.3g}" in capture["err"]
+    assert "scatter about the fitted model" not in capture["err"]  # no advice to add what is there
     document = json.loads(open(f"{out}_stats.json").read())
     assert document["error_model"] == {"sdfac": merger.sdfac_, "sdadd": merger.sdadd_}
 
@@ -603,8 +604,8 @@ def test_demo_merges_a_simulated_data_set_and_prints_the_table(capsys):
     assert overall > 0.9
 
 
-@pytest.mark.parametrize("spread, error_model, warned", [(5.0, False, True), (1.0, False, False), (5.0, True, False)])
-def test_sigma_scatter_warning(spread, error_model, warned):
+@pytest.mark.parametrize("spread, warned", [(5.0, True), (1.0, False)])
+def test_sigma_scatter_warning(spread, warned):
     from skmerge.cli import sigma_scatter_warning
 
     rng = np.random.default_rng(0)
@@ -614,7 +615,7 @@ def test_sigma_scatter_warning(spread, error_model, warned):
     iobs = ipred + spread * sigma * rng.normal(size=20_000)
     iobs[test] += 100 * sigma[test]  # held-out observations do not count
     predictions = pd.DataFrame({"Iobs": iobs, "SIGIobs": sigma, "Ipred": ipred, "test": test.astype(np.int32)})
-    warning = sigma_scatter_warning(predictions, error_model)
+    warning = sigma_scatter_warning(predictions)
     if warned:
         assert "5.0 times more than their sigmas say" in warning and "--error-model" in warning
     else:
