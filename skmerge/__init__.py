@@ -23,6 +23,7 @@ _LAZY = {
     "StudentTLikelihood": "skmerge.model.likelihoods",
     "PositionalEncoding": "skmerge.features",
     "merging_statistics": "skmerge.stats",
+    "half_dataset_merges": "skmerge.half_datasets",
     "metrics": "skmerge.metrics",
     "model_selection": "skmerge.model_selection",
     "ImageKFold": "skmerge.model_selection",

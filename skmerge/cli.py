@@ -429,7 +429,8 @@ def _mono(args):
     from .io import writers
     from .merger import VariationalMerger
     from .plotting import plot_history, plot_statistics
-    from .stats import half_dataset_merges, merging_statistics
+    from .half_datasets import half_dataset_merges
+    from .stats import merging_statistics
     from .table import read_unmerged
 
     spacegroup = args.spacegroups.split(",")[0].strip() if args.spacegroups else None
@@ -563,7 +564,8 @@ def _demo(args):
 
     from .datasets import make_unmerged
     from .merger import VariationalMerger
-    from .stats import half_dataset_merges, merging_statistics, resolution_shells
+    from .half_datasets import half_dataset_merges
+    from .stats import merging_statistics, resolution_shells
 
     X, truth = make_unmerged(n_images=args.images, outlier_fraction=0.01, random_state=args.seed)
     print(f"simulated {len(X):,} observations of {X['asu_index'].nunique():,} reflections on {args.images} images")

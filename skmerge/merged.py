@@ -85,6 +85,45 @@ def friedel_halves(hkl, columns, spacegroup, fill_value=np.nan, group=None):
     return unique, out
 
 
+def anomalous_table(hkl, columns, spacegroup, cell, group=None):
+    """A merged table with Friedel columns from per-half values of anomalous ASU
+    reflections (``hkl`` as :func:`friedel_halves` takes them): F, SIGF, I, SIGI and N
+    combine both halves (a centric reflection has one), and DANO, SIGDANO are F(+) − F(−)
+    of acentric reflections. ``columns`` holds F, SIGF, I, SIGI and N; with ``group``
+    (file ids) reflections of different groups stay apart and a ``file_id`` column is
+    added."""
+    if group is None:
+        plus_hkl, halves = friedel_halves(hkl, columns, spacegroup)
+    else:
+        plus_hkl, halves, plus_group = friedel_halves(hkl, columns, spacegroup, group=group)
+    n_halves = (~np.isnan(halves["F(+)"])).astype(int) + (~np.isnan(halves["F(-)"])).astype(int)
+    centric, _ = reflection_flags(plus_hkl, spacegroup)
+    n_halves = np.where(centric, 1, n_halves)
+    combined = {}
+    for name in ("F", "I"):
+        plus, minus = halves[f"{name}(+)"], halves[f"{name}(-)"]
+        sig_plus, sig_minus = halves[f"SIG{name}(+)"], halves[f"SIG{name}(-)"]
+        total = np.where(centric, plus, np.nansum([plus, minus], axis=0))
+        var = np.where(centric, sig_plus**2, np.nansum([sig_plus**2, sig_minus**2], axis=0))
+        combined[name] = total / n_halves
+        combined[f"SIG{name}"] = np.sqrt(var) / n_halves
+    n_plus = np.nan_to_num(halves["N(+)"]).astype(np.int32)
+    n_minus = np.nan_to_num(halves["N(-)"]).astype(np.int32)
+    combined["N"] = np.where(centric, n_plus, n_plus + n_minus)
+    dano = halves["F(+)"] - halves["F(-)"]
+    sigdano = np.sqrt(halves["SIGF(+)"] ** 2 + halves["SIGF(-)"] ** 2)
+    out = {
+        "F": combined["F"], "SIGF": combined["SIGF"], "I": combined["I"], "SIGI": combined["SIGI"], "N": combined["N"],
+        "F(+)": halves["F(+)"], "SIGF(+)": halves["SIGF(+)"], "F(-)": halves["F(-)"], "SIGF(-)": halves["SIGF(-)"],
+        "I(+)": halves["I(+)"], "SIGI(+)": halves["SIGI(+)"], "I(-)": halves["I(-)"], "SIGI(-)": halves["SIGI(-)"],
+        "N(+)": n_plus, "N(-)": n_minus,
+        "DANO": np.where(centric, np.nan, dano), "SIGDANO": np.where(centric, np.nan, sigdano),
+    }
+    if group is not None:
+        out["file_id"] = plus_group
+    return merged_table(plus_hkl, out, spacegroup, cell)
+
+
 def _is_negated(hkl, spacegroup):
     """True for indices outside the reciprocal ASU (the negated Friedel-minus ones)."""
     unique, inverse = unique_hkl(hkl)

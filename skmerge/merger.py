@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import __version__
 from .errors import IncompatibleVersionError, InputError, ParameterError
 from .features import check_metadata_columns, make_metadata_transformer, split_metadata
-from .merged import friedel_halves, merged_table
+from .merged import anomalous_table, merged_table
 from .symmetry import lookup_keys, map_to_asu, pack_hkl, reflection_flags, resolution, unpack_group, unpack_hkl
 
 _SCORE_SAMPLES = 32
@@ -654,7 +654,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
         hkl = unpack_hkl(keys)
         group = unpack_group(keys) if self.separate_files else None
         if self.anomalous:
-            return _anomalous_table(hkl, columns, self.reflections_, group)
+            return anomalous_table(hkl, columns, self.reflections_.spacegroup, self.reflections_.cell, group)
         if group is not None:
             columns["file_id"] = group
         return merged_table(hkl, columns, self.reflections_.spacegroup, self.reflections_.cell)
@@ -895,39 +895,6 @@ def _amplitude_columns(m1, m2, m3, m4, counts, intensity_scale):
     sigf = np.sqrt(np.maximum(m2 - m1**2, 0.0))
     sigi = np.sqrt(np.maximum(m4 - m2**2, 0.0))
     return {"F": m1 * root, "SIGF": sigf * root, "I": m2 * intensity_scale, "SIGI": sigi * intensity_scale, "N": counts}
-
-
-def _anomalous_table(hkl, columns, reflections, group=None):
-    if group is None:
-        plus_hkl, halves = friedel_halves(hkl, columns, reflections.spacegroup)
-    else:
-        plus_hkl, halves, plus_group = friedel_halves(hkl, columns, reflections.spacegroup, group=group)
-    n_halves = (~np.isnan(halves["F(+)"])).astype(int) + (~np.isnan(halves["F(-)"])).astype(int)
-    centric, _ = reflection_flags(plus_hkl, reflections.spacegroup)
-    n_halves = np.where(centric, 1, n_halves)
-    combined = {}
-    for name in ("F", "I"):
-        plus, minus = halves[f"{name}(+)"], halves[f"{name}(-)"]
-        sig_plus, sig_minus = halves[f"SIG{name}(+)"], halves[f"SIG{name}(-)"]
-        total = np.where(centric, plus, np.nansum([plus, minus], axis=0))
-        var = np.where(centric, sig_plus**2, np.nansum([sig_plus**2, sig_minus**2], axis=0))
-        combined[name] = total / n_halves
-        combined[f"SIG{name}"] = np.sqrt(var) / n_halves
-    n_plus = np.nan_to_num(halves["N(+)"]).astype(np.int32)
-    n_minus = np.nan_to_num(halves["N(-)"]).astype(np.int32)
-    combined["N"] = np.where(centric, n_plus, n_plus + n_minus)
-    dano = halves["F(+)"] - halves["F(-)"]
-    sigdano = np.sqrt(halves["SIGF(+)"] ** 2 + halves["SIGF(-)"] ** 2)
-    out = {
-        "F": combined["F"], "SIGF": combined["SIGF"], "I": combined["I"], "SIGI": combined["SIGI"], "N": combined["N"],
-        "F(+)": halves["F(+)"], "SIGF(+)": halves["SIGF(+)"], "F(-)": halves["F(-)"], "SIGF(-)": halves["SIGF(-)"],
-        "I(+)": halves["I(+)"], "SIGI(+)": halves["SIGI(+)"], "I(-)": halves["I(-)"], "SIGI(-)": halves["SIGI(-)"],
-        "N(+)": n_plus, "N(-)": n_minus,
-        "DANO": np.where(centric, np.nan, dano), "SIGDANO": np.where(centric, np.nan, sigdano),
-    }
-    if group is not None:
-        out["file_id"] = plus_group
-    return merged_table(plus_hkl, out, reflections.spacegroup, reflections.cell)
 
 
 class _progress:

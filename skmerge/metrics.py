@@ -31,7 +31,8 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 
 from .errors import InputError
-from .stats import cc_half, half_dataset_merges, weighted_pearson
+from .half_datasets import half_dataset_merges
+from .stats import cc_half, weighted_pearson
 
 __all__ = [
     "CCHalfScorer",
@@ -165,7 +166,7 @@ def half_dataset_cc(estimator, X, *, n_repeats=1, column="I", n_bins=10, random_
     """CC1/2 per resolution shell of a fitted merger on observations X.
 
     The images of X are split at random into halves; each half is merged by the
-    merger with its scale model frozen (:func:`skmerge.stats.half_dataset_merges`) and
+    merger with its scale model frozen (:func:`skmerge.half_datasets.half_dataset_merges`) and
     the halves' ``column`` are correlated per shell (:func:`skmerge.stats.cc_half`).
     Works on a Pipeline ending in a merger (X is transformed by the earlier steps).
 

@@ -1,88 +1,23 @@
-"""Merging statistics: half-dataset merges, CC1/2, CCanom, CCpred and the per-shell table.
+"""Merging statistics: CC1/2, CCanom, CCpred and the per-shell table.
 
 Everything here works on plain tables (``rs.DataSet``), so the statistics of a fit in
 memory and of MTZ files written earlier (by skmerge, or careless's ``SigF`` layout) are
-computed by the same code; no TensorFlow is needed except to refit half data sets.
+computed by the same code, without TensorFlow. The half-dataset merges they read are
+made by :func:`skmerge.half_datasets.half_dataset_merges`.
 """
 
-import copy
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import reciprocalspaceship as rs
-from sklearn.utils import check_random_state
 
 from .errors import InputError
 from .symmetry import pack_hkl, reflection_flags
 
 BINNINGS = ("equal-count", "equal-volume")
 METHODS = ("pearson", "spearman")
-
-
-def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0):
-    """Merge random halves of the images with the fitted scale model frozen.
-
-    For each repeat the images are split at random into two halves; each half is merged
-    by refitting only the posteriors of a copy of ``merger`` on that half's observations
-    (the posterior started afresh from the half's own data, so the halves stay
-    independent), with the scale model fixed at its full-data fit.
-
-    Parameters
-    ----------
-    merger : VariationalMerger
-        A fitted merger.
-    X : rs.DataSet
-        The observation table it was fitted on.
-    n_repeats : int, default=1
-    random_state : int, RandomState instance or None
-        Makes the splits repeatable.
-    verbose : int, default=0
-        Show a progress bar over the 2 × ``n_repeats`` half merges when positive.
-
-    Returns
-    -------
-    rs.DataSet
-        The merged tables of every half, stacked, with integer columns ``repeat`` and
-        ``half`` (0 or 1), indexed by H, K, L (plus ``file_id`` when the merger merges
-        files separately).
-
-    Examples
-    --------
-    >>> halves = half_dataset_merges(merger, X, n_repeats=2)  # doctest: +SKIP
-    >>> cc_half(halves)  # doctest: +SKIP
-    """
-    if int(n_repeats) < 1:
-        raise InputError(f"n_repeats={n_repeats!r} must be at least 1.")
-    rng = check_random_state(random_state)
-    images = np.unique(X["image_id"].to_numpy())
-    if len(images) < 2:
-        raise InputError("half-dataset merging needs at least two images.")
-    image_id = X["image_id"].to_numpy()
-    tables = []
-    bar = _bar(2 * int(n_repeats), "half-dataset merges", verbose)
-    try:
-        for repeat in range(int(n_repeats)):
-            first = rng.permutation(images)[: len(images) // 2]
-            in_first = np.isin(image_id, first)
-            for half, rows in enumerate((in_first, ~in_first)):
-                half_merger = copy.deepcopy(merger)
-                half_merger.set_params(warm_start="scales", freeze="scales", early_stopping=False, verbose=0,
-                                       random_state=rng.randint(2**31 - 1))
-                X_half = X.iloc[np.flatnonzero(rows)]
-                merged = half_merger.fit(X_half).transform(X_half)
-                merged["repeat"] = np.int32(repeat)
-                merged["half"] = np.int32(half)
-                tables.append(merged)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    out = pd.concat(tables).astype({"repeat": "MTZInt", "half": "MTZInt"})
-    out.spacegroup, out.cell, out.merged = tables[0].spacegroup, tables[0].cell, True
-    return out
 
 
 def resolution_shells(dhkl, n_bins=10):
@@ -95,7 +30,7 @@ def resolution_shells(dhkl, n_bins=10):
 
 
 def cc_half(halves, *, column="I", n_bins=10, method="pearson"):
-    """CC1/2 per resolution shell (and overall) from :func:`half_dataset_merges`.
+    """CC1/2 per resolution shell (and overall) from :func:`~skmerge.half_datasets.half_dataset_merges`.
 
     The correlation of ``column`` between the two halves over the reflections merged in
     both, averaged over repeats. Shells are equal-count in 1/d² over those reflections.
@@ -296,7 +231,7 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
         of ``VariationalMerger.transform`` or a merged MTZ file (I, SIGI and N; N(+),
         N(-) for the anomalous completeness). careless's ``SigI`` names are accepted.
     halves : rs.DataSet, optional
-        Half-dataset merges of the same data (:func:`half_dataset_merges`, or an
+        Half-dataset merges of the same data (:func:`~skmerge.half_datasets.half_dataset_merges`, or an
         ``_xval_`` MTZ file): enables CC1/2, and CCanom when they hold DANO or F(±).
     predictions : DataFrame, optional
         One row per observation with Iobs, SIGIobs, Ipred and a ``test`` flag (1 for
@@ -655,11 +590,3 @@ def _limits(edges):
 
 def _fmt_d(d):
     return "inf" if not np.isfinite(d) else f"{d:.2f}"
-
-
-def _bar(total, description, verbose):
-    if not verbose:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="fit", dynamic_ncols=True)
