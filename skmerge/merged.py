@@ -43,6 +43,18 @@ def merged_table(hkl, columns, spacegroup, cell):
     columns : dict of str → ndarray
         Column name → values; names in :data:`MTZ_TYPES` get their MTZ type, others are
         inferred. A ``file_id`` column (data sets merged separately) sorts first.
+    spacegroup : gemmi.SpaceGroup
+    cell : gemmi.UnitCell
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> from skmerge.merged import merged_table
+    >>> table = merged_table(np.array([[2, 0, 0], [1, 0, 0]]), {"I": np.array([4.0, 9.0]), "N": np.array([3, 1])},
+    ...                      gemmi.SpaceGroup("P 1"), gemmi.UnitCell(10, 10, 10, 90, 90, 90))
+    >>> table.reset_index().values.tolist(), [str(t) for t in table.dtypes]
+    ([[1, 0, 0, 9.0, 1], [2, 0, 0, 4.0, 3]], ['Intensity', 'MTZInt'])
     """
     data = {"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], **columns}
     table = rs.DataSet(data, spacegroup=spacegroup, cell=cell, merged=True)
@@ -64,6 +76,16 @@ def friedel_halves(hkl, columns, spacegroup, fill_value=np.nan, group=None):
     reciprocalspaceship's ``unstack_anomalous`` gives). A half never observed holds
     ``fill_value``. With ``group`` (e.g. file ids), reflections of different groups stay
     apart and the group of each output row is returned as a third value.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> from skmerge.merged import friedel_halves
+    >>> hkl = np.array([[1, 2, 3], [-1, -2, -3], [4, 0, 0]])
+    >>> unique, columns = friedel_halves(hkl, {"I": np.array([5.0, 7.0, 2.0])}, gemmi.SpaceGroup("P 1"))
+    >>> unique.tolist(), columns["I(+)"].tolist(), columns["I(-)"].tolist()
+    ([[1, 2, 3], [4, 0, 0]], [5.0, 2.0], [7.0, nan])
     """
     hkl = np.asarray(hkl)
     centric, _ = reflection_flags(hkl, spacegroup)

@@ -207,6 +207,27 @@ class MergingStatistics:
         Held-out observations CCpred is computed on (0: none).
     notes : list of str
         Anything the reader of the table should know (e.g. columns substituted).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from skmerge.stats import MergingStatistics
+    >>> table = pd.DataFrame({"d_max": [10.0, 3.0, 10.0], "d_min": [3.0, 2.0, 2.0],
+    ...                       "n_obs": [400.0, 380.0, 780.0], "n_unique": [100.0, 95.0, 195.0],
+    ...                       "multiplicity": [4.0, 4.0, 4.0], "completeness": [0.99, 0.97, 0.98],
+    ...                       "mean_isigi": [20.1, 3.2, 11.8], "cc_half": [0.998, 0.61, 0.99]},
+    ...                      index=[1, 2, "overall"])
+    >>> stats = MergingStatistics(table, n_repeats=1)
+    >>> print(stats)
+    2 resolution shells of equal numbers of measured reflections; CC1/2: Pearson over 1 half-dataset repeat
+      d_max  d_min      #obs   #uniq   Mult  Cmpl%  <I/sI>   CC1/2
+    --------------------------------------------------------------
+      10.00   3.00       400     100    4.0   99.0    20.1   0.998
+       3.00   2.00       380      95    4.0   97.0     3.2   0.610
+    --------------------------------------------------------------
+      10.00   2.00       780     195    4.0   98.0    11.8   0.990  overall
+    >>> MergingStatistics.from_dict(stats.to_dict()).to_string() == stats.to_string()
+    True
     """
 
     table: pd.DataFrame
