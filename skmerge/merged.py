@@ -152,8 +152,11 @@ def anomalous_table(hkl, columns, spacegroup, cell, group=None):
     halves["N(-)"] = np.nan_to_num(halves["N(-)"]).astype(np.int32)
     combined = combine_friedel(halves, centric)
     out = {name: combined[name] for name in ("F", "SIGF", "I", "SIGI", "N")}
-    for name in ("F", "SIGF", "I", "SIGI", "N"):
-        out[name + "(+)"], out[name + "(-)"] = halves[name + "(+)"], halves[name + "(-)"]
+    for quantity in ("F", "I"):
+        for sign in ("(+)", "(-)"):
+            out[quantity + sign] = halves[quantity + sign]
+            out[f"SIG{quantity}{sign}"] = halves[f"SIG{quantity}{sign}"]
+    out["N(+)"], out["N(-)"] = halves["N(+)"], halves["N(-)"]
     out["DANO"], out["SIGDANO"] = combined["DANO"], combined["SIGDANO"]
     if group is not None:
         out["file_id"] = plus_group

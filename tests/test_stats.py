@@ -312,6 +312,8 @@ def _assert_same_columns(got, expected):
 
 def test_standardise_combines_friedel_halves_as_the_merged_table_does(friedel_table):
     table, centric = friedel_table
+    assert list(table.columns) == ["F", "SIGF", "I", "SIGI", "N", "F(+)", "SIGF(+)", "F(-)", "SIGF(-)", "I(+)",
+                                   "SIGI(+)", "I(-)", "SIGI(-)", "N(+)", "N(-)", "DANO", "SIGDANO"]
     friedel_only = table.drop(columns=MEANS)
     out, notes = standardise_columns(friedel_only, "merged")
     _assert_same_columns(out, table)
