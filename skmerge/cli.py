@@ -154,8 +154,8 @@ def _add_mono_arguments(mono, defaults):
     output = mono.add_argument_group("output")
     _add_table_arguments(output)
     output.add_argument("--disable-progress-bar", action="store_true", help="no progress bars")
-    output.add_argument("--quiet", action="store_true",
-                        help="print nothing but warnings and errors (implies --disable-progress-bar)")
+    output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors (implies "
+                        "--disable-progress-bar)")
 
     compat = mono.add_argument_group(
         "careless compatibility", "careless flags of its published examples; accepted and ignored, with a warning")
@@ -169,9 +169,8 @@ def _add_poly_arguments(poly, defaults):
     laue.add_argument("-w", "--wavelength-key", default=defaults["wavelength_key"], metavar="KEY",
                       help="column with each spot's wavelength in Å (default: %(default)s)")
     laue.add_argument("-l", "--wavelength-range", type=float, nargs=2, metavar=("LAMBDA_MIN", "LAMBDA_MAX"),
-                      default=defaults["wavelength_range"],
-                      help="band of the beam in Å for the harmonic expansion (default: each file's smallest "
-                      "and largest recorded wavelength)")
+                      default=defaults["wavelength_range"], help="band of the beam in Å for the harmonic expansion "
+                      "(default: each file's smallest and largest recorded wavelength)")
 
 
 def _add_table_arguments(group):
@@ -264,11 +263,6 @@ def check_mono_arguments(args):
         raise UsageError(f"metadata keys {args.metadata_keys!r}: give comma-separated column names, "
                          f"e.g. 'dHKL,Hobs,Kobs,Lobs' (always available: {','.join(SPECIAL_KEYS)})")
     keys = list(dict.fromkeys(keys))
-    for path in args.reflection_files:
-        if not Path(path).exists():
-            raise UsageError(f"{path}: no such file")
-        if Path(path).is_dir():
-            raise UsageError(f"{path}: is a directory, not a reflection file")
     if args.reference_mtz is not None and not Path(args.reference_mtz).is_file():
         raise UsageError(f"--reference-mtz {args.reference_mtz}: no such file")
     if args.reference_prior is not None and args.reference_mtz is None:
@@ -319,31 +313,30 @@ def _mono(args):
     keys = check_mono_arguments(args)
     params = merger_parameters(args, keys)
     check_values(args, params)
-    log = _Log(args.quiet)
+    log = _logger(args.quiet)
     for attr, (flag, _, reason) in IGNORED_CARELESS_FLAGS.items():
         if getattr(args, attr) is not None:
             log("warning", f"{flag} is accepted for careless compatibility and ignored: {reason}")
 
-    from .workflow import run_merge
+    from .workflow import format_statistics, run_merge
 
     result = run_merge(args.reflection_files, args.out, log=log, **workflow_options(args), **params)
     if not args.quiet:
-        _print_statistics(result.statistics, result.names)
+        print(format_statistics(result.statistics, result.names))
     return 0
 
 
 def _stats(args):
     from .io import writers
     from .plotting import plot_statistics
-    from .workflow import statistics_from_outputs
+    from .workflow import format_statistics, statistics_from_outputs
 
     if args.plot:
         writers.check_output_prefix(args.plot)
-    statistics, names = statistics_from_outputs(args.out, shells=args.shells, binning=args.binning,
-                                                method=args.method)
+    statistics, names = statistics_from_outputs(args.out, shells=args.shells, binning=args.binning, method=args.method)
     if args.plot:
         writers.write_figure(plot_statistics(statistics, None if len(names) == 1 else names), args.plot)
-    _print_statistics(statistics, names)
+    print(format_statistics(statistics, names))
     return 0
 
 
@@ -358,12 +351,11 @@ def _demo(args):
     X, truth = make_unmerged(n_images=args.images, outlier_fraction=0.01, random_state=args.seed)
     print(f"simulated {len(X):,} observations of {X['asu_index'].nunique():,} reflections on {args.images} images")
     result = run_merge(X, metadata=["dHKL", "BATCH", "XDET", "YDET"], likelihood="studentt", random_state=args.seed,
-                       verbose=int(not args.quiet), half_datasets=1, shells=args.shells, log=_Log(quiet=True))
+                       verbose=int(not args.quiet), half_datasets=1, shells=args.shells, log=_logger(quiet=True))
     print(f"fitted in {result.merger.n_iter_} steps")
-    merged = result.merged[0]
-    true = truth.merged.loc[merged.index]
+    true = truth.merged.loc[result.merged[0].index]
     shell, _ = resolution_shells(true["dHKL"].to_numpy(), args.shells)
-    f, f_true = merged["F"].to_numpy(float), true["F"].to_numpy(float)
+    f, f_true = result.merged[0]["F"].to_numpy(float), true["F"].to_numpy(float)
     print(result.statistics[0])
     cc_true = [np.corrcoef(f[shell == i], f_true[shell == i])[0, 1] for i in range(args.shells)]
     print("\nCC(F, truth) in the shells above: " + " ".join(f"{c:.3f}" for c in cc_true)
@@ -372,23 +364,12 @@ def _demo(args):
 
 
 # ----------------------------------------------------------------------- output
-class _Log:
+def _logger(quiet):
     """The workflow's log callback: status lines (unless quiet) and warnings on stderr."""
-
-    def __init__(self, quiet):
-        self.quiet = quiet
-
-    def __call__(self, level, message):
-        if level == "warning" or not self.quiet:
+    def log(level, message):
+        if level == "warning" or not quiet:
             print(f"skmerge: {'warning: ' if level == 'warning' else ''}{message}", file=sys.stderr, flush=True)
-
-
-def _print_statistics(statistics, names):
-    for i, (stats, name) in enumerate(zip(statistics, names)):
-        if i:
-            print()
-        title = f"Merging statistics of data set {i}" + (f" ({name})" if name else "")
-        print(stats.to_string(title=title))
+    return log
 
 
 def _one_line(exc):

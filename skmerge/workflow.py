@@ -306,6 +306,15 @@ def statistics_table(statistics):
     return pd.concat(tables, ignore_index=True)
 
 
+def format_statistics(statistics, names):
+    """The statistics tables of several data sets as text, each titled with its number
+    and name: what ``skmerge mono`` and ``skmerge stats`` print."""
+    return "\n\n".join(
+        stats.to_string(title=f"Merging statistics of data set {i}" + (f" ({name})" if name else ""))
+        for i, (stats, name) in enumerate(zip(statistics, names))
+    )
+
+
 def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pearson"):
     """The merging statistics of a finished run, recomputed from its files: ``skmerge
     stats``.
