@@ -8,6 +8,7 @@ output prefix, writes the command line's files; :func:`statistics_from_outputs` 
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -132,9 +133,9 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
 
     Parameters
     ----------
-    data : path, list of paths, or rs.DataSet
-        Reflection files for :func:`skmerge.read_unmerged`, or an observation table it
-        made.
+    data : path, rs.DataSet, or list of them
+        Reflection files or data sets for :func:`skmerge.read_unmerged`, or an
+        observation table it made.
     out : str or Path, optional
         Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
         files when given.
@@ -379,7 +380,7 @@ def _statistics(merged, halves, predictions, **options):
 
 def _observations(data, anomalous, read_options):
     """The observation table and the names of its files."""
-    if isinstance(data, pd.DataFrame):
+    if isinstance(data, pd.DataFrame) and "asu_index" in data.columns:
         if read_options:
             raise ParameterError(f"{', '.join(read_options)}: read options apply to files, not to a table; "
                                  "pass them to skmerge.read_unmerged")
@@ -387,9 +388,9 @@ def _observations(data, anomalous, read_options):
         return data, [f"file {i}" for i in range(n_files)]
     from .table import read_unmerged
 
-    paths = [data] if isinstance(data, (str, Path)) else list(data)
-    X = read_unmerged(paths, anomalous=anomalous, **read_options)
-    return X, [Path(p).name for p in paths]
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    X = read_unmerged(sources, anomalous=anomalous, **read_options)
+    return X, [Path(s).name if isinstance(s, (str, os.PathLike)) else f"file {i}" for i, s in enumerate(sources)]
 
 
 def _read_mtz(path):
