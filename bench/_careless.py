@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import reciprocalspaceship as rs
+
+from skmerge.shells import half_correlations, make_shells, measured_reflections
+from skmerge.stats import standardise_columns
 
 DEFAULT_VENV = Path(__file__).resolve().parent / ".venv-careless"
 CARELESS_VERSION = "0.5.4"
@@ -331,64 +333,27 @@ def run_careless(
     }
 
 
-def _pearson(x, y):
-    """Pearson correlation of two equal-length arrays; NaN with fewer than 3 pairs."""
-    if len(x) < 3:
-        return float("nan")
-    return float(np.corrcoef(np.asarray(x, float), np.asarray(y, float))[0, 1])
+# Friedel-mean columns of skmerge's anomalous files, which careless does not write; they
+# are derived from the Friedel columns for both programs alike.
+_FRIEDEL_MEANS = ["F", "SIGF", "I", "SIGI", "N", "DANO", "SIGDANO"]
 
 
-def _friedel_layout(ds):
-    """The Friedel-column names of an anomalous merged table in either spelling
-    (careless: ``SigF(+)``; skmerge: ``SIGF(+)``), or None for a non-anomalous one."""
-    if "F(+)" not in ds.columns:
-        return None
-    return {"sigma_prefix": "SigF" if "SigF(+)" in ds.columns else "SIGF"}
+def _friedel_rows(halves):
+    """The Friedel halves of an anomalous half-dataset table as reflections of their own:
+    one row per (repeat, half, Friedel half), the (−) half of an acentric reflection
+    under its negated index; a centric reflection, whose Friedel columns hold its one
+    value, has one row."""
+    pairs = [x for x in ("F", "SIGF", "I", "SIGI", "N") if f"{x}(+)" in halves.columns]
+    rows = halves.drop(columns=[c for c in _FRIEDEL_MEANS if c in halves.columns])
+    return rows.stack_anomalous([f"{x}(+)" for x in pairs], [f"{x}(-)" for x in pairs])
 
 
-def _half_values(ds, anomalous_layout):
-    """One row per (repeat, half, reflection) with the columns ``I`` (or None), ``F``,
-    indexed by H, K, L and, in Friedel layout, ``friedel`` (+1 / −1).
-
-    In Friedel layout each Friedel half is a reflection of its own (the anomalous model
-    has one amplitude for each); centric reflections, which both programs write into
-    both Friedel columns, count once (as +). Rows with no observations (N ≤ 0) or a
-    missing value are dropped.
-    """
-    data = ds.reset_index()
-    base = {k: data[k].to_numpy(np.int64) for k in ("H", "K", "L", "repeat", "half")}
-    if not anomalous_layout:
-        frame = pd.DataFrame(base)
-        frame["friedel"] = 1
-        for q in ("I", "F"):
-            frame[q] = data[q].to_numpy(np.float64, na_value=np.nan) if q in data else np.nan
-        if "N" in data:
-            frame.loc[data["N"].to_numpy(np.float64, na_value=0) <= 0, ["I", "F"]] = np.nan
-        return frame
-    centric = ds.label_centrics()["CENTRIC"].to_numpy(bool)
-    parts = []
-    for sign, suffix in ((1, "(+)"), (-1, "(-)")):
-        frame = pd.DataFrame(base)
-        frame["friedel"] = sign
-        for q in ("I", "F"):
-            column = q + suffix
-            frame[q] = data[column].to_numpy(np.float64, na_value=np.nan) if column in data else np.nan
-        if "N" + suffix in data:
-            frame.loc[data["N" + suffix].to_numpy(np.float64, na_value=0) <= 0, ["I", "F"]] = np.nan
-        if sign == -1:
-            frame = frame[~centric]
-        parts.append(frame)
-    return pd.concat(parts, ignore_index=True)
-
-
-def _paired(frame, column, keys):
-    """(repeat, a, b): ``column`` in half 0 and half 1 over the reflections finite in both."""
-    frame = frame[np.isfinite(frame[column])]
-    for repeat, table in frame.groupby("repeat", sort=True):
-        a = table.loc[table["half"] == 0, [*keys, column]]
-        b = table.loc[table["half"] == 1, [*keys, column]]
-        pairs = a.merge(b, on=keys, suffixes=("_a", "_b"))
-        yield repeat, pairs[column + "_a"].to_numpy(), pairs[column + "_b"].to_numpy()
+def _overall(halves, column):
+    """Correlation of ``column`` between the halves over all reflections, per repeat and
+    averaged, and the pairs per repeat (skmerge's pairing and Pearson correlation)."""
+    shells = make_shells(measured_reflections(halves), 1)
+    result = half_correlations(halves, column, shells, "pearson")
+    return result.values[:, -1].tolist(), result.counts[:, -1].tolist(), float(result.mean()[-1])
 
 
 def half_dataset_cc(xval_mtz_path, anomalous):
@@ -398,17 +363,21 @@ def half_dataset_cc(xval_mtz_path, anomalous):
     ``repeat`` and ``half`` columns; careless spells standard deviations ``SigF``,
     skmerge ``SIGF``, and skmerge's anomalous files also hold Friedel-mean ``F``, ``I``
     and ``DANO`` columns. Only the columns both programs write are used, in the same way,
-    so the numbers of the two programs compare directly. Each statistic is computed per
-    repeat and then averaged over repeats.
+    so the numbers of the two programs compare directly. The file is read into the
+    half-dataset layout skmerge's statistics take (``skmerge.stats.standardise_columns``)
+    and correlated by skmerge's pairing and correlation core (``skmerge.shells``); each
+    statistic is computed per repeat and then averaged over repeats.
 
     CC1/2 is the Pearson correlation between the halves' merged intensities ``I``, or
     structure-factor amplitudes ``F`` if the file has no intensities (``quantity`` says
     which). In an anomalous file each Friedel half counts as a reflection of its own
     (``I(+)`` and ``I(-)``, as the anomalous model has one amplitude for each, and as
     careless's ``careless.cchalf`` counts); centric reflections, written into both Friedel
-    columns by both programs, count once. CCanom is the Pearson correlation between the
-    halves' ``DANO = F(+) - F(-)`` over acentric reflections measured in both Friedel
-    mates in both halves (``careless.ccanom`` also keeps centrics, whose DANO is 0).
+    columns by both programs, count once. (``skmerge.stats.cc_half`` correlates the
+    Friedel means instead.) CCanom is the Pearson correlation between the halves'
+    ``DANO = F(+) - F(-)`` over acentric reflections measured in both Friedel mates in
+    both halves (``careless.ccanom`` also keeps centrics, whose DANO is 0). A Friedel
+    half with ``N(±) = 0`` counts as unmeasured.
 
     Parameters
     ----------
@@ -425,28 +394,22 @@ def half_dataset_cc(xval_mtz_path, anomalous):
         ``cc_anom``, ``cc_anom_per_repeat`` and ``n_cc_anom``.
     """
     ds = rs.read_mtz(str(xval_mtz_path))
-    layout = _friedel_layout(ds)
-    if anomalous and layout is None:
+    friedel = "F(+)" in ds.columns
+    if anomalous and not friedel:
         raise ValueError(f"{xval_mtz_path}: no F(+)/F(-) columns; was the run anomalous?")
-    values = _half_values(ds, layout is not None)
-    quantity = "I" if np.isfinite(values["I"]).any() else "F"
-    keys = ["H", "K", "L", "friedel"]
+    if friedel:
+        ds = ds.drop(columns=[c for c in _FRIEDEL_MEANS if c in ds.columns])
+    halves, _ = standardise_columns(ds, "half-dataset")
+    per_reflection = _friedel_rows(halves) if friedel else halves
+    has_intensity = "I" in per_reflection.columns and np.isfinite(
+        per_reflection["I"].to_numpy(np.float64, na_value=np.nan)).any()
+    quantity = "I" if has_intensity else "F"
 
-    result = {"quantity": quantity, "cc_half_per_repeat": [], "n_cc_half": []}
-    for _, a, b in _paired(values, quantity, keys):
-        result["cc_half_per_repeat"].append(_pearson(a, b))
-        result["n_cc_half"].append(len(a))
-    if not result["n_cc_half"]:
+    per_repeat, counts, mean = _overall(per_reflection, quantity)
+    if not counts:
         raise ValueError(f"{xval_mtz_path}: no reflection merged in both halves")
-    result["cc_half"] = float(np.mean(result["cc_half_per_repeat"]))
-
+    result = {"quantity": quantity, "cc_half_per_repeat": per_repeat, "n_cc_half": counts, "cc_half": mean}
     if anomalous:
-        plus = values[values["friedel"] == 1].set_index(["H", "K", "L", "repeat", "half"])["F"]
-        minus = values[values["friedel"] == -1].set_index(["H", "K", "L", "repeat", "half"])["F"]
-        dano = (plus - minus).dropna().rename("DANO").reset_index()  # centrics have no (-) row
-        result["cc_anom_per_repeat"], result["n_cc_anom"] = [], []
-        for _, a, b in _paired(dano, "DANO", ["H", "K", "L"]):
-            result["cc_anom_per_repeat"].append(_pearson(a, b))
-            result["n_cc_anom"].append(len(a))
-        result["cc_anom"] = float(np.mean(result["cc_anom_per_repeat"])) if result["n_cc_anom"] else float("nan")
+        per_repeat, counts, mean = _overall(halves, "DANO")
+        result.update(cc_anom_per_repeat=per_repeat, n_cc_anom=counts, cc_anom=mean)
     return result

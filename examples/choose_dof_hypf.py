@@ -29,6 +29,7 @@ import pandas as pd
 from sklearn.model_selection import GridSearchCV
 
 import skmerge
+from skmerge import NormalLikelihood, StudentTLikelihood
 from skmerge.metrics import ccpred, heldout_loglik
 from skmerge.model_selection import ImageKFold
 
@@ -60,10 +61,10 @@ def parse_args():
 
 def search_dof(X, args):
     merger = skmerge.VariationalMerger(
-        anomalous=True, likelihood="studentt", metadata=METADATA, image_scales=False,
+        anomalous=True, metadata=METADATA, image_scales=False,
         mlp_layers=args.mlp_layers, max_iter=args.max_iter, jit_compile=args.jit, random_state=0,
     )
-    grid = [{"likelihood": ["studentt"], "dof": DOFS}, {"likelihood": ["normal"]}]
+    grid = {"likelihood": [*(StudentTLikelihood(dof=d) for d in DOFS), NormalLikelihood()]}
     search = GridSearchCV(
         merger, grid, cv=ImageKFold(args.folds), scoring={"loglik": heldout_loglik, "ccpred": ccpred},
         refit="loglik", n_jobs=args.n_jobs,
@@ -91,7 +92,7 @@ def search_dof(X, args):
 def results_table(search):
     results = pd.DataFrame(search.cv_results_)
     dof = [
-        "∞ (normal)" if params["likelihood"] == "normal" else f"{params['dof']:g}"
+        f"{params['likelihood'].dof:g}" if isinstance(params["likelihood"], StudentTLikelihood) else "∞ (normal)"
         for params in results["params"]
     ]
     table = pd.DataFrame(
@@ -120,7 +121,7 @@ def main():
     with pd.option_context("display.float_format", "{:.4f}".format):
         print(results_table(search).to_string())
     best = search.best_params_
-    print(f"\nbest: likelihood={best['likelihood']}" + (f", dof={best['dof']:g}" if best["likelihood"] == "studentt" else ""))
+    print(f"\nbest: likelihood={best['likelihood']!r}")
 
     path = args.out / "hypf_best_merger.joblib"
     joblib.dump(search.best_estimator_, path)

@@ -123,3 +123,20 @@ def check_metadata_columns(X, columns):
         if not np.isfinite(values.to_numpy(np.float64, na_value=np.nan)).all():
             raise InputError(f"metadata column {column!r} holds NaN or infinite values; fill or drop them.")
 
+
+
+def metadata_features(transformer, X, metadata=None):
+    """The fitted metadata ``transformer`` applied to X: one finite float32 row per
+    observation, or InputError. ``metadata`` (the estimator's parameter) names the
+    columns to check first when it is a list."""
+    if isinstance(metadata, (list, tuple)) or metadata is None:
+        check_metadata_columns(X, split_metadata(metadata)[0])
+    try:
+        features = np.asarray(transformer.transform(X), dtype=np.float32)
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"the metadata transformer failed on X: {exc}") from exc
+    if features.ndim != 2 or len(features) != len(X):
+        raise InputError("the metadata transformer must return one row of numbers per observation.")
+    if not np.isfinite(features).all():
+        raise InputError("the metadata transformer produced NaN or infinite features; check the metadata columns.")
+    return features

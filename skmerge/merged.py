@@ -43,6 +43,18 @@ def merged_table(hkl, columns, spacegroup, cell):
     columns : dict of str → ndarray
         Column name → values; names in :data:`MTZ_TYPES` get their MTZ type, others are
         inferred. A ``file_id`` column (data sets merged separately) sorts first.
+    spacegroup : gemmi.SpaceGroup
+    cell : gemmi.UnitCell
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> from skmerge.merged import merged_table
+    >>> table = merged_table(np.array([[2, 0, 0], [1, 0, 0]]), {"I": np.array([4.0, 9.0]), "N": np.array([3, 1])},
+    ...                      gemmi.SpaceGroup("P 1"), gemmi.UnitCell(10, 10, 10, 90, 90, 90))
+    >>> table.reset_index().values.tolist(), [str(t) for t in table.dtypes]
+    ([[1, 0, 0, 9.0, 1], [2, 0, 0, 4.0, 3]], ['Intensity', 'MTZInt'])
     """
     data = {"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], **columns}
     table = rs.DataSet(data, spacegroup=spacegroup, cell=cell, merged=True)
@@ -64,6 +76,16 @@ def friedel_halves(hkl, columns, spacegroup, fill_value=np.nan, group=None):
     reciprocalspaceship's ``unstack_anomalous`` gives). A half never observed holds
     ``fill_value``. With ``group`` (e.g. file ids), reflections of different groups stay
     apart and the group of each output row is returned as a third value.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> from skmerge.merged import friedel_halves
+    >>> hkl = np.array([[1, 2, 3], [-1, -2, -3], [4, 0, 0]])
+    >>> unique, columns = friedel_halves(hkl, {"I": np.array([5.0, 7.0, 2.0])}, gemmi.SpaceGroup("P 1"))
+    >>> unique.tolist(), columns["I(+)"].tolist(), columns["I(-)"].tolist()
+    ([[1, 2, 3], [4, 0, 0]], [5.0, 2.0], [7.0, nan])
     """
     hkl = np.asarray(hkl)
     centric, _ = reflection_flags(hkl, spacegroup)
@@ -87,41 +109,125 @@ def friedel_halves(hkl, columns, spacegroup, fill_value=np.nan, group=None):
 
 def anomalous_table(hkl, columns, spacegroup, cell, group=None):
     """A merged table with Friedel columns from per-half values of anomalous ASU
-    reflections (``hkl`` as :func:`friedel_halves` takes them): F, SIGF, I, SIGI and N
-    combine both halves (a centric reflection has one), and DANO, SIGDANO are F(+) − F(−)
-    of acentric reflections. ``columns`` holds F, SIGF, I, SIGI and N; with ``group``
-    (file ids) reflections of different groups stay apart and a ``file_id`` column is
-    added."""
+    reflections.
+
+    Parameters
+    ----------
+    hkl : ndarray of shape (n, 3)
+        Anomalous ASU indices, as :func:`friedel_halves` takes them.
+    columns : dict of str → ndarray
+        F, SIGF, I, SIGI and N of every row of ``hkl``.
+    spacegroup : gemmi.SpaceGroup
+    cell : gemmi.UnitCell
+    group : ndarray of shape (n,), optional
+        File ids: reflections of different groups stay apart and a ``file_id`` column is
+        added.
+
+    Returns
+    -------
+    rs.DataSet
+        Indexed by the plus-ASU H, K, L: F, SIGF, I, SIGI, N combining both Friedel
+        halves (:func:`combine_friedel`), the Friedel columns F(±), SIGF(±), I(±),
+        SIGI(±), N(±), and DANO, SIGDANO.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> from skmerge.merged import anomalous_table
+    >>> sg, cell = gemmi.SpaceGroup("P 1"), gemmi.UnitCell(10, 10, 10, 90, 90, 90)
+    >>> hkl = np.array([[1, 2, 3], [-1, -2, -3], [2, 0, 0]])
+    >>> one = np.ones(3)
+    >>> table = anomalous_table(hkl, {"F": np.array([4.0, 2.0, 3.0]), "SIGF": one, "I": np.array([17.0, 5.0, 10.0]),
+    ...                               "SIGI": one, "N": np.array([2, 1, 3])}, sg, cell)
+    >>> table[["F", "I", "N", "DANO"]].reset_index().values.tolist()
+    [[1, 2, 3, 3.0, 11.0, 3, 2.0], [2, 0, 0, 3.0, 10.0, 3, nan]]
+    """
     if group is None:
         plus_hkl, halves = friedel_halves(hkl, columns, spacegroup)
     else:
         plus_hkl, halves, plus_group = friedel_halves(hkl, columns, spacegroup, group=group)
-    n_halves = (~np.isnan(halves["F(+)"])).astype(int) + (~np.isnan(halves["F(-)"])).astype(int)
     centric, _ = reflection_flags(plus_hkl, spacegroup)
-    n_halves = np.where(centric, 1, n_halves)
-    combined = {}
-    for name in ("F", "I"):
-        plus, minus = halves[f"{name}(+)"], halves[f"{name}(-)"]
-        sig_plus, sig_minus = halves[f"SIG{name}(+)"], halves[f"SIG{name}(-)"]
-        total = np.where(centric, plus, np.nansum([plus, minus], axis=0))
-        var = np.where(centric, sig_plus**2, np.nansum([sig_plus**2, sig_minus**2], axis=0))
-        combined[name] = total / n_halves
-        combined[f"SIG{name}"] = np.sqrt(var) / n_halves
-    n_plus = np.nan_to_num(halves["N(+)"]).astype(np.int32)
-    n_minus = np.nan_to_num(halves["N(-)"]).astype(np.int32)
-    combined["N"] = np.where(centric, n_plus, n_plus + n_minus)
-    dano = halves["F(+)"] - halves["F(-)"]
-    sigdano = np.sqrt(halves["SIGF(+)"] ** 2 + halves["SIGF(-)"] ** 2)
-    out = {
-        "F": combined["F"], "SIGF": combined["SIGF"], "I": combined["I"], "SIGI": combined["SIGI"], "N": combined["N"],
-        "F(+)": halves["F(+)"], "SIGF(+)": halves["SIGF(+)"], "F(-)": halves["F(-)"], "SIGF(-)": halves["SIGF(-)"],
-        "I(+)": halves["I(+)"], "SIGI(+)": halves["SIGI(+)"], "I(-)": halves["I(-)"], "SIGI(-)": halves["SIGI(-)"],
-        "N(+)": n_plus, "N(-)": n_minus,
-        "DANO": np.where(centric, np.nan, dano), "SIGDANO": np.where(centric, np.nan, sigdano),
-    }
+    halves["N(+)"] = np.nan_to_num(halves["N(+)"]).astype(np.int32)
+    halves["N(-)"] = np.nan_to_num(halves["N(-)"]).astype(np.int32)
+    combined = combine_friedel(halves, centric)
+    out = {name: combined[name] for name in ("F", "SIGF", "I", "SIGI", "N")}
+    for quantity in ("F", "I"):
+        for sign in ("(+)", "(-)"):
+            out[quantity + sign] = halves[quantity + sign]
+            out[f"SIG{quantity}{sign}"] = halves[f"SIG{quantity}{sign}"]
+    out["N(+)"], out["N(-)"] = halves["N(+)"], halves["N(-)"]
+    out["DANO"], out["SIGDANO"] = combined["DANO"], combined["SIGDANO"]
     if group is not None:
         out["file_id"] = plus_group
     return merged_table(plus_hkl, out, spacegroup, cell)
+
+
+def combine_friedel(halves, centric):
+    """Friedel-mean columns and anomalous differences from Friedel-half columns.
+
+    For X in F and I: X is the mean of the measured halves (finite X(±)) and SIGX the
+    standard deviation of that mean, √(ΣSIGX(±)²) / n_halves. N = N(+) + N(−). DANO =
+    F(+) − F(−) and SIGDANO = √(SIGF(+)² + SIGF(−)²) where both halves are measured. A
+    centric reflection has one value, which its Friedel columns may both hold or only one
+    of them: it is counted once, and has no DANO.
+
+    Parameters
+    ----------
+    halves : dict of str → ndarray
+        Any of F(±), SIGF(±), I(±), SIGI(±), N(±), each pair complete; an unmeasured
+        half holds NaN (N: 0 or NaN).
+    centric : ndarray of bool
+        Centric flag of every reflection.
+
+    Returns
+    -------
+    dict of str → ndarray
+        The columns the input allows: F, SIGF, I, SIGI (each needs its X(±)), N, DANO and
+        SIGDANO (needs F(±), SIGF(±)).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.merged import combine_friedel
+    >>> out = combine_friedel({"I(+)": np.array([10.0, 4.0, 7.0]), "I(-)": np.array([6.0, np.nan, 7.0]),
+    ...                        "SIGI(+)": np.array([3.0, 1.0, 2.0]), "SIGI(-)": np.array([4.0, np.nan, 2.0])},
+    ...                       centric=np.array([False, False, True]))
+    >>> out["I"].tolist(), out["SIGI"].tolist()
+    ([8.0, 4.0, 7.0], [2.5, 1.0, 2.0])
+    """
+    centric = np.asarray(centric, dtype=bool)
+    out = {}
+    for name in ("F", "I"):
+        if name + "(+)" not in halves:
+            continue
+        plus, minus = _one_centric_value(halves[name + "(+)"], halves[name + "(-)"], centric)
+        n_halves = np.isfinite(plus).astype(int) + np.isfinite(minus)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.nansum([plus, minus], axis=0) / n_halves
+            sigma = "SIG" + name
+            if sigma + "(+)" in halves:
+                sig_plus, sig_minus = _one_centric_value(halves[sigma + "(+)"], halves[sigma + "(-)"], centric)
+                out[sigma] = np.sqrt(np.nansum([sig_plus**2, sig_minus**2], axis=0)) / n_halves
+    if "N(+)" in halves:
+        n_plus = np.nan_to_num(np.asarray(halves["N(+)"], dtype=np.float64))
+        n_minus = np.nan_to_num(np.asarray(halves["N(-)"], dtype=np.float64))
+        out["N"] = np.where(centric, np.maximum(n_plus, n_minus), n_plus + n_minus).astype(np.int32)
+    if "F(+)" in halves:
+        dano = np.asarray(halves["F(+)"], dtype=np.float64) - np.asarray(halves["F(-)"], dtype=np.float64)
+        out["DANO"] = np.where(centric, np.nan, dano)
+        if "SIGF(+)" in halves:
+            sigdano = np.sqrt(np.asarray(halves["SIGF(+)"], dtype=np.float64) ** 2
+                              + np.asarray(halves["SIGF(-)"], dtype=np.float64) ** 2)
+            out["SIGDANO"] = np.where(np.isnan(out["DANO"]), np.nan, sigdano)
+    return out
+
+
+def _one_centric_value(plus, minus, centric):
+    """(+) and (−) values with a centric reflection's one value in (+) only."""
+    plus = np.asarray(plus, dtype=np.float64)
+    minus = np.asarray(minus, dtype=np.float64)
+    return np.where(centric & ~np.isfinite(plus), minus, plus), np.where(centric, np.nan, minus)
 
 
 def _is_negated(hkl, spacegroup):

@@ -32,7 +32,8 @@ from sklearn.pipeline import Pipeline
 
 from .errors import InputError
 from .half_datasets import half_dataset_merges
-from .stats import cc_half, weighted_pearson
+from .shells import weighted_pearson
+from .stats import cc_half
 
 __all__ = [
     "CCHalfScorer",

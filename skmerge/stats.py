@@ -3,7 +3,9 @@
 Everything here works on plain tables (``rs.DataSet``), so the statistics of a fit in
 memory and of MTZ files written earlier (by skmerge, or careless's ``SigF`` layout) are
 computed by the same code, without TensorFlow. The half-dataset merges they read are
-made by :func:`skmerge.half_datasets.half_dataset_merges`.
+made by :func:`skmerge.half_datasets.half_dataset_merges`. Shells, correlations and the
+pairing of the halves come from :mod:`skmerge.shells`, the Friedel-mean columns of
+careless-layout tables from :func:`skmerge.merged.combine_friedel`.
 """
 
 import math
@@ -14,92 +16,159 @@ import pandas as pd
 import reciprocalspaceship as rs
 
 from .errors import InputError
+from .merged import combine_friedel
+from .shells import (
+    BINNINGS,
+    check_method,
+    correlation,
+    half_correlations,
+    make_shells,
+    measured_reflections,
+    weighted_pearson,
+)
 from .symmetry import pack_hkl, reflection_flags
 
-BINNINGS = ("equal-count", "equal-volume")
-METHODS = ("pearson", "spearman")
+__all__ = [
+    "MergingStatistics",
+    "cc_anom",
+    "cc_half",
+    "merging_statistics",
+    "resolution_shells",
+    "standardise_columns",
+    "weighted_pearson",
+]
 
 
 def resolution_shells(dhkl, n_bins=10):
-    """Shell number of each resolution in equal-count shells of 1/d² (0 = lowest
-    resolution) and the (d_max, d_min) of every shell."""
-    s = 1 / np.asarray(dhkl, dtype=np.float64) ** 2
-    edges = np.quantile(s, np.linspace(0, 1, n_bins + 1))
-    shell = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
-    return shell, _limits(edges)
+    """Equal-count resolution shells of reflections: the shell of each and the limits
+    of every shell.
+
+    Parameters
+    ----------
+    dhkl : array-like of shape (n_reflections,)
+        Resolutions (Å), one per reflection.
+    n_bins : int, default=10
+
+    Returns
+    -------
+    shell : ndarray of int
+        Shell of each reflection, 0 for the lowest resolution; shells hold equal numbers
+        of the reflections (quantiles of 1/d², :func:`skmerge.shells.make_shells`).
+    limits : list of (float, float)
+        (d_max, d_min) of every shell in Å.
+
+    Examples
+    --------
+    >>> from skmerge.stats import resolution_shells
+    >>> shell, limits = resolution_shells([10.0, 5.0, 4.0, 3.0, 2.5, 2.0], 2)
+    >>> shell.tolist()
+    [0, 0, 0, 1, 1, 1]
+    >>> [(round(a, 2), round(b, 2)) for a, b in limits]
+    [(10.0, 3.39), (3.39, 2.0)]
+    """
+    shells = make_shells(dhkl, n_bins)
+    return shells.assign(dhkl), list(zip(shells.d_max.tolist(), shells.d_min.tolist()))
 
 
 def cc_half(halves, *, column="I", n_bins=10, method="pearson"):
-    """CC1/2 per resolution shell (and overall) from :func:`~skmerge.half_datasets.half_dataset_merges`.
+    """CC1/2 per resolution shell (and overall) from half-dataset merges.
 
-    The correlation of ``column`` between the two halves over the reflections merged in
-    both, averaged over repeats. Shells are equal-count in 1/d² over those reflections.
+    The correlation of ``column`` between the two halves of each repeat over the
+    reflections merged in both (:func:`skmerge.shells.paired_halves`), averaged over the
+    repeats. The shells are equal-count in 1/d² over the reflections measured in the
+    half-dataset table (:func:`skmerge.shells.measured_reflections`): for the
+    half-dataset merges of one data set, its measured reflections, which are the
+    reflections :func:`merging_statistics` makes its shells of. The two then give the
+    same per-shell CC1/2.
+
+    Parameters
+    ----------
+    halves : rs.DataSet
+        :func:`~skmerge.half_datasets.half_dataset_merges`, or an ``_xval_`` MTZ file.
+    column : str, default="I"
+    n_bins : int, default=10
+    method : {"pearson", "spearman"}, default="pearson"
 
     Returns
     -------
     pandas.DataFrame
-        One row per shell, then an ``overall`` row: d_max, d_min, n (reflections), and
-        the correlation under the name ``CC1/2``.
+        One row per shell (0 = lowest resolution), then an ``overall`` row: d_max, d_min
+        (Å), n (pairs, averaged over repeats) and the correlation as ``CC1/2``.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> import reciprocalspaceship as rs
+    >>> from skmerge.stats import cc_half
+    >>> rng = np.random.default_rng(0)
+    >>> cell, sg = gemmi.UnitCell(30, 30, 30, 90, 90, 90), gemmi.SpaceGroup("P 1")
+    >>> hkl = rs.utils.generate_reciprocal_asu(cell, sg, 5.0)
+    >>> truth = rng.exponential(100, len(hkl))
+    >>> halves = rs.concat([
+    ...     rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "repeat": 0, "half": half,
+    ...                 "I": truth + rng.normal(0, 30, len(hkl))},
+    ...                cell=cell, spacegroup=sg).set_index(["H", "K", "L"])
+    ...     for half in (0, 1)])
+    >>> table = cc_half(halves, n_bins=3)
+    >>> table.index.tolist()
+    [0, 1, 2, 'overall']
+    >>> bool(table.loc["overall", "CC1/2"] > 0.8), int(table.loc["overall", "n"]) == len(hkl)
+    (True, True)
     """
-    return _half_correlation(halves, column, n_bins, method, "CC1/2")
+    return _half_table(halves, column, n_bins, method, "CC1/2")
 
 
 def cc_anom(halves, *, n_bins=10, method="pearson"):
-    """CCanom per shell: the correlation of DANO between the halves (acentric reflections
-    measured in both Friedel halves of both halves)."""
+    """CCanom per shell: the correlation of DANO = F(+) − F(−) between the halves.
+
+    Over the acentric reflections measured in both Friedel halves of both halves; shells
+    as :func:`cc_half` makes them. DANO is derived from F(±) when the table has none
+    (:func:`standardise_columns`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`cc_half`, with the correlation as ``CCanom``.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> import reciprocalspaceship as rs
+    >>> from skmerge.stats import cc_anom
+    >>> rng = np.random.default_rng(0)
+    >>> cell, sg = gemmi.UnitCell(30, 30, 30, 90, 90, 90), gemmi.SpaceGroup("P 1")
+    >>> hkl = rs.utils.generate_reciprocal_asu(cell, sg, 5.0)
+    >>> f, dano = rng.rayleigh(10, len(hkl)), rng.normal(0, 1, len(hkl))
+    >>> halves = rs.concat([
+    ...     rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "repeat": 0, "half": half,
+    ...                 "F(+)": f + dano / 2 + rng.normal(0, 0.3, len(hkl)),
+    ...                 "F(-)": f - dano / 2 + rng.normal(0, 0.3, len(hkl))},
+    ...                cell=cell, spacegroup=sg).set_index(["H", "K", "L"])
+    ...     for half in (0, 1)])
+    >>> bool(cc_anom(halves, n_bins=2).loc["overall", "CCanom"] > 0.7)
+    True
+    """
+    halves, _ = standardise_columns(halves, "half-dataset")
     if "DANO" not in halves.columns:
         raise InputError("CCanom needs anomalous half-dataset merges (fit with anomalous=True).")
-    return _half_correlation(halves, "DANO", n_bins, method, "CCanom")
+    return _half_table(halves, "DANO", n_bins, method, "CCanom")
 
 
-def _half_correlation(halves, column, n_bins, method, name):
-    _check_method(method)
-    rows = []
-    for repeat, paired in _paired_halves(halves, column):
-        shell, limits = resolution_shells(paired["dHKL"].to_numpy(), n_bins)
-        for i, (dmax, dmin) in enumerate(limits):
-            part = paired[shell == i]
-            rows.append((repeat, i, dmax, dmin, len(part), _correlation(part.a, part.b, method)))
-        rows.append((repeat, n_bins, limits[0][0], limits[-1][1], len(paired), _correlation(paired.a, paired.b, method)))
-    if not rows:
+def _half_table(halves, column, n_bins, method, name):
+    check_method(method)
+    shells = make_shells(measured_reflections(halves), n_bins)
+    result = half_correlations(halves, column, shells, method)
+    if not result.repeats:
         raise InputError(f"no reflection has {column} in both halves.")
-    table = pd.DataFrame(rows, columns=["repeat", "shell", "d_max", "d_min", "n", name])
-    out = table.groupby("shell")[["d_max", "d_min", "n", name]].mean()
-    out.index = [*range(n_bins), "overall"][: len(out)]
-    out["n"] = out["n"].round().astype(int)
+    out = pd.DataFrame({
+        "d_max": [*shells.d_max, shells.d_max[0]],
+        "d_min": [*shells.d_min, shells.d_min[-1]],
+        "n": result.counts.mean(axis=0).round().astype(int),
+        name: result.mean(),
+    }, index=[*range(shells.n), "overall"])
     return out
-
-
-def _paired_halves(halves, column):
-    """(repeat, DataFrame) for every repeat: columns a, b (``column`` in half 0 and half
-    1) and dHKL, over the reflections with a finite value in both halves. Reflections
-    are paired by H, K, L and, for data sets merged separately, ``file_id``."""
-    for needed in ("repeat", "half", column):
-        if needed not in halves.columns:
-            raise InputError(
-                f"the half-dataset table has no column {needed!r}; give the output of "
-                "half_dataset_merges (or an _xval_ MTZ file)."
-            )
-    if getattr(halves, "cell", None) is None:
-        raise InputError("the half-dataset table has no unit cell.")
-    data = halves.reset_index()
-    keys = ["H", "K", "L"] + (["file_id"] if "file_id" in data.columns else [])
-    frame = pd.DataFrame({k: data[k].to_numpy(np.int64) for k in keys})
-    frame["value"] = data[column].to_numpy(np.float64, na_value=np.nan)
-    if "N" in data.columns:
-        frame.loc[data["N"].to_numpy(np.float64, na_value=0) <= 0, "value"] = np.nan
-    frame["repeat"] = data["repeat"].to_numpy(np.int64)
-    frame["half"] = data["half"].to_numpy(np.int64)
-    frame = frame[np.isfinite(frame["value"])]
-    for repeat, table in frame.groupby("repeat", sort=True):
-        a = table[table["half"] == 0].drop(columns=["half", "repeat"]).rename(columns={"value": "a"})
-        b = table[table["half"] == 1].drop(columns=["half", "repeat"]).rename(columns={"value": "b"})
-        paired = a.merge(b, on=keys, how="inner")
-        if paired.empty:
-            continue
-        hkl = paired[["H", "K", "L"]].to_numpy(np.int32)
-        paired["dHKL"] = halves.cell.calculate_d_array(hkl)
-        yield repeat, paired
 
 
 # --------------------------------------------------------------------------- the table
@@ -138,6 +207,27 @@ class MergingStatistics:
         Held-out observations CCpred is computed on (0: none).
     notes : list of str
         Anything the reader of the table should know (e.g. columns substituted).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from skmerge.stats import MergingStatistics
+    >>> table = pd.DataFrame({"d_max": [10.0, 3.0, 10.0], "d_min": [3.0, 2.0, 2.0],
+    ...                       "n_obs": [400.0, 380.0, 780.0], "n_unique": [100.0, 95.0, 195.0],
+    ...                       "multiplicity": [4.0, 4.0, 4.0], "completeness": [0.99, 0.97, 0.98],
+    ...                       "mean_isigi": [20.1, 3.2, 11.8], "cc_half": [0.998, 0.61, 0.99]},
+    ...                      index=[1, 2, "overall"])
+    >>> stats = MergingStatistics(table, n_repeats=1)
+    >>> print(stats)
+    2 resolution shells of equal numbers of measured reflections; CC1/2: Pearson over 1 half-dataset repeat
+      d_max  d_min      #obs   #uniq   Mult  Cmpl%  <I/sI>   CC1/2
+    --------------------------------------------------------------
+      10.00   3.00       400     100    4.0   99.0    20.1   0.998
+       3.00   2.00       380      95    4.0   97.0     3.2   0.610
+    --------------------------------------------------------------
+      10.00   2.00       780     195    4.0   98.0    11.8   0.990  overall
+    >>> MergingStatistics.from_dict(stats.to_dict()).to_string() == stats.to_string()
+    True
     """
 
     table: pd.DataFrame
@@ -258,7 +348,10 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
     Definitions (per shell; the overall line pools all shells):
 
     - **d_max, d_min**: resolution range in Å. Shells are bounded in 1/d² from the lowest
-      to the highest resolution of the measured reflections.
+      to the highest resolution of the measured reflections of ``merged`` (N > 0 and a
+      finite I), and made of them (:func:`skmerge.shells.make_shells`). Every column,
+      the CCs included, uses these shells; for half-dataset merges of the same data
+      they are the shells :func:`cc_half` makes, so its per-shell CC1/2 are the same.
     - **n_obs**: observations merged (sum of N); **n_unique**: reflections with N > 0;
       **multiplicity** = n_obs / n_unique.
     - **completeness**: n_unique / the number of reflections of the full reciprocal
@@ -276,10 +369,43 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
     - **cc_pred**: the correlation of Iobs with Ipred over the held-out (test)
       observations; with ``method="pearson"`` each observation is weighted by
       1/SIGIobs² (careless's ``ccpred`` convention), with "spearman" unweighted.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import numpy as np
+    >>> import reciprocalspaceship as rs
+    >>> from skmerge.stats import merging_statistics
+    >>> rng = np.random.default_rng(0)
+    >>> cell, sg = gemmi.UnitCell(30, 30, 30, 90, 90, 90), gemmi.SpaceGroup("P 1")
+    >>> hkl = rs.utils.generate_reciprocal_asu(cell, sg, 5.0)
+    >>> truth = rng.exponential(100, len(hkl))
+    >>> def table(**columns):
+    ...     data = {"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], **columns}
+    ...     return rs.DataSet(data, cell=cell, spacegroup=sg, merged=True).set_index(["H", "K", "L"])
+    >>> merged = table(I=truth + rng.normal(0, 10, len(hkl)), SIGI=np.full(len(hkl), 10.0), N=4)
+    >>> halves = rs.concat([table(I=truth + rng.normal(0, 14, len(hkl)), N=2, repeat=0, half=half)
+    ...                     for half in (0, 1)])
+    >>> stats = merging_statistics(merged, halves, shells=3)
+    >>> print(stats)
+    3 resolution shells of equal numbers of measured reflections; CC1/2: Pearson over 1 half-dataset repeat
+      d_max  d_min      #obs   #uniq   Mult  Cmpl%  <I/sI>   CC1/2
+    --------------------------------------------------------------
+      30.00   7.07       608     152    4.0  100.0    10.9   0.980
+       7.07   5.77       612     153    4.0  100.0    10.9   0.983
+       5.77   5.00       628     157    4.0  100.0    11.2   0.986
+    --------------------------------------------------------------
+      30.00   5.00      1848     462    4.0  100.0    11.0   0.983  overall
+
+    The same halves give the same CC1/2 through :func:`cc_half` (shells counted 0 …):
+
+    >>> from skmerge.stats import cc_half
+    >>> np.allclose(cc_half(halves, n_bins=3)["CC1/2"], stats.table["cc_half"])
+    True
     """
     if binning not in BINNINGS:
         raise InputError(f"binning={binning!r}: use one of {', '.join(BINNINGS)}.")
-    _check_method(method)
+    check_method(method)
     merged, notes = standardise_columns(merged, "merged")
     cell, spacegroup = _symmetry(merged, "merged data")
     if "file_id" in merged.columns and merged["file_id"].nunique() > 1:
@@ -296,26 +422,28 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
     if not measured.any():
         raise InputError("the merged table has no measured reflection (all N = 0).")
     hkl, count, intensity, sigma = hkl[measured], count[measured], intensity[measured], sigma[measured]
-    s = 1 / cell.calculate_d_array(hkl) ** 2
+    d = cell.calculate_d_array(hkl)
+    s = 1 / d**2
 
     # The full asymmetric unit over the measured range.
     s_lo, s_hi = s.min(), s.max()
     full = rs.utils.generate_reciprocal_asu(cell, spacegroup, 1 / math.sqrt(s_hi) * (1 - 1e-9), anomalous=False)
     full = np.asarray(full, dtype=np.int32)
-    s_full = 1 / cell.calculate_d_array(full) ** 2
+    d_full = cell.calculate_d_array(full)
+    s_full = 1 / d_full**2
     tolerance = 1e-9 * s_hi
     inside = (s_full >= s_lo - tolerance) & (s_full <= s_hi + tolerance)
-    full, s_full = full[inside], s_full[inside]
+    full, d_full = full[inside], d_full[inside]
 
-    edges, clip = _shell_edges(shells, binning, s, s_full)
-    n = len(edges) - 1
-    shell = _assign(s, edges, clip)
-    full_shell = _assign(s_full, edges, clip)
+    bins = make_shells(d, shells, binning=binning, possible_dhkl=d_full)
+    n = bins.n
+    shell = bins.assign(d)
+    full_shell = bins.assign(d_full)
     in_full = np.isin(pack_hkl(hkl), pack_hkl(full))
 
     rows = {
-        "d_max": _d([*edges[:-1], edges[0]]),
-        "d_min": _d([*edges[1:], edges[-1]]),
+        "d_max": [*bins.d_max, bins.d_max[0]],
+        "d_min": [*bins.d_min, bins.d_min[-1]],
         "n_obs": _per_shell(shell, n, count, np.sum),
         "n_unique": _per_shell(shell, n, np.ones_like(count), np.sum),
     }
@@ -334,16 +462,17 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
         column = "I" if "I" in halves.columns else "F"
         if column == "F":
             notes.append("CC1/2 is computed on F: the half-dataset table has no I column.")
-        rows["cc_half"], n_repeats = _half_cc(halves, column, edges, clip, method)
+        rows["cc_half"] = half_correlations(halves, column, bins, method).mean()
+        n_repeats = int(halves["repeat"].nunique())
         if "DANO" in halves.columns:
             anomalous = True
-            rows["cc_anom"], _ = _half_cc(halves, "DANO", edges, clip, method)
+            rows["cc_anom"] = half_correlations(halves, "DANO", bins, method).mean()
 
     n_test = 0
     if predictions is not None:
         predictions, pred_notes = standardise_columns(predictions, "predictions")
         notes += pred_notes
-        cc, n_test = _cc_pred(predictions, edges, clip, method, cell)
+        cc, n_test = _cc_pred(predictions, bins, method, cell)
         if n_test:
             rows["cc_pred"] = cc
 
@@ -356,71 +485,74 @@ def standardise_columns(table, what="table"):
     """Copy of a merged, half-dataset or predictions table with skmerge's column names.
 
     careless names standard deviations ``SigF``, ``SigI``, ``SigIobs``; they become
-    ``SIGF``, ``SIGI``, ``SIGIobs``. Anomalous tables without the mean columns get
-    I (mean of I(±) measured), SIGI, N (= N(+) + N(−), centrics counted once) and DANO
-    (= F(+) − F(−)). Returns the table and a list of notes on what was derived.
+    ``SIGF``, ``SIGI``, ``SIGIobs``. A table with Friedel columns but without some of
+    the Friedel-mean ones (careless's layout, or a table of Friedel halves only) gets
+    the missing F, SIGF, I, SIGI, N, DANO and SIGDANO from
+    :func:`skmerge.merged.combine_friedel`, the function that makes them for skmerge's
+    own anomalous output. A Friedel half with N(±) = 0 counts as unmeasured there.
+
+    Parameters
+    ----------
+    table : rs.DataSet or pandas.DataFrame
+    what : str, default="table"
+        Name of the table in the notes.
+
+    Returns
+    -------
+    table : rs.DataSet or pandas.DataFrame
+        A copy, with the cell, space group and ``merged`` flag of ``table``.
+    notes : list of str
+        What was derived.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import reciprocalspaceship as rs
+    >>> from skmerge.stats import standardise_columns
+    >>> friedel = rs.DataSet({"H": [1, 2], "K": [2, 0], "L": [3, 0],
+    ...                       "I(+)": [10.0, 4.0], "SigI(+)": [3.0, 2.0], "N(+)": [2, 1],
+    ...                       "I(-)": [6.0, 4.0], "SigI(-)": [4.0, 2.0], "N(-)": [1, 1]},
+    ...                      spacegroup=gemmi.SpaceGroup("P 1 2 1")).set_index(["H", "K", "L"])
+    >>> out, notes = standardise_columns(friedel, "merged")
+    >>> out[["I", "SIGI", "N"]].values.tolist()
+    [[8.0, 2.5, 3.0], [4.0, 2.0, 1.0]]
+    >>> notes
+    ['merged: I, SIGI, N derived from the Friedel columns.']
     """
-    notes = []
     renames = {c: "SIG" + c[3:] for c in table.columns if isinstance(c, str) and c.startswith("Sig")}
     renames = {old: new for old, new in renames.items() if new not in table.columns}
     out = table.rename(columns=renames) if renames else table.copy()
     for attr in ("cell", "spacegroup", "merged"):
         setattr(out, attr, getattr(table, attr, None))
-    if {"I(+)", "I(-)"} <= set(out.columns) and "I" not in out.columns:
-        plus = out["I(+)"].to_numpy(np.float64, na_value=np.nan)
-        minus = out["I(-)"].to_numpy(np.float64, na_value=np.nan)
-        out["I"] = np.nanmean(np.stack([plus, minus]), axis=0) if len(out) else plus
-        if {"SIGI(+)", "SIGI(-)"} <= set(out.columns):
-            sp = out["SIGI(+)"].to_numpy(np.float64, na_value=np.nan)
-            sm = out["SIGI(-)"].to_numpy(np.float64, na_value=np.nan)
-            both = np.isfinite(sp) & np.isfinite(sm)
-            out["SIGI"] = np.where(both, np.sqrt(sp**2 + sm**2) / 2, np.where(np.isfinite(sp), sp, sm))
-        notes.append(f"{what}: I and SIGI derived from I(+) and I(-).")
-    if {"N(+)", "N(-)"} <= set(out.columns) and "N" not in out.columns and out.spacegroup is not None:
-        hkl = out.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
-        centric, _ = reflection_flags(hkl, out.spacegroup)
-        plus = out["N(+)"].to_numpy(np.float64, na_value=0)
-        minus = out["N(-)"].to_numpy(np.float64, na_value=0)
-        out["N"] = np.where(centric, np.maximum(plus, minus), plus + minus)
-    if {"F(+)", "F(-)"} <= set(out.columns) and "DANO" not in out.columns:
-        dano = out["F(+)"].to_numpy(np.float64, na_value=np.nan) - out["F(-)"].to_numpy(np.float64, na_value=np.nan)
-        if out.spacegroup is not None:
-            centric, _ = reflection_flags(out.reset_index()[["H", "K", "L"]].to_numpy(np.int32), out.spacegroup)
-            dano = np.where(centric, np.nan, dano)
-        out["DANO"] = dano
-    return out, notes
+    pairs = [name for name in ("F", "SIGF", "I", "SIGI", "N")
+             if name + "(+)" in out.columns and name + "(-)" in out.columns]
+    derivable = {"F": "F", "SIGF": "SIGF", "I": "I", "SIGI": "SIGI", "N": "N", "DANO": "F", "SIGDANO": "SIGF"}
+    missing = [name for name, source in derivable.items() if source in pairs and name not in out.columns]
+    if not missing:
+        return out, []
+    if out.spacegroup is None:
+        raise InputError(f"the {what} table has Friedel columns but no space group (needed to tell "
+                         "centric reflections, whose Friedel mates are one reflection).")
+    hkl = out.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
+    centric, _ = reflection_flags(hkl, out.spacegroup)
+    halves = {}
+    for name in pairs:
+        for sign in ("(+)", "(-)"):
+            halves[name + sign] = out[name + sign].to_numpy(np.float64, na_value=np.nan)
+    if "N" in pairs:
+        for sign in ("(+)", "(-)"):
+            unmeasured = ~(halves["N" + sign] > 0)
+            for name in pairs:
+                if name != "N":
+                    halves[name + sign] = np.where(unmeasured, np.nan, halves[name + sign])
+    combined = combine_friedel(halves, centric)
+    for name in missing:
+        out[name] = combined[name]
+    means = [name for name in missing if name not in ("DANO", "SIGDANO")]
+    return out, [f"{what}: {', '.join(means)} derived from the Friedel columns."] if means else []
 
 
 # ---------------------------------------------------------------------------- helpers
-def _shell_edges(shells, binning, s, s_full):
-    """Ascending shell edges in 1/d², and whether values outside them are clipped into
-    the outer shells (computed edges) or left out (edges given by the user)."""
-    if np.ndim(shells) == 0:
-        n = int(shells)
-        if n < 1 or n != shells:
-            raise InputError(f"shells={shells!r}: give a positive whole number of shells or their limits in Å.")
-        population = s if binning == "equal-count" else (s_full if len(s_full) else s)
-        edges = np.quantile(population, np.linspace(0, 1, n + 1))
-        edges[0], edges[-1] = s.min(), s.max()
-        edges = np.maximum.accumulate(edges)
-        return edges, True
-    limits = np.asarray(shells, dtype=np.float64)
-    if limits.ndim != 1 or len(limits) < 2 or not (limits > 0).all() or (np.diff(limits) >= 0).any():
-        raise InputError(f"shells={list(shells)!r}: give at least two resolution limits in Å, decreasing.")
-    return 1 / limits**2, False
-
-
-def _assign(s, edges, clip):
-    n = len(edges) - 1
-    shell = np.searchsorted(edges, s, side="right") - 1
-    if clip:
-        return np.clip(shell, 0, n - 1)
-    # Limits given in Å: a reflection on the outer limits (up to rounding) is inside.
-    low, high = edges[0] * (1 - 1e-9), edges[-1] * (1 + 1e-9)
-    shell = np.minimum(shell, n - 1)
-    return np.where((s < low) | (s > high), -1, np.maximum(shell, 0))
-
-
 def _per_shell(shell, n, values, reduce):
     """``reduce`` of ``values`` in each shell, then over every assigned value."""
     values = np.asarray(values, dtype=np.float64)
@@ -438,11 +570,6 @@ def _ratio(a, b):
         return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
 
 
-def _d(s):
-    with np.errstate(divide="ignore"):
-        return 1 / np.sqrt(np.asarray(s, dtype=np.float64))
-
-
 def _anomalous_completeness(merged, measured, hkl, shell, full, full_shell, n, spacegroup):
     plus = merged["N(+)"].to_numpy(np.float64, na_value=0)[measured]
     minus = merged["N(-)"].to_numpy(np.float64, na_value=0)[measured]
@@ -454,127 +581,31 @@ def _anomalous_completeness(merged, measured, hkl, shell, full, full_shell, n, s
                   _per_shell(acentric_shell, n, np.ones(len(full)), np.sum))
 
 
-def _half_cc(halves, column, edges, clip, method):
-    """Per-shell and overall correlation of ``column`` between the halves, averaged over
-    repeats; and the number of repeats."""
-    n = len(edges) - 1
-    per_repeat = []
-    for _, paired in _paired_halves(halves, column):
-        shell = _assign(1 / paired["dHKL"].to_numpy(np.float64) ** 2, edges, clip)
-        a, b = paired["a"].to_numpy(), paired["b"].to_numpy()
-        values = [_correlation(a[shell == i], b[shell == i], method) for i in range(n)]
-        values.append(_correlation(a[shell >= 0], b[shell >= 0], method))
-        per_repeat.append(values)
-    n_repeats = int(halves["repeat"].nunique()) if "repeat" in halves.columns else 0
-    if not per_repeat:
-        return np.full(n + 1, np.nan), n_repeats
-    with np.errstate(invalid="ignore"):
-        stacked = np.array(per_repeat, dtype=np.float64)
-        finite = np.isfinite(stacked)
-        total = np.where(finite, stacked, 0).sum(axis=0)
-        counts = finite.sum(axis=0)
-        return np.where(counts > 0, total / np.maximum(counts, 1), np.nan), n_repeats
-
-
-def _cc_pred(predictions, edges, clip, method, cell):
+def _cc_pred(predictions, shells, method, cell):
+    """CCpred per shell and pooled over the held-out observations, and their number."""
     for needed in ("Iobs", "Ipred", "test"):
         if needed not in predictions.columns:
             raise InputError(f"the predictions table has no column {needed!r}.")
     test = predictions["test"].to_numpy(np.float64, na_value=0) > 0
-    n = len(edges) - 1
     if not test.any():
-        return np.full(n + 1, np.nan), 0
+        return np.full(shells.n + 1, np.nan), 0
     table = predictions[test]
     if "dHKL" in table.columns:
         d = table["dHKL"].to_numpy(np.float64)
     else:
         hkl = table.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
         d = (getattr(predictions, "cell", None) or cell).calculate_d_array(hkl)
-    shell = _assign(1 / d**2, edges, clip)
+    shell = shells.assign(d)
     iobs = table["Iobs"].to_numpy(np.float64)
     ipred = table["Ipred"].to_numpy(np.float64)
-    if "SIGIobs" in table.columns:
+    # careless's convention: each observation weighted by 1/SIGIobs² (Pearson only).
+    weight = None
+    if method == "pearson" and "SIGIobs" in table.columns:
         weight = table["SIGIobs"].to_numpy(np.float64) ** -2.0
-    else:
-        weight = np.ones(len(table))
     values = []
-    for rows in [*(shell == i for i in range(n)), shell >= 0]:
-        if method == "pearson":
-            values.append(weighted_pearson(iobs[rows], ipred[rows], weight[rows]))
-        else:
-            values.append(_correlation(iobs[rows], ipred[rows], "spearman"))
+    for rows in [*(shell == i for i in range(shells.n)), shell >= 0]:
+        values.append(correlation(iobs[rows], ipred[rows], method, None if weight is None else weight[rows]))
     return np.array(values), int(test.sum())
-
-
-def weighted_pearson(a, b, weights=None):
-    """Pearson correlation of ``a`` and ``b`` with observation weights.
-
-    With weights wᵢ, means ā = Σwᵢaᵢ/Σwᵢ (likewise b̄) and
-
-        r = Σwᵢ(aᵢ − ā)(bᵢ − b̄) / √(Σwᵢ(aᵢ − ā)² · Σwᵢ(bᵢ − b̄)²);
-
-    equal weights give the ordinary Pearson correlation. Pairs with a non-finite value
-    are left out.
-
-    Parameters
-    ----------
-    a, b : array-like of shape (n,)
-    weights : array-like of shape (n,), optional
-        Non-negative weights; None weighs every pair equally.
-
-    Returns
-    -------
-    float
-        NaN for fewer than three pairs or when either variable is constant.
-
-    Examples
-    --------
-    >>> from skmerge.stats import weighted_pearson
-    >>> round(weighted_pearson([1, 2, 3, 4], [1, 2, 3, 5]), 4)
-    0.9827
-    >>> round(weighted_pearson([1, 2, 3, 4], [1, 2, 3, 5], weights=[1, 1, 1, 0]), 4)
-    1.0
-    """
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    if not (len(a) == len(b) == len(w)):
-        raise InputError(f"weighted_pearson got arrays of lengths {len(a)}, {len(b)} and {len(w)}.")
-    if (w < 0).any() or not np.isfinite(w).all():
-        raise InputError("weighted_pearson needs finite, non-negative weights.")
-    finite = np.isfinite(a) & np.isfinite(b)
-    a, b, w = a[finite], b[finite], w[finite]
-    if np.count_nonzero(w) < 3 or w.sum() <= 0:
-        return float("nan")
-    w = w / w.sum()
-    da = a - np.dot(w, a)
-    db = b - np.dot(w, b)
-    var_a, var_b = np.dot(w, da * da), np.dot(w, db * db)
-    if not (var_a > 0 and var_b > 0):
-        return float("nan")
-    return float(np.dot(w, da * db) / np.sqrt(var_a * var_b))
-
-
-def _correlation(a, b, method):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 3:
-        return np.nan
-    if method == "spearman":
-        a, b = _ranks(a), _ranks(b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if a.std() == 0 or b.std() == 0:
-            return np.nan
-        return float(np.corrcoef(a, b)[0, 1])
-
-
-def _ranks(values):
-    """Ranks with ties given their mean rank (as Spearman's coefficient needs)."""
-    return pd.Series(values).rank(method="average").to_numpy()
-
-
-def _check_method(method):
-    if method not in METHODS:
-        raise InputError(f"method={method!r}: use 'pearson' or 'spearman'.")
 
 
 def _symmetry(table, what):
@@ -582,10 +613,6 @@ def _symmetry(table, what):
     if cell is None or spacegroup is None:
         raise InputError(f"the {what} have no unit cell or space group.")
     return cell, spacegroup
-
-
-def _limits(edges):
-    return [(1 / np.sqrt(edges[i]) if edges[i] > 0 else np.inf, 1 / np.sqrt(edges[i + 1])) for i in range(len(edges) - 1)]
 
 
 def _fmt_d(d):

@@ -17,7 +17,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
 import skmerge
-from skmerge import InputError, VariationalMerger
+from skmerge import InputError, StudentTLikelihood, VariationalMerger
 from skmerge.datasets import make_unmerged
 from skmerge.errors import ParameterError
 
@@ -142,9 +142,9 @@ def test_not_fitted_errors(small):
 
 def test_clone_and_params_round_trip():
     prior = skmerge.ReferencePrior(reference=pd.DataFrame(), kind="laplace")
-    merger = VariationalMerger(prior=prior, likelihood="studentt", dof=4.0, metadata=["dHKL", "XDET"])
+    merger = VariationalMerger(prior=prior, likelihood=StudentTLikelihood(dof=4.0), metadata=["dHKL", "XDET"])
     params = merger.get_params()
-    assert params["dof"] == 4.0 and params["prior__kind"] == "laplace"
+    assert params["likelihood__dof"] == 4.0 and params["prior__kind"] == "laplace"
     copy = clone(merger)
     assert copy.get_params()["metadata"] == ["dHKL", "XDET"]
     assert copy.prior is not prior and copy.prior.kind == "laplace"
@@ -154,7 +154,7 @@ def test_clone_and_params_round_trip():
 
 @pytest.mark.parametrize(
     "params",
-    [{"likelihood": "cauchy"}, {"dof": 0.0}, {"mlp_layers": 0}, {"learning_rate": -1.0}, {"prior": "flat"}],
+    [{"likelihood": "cauchy"}, {"error_model": "yes"}, {"mlp_layers": 0}, {"learning_rate": -1.0}, {"prior": "flat"}],
 )
 def test_invalid_parameters_raise_parameter_error(small, params):
     with pytest.raises(InputError) as info:
@@ -332,8 +332,10 @@ def test_image_minibatches_estimate_the_full_loss_without_bias(small, fitted):
     from skmerge.model.training import ImageBatches
 
     X, _ = small
+    from skmerge.model.fitted import FitState
+
     model = fitted._get_model()
-    data, _ = fitted._evaluation_data(X)
+    data, _ = FitState.from_attributes(fitted).evaluation_data(fitted, X)
     # Frozen scales make the loss deterministic given the amplitude samples.
     data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
     data["spread"] = tf.zeros_like(data["spread"])
@@ -364,5 +366,5 @@ def test_error_model_is_kept_through_pickling_and_checked_on_warm_start(small, f
     assert merger.score(X) != fitted.score(X)
     # A later fit without the error model drops its fitted values.
     assert not hasattr(clone(merger).set_params(error_model=False).fit(X), "sdfac_")
-    with pytest.raises(ParameterError, match="error_model=True"):
+    with pytest.raises(ParameterError, match="error_model cannot warm-start"):
         copy.deepcopy(fitted).set_params(warm_start=True, error_model=True).fit(X)

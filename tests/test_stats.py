@@ -10,7 +10,9 @@ import reciprocalspaceship as rs
 import skmerge
 from skmerge.datasets import make_unmerged
 from skmerge.errors import InputError
-from skmerge.stats import MergingStatistics, merging_statistics, standardise_columns
+from skmerge.merged import anomalous_table
+from skmerge.stats import MergingStatistics, cc_anom, cc_half, merging_statistics, standardise_columns
+from skmerge.symmetry import map_to_asu, unique_hkl
 
 
 # ------------------------------------------------------------------------ fixtures
@@ -77,6 +79,23 @@ def test_cc_half_equals_numpy(simulated):
     assert stats.n_repeats == 2
     # Perfectly scaled simulated data: CC1/2 is high at low resolution.
     assert got[0] > 0.9
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_cc_half_and_the_table_give_the_same_shells_and_ccs(simulated, method):
+    # Both bin the measured reflections: the merged table's (N > 0) and the half table's
+    # (N > 0 in either half), which are the same reflections for the halves of one data set.
+    X, truth, merged, halves = simulated
+    n = 6
+    table = merging_statistics(merged, halves, shells=n, method=method).table
+    by_halves = cc_half(halves, n_bins=n, method=method)
+    np.testing.assert_allclose(by_halves["CC1/2"].to_numpy(), table["cc_half"].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(by_halves[["d_max", "d_min"]].to_numpy(), table[["d_max", "d_min"]].to_numpy())
+    anomalous = cc_anom(halves, n_bins=n, method=method)
+    np.testing.assert_allclose(anomalous["CCanom"].to_numpy(), table["cc_anom"].to_numpy(), rtol=1e-12)
+    # Pairs per shell: reflections of the shell measured in both halves, averaged over repeats.
+    assert (by_halves["n"].to_numpy()[:-1] <= table["n_unique"].to_numpy()[:-1]).all()
+    assert by_halves.loc["overall", "n"] == pytest.approx(by_halves["n"].to_numpy()[:-1].sum(), abs=n)
 
 
 def test_cc_anom_equals_numpy_on_dano(simulated):
@@ -262,6 +281,71 @@ def test_standardise_derives_anomalous_means():
     np.testing.assert_array_equal(out["N"].to_numpy(), merged["N"].to_numpy())
 
 
+# ------------------------------------------------------------ Friedel combination
+@pytest.fixture(scope="module")
+def friedel_table():
+    """A merged anomalous table from per-half values, with centrics and missing halves."""
+    X, _ = make_unmerged(n_images=8, anomalous=True, random_state=5)
+    hkl, _ = map_to_asu(X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32), X.spacegroup, anomalous=True)
+    hkl, _ = unique_hkl(hkl)
+    rng = np.random.default_rng(0)
+    f = rng.uniform(5, 50, len(hkl))
+    columns = {"F": f, "SIGF": rng.uniform(0.5, 2, len(hkl)), "I": f**2 + 1, "SIGI": rng.uniform(5, 20, len(hkl)),
+               "N": rng.integers(1, 6, len(hkl)).astype(np.int32)}
+    table = anomalous_table(hkl, columns, X.spacegroup, X.cell)
+    centric = table.label_centrics()["CENTRIC"].to_numpy()
+    assert centric.any() and (~centric).any()
+    assert table["F(-)"].isna().any(), "some acentric reflections lack a Friedel half"
+    return table, centric
+
+
+MEANS = ["F", "SIGF", "I", "SIGI", "N", "DANO", "SIGDANO"]
+
+
+def _assert_same_columns(got, expected):
+    # The table stores MTZ's float32: the two paths agree to its precision.
+    for name in MEANS:
+        np.testing.assert_allclose(got[name].to_numpy(np.float64, na_value=np.nan),
+                                   expected[name].to_numpy(np.float64, na_value=np.nan), rtol=1e-6, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_standardise_combines_friedel_halves_as_the_merged_table_does(friedel_table):
+    table, centric = friedel_table
+    assert list(table.columns) == ["F", "SIGF", "I", "SIGI", "N", "F(+)", "SIGF(+)", "F(-)", "SIGF(-)", "I(+)",
+                                   "SIGI(+)", "I(-)", "SIGI(-)", "N(+)", "N(-)", "DANO", "SIGDANO"]
+    friedel_only = table.drop(columns=MEANS)
+    out, notes = standardise_columns(friedel_only, "merged")
+    _assert_same_columns(out, table)
+    assert notes == ["merged: F, SIGF, I, SIGI, N derived from the Friedel columns."]
+    # A centric reflection is one reflection: its mean and σ are its one value's.
+    np.testing.assert_allclose(table["SIGI"].to_numpy()[centric], table["SIGI(+)"].to_numpy()[centric])
+    assert table["DANO"].isna().to_numpy()[centric].all()
+
+
+def test_standardise_reads_careless_friedel_layout(friedel_table):
+    # careless's spelling (SigF), a centric's value in its (+) columns only, and a Friedel
+    # half never observed holding a value with N(±) = 0: the same combined columns.
+    table, centric = friedel_table
+    careless = table.drop(columns=MEANS)
+    for name in ("F", "SIGF", "I", "SIGI"):
+        careless.loc[centric, name + "(-)"] = np.nan
+    missing_minus = careless["F(-)"].isna().to_numpy() & ~centric
+    careless.loc[missing_minus, ["F(-)", "SIGF(-)", "I(-)", "SIGI(-)"]] = 1.0
+    careless = careless.rename(columns={c: "Sig" + c[3:] for c in careless.columns if c.startswith("SIG")})
+    careless.cell, careless.spacegroup = table.cell, table.spacegroup
+    out, _ = standardise_columns(careless, "half-dataset")
+    _assert_same_columns(out, table)
+
+
+def test_friedel_combination_needs_the_space_group(friedel_table):
+    table, _ = friedel_table
+    friedel_only = table.drop(columns=MEANS)
+    friedel_only.spacegroup = None
+    with pytest.raises(InputError, match="space group"):
+        standardise_columns(friedel_only)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"binning": "log"}, "binning"), ({"method": "kendall"}, "method"), ({"shells": 0}, "shells"),
@@ -276,3 +360,51 @@ def test_bad_arguments_raise_input_error(simulated, kwargs, message):
 def test_merging_statistics_is_public():
     assert skmerge.merging_statistics is merging_statistics
     assert "merging_statistics" in skmerge.__all__
+
+
+# --------------------------------------------------------------- the benchmark's CCs
+def _bench_careless():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("_careless")
+
+
+def test_benchmark_ccs_count_friedel_halves_apart_in_both_layouts(simulated, tmp_path):
+    X, truth, merged, halves = simulated
+    skmerge_file = tmp_path / "skmerge_xval_0.mtz"
+    halves.infer_mtz_dtypes().write_mtz(str(skmerge_file))
+    careless = halves.drop(columns=["I", "SIGI", "N"]).rename(columns={"SIGI(+)": "SigI(+)", "SIGI(-)": "SigI(-)"})
+    careless_file = tmp_path / "careless_xval_0.mtz"
+    careless.infer_mtz_dtypes().write_mtz(str(careless_file))
+
+    bench = _bench_careless()
+    got = bench.half_dataset_cc(skmerge_file, anomalous=True)
+    assert bench.half_dataset_cc(careless_file, anomalous=True) == got
+
+    # Independently: every measured Friedel half of a reflection is a reflection of its own.
+    halves = rs.read_mtz(str(skmerge_file))
+    centric = halves.label_centrics()["CENTRIC"].to_numpy()
+    expected_half, expected_anom = [], []
+    for repeat in (0, 1):
+        values = {}
+        for half in (0, 1):
+            rows = (halves["repeat"].to_numpy() == repeat) & (halves["half"].to_numpy() == half)
+            part = halves[rows]
+            hkl = [tuple(i) for i in part.reset_index()[["H", "K", "L"]].to_numpy()]
+            plus = {(k, "+"): v for k, v, n in zip(hkl, part["I(+)"].to_numpy(float), part["N(+)"].to_numpy()) if n > 0}
+            minus = {(k, "-"): v for k, v, n, c in zip(hkl, part["I(-)"].to_numpy(float), part["N(-)"].to_numpy(),
+                                                       centric[rows]) if n > 0 and not c}
+            dano = part["F(+)"].to_numpy(float) - part["F(-)"].to_numpy(float)
+            values[half] = ({**plus, **minus}, {k: d for k, d, c in zip(hkl, dano, centric[rows])
+                                                if np.isfinite(d) and not c})
+        for which, out in ((0, expected_half), (1, expected_anom)):
+            common = sorted(set(values[0][which]) & set(values[1][which]))
+            out.append(np.corrcoef([values[0][which][k] for k in common], [values[1][which][k] for k in common])[0, 1])
+    np.testing.assert_allclose(got["cc_half_per_repeat"], expected_half, rtol=1e-9)
+    np.testing.assert_allclose(got["cc_anom_per_repeat"], expected_anom, rtol=1e-9)
+    assert got["quantity"] == "I" and got["cc_half"] == pytest.approx(np.mean(expected_half))

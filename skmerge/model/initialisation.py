@@ -9,6 +9,7 @@ import numpy as np
 from reciprocalspaceship.algorithms.scale_merged_intensities import _french_wilson_posterior_quad
 
 from ..baseline import inverse_variance_mean
+from ..shells import make_shells
 
 _SCALING_ROUNDS = 5
 # Reflections per French–Wilson quadrature call: 100 grid points each, ~10 arrays of
@@ -39,15 +40,16 @@ def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
 
 
 def wilson_curve(dhkl, intensity_over_epsilon, n_bins=20):
-    """Mean intensity (I/ε) against resolution: equal-count shells of 1/d².
+    """Mean intensity (I/ε) against resolution: equal-count shells of 1/d² over the
+    reflections given (:func:`skmerge.shells.make_shells`), at most one shell per 50
+    reflections.
 
     Returns ``(centres, means)``, the mean 1/d² and mean I/ε of each shell; means are kept
     positive (weak high-resolution shells can average below zero).
     """
     s = 1 / np.asarray(dhkl, dtype=np.float64) ** 2
     n_bins = max(1, min(n_bins, len(s) // 50))
-    edges = np.quantile(s, np.linspace(0, 1, n_bins + 1))
-    which = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+    which = make_shells(dhkl, n_bins).assign(dhkl)
     count = np.maximum(np.bincount(which, minlength=n_bins), 1)
     centres = np.bincount(which, weights=s, minlength=n_bins) / count
     means = np.bincount(which, weights=intensity_over_epsilon, minlength=n_bins) / count

@@ -86,8 +86,21 @@ LIKELIHOODS = {
 }
 
 
-def make_likelihood(likelihood, dof):
-    """The likelihood object for an estimator's ``likelihood`` and ``dof`` parameters."""
-    if isinstance(likelihood, str):
-        return StudentTLikelihood(dof) if likelihood == "studentt" else LIKELIHOODS[likelihood]()
-    return likelihood
+def make_likelihood(likelihood):
+    """The likelihood object for an estimator's ``likelihood`` parameter."""
+    return LIKELIHOODS[likelihood]() if isinstance(likelihood, str) else likelihood
+
+
+class ErrorModelConfig(BaseEstimator):
+    def __init__(self, sdfac=1.0, sdadd=0.01):
+        self.sdfac = sdfac
+        self.sdadd = sdadd
+
+    def build(self, sdfac=None, sdadd=None):
+        return ErrorModel(self.sdfac if sdfac is None else sdfac, self.sdadd if sdadd is None else sdadd)
+
+
+def make_error_model(error_model):
+    if error_model is None or error_model is False:
+        return None
+    return ErrorModelConfig() if error_model is True else error_model

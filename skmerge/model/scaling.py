@@ -81,9 +81,8 @@ class ScaleNetwork(tf.Module):
         The stack is bound by memory traffic: kept for the backward pass, twenty
         activations of every row fall out of the CPU cache. So the gradient recomputes
         each chunk's forward pass just before its backward pass (gradient checkpointing
-        per chunk), and two chunks run at a time, one per core. A training step on hypf's
-        57,725 rows takes 25 ms this way; the stack on all rows at once, compiled with
-        XLA, took 49 ms.
+        per chunk), and two chunks run at a time, one per core. This is faster than the
+        stack on all rows at once, compiled with XLA (bench/RESULTS.md).
         """
         n = tf.shape(features)[0]
         n_chunks = (n + _CHUNK_ROWS - 1) // _CHUNK_ROWS

@@ -1,0 +1,169 @@
+"""Assembling a model from an estimator's parameters and encoded observations: the
+fit state (:class:`~skmerge.model.fitted.FitState`), the starting values, the scale
+network, the posterior, and the prior, likelihood and error model around them."""
+
+import numpy as np
+from sklearn.base import clone
+
+from ..baseline import inverse_variance_mean
+from ..errors import InputError
+from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
+from ..symmetry import lookup_keys
+from .data import tensor_data
+from .fitted import FitState, Weights, prior_of
+from .initialisation import evaluate_curve, french_wilson, quick_image_scales, wilson_curve
+
+
+def build_model(params, observations, rng, previous=None, harmonics=None):
+    """The model, its training data and the fit state for encoded observations.
+
+    A fresh fit standardises the intensities, fits the metadata transformer, scales the
+    images quickly and estimates the Wilson curve; a warm start (``previous``: the
+    (FitState, Weights) of the last fit) keeps all four. Starting values come from the
+    observations that hold one reflection each (in Laue data, the spots without
+    harmonic overlap). ``harmonics`` is the Laue expansion the observations were
+    encoded with.
+
+    Returns
+    -------
+    model : MergingModel
+    data : dict of tensors
+    state : FitState
+    """
+    reflections, refl = observations.reflections(params.anomalous, params.separate_files)
+    image_ids, image_row = np.unique(observations.image_id, return_inverse=True)
+    single = observations.single_rows()
+    rows = observations.rows
+    if previous is None:
+        intensity_scale = _intensity_scale(observations.intensity[observations.of_row(single)],
+                                           reflections.epsilon[refl[single]])
+        transformer = _metadata_transformer(params, rows).fit(rows)
+    else:
+        intensity_scale, transformer = previous[0].intensity_scale, previous[0].metadata_transformer
+    c = intensity_scale
+    intensity, sigma = observations.intensity / c, observations.sigma / c
+    features = metadata_features(transformer, rows, params.metadata)
+    image_scale = None
+    if previous is None:
+        obs = observations.of_row(single)
+        image_scale, merged, _ = quick_image_scales(
+            refl[single], image_row[single], intensity[obs], sigma[obs], len(reflections), len(image_ids)
+        )
+        seen = np.isfinite(merged)
+        curve = wilson_curve(reflections.dhkl[seen], merged[seen] / reflections.epsilon[seen])
+    else:
+        curve = previous[0].wilson_curve
+    reflections.mean_intensity = evaluate_curve(curve, reflections.dhkl)
+    state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
+                     features.shape[1], curve, harmonics)
+
+    data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot)
+    network = _scale_network(params, state, rng, previous, image_scale)
+    start = tensor_data(refl[single], image_row[single], features[single],
+                        *(v[observations.of_row(single)] for v in (intensity, sigma)))
+    posterior = _posterior(params, state, network, start, previous)
+    weights = previous[1] if previous is not None else None
+    return merging_model(params, state, posterior, network, weights), data, state
+
+
+def merging_model(params, state, posterior, network, weights=None):
+    """The posterior and scale network joined with the prior, the likelihood and the
+    error model: the error model at its starting values, or at fitted ``weights``."""
+    from .likelihoods import make_error_model, make_likelihood
+    from .training import MergingModel
+
+    error_model = make_error_model(params.error_model)
+    if error_model is not None:
+        fitted = weights.error_model if weights is not None else None
+        error_model = error_model.build(*(fitted if fitted is not None else ()))
+    prior = prior_of(params).build(state.reflections)
+    return MergingModel(posterior, prior, make_likelihood(params.likelihood), network, params.mc_samples,
+                        error_model)
+
+
+def restore_model(params, state, weights):
+    """The TensorFlow model of a fit from its numpy weights (after unpickling)."""
+    from .posterior import TruncatedNormalPosterior
+    from .scaling import ScaleNetwork
+
+    n = len(state.reflections)
+    posterior = TruncatedNormalPosterior(np.ones(n), np.ones(n))
+    posterior.set_weights(weights.posterior)
+    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
+                           np.random.RandomState(0))
+    network.set_weights(weights.scale)
+    return merging_model(params, state, posterior, network, weights)
+
+
+def uses_image_offsets(params):
+    """Whether the scale model gives every image an offset of its own."""
+    if isinstance(params.metadata, (list, tuple)):
+        return params.image_scales or split_metadata(params.metadata)[1]
+    return params.image_scales
+
+
+def _intensity_scale(intensity, epsilon):
+    scale = float(np.mean(intensity / epsilon))
+    if not scale > 0:
+        raise InputError("the mean intensity is not positive; these data hold no signal to merge.")
+    return scale
+
+
+def _metadata_transformer(params, X):
+    if params.metadata is not None and not isinstance(params.metadata, (list, tuple)):
+        return clone(params.metadata)
+    columns, _ = split_metadata(params.metadata)
+    check_metadata_columns(X, columns)
+    return make_metadata_transformer(columns, params.positional_encoding)
+
+
+def _scale_network(params, state, rng, previous, image_scale):
+    from .scaling import ScaleNetwork
+
+    n_images = len(state.image_ids) if uses_image_offsets(params) else 0
+    offsets = np.log(image_scale) if previous is None and n_images else None
+    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets)
+    if previous is not None:
+        old_state, old_weights = previous
+        weights = list(old_weights.scale)
+        if n_images:
+            old = dict(zip(old_state.image_ids, weights[-1])) if len(weights[-1]) else {}
+            fallback = float(np.mean(weights[-1])) if len(weights[-1]) else 0.0
+            weights[-1] = np.array([old.get(i, fallback) for i in state.image_ids], np.float32)
+        else:
+            weights[-1] = np.zeros(0, np.float32)
+        network.set_weights(weights)
+    return network
+
+
+def _posterior(params, state, network, data, previous):
+    """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
+    a merge scaled by the (starting) scale network, or the prior; a warm start keeps the
+    posterior of reflections seen before."""
+    from .posterior import TruncatedNormalPosterior
+
+    reflections = state.reflections
+    prior_mean = np.sqrt(reflections.epsilon.astype(np.float64))
+    if params.posterior_init == "prior" and previous is None:
+        loc, scale = 0.8 * prior_mean, 0.5 * prior_mean
+    else:
+        mu, spread = (t.numpy().astype(np.float64) for t in network(data["features"], data["image"]))
+        scale_mean = np.exp(mu + spread**2 / 2)
+        merged, merged_sigma = inverse_variance_mean(
+            data["refl"].numpy(), data["intensity"].numpy() / scale_mean, data["sigma"].numpy() / scale_mean,
+            len(reflections),
+        )
+        loc, scale = french_wilson(reflections, merged, merged_sigma)
+        bad = ~np.isfinite(loc) | ~np.isfinite(scale) | (scale <= 0)
+        loc = np.where(bad, 0.8 * prior_mean, np.maximum(loc, 1e-3))
+        scale = np.where(bad, 0.5 * prior_mean, scale)
+    posterior = TruncatedNormalPosterior(loc, scale)
+    if previous is not None and params.warm_start is True:
+        old_state, old_weights = previous
+        rows = lookup_keys(old_state.reflections.keys, reflections.keys)
+        known = rows >= 0
+        weights = posterior.get_weights()
+        for key in weights:
+            weights[key][known] = old_weights.posterior[key][rows[known]]
+        posterior.set_weights(weights)
+    return posterior

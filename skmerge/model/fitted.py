@@ -1,0 +1,172 @@
+"""A fitted model: what a fit learned besides its weights, the weights, and the
+evaluation of tables with them.
+
+A fit learns TensorFlow weights (the posterior, the scale network, the error model) and
+everything around them that turns a table into the model's inputs: the reflections, the
+images with offsets, the intensity unit, the fitted metadata transformer, the Wilson
+curve and, for Laue data, the band of the harmonic expansion. The second kind is a
+:class:`FitState`. The estimator copies both into its fitted attributes only once
+training has succeeded, and rebuilds them from those attributes to evaluate.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..features import metadata_features
+from ..merged import anomalous_table, merged_table
+from ..symmetry import lookup_keys, unpack_group, unpack_hkl
+from .data import Reflections, chunks, encode, tensor_data
+from .initialisation import evaluate_curve
+
+
+@dataclass
+class FitState:
+    """What a fit learns besides its weights (see the module docstring)."""
+
+    reflections: Reflections
+    image_ids: np.ndarray
+    reflection_counts: np.ndarray
+    intensity_scale: float
+    metadata_transformer: object
+    n_metadata_features: int
+    wilson_curve: tuple
+    harmonics: dict = None
+    """The keywords of :func:`skmerge.laue.expand_harmonics` fixed by the fit (Laue)."""
+
+    def attributes(self):
+        """The estimator's fitted attributes that hold this state."""
+        attributes = {
+            "reflections_": self.reflections, "image_ids_": self.image_ids,
+            "reflection_counts_": self.reflection_counts, "intensity_scale_": self.intensity_scale,
+            "metadata_transformer_": self.metadata_transformer, "n_metadata_features_": self.n_metadata_features,
+            "wilson_curve_": self.wilson_curve,
+        }
+        if self.harmonics is not None:
+            attributes["wavelength_bands_"] = self.harmonics["wavelength_range"]
+            attributes["dmin_"] = self.harmonics["dmin"]
+        return attributes
+
+    @classmethod
+    def from_attributes(cls, estimator):
+        """The state held by a fitted estimator's attributes."""
+        harmonics = None
+        if estimator.laue:
+            harmonics = {"wavelength_key": estimator.wavelength_key, "wavelength_range": estimator.wavelength_bands_,
+                         "dmin": estimator.dmin_}
+        return cls(estimator.reflections_, estimator.image_ids_, estimator.reflection_counts_,
+                   estimator.intensity_scale_, estimator.metadata_transformer_, estimator.n_metadata_features_,
+                   estimator.wilson_curve_, harmonics)
+
+    def encode(self, params, X, y=None):
+        """X encoded as the fit encoded its training data."""
+        return encode(X, y, anomalous=params.anomalous, separate_files=params.separate_files,
+                      harmonics=self.harmonics)
+
+    def locate(self, params, keys):
+        """Rows of reflection ``keys`` among the model's; reflections the fit never saw
+        are numbered after them and get the prior returned alongside (else None)."""
+        known = self.reflections
+        refl = lookup_keys(known.keys, keys)
+        unseen = refl < 0
+        if not unseen.any():
+            return refl, None
+        new_keys, new_row = np.unique(keys[unseen], return_inverse=True)
+        refl[unseen] = len(known) + new_row.ravel()
+        union = Reflections.from_keys(np.concatenate([known.keys, new_keys]), known.spacegroup, known.cell,
+                                      params.anomalous, params.separate_files)
+        union.mean_intensity = evaluate_curve(self.wilson_curve, union.dhkl)
+        # Built on the union so that a reference prior is normalised as in the fit.
+        prior = prior_of(params).build(union).take(np.arange(len(known), len(union)))
+        return refl, prior
+
+    def evaluation_data(self, params, X, y=None):
+        """Tensors for evaluating X, and the prior of reflections the fit never saw."""
+        observations = self.encode(params, X, y)
+        refl, extra = self.locate(params, observations.keys)
+        found = np.minimum(np.searchsorted(self.image_ids, observations.image_id), len(self.image_ids) - 1)
+        image = np.where(self.image_ids[found] == observations.image_id, found, -1)
+        c = self.intensity_scale
+        features = metadata_features(self.metadata_transformer, observations.rows, params.metadata)
+        data = tensor_data(refl, image, features, observations.intensity / c, observations.sigma / c,
+                           observations.spot)
+        return data, extra
+
+    def merged(self, params, model, X):
+        """The merged table of the reflections observed in X (see
+        ``VariationalMerger.transform``)."""
+        keys = np.unique(self.encode(params, X, np.zeros(len(X))).keys)
+        refl, extra = self.locate(params, keys)
+        m1, m2, _, m4 = (m.numpy().astype(np.float64)[refl] for m in model.amplitude_moments(extra))
+        counts = np.append(self.reflection_counts, 0)[np.minimum(refl, len(self.reflections))]
+        root, c = math.sqrt(self.intensity_scale), self.intensity_scale
+        columns = {"F": m1 * root, "SIGF": np.sqrt(np.maximum(m2 - m1**2, 0.0)) * root, "I": m2 * c,
+                   "SIGI": np.sqrt(np.maximum(m4 - m2**2, 0.0)) * c, "N": counts.astype(np.int32)}
+        hkl = unpack_hkl(keys)
+        group = unpack_group(keys) if params.separate_files else None
+        spacegroup, cell = self.reflections.spacegroup, self.reflections.cell
+        if params.anomalous:
+            return anomalous_table(hkl, columns, spacegroup, cell, group)
+        if group is not None:
+            columns["file_id"] = group
+        return merged_table(hkl, columns, spacegroup, cell)
+
+    def predict(self, params, model, X):
+        """Mean and standard deviation of each observation's predicted intensity (in the
+        input's units), and of its scale. A Laue spot sums its harmonics (their
+        variances added) and takes the scale of its first harmonic."""
+        data, extra = self.evaluation_data(params, X, np.zeros(len(X)))
+        outputs = [[] for _ in range(4)]
+        for chunk in chunks(data):
+            for out, value in zip(outputs, model.predict(chunk, extra)):
+                out.append(value.numpy().astype(np.float64))
+        mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
+        if "spot" in data:
+            spot = data["spot"].numpy()
+            n_obs = int(data["intensity"].shape[0])
+            first = np.unique(spot, return_index=True)[1]
+            mean = np.bincount(spot, weights=mean, minlength=n_obs)
+            sd = np.sqrt(np.bincount(spot, weights=sd**2, minlength=n_obs))
+            scale, scale_sd = scale[first], scale_sd[first]
+        return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
+
+    def log_predictive(self, params, model, X, y, n_samples, seed):
+        """log p(Iᵢ | training data) of each observation of X, per unit of the input
+        intensities, from ``n_samples`` Monte Carlo samples."""
+        from .._tf import tf
+
+        data, extra = self.evaluation_data(params, X, y)
+        seed = tf.constant([seed, 2])
+        values = [model.log_predictive(chunk, n_samples, seed, extra).numpy() for chunk in chunks(data)]
+        return np.concatenate(values).astype(np.float64) - math.log(self.intensity_scale)
+
+
+@dataclass
+class Weights:
+    """The numpy weights of a fitted model (what persists)."""
+
+    posterior: dict
+    scale: list
+    error_model: np.ndarray = None
+    """(SdFac, SdAdd) when the model has an error model."""
+
+    @classmethod
+    def from_attributes(cls, estimator):
+        """The weights held by a fitted estimator's attributes."""
+        sdfac = getattr(estimator, "sdfac_", None)
+        error_model = None if sdfac is None else np.array([sdfac, estimator.sdadd_])
+        return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model)
+
+    @classmethod
+    def of(cls, model):
+        """The weights of a trained :class:`~skmerge.model.training.MergingModel`."""
+        error_model = model.error_model.get_weights() if model.error_model is not None else None
+        return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model)
+
+
+def prior_of(params):
+    """The prior object of an estimator's ``prior`` parameter."""
+    from .priors import make_prior
+
+    return make_prior(params.prior)

@@ -1,0 +1,152 @@
+"""Fitting a model: build it, choose what trains, run the loop, watch a held-out set;
+early stopping."""
+
+import gc
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ParameterError
+from .build import build_model
+from .data import encode, laue_band
+
+
+@dataclass
+class Training:
+    """The outcome of :func:`train`."""
+
+    model: object
+    state: object
+    loss_curve: np.ndarray
+    converged: bool
+    kept_step: int
+    validation_scores: np.ndarray = None
+    """Held-out mean log predictive density per observation (in the input's units)
+    after every chunk of steps, when a validation set was watched."""
+
+
+def fit_model(params, X, y, rng, seed, *, previous=None):
+    """Fit a model to the table X as the estimator's parameters say, from scratch or
+    from ``previous`` (the FitState and Weights of a fit to warm-start from).
+
+    Laue data are expanded into harmonics in the band of the data (or of the previous
+    fit, so that a warm start keeps its reflections).
+
+    With ``early_stopping`` a first fit holds ``validation_fraction`` of the images out
+    and watches their predictive density; the number of steps that gave the best value
+    is then used to fit every image (so every image is merged), and the first fit's
+    held-out scores and convergence are reported with it.
+    """
+    harmonics = previous[0].harmonics if previous is not None else None
+    if params.laue and harmonics is None:
+        bands, dmin = laue_band(X, params.wavelength_key, params.wavelength_range)
+        harmonics = {"wavelength_key": params.wavelength_key, "wavelength_range": bands, "dmin": dmin}
+    encoding = {"anomalous": params.anomalous, "separate_files": params.separate_files, "harmonics": harmonics}
+    if not params.early_stopping:
+        return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, previous=previous,
+                     harmonics=harmonics)
+    rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
+    first = train(params, encode(_take(X, rows), None if y is None else np.asarray(y)[rows], **encoding), rng,
+                  seed, params.max_iter, previous=previous, harmonics=harmonics, validation=_take(X, ~rows))
+    steps, converged, scores = first.kept_step, first.converged, first.validation_scores
+    del first
+    gc.collect()  # the first model's TensorFlow functions sit in reference cycles
+    result = train(params, encode(X, y, **encoding), rng, seed, steps, previous=previous, harmonics=harmonics,
+                   stop=False)
+    result.converged, result.validation_scores = converged, scores
+    return result
+
+
+def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
+          stop=True):
+    """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
+    steps: until the training loss levels off; with ``validation`` (a table of held-out
+    images) until their loss stops improving (the best state is kept); or, with
+    ``stop=False``, for exactly ``max_iter`` steps."""
+    from .training import ImageBatches, Trainer
+
+    model, data, state = build_model(params, observations, rng, previous, harmonics)
+    variables = []
+    if params.freeze != "posterior":
+        variables += list(model.posterior.trainable_variables)
+    if params.freeze != "scales":
+        variables += list(model.scale_network.trainable_variables)
+        if model.error_model is not None:
+            variables += list(model.error_model.trainable_variables)
+    else:
+        data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
+    if params.batch_size is not None and params.batch_size < len(state.image_ids):
+        data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
+                            params.batch_size, spot=observations.spot)
+    trainer = Trainer(model, variables, data, learning_rate=params.learning_rate, seed=seed,
+                      jit_compile=params.jit_compile)
+    scores = []
+    monitor = None
+    if validation is not None:
+        monitor = _validation_monitor(params, model, state, validation, seed, scores)
+    with _progress(max_iter, params.verbose) as progress:
+        history, converged = trainer.run(
+            max_iter, tol=params.tol, n_iter_no_change=params.n_iter_no_change if stop else max_iter,
+            progress=progress, monitor=monitor,
+        )
+    return Training(model, state, history, converged, trainer.kept_step,
+                    np.asarray(scores) if validation is not None else None)
+
+
+def _validation_monitor(params, model, state, X_val, seed, scores):
+    """A function returning the current mean negative log predictive density of the
+    held-out images (what early stopping watches); it records each value as a score in
+    the input's units."""
+    from .._tf import tf
+
+    data, extra = state.evaluation_data(params, X_val)
+    seed = tf.constant([seed, 1])
+    evaluate = tf.function(
+        lambda: -tf.reduce_mean(model.log_predictive(data, 4, seed, extra)), jit_compile=params.jit_compile
+    )
+
+    def monitor():
+        loss = float(evaluate())
+        scores.append(-loss - math.log(state.intensity_scale))
+        return loss
+
+    return monitor
+
+
+def _training_rows(image, fraction, rng):
+    """Rows of the images kept for training when ``fraction`` of them are held out."""
+    images = np.unique(image)
+    if len(images) < 2:
+        raise ParameterError("early_stopping needs at least two images to hold one out.")
+    n_val = min(max(1, int(round(fraction * len(images)))), len(images) - 1)
+    held_out = rng.choice(images, n_val, replace=False)
+    return ~np.isin(image, held_out)
+
+
+def _take(X, mask):
+    return X if mask.all() else X.iloc[np.flatnonzero(mask)]
+
+
+class _progress:
+    """A tqdm bar with the loss and ETA when verbose, else nothing."""
+
+    def __init__(self, total, verbose):
+        self.total, self.verbose, self.bar = total, verbose, None
+
+    def __enter__(self):
+        if not self.verbose:
+            return None
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc="fit", unit="step", dynamic_ncols=True)
+
+        def update(step, loss):
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
