@@ -295,11 +295,8 @@ def check_values(args, params):
     from .errors import ParameterError
     from .workflow import check_options, make_merger
 
-    from_dof = args.dof is not None
-    checks = [("dof" if name == "likelihood" and from_dof else name, make_merger, {name: value})
+    checks = [("dof" if name == "likelihood" and args.dof is not None else name, make_merger, {name: value})
               for name, value in params.items()]
-    if from_dof:  # until StudentTLikelihood validates its dof itself
-        checks.append(("dof", make_merger, {"dof": args.dof}))
     checks += [(name, check_options, {name: getattr(args, name)}) for name in ("test_fraction", "shells")]
     for dest, check, values in checks:
         try:

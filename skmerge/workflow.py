@@ -239,7 +239,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
 
 def _predict(merger, X):
     """Predicted intensity, its σ, the scale and its σ of every observation of X."""
-    return merger.predict_with_uncertainty(X)
+    return merger.predict(X, return_std=True, return_scale=True)
 
 
 def _fitted_error_model(merger):

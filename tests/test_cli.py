@@ -190,8 +190,6 @@ BAD_COMMAND_LINES = {
                                "--learning-rate -1.0: The 'learning_rate'"),
     "zero mlp width": (["--mlp-width", "0", "dHKL", "{sim}", "{out}/x"], "--mlp-width 0: "),
     "negative batch size": (["--batch-size", "-3", "dHKL", "{sim}", "{out}/x"], "--batch-size -3: "),
-    "negative dof": (["--studentt-likelihood-dof", "-2", "dHKL", "{sim}", "{out}/x"],
-                     "--studentt-likelihood-dof -2.0: "),
     "test fraction of one": (["--test-fraction", "1", "dHKL", "{sim}", "{out}/x"], "--test-fraction 1.0: "),
     "zero shells": (["--shells", "0", "dHKL", "{sim}", "{out}/x"], "--shells 0: "),
     "zero half-dataset repeats": (["--merge-half-datasets", "--half-dataset-repeats", "0", "dHKL", "{sim}",
@@ -220,6 +218,23 @@ def test_bad_command_lines_exit_2_with_one_line_and_no_files(case, sim_mtz, tmp_
     assert message in lines[0]
     assert captured.out == ""
     assert _listing(out) == []
+
+
+def test_bad_likelihood_values_name_their_flag(monkeypatch, tmp_path, capsys):
+    """The likelihood object validates its own parameters when it declares their
+    constraints; the error then names --studentt-likelihood-dof."""
+    from numbers import Real
+
+    from sklearn.utils._param_validation import Interval
+
+    from skmerge.model.likelihoods import StudentTLikelihood
+
+    if not hasattr(StudentTLikelihood, "_parameter_constraints"):
+        monkeypatch.setattr(StudentTLikelihood, "_parameter_constraints",
+                            {"dof": [Interval(Real, 0, None, closed="neither")]}, raising=False)
+    assert main(["mono", "--studentt-likelihood-dof", "-2", "dHKL", "in.mtz", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("skmerge: error: --studentt-likelihood-dof -2.0: The 'dof' parameter") and err.count("\n") == 1
 
 
 def test_unknown_metadata_key_lists_the_available_ones(sim_mtz, tmp_path, capsys):

@@ -3,11 +3,14 @@
 import contextlib
 import io
 import json
+from numbers import Real
 
 import numpy as np
 import pandas as pd
 import pytest
 import reciprocalspaceship as rs
+from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval
 
 import skmerge
 from skmerge.cli import main
@@ -131,12 +134,26 @@ def test_run_merge_checks_everything_before_reading(tmp_path):
         skmerge.run_merge(X, metadata=["dHKL", "NOPE"])
 
 
+class _BoundedLikelihood(BaseEstimator):
+    _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")]}
+
+    def __init__(self, dof=1.0):
+        self.dof = dof
+
+    def log_prob(self, intensity, predicted, sigma):
+        raise NotImplementedError("never fitted")
+
+
 def test_make_merger_and_check_options():
     merger = make_merger(max_iter=7)
     assert merger.max_iter == 7 and merger.get_params()["learning_rate"] == skmerge.VariationalMerger().learning_rate
     assert make_merger(merger, mlp_width=3).get_params()["max_iter"] == 7
     with pytest.raises(ParameterError, match="'learning_rate'"):
         make_merger(learning_rate=-1.0)
+    # Model pieces given as objects are validated too, when they declare their constraints.
+    with pytest.raises(ParameterError, match="'dof' parameter of _BoundedLikelihood"):
+        make_merger(likelihood=_BoundedLikelihood(dof=-1.0))
+    assert make_merger(likelihood=_BoundedLikelihood(dof=2.0)).likelihood.dof == 2.0
     check_options(shells=[10.0, 3.0, 2.0], binning="equal-volume", method="spearman")
     with pytest.raises(ParameterError, match="'method'"):
         check_options(method="kendall")
