@@ -6,16 +6,19 @@ output prefix, writes the command line's files; :func:`statistics_from_outputs` 
 ``skmerge stats``.
 """
 
+import contextlib
 import json
 import logging
 import os
 import re
+import warnings as python_warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions, validate_parameter_constraints
 
 from . import __version__
@@ -211,7 +214,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
            f"{X['image_id'].nunique():,} images from {X['file_id'].nunique()} file(s)"
            + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
 
-    merger.fit(X_train)
+    with _caught(ConvergenceWarning):  # the status line says when max_iter stopped the fit
+        merger.fit(X_train)
     merged = merger.transform(X_train)
     error_model = _fitted_error_model(merger)
     report("info", f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else
@@ -225,7 +229,12 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
     if half_datasets:
         from .half_datasets import half_dataset_merges
 
-        halves = half_dataset_merges(merger, X, n_repeats=half_datasets, random_state=seed, verbose=merger.verbose)
+        with _caught(ConvergenceWarning) as stopped:
+            halves = half_dataset_merges(merger, X, n_repeats=half_datasets, random_state=seed,
+                                         verbose=merger.verbose)
+        if stopped:
+            warn(f"{len(stopped)} of {2 * half_datasets} half-dataset merges stopped at max_iter={merger.max_iter} "
+                 "before converging, so CC1/2 and CCanom describe unconverged merges: raise --iterations")
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
     statistics = _statistics(merged, halves or [None] * n_sets, predictions, shells=shells, binning=binning,
@@ -410,6 +419,21 @@ def _split_seed(random_state):
     if random_state is None or isinstance(random_state, Integral):
         return random_state
     return int(random_state.randint(2**31 - 1))
+
+
+@contextlib.contextmanager
+def _caught(category):
+    """Collect the warnings of ``category`` raised inside the block (their messages, in
+    the list it yields) instead of showing them; other warnings pass on."""
+    caught = []
+    with python_warnings.catch_warnings(record=True) as raised:
+        python_warnings.simplefilter("always", category)
+        yield caught
+    for w in raised:
+        if issubclass(w.category, category):
+            caught.append(str(w.message))
+        else:
+            python_warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _log_to_logger(level, message):

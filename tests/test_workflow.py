@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import warnings
 from numbers import Real
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import reciprocalspaceship as rs
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval
 
 import skmerge
@@ -92,6 +94,8 @@ def test_run_merge_returns_what_it_wrote(both_runs):
     assert set(levels) <= {"info", "warning"} and levels.count("info") == 3
     assert [message for level, message in lines if level == "warning"] == result.warnings
     assert lines[-1][1].startswith("wrote sim_0.mtz")
+    assert "not converged" in lines[1][1], "30 steps are too few: the status line says so"
+    assert any(w.startswith("2 of 2 half-dataset merges stopped at max_iter=30") for w in result.warnings)
 
 
 def test_statistics_from_outputs_recomputes_the_run(both_runs):
@@ -108,7 +112,10 @@ def test_statistics_from_outputs_recomputes_the_run(both_runs):
 def test_run_merge_takes_a_table_and_a_ready_merger(tmp_path):
     X, _ = make_unmerged(n_images=10, random_state=2)
     merger = skmerge.VariationalMerger(metadata=["dHKL", "BATCH"], random_state=0, **TINY)
-    result = skmerge.run_merge(X, merger=merger, mlp_width=4, log=lambda *line: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # reported by the status line instead
+        result = skmerge.run_merge(X, merger=merger, mlp_width=4, log=lambda *line: None)
+    assert not result.merger.converged_
     assert result.merger is not merger and not hasattr(merger, "n_iter_"), "a clone is fitted"
     assert result.merger.mlp_width == 4 and result.paths == [] and result.halves is None
     assert result.names == ["file 0"] and list(result.merged[0].columns) == ["F", "SIGF", "I", "SIGI", "N"]
