@@ -62,7 +62,9 @@ class MergeResult:
     names : list of str
         The data sets' names (their files).
     warnings : list of str
-        The diagnostics of :mod:`skmerge.diagnostics` that fired.
+        The diagnostics of :mod:`skmerge.diagnostics` that fired, and a note when
+        ``max_iter`` stopped half-dataset merges (the merger's ``converged_`` tells of
+        the main fit).
     paths : list of Path
         The files written (empty without ``out``).
     """
