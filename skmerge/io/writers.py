@@ -31,6 +31,23 @@ PREDICTION_TYPES = {
 }
 
 
+def check_output_prefix(prefix):
+    """Raise InputError unless files can be written under the path prefix ``prefix``
+    (e.g. ``out/hypf``): its directory exists and is writable, and it is no directory
+    itself."""
+    prefix = str(prefix)
+    path = Path(prefix)
+    if prefix.endswith(("/", os.sep)) or path.is_dir():
+        raise InputError(f"output {prefix!r} is a directory; give a prefix inside it, e.g. "
+                         f"{os.path.join(prefix, 'merged')}")
+    directory = path.parent
+    if not directory.is_dir():
+        raise InputError(f"output directory {str(directory)!r} does not exist; create it first "
+                         f"(mkdir -p {directory})")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {str(directory)!r} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """A temporary path next to ``path`` to write to; renamed to ``path`` when the block
@@ -129,7 +146,7 @@ def predictions_table(X, ipred, sigipred, scale, sigscale, test=None):
     X : rs.DataSet
         The observation table (Hobs/Kobs/Lobs, Iobs, SIGIobs, image_id, file_id).
     ipred, sigipred, scale, sigscale : array-like of shape (n_observations,)
-        ``VariationalMerger.predict_with_uncertainty(X)``.
+        The predicted intensity, its σ, the scale and its σ of each observation.
     test : array-like of bool, optional
         True for observations held out of the fit.
     """

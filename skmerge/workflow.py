@@ -1,0 +1,442 @@
+"""The merging workflow of ``skmerge mono`` and ``skmerge poly`` as library calls.
+
+:func:`run_merge` reads the data, fits a :class:`~skmerge.VariationalMerger`, predicts
+every observation, merges half datasets, computes the merging statistics and, given an
+output prefix, writes the command line's files; :func:`statistics_from_outputs` is
+``skmerge stats``.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import warnings as python_warnings
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions, validate_parameter_constraints
+
+from . import __version__
+from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
+from .errors import InputError, ParameterError
+from .io import writers
+
+# The workflow's own options (the estimator validates its parameters itself).
+OPTION_CONSTRAINTS = {
+    "half_datasets": [Interval(Integral, 0, None, closed="left")],
+    "test_fraction": [Interval(Real, 0, 1, closed="left")],
+    "shells": [Interval(Integral, 1, None, closed="left"), list, tuple],
+    "binning": [StrOptions({"equal-count", "equal-volume"})],
+    "method": [StrOptions({"pearson", "spearman"})],
+}
+_READ_OPTIONS = ("spacegroup", "dmin", "isigi_cutoff", "intensity_key", "sigma_key", "image_key")
+_logger = logging.getLogger("skmerge")
+
+
+@dataclass
+class MergeResult:
+    """Everything a merge produced; ``merged``, ``predictions``, ``halves`` and
+    ``statistics`` hold one entry per data set (one per file with ``separate_files``).
+
+    Attributes
+    ----------
+    merger : VariationalMerger
+        The fitted merger.
+    observations : rs.DataSet
+        Every observation read (the fit saw those with ``test`` False).
+    test : ndarray of bool
+        The observations held out of the fit (``test_fraction``).
+    merged : list of rs.DataSet
+        Merged amplitudes and intensities of the fitted observations.
+    predictions : list of rs.DataSet
+        Iobs, SIGIobs, Ipred, SIGIpred, Scale, SIGScale, image_id, file_id and test per
+        observation, in the unmerged MTZ layout.
+    halves : list of rs.DataSet or None
+        Half-dataset merges (``half_datasets > 0``).
+    statistics : list of MergingStatistics
+    names : list of str
+        The data sets' names (their files).
+    warnings : list of str
+        The diagnostics of :mod:`skmerge.diagnostics` that fired, and a note when
+        ``max_iter`` stopped half-dataset merges (the merger's ``converged_`` tells of
+        the main fit).
+    paths : list of Path
+        The files written (empty without ``out``).
+    """
+
+    merger: object
+    observations: object
+    test: np.ndarray
+    merged: list
+    predictions: list
+    halves: list
+    statistics: list
+    names: list
+    warnings: list = field(default_factory=list)
+    paths: list = field(default_factory=list)
+
+    @property
+    def error_model(self):
+        """The fitted error model as ``{"sdfac": ..., "sdadd": ...}``, or None."""
+        return _fitted_error_model(self.merger)
+
+    def write(self, out):
+        """Write the outputs of ``skmerge mono`` under the prefix ``out``, each atomically.
+
+        ``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``, ``OUT_xval_<i>.mtz`` (with half
+        datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT_stats.csv``,
+        ``OUT_stats.json``, ``OUT_history.png`` and ``OUT_cchalf.png`` (with half datasets
+        or a test set); see ``docs/cli.md``.
+
+        Returns
+        -------
+        list of Path
+            The files written, in that order.
+        """
+        from .plotting import plot_history, plot_statistics
+
+        writers.check_output_prefix(out)
+        paths = []
+        halves = self.halves or [None] * len(self.merged)
+        for i, (merged, predictions, half) in enumerate(zip(self.merged, self.predictions, halves)):
+            paths.append(writers.write_mtz(merged, f"{out}_{i}.mtz"))
+            paths.append(writers.write_mtz(predictions, f"{out}_predictions_{i}.mtz"))
+            if half is not None:
+                paths.append(writers.write_mtz(half, f"{out}_xval_{i}.mtz"))
+        history = writers.history_table(self.merger.loss_curve_)
+        paths.append(writers.write_csv(history, f"{out}_history.csv"))
+        paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
+        paths.append(writers.write_csv(statistics_table(self.statistics), f"{out}_stats.csv"))
+        paths.append(writers.write_json(self._statistics_document(), f"{out}_stats.json"))
+        paths.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
+        if self.halves is not None or self.test.any():
+            labels = None if len(self.names) == 1 else self.names
+            paths.append(writers.write_figure(plot_statistics(self.statistics, labels), f"{out}_cchalf.png"))
+        return paths
+
+    def _statistics_document(self):
+        document = {
+            "skmerge_version": __version__,
+            "datasets": [{"index": i, "name": name, **s.to_dict()}
+                         for i, (s, name) in enumerate(zip(self.statistics, self.names))],
+        }
+        if self.error_model is not None:
+            document["error_model"] = self.error_model
+        return document
+
+
+def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_cutoff=None, intensity_key=None,
+              sigma_key=None, image_key=None, half_datasets=0, test_fraction=0.0, shells=10,
+              binning="equal-count", method="pearson", log=None, **params):
+    """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
+    what ``skmerge mono`` and ``skmerge poly`` do.
+
+    Parameters
+    ----------
+    data : path, rs.DataSet, or list of them
+        Reflection files or data sets for :func:`skmerge.read_unmerged`, or an
+        observation table it made.
+    out : str or Path, optional
+        Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
+        files when given.
+    merger : VariationalMerger, optional
+        The estimator to fit (a clone of it is fitted). None builds one from ``params``.
+    spacegroup, dmin, isigi_cutoff, intensity_key, sigma_key, image_key : optional
+        Read options of :func:`skmerge.read_unmerged` (only with files); ``anomalous``
+        is the merger's.
+    half_datasets : int, default=0
+        Random half splits of the images merged after the fit (0: none); their merges
+        give CC1/2 and CCanom.
+    test_fraction : float, default=0.0
+        Fraction of the observations held out of the fit (seeded by the merger's
+        ``random_state``); CCpred is computed on them.
+    shells, binning, method
+        The statistics table's, see :func:`skmerge.merging_statistics`.
+    log : callable, optional
+        Called as ``log(level, message)`` with level "info" or "warning" for each status
+        line and diagnostic; by default they go to the ``logging`` logger "skmerge".
+    **params
+        VariationalMerger parameters (set on ``merger`` when it is given), e.g.
+        ``metadata``, ``anomalous``, ``separate_files``, ``max_iter``, ``random_state``,
+        which also seeds the test and half-dataset splits.
+
+    Returns
+    -------
+    MergeResult
+
+    Raises
+    ------
+    ParameterError
+        For a parameter or option that cannot work, before anything is read.
+    InputError
+        For data that cannot be merged as asked.
+
+    Examples
+    --------
+    >>> import skmerge
+    >>> result = skmerge.run_merge(  # doctest: +SKIP
+    ...     "hypf_unmerged.mtz", "out/hypf", metadata=["dHKL", "XDET", "YDET", "BATCH"],
+    ...     anomalous=True, half_datasets=1, random_state=0)
+    >>> print(result.statistics[0])  # doctest: +SKIP
+    """
+    report = log or _log_to_logger
+    check_options(half_datasets=half_datasets, test_fraction=test_fraction, shells=shells, binning=binning,
+                  method=method)
+    merger = make_merger(merger, **params)
+    if out is not None:
+        writers.check_output_prefix(out)
+    read_options = {name: value for name, value in zip(_READ_OPTIONS, (
+        spacegroup, dmin, isigi_cutoff, intensity_key, sigma_key, image_key)) if value is not None}
+    X, names = _observations(data, merger.anomalous, read_options)
+    n_sets = len(names) if merger.separate_files else 1
+    if n_sets == 1:
+        names = [", ".join(names)]
+    warnings = []
+
+    def warn(message):
+        if message:
+            warnings.append(message)
+            report("warning", message)
+
+    keys = merger.metadata if isinstance(merger.metadata, (list, tuple)) else []
+    check_metadata_keys(keys, X)
+    warn(partiality_warning(X, keys))
+    seed = _split_seed(merger.random_state)
+    test = np.random.default_rng(seed).random(len(X)) < test_fraction
+    if test.all():
+        raise ParameterError(f"test_fraction={test_fraction} leaves no observation to fit")
+    X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
+    report("info", f"read {len(X):,} observations of {X['asu_index'].nunique():,} reflections"
+           + (" (Friedel mates apart)" if merger.anomalous else "") + f" on "
+           f"{X['image_id'].nunique():,} images from {X['file_id'].nunique()} file(s)"
+           + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
+
+    with _caught(ConvergenceWarning):  # the status line says when max_iter stopped the fit
+        merger.fit(X_train)
+    merged = merger.transform(X_train)
+    error_model = _fitted_error_model(merger)
+    report("info", f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else
+           " (the maximum; not converged — raise --iterations)")
+           + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
+              if error_model else ""))
+    predictions = writers.predictions_table(X, *_predict(merger, X), test=test)
+    if error_model is None:
+        warn(sigma_scatter_warning(predictions))
+    halves = None
+    if half_datasets:
+        from .half_datasets import half_dataset_merges
+
+        with _caught(ConvergenceWarning) as stopped:
+            halves = half_dataset_merges(merger, X, n_repeats=half_datasets, random_state=seed,
+                                         verbose=merger.verbose)
+        if stopped:
+            warn(f"{len(stopped)} of {2 * half_datasets} half-dataset merges stopped at max_iter={merger.max_iter} "
+                 "before converging, so CC1/2 and CCanom describe unconverged merges: raise --iterations")
+    merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
+    halves = None if halves is None else writers.split_by_file(halves, n_sets)
+    statistics = _statistics(merged, halves or [None] * n_sets, predictions, shells=shells, binning=binning,
+                             method=method)
+    result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings)
+    if out is not None:
+        result.paths = result.write(out)
+        report("info", "wrote " + ", ".join(p.name for p in result.paths))
+    return result
+
+
+def _predict(merger, X):
+    """Predicted intensity, its σ, the scale and its σ of every observation of X."""
+    return merger.predict(X, return_std=True, return_scale=True)
+
+
+def _fitted_error_model(merger):
+    if not merger.error_model:
+        return None
+    return {"sdfac": float(merger.sdfac_), "sdadd": float(merger.sdadd_)}
+
+
+def make_merger(merger=None, **params):
+    """A VariationalMerger with ``params`` set and every parameter validated, including
+    those of the model pieces given as objects (priors, likelihoods).
+
+    Parameters
+    ----------
+    merger : VariationalMerger, optional
+        Cloned, then ``params`` are set on the clone; None starts from the defaults.
+    **params
+        VariationalMerger parameters.
+
+    Raises
+    ------
+    ParameterError
+        For an unknown parameter or a value it cannot take.
+
+    Examples
+    --------
+    >>> make_merger(max_iter=0)
+    Traceback (most recent call last):
+    ...
+    skmerge.errors.ParameterError: The 'max_iter' parameter of VariationalMerger must be an int in the range [1, inf). Got 0 instead.
+    """
+    from sklearn.base import clone
+
+    from .merger import VariationalMerger
+
+    merger = VariationalMerger() if merger is None else clone(merger)
+    try:
+        merger.set_params(**params)
+        merger._validate_params()
+        for value in merger.get_params(deep=False).values():
+            if hasattr(value, "_parameter_constraints"):
+                value._validate_params()
+    except ValueError as exc:  # InvalidParameterError, or set_params of an unknown name
+        raise ParameterError(str(exc)) from None
+    return merger
+
+
+def check_options(**options):
+    """Validate options of :func:`run_merge` other than the estimator's (half_datasets,
+    test_fraction, shells, binning, method); raises ParameterError."""
+    try:
+        validate_parameter_constraints({k: OPTION_CONSTRAINTS[k] for k in options}, options, "run_merge")
+    except InvalidParameterError as exc:
+        raise ParameterError(str(exc)) from None
+
+
+def statistics_table(statistics):
+    """The statistics tables of several data sets stacked, with a ``data_set`` column:
+    the content of ``OUT_stats.csv``."""
+    tables = []
+    for i, stats in enumerate(statistics):
+        table = stats.table.reset_index()
+        table.insert(0, "data_set", i)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def format_statistics(statistics, names):
+    """The statistics tables of several data sets as text, each titled with its number
+    and name: what ``skmerge mono`` and ``skmerge stats`` print."""
+    return "\n\n".join(
+        stats.to_string(title=f"Merging statistics of data set {i}" + (f" ({name})" if name else ""))
+        for i, (stats, name) in enumerate(zip(statistics, names))
+    )
+
+
+def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pearson"):
+    """The merging statistics of a finished run, recomputed from its files: ``skmerge
+    stats``.
+
+    Reads ``OUT_<i>.mtz``, ``OUT_xval_<i>.mtz`` and ``OUT_predictions_<i>.mtz`` (careless's
+    SigF/SigI names too); when no merged file is left, the tables saved in
+    ``OUT_stats.json`` instead (then ``shells``, ``binning`` and ``method`` are those of
+    the run).
+
+    Parameters
+    ----------
+    out : str or Path
+        The run's output prefix.
+    shells, binning, method
+        See :func:`skmerge.merging_statistics`.
+
+    Returns
+    -------
+    statistics : list of MergingStatistics
+    names : list of str
+        The data sets' names (their files, when ``OUT_stats.json`` records them).
+
+    Raises
+    ------
+    InputError
+        When there is no run under ``out`` or a file is not readable.
+    """
+    from .stats import MergingStatistics
+
+    check_options(shells=shells, binning=binning, method=method)
+    base = Path(out)
+    directory = base.parent if str(base.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"directory {str(directory)!r} does not exist")
+    pattern = re.compile(re.escape(base.name) + r"_(\d+)\.mtz$")
+    indices = sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.match(p.name)))
+    saved = Path(f"{out}_stats.json")
+    if not indices:
+        if not saved.is_file():
+            raise InputError(f"no merged file {out}_0.mtz (nor {saved.name}); give the OUT prefix of a run")
+        try:
+            datasets = json.loads(saved.read_text(encoding="utf-8"))["datasets"]
+            return [MergingStatistics.from_dict(d) for d in datasets], [d.get("name") for d in datasets]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{saved}: not a skmerge statistics file ({exc})") from exc
+    try:
+        saved_names = {d["index"]: d["name"] for d in json.loads(saved.read_text(encoding="utf-8"))["datasets"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        saved_names = {}
+    statistics = _statistics([_read_mtz(f"{out}_{i}.mtz") for i in indices],
+                             [_read_mtz(f"{out}_xval_{i}.mtz") for i in indices],
+                             [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
+                             shells=shells, binning=binning, method=method)
+    return statistics, [saved_names.get(i) or f"{base.name}_{i}.mtz" for i in indices]
+
+
+def _statistics(merged, halves, predictions, **options):
+    from .stats import merging_statistics
+
+    return [merging_statistics(m, h, p, **options) for m, h, p in zip(merged, halves, predictions)]
+
+
+def _observations(data, anomalous, read_options):
+    """The observation table and the names of its files."""
+    if isinstance(data, pd.DataFrame) and "asu_index" in data.columns:
+        if read_options:
+            raise ParameterError(f"{', '.join(read_options)}: read options apply to files, not to a table; "
+                                 "pass them to skmerge.read_unmerged")
+        n_files = int(data["file_id"].max()) + 1 if "file_id" in data.columns else 1
+        return data, [f"file {i}" for i in range(n_files)]
+    from .table import read_unmerged
+
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    X = read_unmerged(sources, anomalous=anomalous, **read_options)
+    return X, [Path(s).name if isinstance(s, (str, os.PathLike)) else f"file {i}" for i, s in enumerate(sources)]
+
+
+def _read_mtz(path):
+    """An MTZ file of a run, or None when it is absent."""
+    import reciprocalspaceship as rs
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return rs.read_mtz(str(path))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable MTZ file ({exc})") from exc
+
+
+def _split_seed(random_state):
+    """The seed of the test and half-dataset splits for an estimator's random_state."""
+    if random_state is None or isinstance(random_state, Integral):
+        return random_state
+    return int(random_state.randint(2**31 - 1))
+
+
+@contextlib.contextmanager
+def _caught(category):
+    """Collect the warnings of ``category`` raised inside the block (their messages, in
+    the list it yields) instead of showing them; other warnings pass on."""
+    caught = []
+    with python_warnings.catch_warnings(record=True) as raised:
+        python_warnings.simplefilter("always", category)
+        yield caught
+    for w in raised:
+        if issubclass(w.category, category):
+            caught.append(str(w.message))
+        else:
+            python_warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _log_to_logger(level, message):
+    _logger.log(logging.WARNING if level == "warning" else logging.INFO, message)
