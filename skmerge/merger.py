@@ -288,18 +288,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         """Every fitted attribute at once, after training has succeeded."""
         for name in _OPTIONAL_ATTRIBUTES:
             self.__dict__.pop(name, None)
-        self.__dict__.update(result.state.attributes())
-        weights = Weights.of(result.model)
-        self.posterior_weights_, self.scale_weights_ = weights.posterior, weights.scale
-        if weights.error_model is not None:
-            self.sdfac_, self.sdadd_ = (float(v) for v in weights.error_model)
-        if result.validation_scores is not None:
-            self.validation_scores_ = result.validation_scores
-            self.best_validation_score_ = float(np.max(result.validation_scores))
+        self.__dict__.update(result.attributes())
         self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
         self.n_features_in_ = len(self.feature_names_in_)
-        self.loss_curve_, self.n_iter_ = result.loss_curve, len(result.loss_curve)
-        self.converged_, self.seed_, self.skmerge_version_ = bool(result.converged), seed, __version__
+        self.seed_, self.skmerge_version_ = seed, __version__
         self._model = result.model
         if not self.converged_:
             warnings.warn(f"training stopped at max_iter={self.max_iter} steps before the loss converged; "

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model
 from .data import encode, laue_band
+from .fitted import Weights
 
 
 @dataclass
@@ -24,6 +25,20 @@ class Training:
     validation_scores: np.ndarray = None
     """Held-out mean log predictive density per observation (in the input's units)
     after every chunk of steps, when a validation set was watched."""
+
+    def attributes(self):
+        """The estimator's fitted attributes that hold this outcome: the fit state, the
+        weights and the training curves."""
+        attributes = self.state.attributes()
+        weights = Weights.of(self.model)
+        attributes.update(posterior_weights_=weights.posterior, scale_weights_=weights.scale,
+                          loss_curve_=self.loss_curve, n_iter_=len(self.loss_curve), converged_=bool(self.converged))
+        if weights.error_model is not None:
+            attributes["sdfac_"], attributes["sdadd_"] = (float(v) for v in weights.error_model)
+        if self.validation_scores is not None:
+            attributes["validation_scores_"] = self.validation_scores
+            attributes["best_validation_score_"] = float(np.max(self.validation_scores))
+        return attributes
 
 
 def fit_model(params, X, y, rng, seed, *, previous=None):
