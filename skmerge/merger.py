@@ -420,7 +420,7 @@ class VariationalMerger(TransformerMixin, BaseEstimator):
 
         error_model = None
         if self.error_model:
-            error_model = ErrorModel() if fresh else ErrorModel(self.sdfac_, self.sdadd_)
+            error_model = ErrorModel().build() if fresh else ErrorModel().build(self.sdfac_, self.sdadd_)
         prior = _make_prior(self.prior).build(self.reflections_)
         likelihood = _make_likelihood(self.likelihood, self.dof)
         return MergingModel(posterior, prior, likelihood, scale_network, self.mc_samples, error_model)
@@ -756,9 +756,9 @@ def _make_prior(prior):
 
 
 def _make_likelihood(likelihood, dof):
-    from .model.likelihoods import make_likelihood
+    from .model.likelihoods import StudentTLikelihood, make_likelihood
 
-    return make_likelihood(likelihood, dof)
+    return StudentTLikelihood(dof) if likelihood == "studentt" else make_likelihood(likelihood)
 
 
 _REQUIRED = ("image_id",)
