@@ -139,26 +139,26 @@ _CENTRIC_MOMENTS = (math.sqrt(2 / math.pi), 1.0, 2 * math.sqrt(2 / math.pi), 3.0
 
 
 class WilsonDistribution(_PerReflection):
-    """Wilson's distribution of amplitudes with variance v = εΣ per reflection:
+    """Wilson's distribution of amplitudes with mean square v = E[F²] = εΣ per reflection:
     acentric ``tfd.Weibull(concentration=2, scale=√v)`` (Rayleigh), centric
     ``tfd.HalfNormal(scale=√v)``, chosen per reflection by ``centric``.
 
     Parameters
     ----------
     centric : bool array of shape (n_reflections,)
-    variance : float array of shape (n_reflections,)
+    mean_square : float array of shape (n_reflections,)
         εΣ, the mean of F² of every reflection.
     """
 
-    def __init__(self, centric, variance, name="WilsonDistribution"):
+    def __init__(self, centric, mean_square, name="WilsonDistribution"):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
             self.centric = tf.convert_to_tensor(centric, tf.bool)
-            self.variance = tf.cast(variance, tf.float32)
-            root = tf.sqrt(self.variance)
+            self.mean_square = tf.cast(mean_square, tf.float32)
+            root = tf.sqrt(self.mean_square)
             self._acentric = tfd.Weibull(concentration=2.0, scale=root)
             self._centric = tfd.HalfNormal(scale=root)
-            super().__init__(self.variance.shape[0], parameters, name)
+            super().__init__(self.mean_square.shape[0], parameters, name)
 
     def _select(self, centric, acentric):
         return tf.where(self.centric, centric, acentric)
@@ -178,7 +178,7 @@ class WilsonDistribution(_PerReflection):
 
     def raw_moments(self):
         """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
-        root = tf.sqrt(self.variance)
+        root = tf.sqrt(self.mean_square)
         return tuple(
             self._select(c, a) * root**k
             for k, (c, a) in enumerate(zip(_CENTRIC_MOMENTS, _ACENTRIC_MOMENTS), start=1)
@@ -192,7 +192,7 @@ class WilsonDistribution(_PerReflection):
         ``samples`` (shape (n_samples, n_reflections)).
         """
         m2 = posterior.raw_moments()[1]
-        v = self.variance
+        v = self.mean_square
         mean_log_f = tf.reduce_mean(tf.math.log(samples + 1e-12), axis=0)
         acentric = math.log(2.0) - tf.math.log(v) + mean_log_f - m2 / v
         centric = 0.5 * tf.math.log(2.0 / (math.pi * v)) - m2 / (2 * v)
@@ -200,7 +200,7 @@ class WilsonDistribution(_PerReflection):
 
     def take(self, rows):
         """The distribution of the reflections ``rows``."""
-        return WilsonDistribution(tf.gather(self.centric, rows), tf.gather(self.variance, rows))
+        return WilsonDistribution(tf.gather(self.centric, rows), tf.gather(self.mean_square, rows))
 
 
 class ReferenceDistribution(_PerReflection):

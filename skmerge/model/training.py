@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .._tf import tf
+from .._tf import quiet_stderr, tf
 from ..errors import NumericalError
 
 LOSS_TERMS = ("loss", "nll", "kl")
@@ -231,6 +231,7 @@ class Trainer:
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile)
+        self._jit_compile = jit_compile
 
     def _run_chunk(self, n_steps):
         def body(i, n_bad, history):
@@ -285,7 +286,12 @@ class Trainer:
         while len(history) < max_iter:
             n = min(_CHUNK, max_iter - len(history))
             saved = [v.numpy() for v in self._state()]
-            terms, n_bad = self._chunk(tf.constant(n))
+            if self._jit_compile and not history:
+                # The first XLA compilation of a process logs its start-up through absl.
+                with quiet_stderr():
+                    terms, n_bad = self._chunk(tf.constant(n))
+            else:
+                terms, n_bad = self._chunk(tf.constant(n))
             terms = terms.numpy()[:n]
             if int(n_bad) > 0 or not np.isfinite(terms).all():
                 recoveries += 1
