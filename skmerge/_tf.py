@@ -95,7 +95,6 @@ def quiet_stderr():
         try:
             yield
         except Exception as exc:
-            os.dup2(saved_fd, 2)
             captured.seek(0)
             detail = captured.read().decode(errors="replace").strip()
             if detail:
@@ -121,7 +120,8 @@ def _quiet_import():
 
             _apply_thread_limit(tensorflow, limit)
     except Exception as exc:
-        raise ImportError(f"could not import TensorFlow/TensorFlow-Probability: {exc}") from exc
+        detail = "\n".join(getattr(exc, "__notes__", ()))
+        raise ImportError(f"could not import TensorFlow/TensorFlow-Probability: {exc}\n{detail}") from exc
     tensorflow.get_logger().setLevel("ERROR")
     return tensorflow, tensorflow_probability
 

@@ -31,14 +31,15 @@ def _standard_normal_cdf(x):
 class PositiveTruncatedNormal(tfd.Distribution):
     """Normal(loc, scale) truncated to [0, ∞), one per batch member.
 
-    The same law as ``tfd.TruncatedNormal(loc, scale, 0, inf)`` (the tests hold them
-    equal), written out for the training step: TFP's samples by rejection with implicit
-    reparameterisation gradients, which is slower per step, does not compile under XLA
-    and gives NaN gradients and entropies for the infinite upper bound. Here sampling
-    inverts the CDF (an explicitly differentiable function of uniform draws), and the
-    entropy and the first four raw moments are closed forms. With loc ≥ 0 the truncation
-    point lies at or below the mode, so Φ(−loc/scale) ≤ 1/2 and the inversion is
-    accurate; the posterior keeps loc positive.
+    The law of ``tfd.TruncatedNormal(loc, scale, 0, high)`` with high → ∞ (the tests
+    hold the two equal), written out for the training step. TFP's needs a finite upper
+    bound (with ∞ its entropy, variance and gradients are NaN), samples with a
+    rejection kernel whose gradients are implicit, and makes a training step measurably
+    slower (see ``bench/RESULTS.md``). Here sampling inverts the CDF, an explicitly
+    differentiable function of uniform draws, and the entropy and the first four raw
+    moments are closed forms. With loc ≥ 0 the truncation point lies at or below the
+    mode, so Φ(−loc/scale) ≤ 1/2 and the inversion is accurate; the posterior keeps loc
+    positive.
 
     Parameters
     ----------

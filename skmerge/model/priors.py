@@ -40,6 +40,12 @@ class WilsonPrior(BaseEstimator):
         self.b_factor = b_factor
 
     def build(self, reflections):
+        """The prior of ``reflections`` (a ``Reflections``, with ``mean_intensity`` set).
+
+        Returns
+        -------
+        WilsonDistribution
+        """
         sigma = reflections.mean_intensity
         if self.b_factor is not None:
             falloff = np.exp(-float(self.b_factor) / (2 * reflections.dhkl.astype(np.float64) ** 2))
@@ -76,6 +82,12 @@ class ReferencePrior(BaseEstimator):
         self.width = width
 
     def build(self, reflections):
+        """The prior of ``reflections`` (a ``Reflections``, with ``mean_intensity`` set).
+
+        Returns
+        -------
+        ReferenceDistribution
+        """
         if self.kind not in ("normal", "laplace", "studentt"):
             raise InputError(f"ReferencePrior kind={self.kind!r}: use 'normal', 'laplace' or 'studentt'.")
         hkl, f_ref, sig_ref = _reference_amplitudes(self.reference, reflections)
@@ -107,13 +119,14 @@ def make_prior(prior):
 
 
 class _PerReflection(tfd.Distribution):
-    """A distribution of scalar amplitudes with one batch member per reflection."""
+    """A distribution of scalar amplitudes with one batch member per reflection, the
+    entries of ``per_reflection``."""
 
-    def __init__(self, n_reflections, parameters, name):
-        self._n_reflections = n_reflections
+    def __init__(self, per_reflection, parameters, name):
+        self._per_reflection = per_reflection
         super().__init__(
             dtype=tf.float32,
-            reparameterization_type=tfd.NOT_REPARAMETERIZED,
+            reparameterization_type=tfd.FULLY_REPARAMETERIZED,
             validate_args=False,
             allow_nan_stats=True,
             parameters=parameters,
@@ -121,10 +134,10 @@ class _PerReflection(tfd.Distribution):
         )
 
     def _batch_shape(self):
-        return tf.TensorShape([self._n_reflections])
+        return self._per_reflection.shape[:1]
 
     def _batch_shape_tensor(self):
-        return tf.constant([self._n_reflections], tf.int32)
+        return tf.shape(self._per_reflection)[:1]
 
     def _event_shape(self):
         return tf.TensorShape([])
@@ -158,7 +171,7 @@ class WilsonDistribution(_PerReflection):
             root = tf.sqrt(self.mean_square)
             self._acentric = tfd.Weibull(concentration=2.0, scale=root)
             self._centric = tfd.HalfNormal(scale=root)
-            super().__init__(self.mean_square.shape[0], parameters, name)
+            super().__init__(self.mean_square, parameters, name)
 
     def _select(self, centric, acentric):
         return tf.where(self.centric, centric, acentric)
@@ -234,7 +247,7 @@ class ReferenceDistribution(_PerReflection):
             self.kind = kind
             self.wilson = wilson
             self._reference = kind.distribution(self.loc, self.scale)
-            super().__init__(self.loc.shape[0], parameters, name)
+            super().__init__(self.loc, parameters, name)
 
     def _select(self, reference, wilson):
         return tf.where(self.found, reference, wilson)
