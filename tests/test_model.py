@@ -124,3 +124,26 @@ def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
     for g, g_ref in zip(grads, grads_ref):
         np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-3 * np.abs(g_ref).max())
 
+
+
+def test_first_xla_compilation_is_quiet():
+    """XLA logs its start-up through absl at the first compilation of a process; the
+    trainer keeps it off standard error (a fresh process, so this is the first)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from skmerge._tf import tf\n"
+        "from skmerge.model.training import Trainer\n"
+        "x = tf.Variable(0.0)\n"
+        "class Model(tf.Module):\n"
+        "    def loss_terms(self, data, seed):\n"
+        "        loss = tf.square(x - 3.0)\n"
+        "        return tf.stack([loss, loss, 0.0 * loss])\n"
+        "history, _ = Trainer(Model(), [x], {}, learning_rate=0.1, seed=0, jit_compile=True).run(\n"
+        "    60, tol=0.0, n_iter_no_change=10**6)\n"
+        "assert len(history) == 60\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
