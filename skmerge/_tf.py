@@ -14,6 +14,7 @@ set explicitly (they win). Without any of these TensorFlow uses every core, as b
 Parallel model searches therefore do not oversubscribe the cores.
 """
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -22,7 +23,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # oneDNN's kernels run the scale network's (10, 10) @ (10, rows) products about twice as
 # fast as the default ones on CPUs with AVX-512 (hypf: 37 → 25 ms per training step).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 _THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
@@ -47,7 +47,15 @@ def _thread_limit(environ=os.environ):
 
 def _apply_thread_limit(tensorflow, limit):
     """Tell TensorFlow the thread counts before its runtime starts (a no-op when
-    something else has already started it)."""
+    something else has already started it).
+
+    The limits are set through the API only, not also by writing ``TF_NUM_*_THREADS``
+    into the environment: the runtime builds its thread pools from the context's
+    configuration, which falls back to those variables only when the count is 0, so the
+    API alone reaches every pool; it also works when TensorFlow was imported (but not
+    started) before skmerge, reports what applies through ``thread_settings``, and does
+    not leak into the environment of child processes.
+    """
     if limit is None:
         return
     intra, inter = limit
@@ -72,6 +80,31 @@ def thread_settings():
     return environment, (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads())
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Capture what C++ code writes to the process's standard error while the block
+    runs; if the block raises, the captured text is added to the exception's notes.
+
+    TensorFlow's import and the first XLA compilation of a process log through absl
+    before Python logging is set up, so only redirecting the file descriptor hides them.
+    """
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except Exception as exc:
+            captured.seek(0)
+            detail = captured.read().decode(errors="replace").strip()
+            if detail:
+                exc.add_note(detail)
+            raise
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+
+
 def _quiet_import():
     limit = _thread_limit()
     if "tensorflow" in sys.modules:
@@ -80,34 +113,15 @@ def _quiet_import():
 
         _apply_thread_limit(tensorflow, limit)
         return tensorflow, tensorflow_probability
-    if limit is not None:
-        # Read by TensorFlow's runtime when it starts (the API calls below cover the
-        # eager context; the variables also reach thread pools created outside it).
-        for name, value in zip(_THREAD_VARIABLES, limit):
-            if value:
-                os.environ.setdefault(name, str(value))
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
+    try:
+        with quiet_stderr():
             import tensorflow
             import tensorflow_probability
 
             _apply_thread_limit(tensorflow, limit)
-            # The first XLA compilation logs through absl before logging is set up;
-            # trigger it while standard error is still captured.
-            tensorflow.function(lambda x: x + 1, jit_compile=True)(tensorflow.constant(0.0))
-        except Exception as exc:
-            os.dup2(saved_fd, 2)
-            captured.seek(0)
-            detail = captured.read().decode(errors="replace").strip()
-            raise ImportError(
-                f"could not import TensorFlow/TensorFlow-Probability: {exc}\n{detail}"
-            ) from exc
-        finally:
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
+    except Exception as exc:
+        detail = "\n".join(getattr(exc, "__notes__", ()))
+        raise ImportError(f"could not import TensorFlow/TensorFlow-Probability: {exc}\n{detail}") from exc
     tensorflow.get_logger().setLevel("ERROR")
     return tensorflow, tensorflow_probability
 

@@ -238,7 +238,9 @@ def merger_parameters(args, keys):
 
         params["likelihood"] = StudentTLikelihood(dof=args.dof)
     if args.error_model:
-        params["error_model"] = True
+        from .model.likelihoods import ErrorModel
+
+        params["error_model"] = ErrorModel()
     if args.reference_mtz is not None:
         from .model.priors import ReferencePrior
 

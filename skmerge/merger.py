@@ -21,12 +21,9 @@ from .errors import InputError, ParameterError
 from .model.build import restore_model
 from .model.data import check_table
 from .model.fitted import FitState, Weights
-from .model.fitting import fit_model
+from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
 
 _SCORE_SAMPLES = 32
-# Fitted attributes that only some fits have.
-_OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "validation_scores_", "best_validation_score_", "wavelength_bands_",
-                        "dmin_")
 
 
 class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
@@ -286,7 +283,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def _set_fitted(self, X, result, seed):
         """Every fitted attribute at once, after training has succeeded."""
-        for name in _OPTIONAL_ATTRIBUTES:
+        for name in OPTIONAL_ATTRIBUTES:
             self.__dict__.pop(name, None)
         self.__dict__.update(result.attributes())
         self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
@@ -372,9 +369,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         return tags
 
     def _check_params(self):
-        """scikit-learn's parameter validation, raising skmerge's ParameterError."""
+        """scikit-learn's parameter validation, of the model pieces given as objects too,
+        raising skmerge's ParameterError."""
         try:
             self._validate_params()
+            for piece in (self.prior, self.likelihood, self.error_model):
+                if hasattr(piece, "_parameter_constraints"):
+                    piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
 

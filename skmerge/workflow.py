@@ -289,12 +289,9 @@ def make_merger(merger=None, **params):
     merger = VariationalMerger() if merger is None else clone(merger)
     try:
         merger.set_params(**params)
-        merger._validate_params()
-        for value in merger.get_params(deep=False).values():
-            if hasattr(value, "_parameter_constraints"):
-                value._validate_params()
-    except ValueError as exc:  # InvalidParameterError, or set_params of an unknown name
+    except ValueError as exc:  # a name VariationalMerger does not have
         raise ParameterError(str(exc)) from None
+    merger._check_params()
     return merger
 
 

@@ -1,120 +1,63 @@
-"""The model pieces against closed forms and scipy: truncated-normal moments, sampling
-and entropy, likelihood densities, prior moments and the expected log-prior."""
+"""The merging model's ELBO, the trainer and the scale network (the distributions
+themselves are tested in test_distributions.py)."""
 
 import numpy as np
 import pytest
-from scipy import integrate, stats
+from scipy import stats
 
-from skmerge._tf import tf
+from skmerge._tf import tf, tfd
 from skmerge.errors import NumericalError
-from skmerge.model.likelihoods import LaplaceLikelihood, NormalLikelihood, StudentTLikelihood
-from skmerge.model.posterior import TruncatedNormalPosterior, truncated_normal_moments
-from skmerge.model.training import LOSS_TERMS, Trainer
+from skmerge.model.likelihoods import ErrorModel, NormalLikelihood, StudentTLikelihood
+from skmerge.model.posterior import TruncatedNormalPosterior
+from skmerge.model.priors import WilsonDistribution
+from skmerge.model.scaling import ScaleNetwork
+from skmerge.model.training import LOSS_TERMS, MergingModel, Trainer
 
-LOC = np.array([0.05, 0.5, 1.0, 3.0, 10.0])
-SCALE = np.array([1.0, 0.3, 2.0, 0.5, 0.1])
-
-
-def _scipy_truncnorm(loc, scale):
-    return stats.truncnorm(-loc / scale, np.inf, loc=loc, scale=scale)
-
-
-def test_truncated_normal_moments_match_scipy():
-    m = [t.numpy() for t in truncated_normal_moments(tf.constant(LOC, tf.float64), tf.constant(SCALE, tf.float64))]
-    for k, moment in enumerate(m, start=1):
-        expected = [_scipy_truncnorm(l, s).moment(k) for l, s in zip(LOC, SCALE)]
-        np.testing.assert_allclose(moment, expected, rtol=1e-6)
-
-
-def test_posterior_parameters_round_trip_through_softplus():
-    loc, scale = TruncatedNormalPosterior(LOC, SCALE).parameters()
-    np.testing.assert_allclose(loc.numpy(), LOC, rtol=1e-5)
-    np.testing.assert_allclose(scale.numpy(), SCALE, rtol=1e-4)
+def _small_model(likelihood, error_model=None):
+    """A MergingModel of three reflections (one centric) seen by five observations."""
+    posterior = TruncatedNormalPosterior(np.array([1.0, 0.5, 2.0]), np.array([0.3, 0.2, 0.4]))
+    prior = WilsonDistribution([False, True, False], [1.0, 1.0, 2.0])
+    network = ScaleNetwork(1, 2, 4, n_images=0, rng=np.random.RandomState(0))
+    data = {
+        "refl": tf.constant([0, 1, 2, 2, 0]),
+        "image": tf.fill([5], -1),
+        "features": tf.zeros([5, 1]),
+        "intensity": tf.constant([1.1, 0.2, 4.5, 3.5, 0.8]),
+        "sigma": tf.constant([0.2, 0.1, 0.5, 0.5, 0.2]),
+    }
+    return MergingModel(posterior, prior, likelihood, network, mc_samples=3, error_model=error_model), data
 
 
-def test_posterior_samples_follow_the_truncated_normal():
-    posterior = TruncatedNormalPosterior(LOC, SCALE)
-    samples = posterior.sample(20000, tf.constant([3, 4])).numpy()
-    assert (samples >= 0).all()
-    for j, (l, s) in enumerate(zip(LOC, SCALE)):
-        assert stats.kstest(samples[:, j], _scipy_truncnorm(l, s).cdf).pvalue > 1e-3
+def test_loss_terms_come_from_the_distribution_objects():
+    """nll: the likelihood's tfd log_prob at the predicted intensities; kl: −(H[q] +
+    E_q[log p]) from the posterior and prior distributions, per observation."""
+    likelihood = StudentTLikelihood(dof=5.0)
+    error_model = ErrorModel(sdfac=1.5).build()
+    model, data = _small_model(likelihood, error_model)
+    seed = tf.constant([4, 2])
+    loss, nll, kl = model.loss_terms(data, seed).numpy()
+
+    q = model.posterior.distribution()
+    samples = q.sample(3, seed=seed)
+    predicted = model._predicted(samples, data, seed)
+    sigma = error_model(data["sigma"], predicted)
+    law = tfd.StudentT(5.0, predicted, sigma)
+    expected_nll = -tf.reduce_mean(law.log_prob(data["intensity"]), axis=0).numpy().sum() / 5
+    expected_kl = -(q.entropy() + model.prior.expected_log_prob(q, samples)).numpy().sum() / 5
+    np.testing.assert_allclose([nll, kl, loss], [expected_nll, expected_kl, expected_nll + expected_kl], rtol=1e-5)
+    np.testing.assert_allclose(model.loss_terms(data, seed).numpy(), [loss, nll, kl])  # same seed, same value
 
 
-def test_posterior_entropy_matches_scipy():
-    entropy = TruncatedNormalPosterior(LOC, SCALE).entropy().numpy()
-    def numeric(dist):
-        return integrate.quad(lambda x: -dist.pdf(x) * dist.logpdf(x), 0, dist.ppf(1 - 1e-12))[0]
-
-    expected = [numeric(_scipy_truncnorm(l, s)) for l, s in zip(LOC, SCALE)]
-    np.testing.assert_allclose(entropy, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_posterior_samples_are_differentiable():
-    posterior = TruncatedNormalPosterior(LOC, SCALE)
-    with tf.GradientTape() as tape:
-        total = tf.reduce_sum(posterior.sample(8, tf.constant([1, 2])))
-    grads = tape.gradient(total, [posterior.loc_raw, posterior.scale_raw])
-    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
-
-
-@pytest.mark.parametrize(
-    "likelihood, reference",
-    [
-        (NormalLikelihood(), lambda x, m, s: stats.norm(m, s).logpdf(x)),
-        (LaplaceLikelihood(), lambda x, m, s: stats.laplace(m, s / np.sqrt(2)).logpdf(x)),
-        (StudentTLikelihood(dof=5.0), lambda x, m, s: stats.t(5.0, m, s).logpdf(x)),
-    ],
-)
-def test_likelihood_log_densities_match_scipy(likelihood, reference):
-    x = np.array([-3.0, 0.0, 1.5, 40.0])
-    mean = np.array([0.5, 0.0, 2.0, 1.0])
-    sigma = np.array([1.0, 0.2, 3.0, 2.0])
-    got = likelihood.log_prob(tf.constant(x), tf.constant(mean), tf.constant(sigma)).numpy()
-    np.testing.assert_allclose(got, reference(x, mean, sigma), rtol=1e-6)
-
-
-def _reflections(centric, variance_scale=1.0):
-    from skmerge.merger import Reflections
-
-    n = len(centric)
-    import gemmi
-
-    r = Reflections(
-        hkl=np.zeros((n, 3), np.int32), centric=np.asarray(centric), epsilon=np.ones(n, np.float32),
-        dhkl=np.full(n, 3.0, np.float32), spacegroup=gemmi.SpaceGroup("P 1"), cell=gemmi.UnitCell(10, 10, 10, 90, 90, 90),
-        anomalous=False,
-    )
-    r.mean_intensity = np.full(n, variance_scale)
-    return r
-
-
-def test_wilson_prior_moments_match_rayleigh_and_half_normal():
-    from skmerge.model.priors import WilsonPrior
-
-    prior = WilsonPrior().build(_reflections([False, True], 2.0))
-    m = [t.numpy() for t in prior.moments()]
-    rayleigh = stats.rayleigh(scale=np.sqrt(2.0 / 2))
-    half_normal = stats.halfnorm(scale=np.sqrt(2.0))
-    for k in range(4):
-        np.testing.assert_allclose(m[k], [rayleigh.moment(k + 1), half_normal.moment(k + 1)], rtol=1e-5)
-    samples = prior.sample(20000, tf.constant([5, 6])).numpy()
-    assert stats.kstest(samples[:, 0], rayleigh.cdf).pvalue > 1e-3
-    assert stats.kstest(samples[:, 1], half_normal.cdf).pvalue > 1e-3
-
-
-def test_wilson_expected_log_prob_matches_monte_carlo():
-    from skmerge.model.priors import WilsonPrior
-
-    prior = WilsonPrior().build(_reflections([False, True], 1.5))
-    posterior = TruncatedNormalPosterior(np.array([1.0, 0.7]), np.array([0.3, 0.5]))
-    samples = posterior.sample(200000, tf.constant([7, 8]))
-    analytic = prior.expected_log_prob(posterior.moments(), samples).numpy()
-    s = samples.numpy().astype(np.float64)
-    mc = [
-        stats.rayleigh(scale=np.sqrt(1.5 / 2)).logpdf(s[:, 0]).mean(),
-        stats.halfnorm(scale=np.sqrt(1.5)).logpdf(s[:, 1]).mean(),
-    ]
-    np.testing.assert_allclose(analytic, mc, atol=5e-3)
+def test_amplitude_moments_and_samples_append_the_unseen_reflections_prior():
+    model, _ = _small_model(NormalLikelihood())
+    extra = WilsonDistribution([True], [4.0])
+    moments = [m.numpy() for m in model.amplitude_moments(extra)]
+    posterior_moments = model.posterior.distribution().raw_moments()
+    for k, (got, q) in enumerate(zip(moments, posterior_moments)):
+        np.testing.assert_allclose(got[:3], q.numpy())
+        np.testing.assert_allclose(got[3], stats.halfnorm(scale=2.0).moment(k + 1), rtol=1e-5)
+    samples = model.amplitude_samples(5, tf.constant([1, 1]), extra).numpy()
+    assert samples.shape == (5, 4) and (samples >= 0).all()
 
 
 class _Quadratic(tf.Module):
@@ -152,8 +95,6 @@ def test_trainer_raises_numerical_error_when_every_step_fails():
 def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
     """The chunked, recomputing scale network gives the values and gradients of the plain
     (rows, features) dense stack, for one partial chunk, exactly one, and several."""
-    from skmerge.model.scaling import ScaleNetwork
-
     rng = np.random.RandomState(1)
     network = ScaleNetwork(5, 4, 10, n_images=0, rng=rng)
     network.out_kernel.assign(rng.normal(0, 0.3, (10, 2)).astype(np.float32))
@@ -183,3 +124,26 @@ def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
     for g, g_ref in zip(grads, grads_ref):
         np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-3 * np.abs(g_ref).max())
 
+
+
+def test_first_xla_compilation_is_quiet():
+    """XLA logs its start-up through absl at the first compilation of a process; the
+    trainer keeps it off standard error (a fresh process, so this is the first)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from skmerge._tf import tf\n"
+        "from skmerge.model.training import Trainer\n"
+        "x = tf.Variable(0.0)\n"
+        "class Model(tf.Module):\n"
+        "    def loss_terms(self, data, seed):\n"
+        "        loss = tf.square(x - 3.0)\n"
+        "        return tf.stack([loss, loss, 0.0 * loss])\n"
+        "history, _ = Trainer(Model(), [x], {}, learning_rate=0.1, seed=0, jit_compile=True).run(\n"
+        "    60, tol=0.0, n_iter_no_change=10**6)\n"
+        "assert len(history) == 60\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

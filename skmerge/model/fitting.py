@@ -13,6 +13,10 @@ from .data import encode, laue_band
 from .fitted import Weights
 
 
+# Fitted attributes that only some fits have (a refit drops those it does not set).
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
+
+
 @dataclass
 class Training:
     """The outcome of :func:`train`."""

@@ -1,35 +1,45 @@
-"""Likelihoods of an observed intensity given its prediction Σ·F² and its σ.
+"""Likelihoods of an observed intensity given its prediction Σ·F² and its σ, and the error
+model that refines σ.
 
-Each likelihood is a small configuration object (usable as a value in a parameter grid)
-whose ``log_prob`` works on TensorFlow tensors. The optional error model refines the σ
-that every likelihood receives.
+Each likelihood and the error model are small configuration objects (usable as values in
+a parameter grid). A likelihood's ``distribution(predicted, sigma)`` is the TFP law of the
+observed intensity, whose σ is always its standard deviation (for the Student-t, its
+scale); ``ErrorModel.build`` makes the learnable TensorFlow module.
 """
 
 import math
+from numbers import Real
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval
 
-from .._tf import tf
+from .._tf import tf, tfb, tfd, tfp
 
 
-class NormalLikelihood(BaseEstimator):
+class _Likelihood(BaseEstimator):
+    def log_prob(self, intensity, predicted, sigma):
+        """log p(intensity | predicted, sigma), elementwise."""
+        return self.distribution(predicted, sigma).log_prob(intensity)
+
+
+class NormalLikelihood(_Likelihood):
     """I ~ Normal(Ipred, σ)."""
 
-    def log_prob(self, intensity, predicted, sigma):
-        z = (intensity - predicted) / sigma
-        return -0.5 * tf.square(z) - tf.math.log(sigma) - 0.5 * math.log(2 * math.pi)
+    def distribution(self, predicted, sigma):
+        """``tfd.Normal(predicted, sigma)``."""
+        return tfd.Normal(predicted, sigma)
 
 
-class LaplaceLikelihood(BaseEstimator):
+class LaplaceLikelihood(_Likelihood):
     """I ~ Laplace(Ipred, b) with b = σ/√2, so that its standard deviation is σ."""
 
-    def log_prob(self, intensity, predicted, sigma):
-        b = sigma / math.sqrt(2.0)
-        return -tf.abs(intensity - predicted) / b - tf.math.log(2 * b)
+    def distribution(self, predicted, sigma):
+        """``tfd.Laplace(predicted, sigma / √2)``."""
+        return tfd.Laplace(predicted, sigma / math.sqrt(2.0))
 
 
-class StudentTLikelihood(BaseEstimator):
+class StudentTLikelihood(_Likelihood):
     """I ~ StudentT(dof, Ipred, σ): heavy tails make the fit robust to outliers.
 
     Parameters
@@ -38,45 +48,14 @@ class StudentTLikelihood(BaseEstimator):
         Degrees of freedom ν; large ν approaches the normal likelihood.
     """
 
+    _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")]}
+
     def __init__(self, dof=16.0):
         self.dof = dof
 
-    def log_prob(self, intensity, predicted, sigma):
-        nu = float(self.dof)
-        z = (intensity - predicted) / sigma
-        const = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
-        return const - tf.math.log(sigma) - (nu + 1) / 2 * tf.math.log1p(tf.square(z) / nu)
-
-
-class ErrorModel(tf.Module):
-    """Refined uncertainties σ' = SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
-    learned with the rest of the model (an AIMLESS-style error model without SdB).
-
-    Integration programs often understate σ, and for stills σ leaves out the error of
-    the partiality. With σ too small the likelihood is dominated by a few wild
-    observations, and the fit trades the amplitudes for scales that chase them.
-
-    A fit starts from the reported σ (SdFac 1, SdAdd 0.01). Residuals of the quick merge
-    that starts the posterior are no guide: it ignores partiality, and on hypf and
-    thermolysin it suggested an SdFac of 15 and 37 where the fits settle at 1.9 and 3.9.
-
-    Parameters
-    ----------
-    sdfac, sdadd : float
-        Starting values (both are kept positive through their logarithms).
-    """
-
-    def __init__(self, sdfac=1.0, sdadd=0.01, name="error_model"):
-        super().__init__(name=name)
-        self.log_sdfac = tf.Variable(np.log(sdfac), dtype=tf.float32)
-        self.log_sdadd = tf.Variable(np.log(sdadd), dtype=tf.float32)
-
-    def __call__(self, sigma, predicted):
-        return tf.exp(self.log_sdfac) * tf.sqrt(tf.square(sigma) + tf.square(tf.exp(self.log_sdadd) * predicted))
-
-    def get_weights(self):
-        """(SdFac, SdAdd)."""
-        return np.exp([self.log_sdfac.numpy(), self.log_sdadd.numpy()]).astype(np.float64)
+    def distribution(self, predicted, sigma):
+        """``tfd.StudentT(dof, predicted, sigma)``."""
+        return tfd.StudentT(float(self.dof), predicted, sigma)
 
 
 LIKELIHOODS = {
@@ -87,20 +66,77 @@ LIKELIHOODS = {
 
 
 def make_likelihood(likelihood):
-    """The likelihood object for an estimator's ``likelihood`` parameter."""
-    return LIKELIHOODS[likelihood]() if isinstance(likelihood, str) else likelihood
+    """The likelihood object for an estimator's ``likelihood`` parameter: one of
+    "normal", "laplace" and "studentt" (ν = 16), or a likelihood object, returned as is."""
+    if isinstance(likelihood, str):
+        return LIKELIHOODS[likelihood]()
+    return likelihood
 
 
-class ErrorModelConfig(BaseEstimator):
+class ErrorModel(BaseEstimator):
+    """Refined uncertainties σ' = SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
+    learned with the rest of the model (an AIMLESS-style error model without SdB).
+
+    Integration programs often understate σ, and for stills σ leaves out the error of
+    the partiality. With σ too small the likelihood is dominated by a few wild
+    observations, and the fit trades the amplitudes for scales that chase them.
+
+    A fit starts from the reported σ (SdFac 1, SdAdd 0.01). Residuals of the quick merge
+    that starts the posterior are no guide: it ignores partiality, and suggests SdFac
+    several times larger than where fits settle.
+
+    Parameters
+    ----------
+    sdfac, sdadd : float, default=1.0, 0.01
+        Starting values of SdFac and SdAdd.
+    """
+
+    _parameter_constraints = {
+        "sdfac": [Interval(Real, 0, None, closed="neither")],
+        "sdadd": [Interval(Real, 0, None, closed="neither")],
+    }
+
     def __init__(self, sdfac=1.0, sdadd=0.01):
         self.sdfac = sdfac
         self.sdadd = sdadd
 
     def build(self, sdfac=None, sdadd=None):
-        return ErrorModel(self.sdfac if sdfac is None else sdfac, self.sdadd if sdadd is None else sdadd)
+        """The learnable error model, started at the given (fitted) values, else at this
+        object's ``sdfac`` and ``sdadd``.
+
+        Returns
+        -------
+        ErrorModelModule
+        """
+        return ErrorModelModule(self.sdfac if sdfac is None else sdfac, self.sdadd if sdadd is None else sdadd)
+
+
+class ErrorModelModule(tf.Module):
+    """The TensorFlow side of :class:`ErrorModel`: SdFac and SdAdd as variables, kept
+    positive by an exponential bijector on their logarithms."""
+
+    def __init__(self, sdfac, sdadd, name="error_model"):
+        super().__init__(name=name)
+        self.log_sdfac = tf.Variable(np.log(sdfac), dtype=tf.float32, name="log_sdfac")
+        self.log_sdadd = tf.Variable(np.log(sdadd), dtype=tf.float32, name="log_sdadd")
+        self.sdfac = tfp.util.DeferredTensor(self.log_sdfac, tfb.Exp())
+        self.sdadd = tfp.util.DeferredTensor(self.log_sdadd, tfb.Exp())
+
+    def __call__(self, sigma, predicted):
+        """σ' of every observation."""
+        return self.sdfac * tf.sqrt(tf.square(sigma) + tf.square(self.sdadd * predicted))
+
+    def get_weights(self):
+        """np.array([SdFac, SdAdd])."""
+        return np.exp([self.log_sdfac.numpy(), self.log_sdadd.numpy()]).astype(np.float64)
 
 
 def make_error_model(error_model):
+    """The error model object for an estimator's ``error_model`` parameter: None or False
+    for none, True for ``ErrorModel()``, or an :class:`ErrorModel`-like object, returned
+    as is."""
     if error_model is None or error_model is False:
         return None
-    return ErrorModelConfig() if error_model is True else error_model
+    if error_model is True:
+        return ErrorModel()
+    return error_model

@@ -6,15 +6,18 @@ the merger's standardised units (⟨F²/ε⟩ = 1).
 """
 
 import math
+from numbers import Real
 
 import numpy as np
 import pandas as pd
 import reciprocalspaceship as rs
 from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._tf import tf
+from .._tf import tf, tfd, tfp
 from ..errors import InputError
 from ..symmetry import lookup_hkl, map_to_asu, pack_hkl
+from .likelihoods import StudentTLikelihood, make_likelihood
 
 
 class WilsonPrior(BaseEstimator):
@@ -35,15 +38,23 @@ class WilsonPrior(BaseEstimator):
         Wilson B in Å² of a parametric fall-off.
     """
 
+    _parameter_constraints = {"b_factor": [None, Real]}
+
     def __init__(self, b_factor=None):
         self.b_factor = b_factor
 
     def build(self, reflections):
+        """The prior of ``reflections`` (a ``Reflections``, with ``mean_intensity`` set).
+
+        Returns
+        -------
+        WilsonDistribution
+        """
         sigma = reflections.mean_intensity
         if self.b_factor is not None:
             falloff = np.exp(-float(self.b_factor) / (2 * reflections.dhkl.astype(np.float64) ** 2))
             sigma = falloff * sigma.mean() / falloff.mean()
-        return _WilsonDistribution(reflections.centric, reflections.epsilon * sigma)
+        return WilsonDistribution(reflections.centric, reflections.epsilon * sigma)
 
 
 class ReferencePrior(BaseEstimator):
@@ -68,6 +79,14 @@ class ReferencePrior(BaseEstimator):
         constant width as a fraction of the reference's root-mean-square amplitude.
     """
 
+    _parameter_constraints = {
+        # A DataFrame or the path of an MTZ file; build() reports what it cannot read.
+        "reference": "no_validation",
+        "kind": [StrOptions({"normal", "laplace", "studentt"})],
+        "dof": [Interval(Real, 0, None, closed="neither")],
+        "width": [None, Interval(Real, 0, None, closed="neither")],
+    }
+
     def __init__(self, reference, kind="normal", dof=4.0, width=None):
         self.reference = reference
         self.kind = kind
@@ -75,6 +94,12 @@ class ReferencePrior(BaseEstimator):
         self.width = width
 
     def build(self, reflections):
+        """The prior of ``reflections`` (a ``Reflections``, with ``mean_intensity`` set).
+
+        Returns
+        -------
+        ReferenceDistribution
+        """
         if self.kind not in ("normal", "laplace", "studentt"):
             raise InputError(f"ReferencePrior kind={self.kind!r}: use 'normal', 'laplace' or 'studentt'.")
         hkl, f_ref, sig_ref = _reference_amplitudes(self.reference, reflections)
@@ -92,8 +117,9 @@ class ReferencePrior(BaseEstimator):
         if self.width is not None:
             s = np.full_like(s, float(self.width) * math.sqrt(np.mean(f[found] ** 2)))
         s = np.maximum(s, 1e-3 * math.sqrt(np.mean(f[found] ** 2)))
-        wilson = _WilsonDistribution(reflections.centric, eps * reflections.mean_intensity)
-        return _ReferenceDistribution(found, f, s, self.kind, float(self.dof), wilson)
+        wilson = WilsonDistribution(reflections.centric, eps * reflections.mean_intensity)
+        kind = StudentTLikelihood(float(self.dof)) if self.kind == "studentt" else make_likelihood(self.kind)
+        return ReferenceDistribution(found, f, s, kind, wilson)
 
 
 PRIORS = {"wilson": WilsonPrior}
@@ -104,66 +130,166 @@ def make_prior(prior):
     return PRIORS[prior]() if isinstance(prior, str) else prior
 
 
-class _WilsonDistribution:
-    """TensorFlow side of the Wilson prior for a fixed set of reflections."""
+class _PerReflection(tfd.Distribution):
+    """A distribution of scalar amplitudes with one batch member per reflection, the
+    entries of ``per_reflection``."""
 
-    def __init__(self, centric, variance):
-        self.centric = tf.convert_to_tensor(centric, tf.bool)
-        self.variance = tf.convert_to_tensor(np.asarray(variance, np.float32) if isinstance(variance, np.ndarray) else variance, tf.float32)
+    def __init__(self, per_reflection, parameters, name):
+        self._per_reflection = per_reflection
+        super().__init__(
+            dtype=tf.float32,
+            reparameterization_type=tfd.FULLY_REPARAMETERIZED,
+            validate_args=False,
+            allow_nan_stats=True,
+            parameters=parameters,
+            name=name,
+        )
 
-    def expected_log_prob(self, moments, samples):
-        """E_q[log p(F)] per reflection: closed form but for E[log F] of acentrics,
-        which is estimated from the posterior samples."""
-        _, m2, _, _ = moments
-        v = self.variance
+    def _batch_shape(self):
+        return self._per_reflection.shape[:1]
+
+    def _batch_shape_tensor(self):
+        return tf.shape(self._per_reflection)[:1]
+
+    def _event_shape(self):
+        return tf.TensorShape([])
+
+    def _event_shape_tensor(self):
+        return tf.constant([], tf.int32)
+
+
+# E[Fᵏ] / scaleᵏ for k = 1…4: Rayleigh (Weibull with concentration 2) and half-normal.
+_ACENTRIC_MOMENTS = (0.5 * math.sqrt(math.pi), 1.0, 0.75 * math.sqrt(math.pi), 2.0)
+_CENTRIC_MOMENTS = (math.sqrt(2 / math.pi), 1.0, 2 * math.sqrt(2 / math.pi), 3.0)
+
+
+class WilsonDistribution(_PerReflection):
+    """Wilson's distribution of amplitudes with mean square v = E[F²] = εΣ per reflection:
+    acentric ``tfd.Weibull(concentration=2, scale=√v)`` (Rayleigh), centric
+    ``tfd.HalfNormal(scale=√v)``, chosen per reflection by ``centric``.
+
+    Parameters
+    ----------
+    centric : bool array of shape (n_reflections,)
+    mean_square : float array of shape (n_reflections,)
+        εΣ, the mean of F² of every reflection.
+    """
+
+    def __init__(self, centric, mean_square, name="WilsonDistribution"):
+        parameters = dict(locals())
+        with tf.name_scope(name) as name:
+            self.centric = tf.convert_to_tensor(centric, tf.bool)
+            self.mean_square = tf.cast(mean_square, tf.float32)
+            root = tf.sqrt(self.mean_square)
+            self._acentric = tfd.Weibull(concentration=2.0, scale=root)
+            self._centric = tfd.HalfNormal(scale=root)
+            super().__init__(self.mean_square, parameters, name)
+
+    def _select(self, centric, acentric):
+        return tf.where(self.centric, centric, acentric)
+
+    def _log_prob(self, f):
+        return self._select(self._centric.log_prob(f), self._acentric.log_prob(f))
+
+    def _sample_n(self, n, seed=None):
+        centric_seed, acentric_seed = tfp.random.split_seed(seed, n=2)
+        return self._select(self._centric.sample(n, seed=centric_seed), self._acentric.sample(n, seed=acentric_seed))
+
+    def _mean(self):
+        return self._select(self._centric.mean(), self._acentric.mean())
+
+    def _variance(self):
+        return self._select(self._centric.variance(), self._acentric.variance())
+
+    def raw_moments(self):
+        """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
+        root = tf.sqrt(self.mean_square)
+        return tuple(
+            self._select(c, a) * root**k
+            for k, (c, a) in enumerate(zip(_CENTRIC_MOMENTS, _ACENTRIC_MOMENTS), start=1)
+        )
+
+    def expected_log_prob(self, posterior, samples):
+        """E_q[log p(F)] per reflection under the posterior q.
+
+        log p is linear in F² (and, for acentrics, in log F), so E_q[log p] follows from
+        q's E[F²] in closed form, except E[log F], which is estimated from the posterior
+        ``samples`` (shape (n_samples, n_reflections)).
+        """
+        m2 = posterior.raw_moments()[1]
+        v = self.mean_square
         mean_log_f = tf.reduce_mean(tf.math.log(samples + 1e-12), axis=0)
         acentric = math.log(2.0) - tf.math.log(v) + mean_log_f - m2 / v
         centric = 0.5 * tf.math.log(2.0 / (math.pi * v)) - m2 / (2 * v)
-        return tf.where(self.centric, centric, acentric)
-
-    def moments(self):
-        v = self.variance
-        root = tf.sqrt(v)
-        acentric = (0.5 * math.sqrt(math.pi) * root, v, 0.75 * math.sqrt(math.pi) * v * root, 2 * v * v)
-        centric = (math.sqrt(2 / math.pi) * root, v, 2 * math.sqrt(2 / math.pi) * v * root, 3 * v * v)
-        return tuple(tf.where(self.centric, c, a) for c, a in zip(centric, acentric))
+        return self._select(centric, acentric)
 
     def take(self, rows):
-        return _WilsonDistribution(tf.gather(self.centric, rows), tf.gather(self.variance, rows))
-
-    def sample(self, n_samples, seed):
-        shape = [n_samples, tf.shape(self.variance)[0]]
-        u = tf.random.stateless_uniform(shape, seed=seed, minval=1e-7, maxval=1.0)
-        z = tf.random.stateless_normal(shape, seed=seed + 1)
-        rayleigh = tf.sqrt(-self.variance * tf.math.log(u))
-        half_normal = tf.abs(z) * tf.sqrt(self.variance)
-        return tf.where(self.centric, half_normal, rayleigh)
+        """The distribution of the reflections ``rows``."""
+        return WilsonDistribution(tf.gather(self.centric, rows), tf.gather(self.mean_square, rows))
 
 
-class _ReferenceDistribution:
-    """TensorFlow side of a reference prior; reflections outside the reference use
-    ``wilson``."""
+class ReferenceDistribution(_PerReflection):
+    """Amplitudes around a reference F_ref with width σ where ``found``, Wilson elsewhere.
 
-    def __init__(self, found, loc, scale, kind, dof, wilson):
-        self.found = tf.convert_to_tensor(found, tf.bool)
-        self.loc = tf.cast(loc, tf.float32)
-        self.scale = tf.cast(scale, tf.float32)
-        self.kind = kind
-        self.dof = dof
-        self.wilson = wilson
+    The law around F_ref is ``kind.distribution(F_ref, σ)`` of a likelihood object
+    (``tfd.Normal``, ``tfd.Laplace`` or ``tfd.StudentT``: the same laws, with the same
+    meaning of σ, as the likelihoods). Samples of it are folded to |F|. The raw moments
+    are those of Normal(F_ref, σ), the reference's value and uncertainty, whatever the
+    shape: a Student-t with few degrees of freedom has no fourth moment.
+
+    Parameters
+    ----------
+    found : bool array of shape (n_reflections,)
+        Reflections the reference has.
+    loc, scale : float arrays of shape (n_reflections,)
+        F_ref and σ (ignored where not ``found``).
+    kind : likelihood object
+        :class:`~skmerge.model.likelihoods.NormalLikelihood`, ``LaplaceLikelihood`` or
+        ``StudentTLikelihood``.
+    wilson : WilsonDistribution
+        The prior of the reflections the reference lacks.
+    """
+
+    def __init__(self, found, loc, scale, kind, wilson, name="ReferenceDistribution"):
+        parameters = dict(locals())
+        with tf.name_scope(name) as name:
+            self.found = tf.convert_to_tensor(found, tf.bool)
+            self.loc = tf.cast(loc, tf.float32)
+            self.scale = tf.cast(scale, tf.float32)
+            self.kind = kind
+            self.wilson = wilson
+            self._reference = kind.distribution(self.loc, self.scale)
+            super().__init__(self.loc, parameters, name)
+
+    def _select(self, reference, wilson):
+        return tf.where(self.found, reference, wilson)
 
     def _log_prob(self, f):
-        z = (f - self.loc) / self.scale
-        if self.kind == "laplace":
-            b = self.scale / math.sqrt(2.0)
-            return -tf.abs(f - self.loc) / b - tf.math.log(2 * b)
-        nu = self.dof
-        const = math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
-        return const - tf.math.log(self.scale) - (nu + 1) / 2 * tf.math.log1p(tf.square(z) / nu)
+        return self._select(self._reference.log_prob(f), self.wilson.log_prob(f))
 
-    def expected_log_prob(self, moments, samples):
-        m1, m2, _, _ = moments
-        if self.kind == "normal":
+    def _sample_n(self, n, seed=None):
+        reference_seed, wilson_seed = tfp.random.split_seed(seed, n=2)
+        folded = tf.abs(self._reference.sample(n, seed=reference_seed))
+        return self._select(folded, self.wilson.sample(n, seed=wilson_seed))
+
+    def raw_moments(self):
+        """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
+        mu, s2 = self.loc, tf.square(self.scale)
+        reference = (mu, mu * mu + s2, mu**3 + 3 * mu * s2, mu**4 + 6 * mu * mu * s2 + 3 * s2 * s2)
+        return tuple(self._select(r, w) for r, w in zip(reference, self.wilson.raw_moments()))
+
+    def _mean(self):
+        return self.raw_moments()[0]
+
+    def _variance(self):
+        return self._select(tf.square(self.scale), self.wilson.variance())
+
+    def expected_log_prob(self, posterior, samples):
+        """E_q[log p(F)] per reflection: in closed form from q's first two raw moments
+        for a normal reference and for the Wilson part, else the mean of log p over the
+        posterior ``samples``."""
+        if isinstance(self._reference, tfd.Normal):
+            m1, m2, _, _ = posterior.raw_moments()
             s2 = tf.square(self.scale)
             reference = (
                 -tf.math.log(self.scale)
@@ -171,23 +297,15 @@ class _ReferenceDistribution:
                 - (m2 - 2 * self.loc * m1 + tf.square(self.loc)) / (2 * s2)
             )
         else:
-            reference = tf.reduce_mean(self._log_prob(samples), axis=0)
-        return tf.where(self.found, reference, self.wilson.expected_log_prob(moments, samples))
-
-    def moments(self):
-        mu, s2 = self.loc, tf.square(self.scale)
-        reference = (mu, mu * mu + s2, mu**3 + 3 * mu * s2, mu**4 + 6 * mu * mu * s2 + 3 * s2 * s2)
-        return tuple(tf.where(self.found, r, w) for r, w in zip(reference, self.wilson.moments()))
+            reference = tf.reduce_mean(self._reference.log_prob(samples), axis=0)
+        return self._select(reference, self.wilson.expected_log_prob(posterior, samples))
 
     def take(self, rows):
-        return _ReferenceDistribution(
+        """The distribution of the reflections ``rows``."""
+        return ReferenceDistribution(
             tf.gather(self.found, rows), tf.gather(self.loc, rows), tf.gather(self.scale, rows),
-            self.kind, self.dof, self.wilson.take(rows),
+            self.kind, self.wilson.take(rows),
         )
-
-    def sample(self, n_samples, seed):
-        z = tf.random.stateless_normal([n_samples, tf.shape(self.loc)[0]], seed=seed)
-        return tf.where(self.found, tf.abs(self.loc + self.scale * z), self.wilson.sample(n_samples, seed))
 
 
 def _reference_amplitudes(reference, reflections):

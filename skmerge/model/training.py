@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .._tf import tf
+from .._tf import quiet_stderr, tf
 from ..errors import NumericalError
 
 LOSS_TERMS = ("loss", "nll", "kl")
@@ -30,6 +30,23 @@ class MergingModel(tf.Module):
     and observations (``intensity``, ``sigma``). Normally each row is one observation. In
     Laue data a spot may hold several harmonics: then ``spot`` maps each row to its
     observation, whose predicted intensity is the sum over its rows of Σ·F².
+
+    Parameters
+    ----------
+    posterior : TruncatedNormalPosterior
+        The learnable posterior of the amplitudes.
+    prior : distribution
+        The built prior over the same reflections (``WilsonDistribution`` or
+        ``ReferenceDistribution``: a ``tfd.Distribution`` with ``expected_log_prob``
+        and ``raw_moments``).
+    likelihood : likelihood object
+        ``NormalLikelihood``, ``LaplaceLikelihood``, ``StudentTLikelihood`` or any object
+        with ``log_prob(intensity, predicted, sigma)``.
+    scale_network : ScaleNetwork
+    mc_samples : int
+        Posterior samples per step for the expected log-likelihood.
+    error_model : ErrorModelModule, optional
+        Refines every observation's σ before the likelihood sees it.
     """
 
     def __init__(self, posterior, prior, likelihood, scale_network, mc_samples, error_model=None):
@@ -74,9 +91,12 @@ class MergingModel(tf.Module):
         rows of the row's reflection, so that the rows of all images together count each
         reflection's KL once) and ``n_total``; without them the batch is the whole data.
         """
-        samples = self.posterior.sample(self.mc_samples, seed)
+        posterior = self.posterior.distribution()
+        samples = posterior.sample(self.mc_samples, seed=seed)
         log_lik = tf.reduce_mean(self._log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
-        kl = -(self.posterior.entropy() + self.prior.expected_log_prob(self.posterior.moments(), samples))
+        # KL(q‖p) = −H[q] − E_q[log p]: the entropy is exact and the prior gives its
+        # expectation in closed form where it can, which keeps the gradient noise down.
+        kl = -(posterior.entropy() + self.prior.expected_log_prob(posterior, samples))
         if "weight" in data:
             n_total = data["n_total"]
             nll = -tf.reduce_sum(data["weight"] * log_lik) / n_total
@@ -90,16 +110,16 @@ class MergingModel(tf.Module):
     def amplitude_moments(self, extra_prior=None):
         """Raw moments of F: the posterior's, followed by ``extra_prior``'s (reflections
         the fit never saw)."""
-        moments = self.posterior.moments()
+        moments = self.posterior.distribution().raw_moments()
         if extra_prior is None:
             return moments
-        return tuple(tf.concat([a, b], 0) for a, b in zip(moments, extra_prior.moments()))
+        return tuple(tf.concat([a, b], 0) for a, b in zip(moments, extra_prior.raw_moments()))
 
     def amplitude_samples(self, n_samples, seed, extra_prior=None):
-        samples = self.posterior.sample(n_samples, seed)
+        samples = self.posterior.distribution().sample(n_samples, seed=seed)
         if extra_prior is None:
             return samples
-        return tf.concat([samples, extra_prior.sample(n_samples, seed + 3)], 1)
+        return tf.concat([samples, extra_prior.sample(n_samples, seed=seed + 3)], 1)
 
     def predict(self, data, extra_prior=None):
         """Per row: mean and standard deviation of Σ·F², and of the scale Σ."""
@@ -188,6 +208,12 @@ def _padded_table(group):
 class Trainer:
     """Adam on a chosen set of variables, a chunk of steps per compiled call.
 
+    Adam is written out here rather than taken from ``tf.keras.optimizers``: TensorFlow's
+    optimisers are Keras 3's, a dependency the model otherwise does without, and the
+    update has to sit inside the compiled loop with each step masked when its loss or
+    gradient is not finite and a warm-up on the step size, which a stock optimiser does
+    not offer.
+
     ``data`` is the whole data (full-batch steps) or an :class:`ImageBatches` that draws
     a batch for every step. Steps whose loss or gradient is not finite leave the state
     untouched; a chunk with such steps restores the state from its start and halves the
@@ -205,6 +231,7 @@ class Trainer:
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile)
+        self._jit_compile = jit_compile
 
     def _run_chunk(self, n_steps):
         def body(i, n_bad, history):
@@ -259,7 +286,12 @@ class Trainer:
         while len(history) < max_iter:
             n = min(_CHUNK, max_iter - len(history))
             saved = [v.numpy() for v in self._state()]
-            terms, n_bad = self._chunk(tf.constant(n))
+            if self._jit_compile and not history:
+                # The first XLA compilation of a process logs its start-up through absl.
+                with quiet_stderr():
+                    terms, n_bad = self._chunk(tf.constant(n))
+            else:
+                terms, n_bad = self._chunk(tf.constant(n))
             terms = terms.numpy()[:n]
             if int(n_bad) > 0 or not np.isfinite(terms).all():
                 recoveries += 1
