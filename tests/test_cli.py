@@ -89,7 +89,8 @@ def test_help_and_version_do_not_import_tensorflow():
     assert done.stdout.strip() == "[0, 0, 0, 0] False", done.stderr
 
 
-def test_mono_help_is_grouped_and_lists_careless_flags(capsys):
+def test_mono_help_is_grouped_and_lists_careless_flags(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # the help wraps to the terminal's width
     assert main(["mono", "--help"]) == 0
     text = capsys.readouterr().out
     for group in ("data:", "model:", "optimisation:", "validation:", "output:", "careless compatibility:"):
@@ -144,14 +145,15 @@ def test_flags_map_to_estimator_parameters():
                   "--early-stopping", "--seed", "5", "--disable-progress-bar", "--separate-files", "-L", "2",
                   "--batch-size", "16", "--error-model")
     params = merger_parameters(args, ["dHKL", "BATCH"])
-    likelihood = params.pop("likelihood")
+    likelihood, error_model = params.pop("likelihood"), params.pop("error_model")
     assert params == {
         "metadata": ["dHKL", "BATCH"], "anomalous": True, "image_scales": False, "early_stopping": True,
         "random_state": 5, "verbose": 0, "separate_files": True,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
-        "positional_encoding": 2, "batch_size": 16, "error_model": True,
+        "positional_encoding": 2, "batch_size": 16,
     }
     assert type(likelihood).__name__ == "StudentTLikelihood" and likelihood.dof == 8.0
+    assert type(error_model).__name__ == "ErrorModel" and error_model.get_params() == {"sdfac": 1.0, "sdadd": 0.01}
     # Without flags the progress bar is on and --seed is 0.
     params = merger_parameters(_parse(), ["dHKL"])
     assert (params["verbose"], params["random_state"], params["metadata"]) == (1, 0, ["dHKL"])
