@@ -53,7 +53,8 @@ def _run(command, directory, checkout, args):
         if data.get("command") == command and data.get("returncode") == 0:
             return data
     for path in directory.iterdir():
-        path.unlink()
+        if path.name != "spec.json":  # the input of the timing runner
+            path.unlink()
     quiet = _careless.wait_until_quiet(max_wait=args.max_wait, log=print)
     with open(directory / "run.log", "w") as handle:
         result = _careless.run_measured(command, handle, env=_environment(checkout))
@@ -65,10 +66,10 @@ def _run(command, directory, checkout, args):
 
 
 def quality(case, label, checkout, args):
-    directory = OUT / label / case.name
+    directory = OUT / (label if args.seed == compare_careless.SEED else f"{label}_seed{args.seed}") / case.name
     prefix = directory / case.name
     command = [sys.executable, "-P", "-m", "skmerge", case.mode, "--disable-progress-bar", "--merge-half-datasets",
-               *case.shared_flags()]
+               *case.shared_flags(seed=False), "--seed", str(args.seed)]
     if case.anomalous:
         command.append("--anomalous")
     command += [case.keys, *map(str, case.files), str(prefix)]
@@ -92,8 +93,7 @@ def seconds_per_step(case, label, checkout, args):
                 "out": str(directory / case.name), "result": str(directory / "child.json"), "batch_size": None}
         spec_path = directory / "spec.json"
         command = [sys.executable, "-P", str(HERE / "compare_careless.py"), "--child", str(spec_path)]
-        if not (args.reuse and (directory / "measurement.json").exists()):
-            spec_path.write_text(json.dumps(spec, indent=1))
+        spec_path.write_text(json.dumps(spec, indent=1))
         times.append(_run(command, directory, checkout, args)["wall_time_s"])
     n1, n2 = args.timing_steps
     return (times[1] - times[0]) / (n2 - n1)
@@ -119,6 +119,8 @@ def main(argv=None):
     parser.add_argument("--datasets", default="hypf,thermolysin,pyp")
     parser.add_argument("--only", choices=["quality", "timing"])
     parser.add_argument("--timing-steps", type=int, nargs=2, default=(200, 1200), metavar=("N1", "N2"))
+    parser.add_argument("--seed", type=int, default=compare_careless.SEED,
+                        help="seed of the quality runs; other seeds measure the run-to-run spread")
     parser.add_argument("--side", choices=["before", "after"], help="run one checkout only (no comparison)")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--max-wait", type=float, default=1800.0)
@@ -155,7 +157,7 @@ def main(argv=None):
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "before_after.json").write_text(json.dumps(rows, indent=1))
+    (OUT / f"before_after_seed{args.seed}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

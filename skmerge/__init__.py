@@ -21,7 +21,7 @@ _LAZY = {
     "NormalLikelihood": "skmerge.model.likelihoods",
     "LaplaceLikelihood": "skmerge.model.likelihoods",
     "StudentTLikelihood": "skmerge.model.likelihoods",
-    "ErrorModel": "skmerge.model.likelihoods",
+    "ErrorModel": "skmerge.model.error_model",
     "PositionalEncoding": "skmerge.features",
     "merging_statistics": "skmerge.stats",
     "half_dataset_merges": "skmerge.half_datasets",

@@ -238,7 +238,7 @@ def merger_parameters(args, keys):
 
         params["likelihood"] = StudentTLikelihood(dof=args.dof)
     if args.error_model:
-        from .model.likelihoods import ErrorModel
+        from .model.error_model import ErrorModel
 
         params["error_model"] = ErrorModel()
     if args.reference_mtz is not None:

@@ -12,14 +12,8 @@ from scipy import integrate, stats
 from sklearn.base import clone
 
 from skmerge._tf import tf, tfd
-from skmerge.model.likelihoods import (
-    ErrorModel,
-    LaplaceLikelihood,
-    NormalLikelihood,
-    StudentTLikelihood,
-    make_error_model,
-    make_likelihood,
-)
+from skmerge.model.error_model import ErrorModel, make_error_model
+from skmerge.model.likelihoods import LaplaceLikelihood, NormalLikelihood, StudentTLikelihood, make_likelihood
 from skmerge.model.posterior import PositiveTruncatedNormal, TruncatedNormalPosterior
 from skmerge.model.priors import ReferenceDistribution, ReferencePrior, WilsonDistribution, WilsonPrior
 

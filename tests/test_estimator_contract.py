@@ -205,3 +205,19 @@ def test_posterior_is_a_tfp_distribution_over_the_reflections(table, fitted):
     # transform reports the posterior mean of F, in the input's units.
     mean = posterior.mean().numpy() * np.sqrt(fitted.intensity_scale_)
     np.testing.assert_allclose(np.sort(fitted.transform(table)["F"].to_numpy()), np.sort(mean), rtol=1e-5)
+
+
+def test_model_pieces_are_grid_values(table):
+    from sklearn.model_selection import GridSearchCV
+
+    from skmerge import ErrorModel, ImageKFold, StudentTLikelihood
+
+    grid = {"likelihood": ["normal", StudentTLikelihood(dof=4.0)], "error_model": [None, ErrorModel(sdadd=0.05)]}
+    search = GridSearchCV(VariationalMerger(**FAST), grid, cv=ImageKFold(2)).fit(table)
+    assert len(search.cv_results_["params"]) == 4 and np.isfinite(search.cv_results_["mean_test_score"]).all()
+    with_error_model = [p for p in search.cv_results_["params"] if p["error_model"] is not None]
+    assert all(p["error_model"].get_params() == {"sdfac": 1.0, "sdadd": 0.05} for p in with_error_model)
+    best = search.best_estimator_
+    assert hasattr(best, "sdfac_") == (best.error_model is not None)
+    with pytest.raises(InputError, match="'dof' parameter of StudentTLikelihood"):
+        VariationalMerger(likelihood=StudentTLikelihood(dof=-1.0)).fit(table)

@@ -7,7 +7,8 @@ from scipy import stats
 
 from skmerge._tf import tf, tfd
 from skmerge.errors import NumericalError
-from skmerge.model.likelihoods import ErrorModel, NormalLikelihood, StudentTLikelihood
+from skmerge.model.error_model import ErrorModel
+from skmerge.model.likelihoods import NormalLikelihood, StudentTLikelihood
 from skmerge.model.posterior import TruncatedNormalPosterior
 from skmerge.model.priors import WilsonDistribution
 from skmerge.model.scaling import ScaleNetwork

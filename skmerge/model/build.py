@@ -69,7 +69,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
 def merging_model(params, state, posterior, network, weights=None):
     """The posterior and scale network joined with the prior, the likelihood and the
     error model: the error model at its starting values, or at fitted ``weights``."""
-    from .likelihoods import make_error_model, make_likelihood
+    from .error_model import make_error_model
+    from .likelihoods import make_likelihood
     from .training import MergingModel
 
     error_model = make_error_model(params.error_model)

@@ -45,7 +45,7 @@ class MergingModel(tf.Module):
     scale_network : ScaleNetwork
     mc_samples : int
         Posterior samples per step for the expected log-likelihood.
-    error_model : ErrorModelModule, optional
+    error_model : skmerge.model.error_model.ErrorModelModule, optional
         Refines every observation's σ before the likelihood sees it.
     """
 
