@@ -42,8 +42,16 @@ def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0)
 
     Examples
     --------
-    >>> halves = half_dataset_merges(merger, X, n_repeats=2)  # doctest: +SKIP
-    >>> cc_half(halves)  # doctest: +SKIP
+    >>> from skmerge import VariationalMerger
+    >>> from skmerge.datasets import make_unmerged
+    >>> from skmerge.stats import cc_half
+    >>> X, _ = make_unmerged(n_images=12, random_state=0)
+    >>> merger = VariationalMerger(mlp_layers=2, max_iter=100, random_state=0).fit(X)
+    >>> halves = half_dataset_merges(merger, X, n_repeats=2, random_state=0)
+    >>> halves.groupby(["repeat", "half"]).ngroups
+    4
+    >>> bool(cc_half(halves, n_bins=4).loc["overall", "CC1/2"] > 0.5)
+    True
     """
     if int(n_repeats) < 1:
         raise InputError(f"n_repeats={n_repeats!r} must be at least 1.")
