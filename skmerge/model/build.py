@@ -10,7 +10,7 @@ from ..errors import InputError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
 from .data import tensor_data
-from .fitted import FitState, Weights, prior_of
+from .fitted import FitState, prior_of
 from .initialisation import evaluate_curve, french_wilson, quick_image_scales, wilson_curve
 
 
