@@ -6,7 +6,7 @@ when a model is built, so reading data and the command line's help stay fast.
 
 from importlib import import_module
 
-from .errors import IncompatibleVersionError, InputError, NumericalError, SkmergeError
+from .errors import DataWarning, IncompatibleVersionError, InputError, NumericalError, SkmergeError
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ def __dir__():
 
 
 __all__ = [
+    "DataWarning",
     "IncompatibleVersionError",
     "InputError",
     "NumericalError",

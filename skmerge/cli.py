@@ -96,6 +96,8 @@ def _add_mono_arguments(mono, defaults):
                       help="drop observations with I/σ(I) below this (default: keep all)")
     data.add_argument("--spacegroups", metavar="SPACEGROUP", help="space group for merging, e.g. 'P 21 21 21' "
                       "(a comma-separated list must name one space group); default: the files'")
+    data.add_argument("--cell", type=float, nargs=6, metavar=("A", "B", "C", "AL", "BE", "GA"),
+                      help="unit cell in Å and degrees for every file (default: the files')")
     data.add_argument("--intensity-key", metavar="KEY", help="intensity column (default: the first of MTZ type J)")
     data.add_argument("--uncertainty-key", metavar="KEY", help="σ column (default: the σ partner of the intensity)")
     data.add_argument("--image-key", metavar="KEY", help="image-number column (default: the first of MTZ type B)")
@@ -250,7 +252,8 @@ def merger_parameters(args, keys):
 
 def workflow_options(args):
     """The options of :func:`skmerge.run_merge` other than the estimator's."""
-    return dict(spacegroup=args.spacegroups.split(",")[0].strip() if args.spacegroups else None, dmin=args.dmin,
+    return dict(spacegroup=args.spacegroups.split(",")[0].strip() if args.spacegroups else None, cell=args.cell,
+                dmin=args.dmin,
                 isigi_cutoff=args.isigi_cutoff, intensity_key=args.intensity_key, sigma_key=args.uncertainty_key,
                 image_key=args.image_key, half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets
                 else 0, test_fraction=args.test_fraction, shells=args.shells, binning=args.binning, method=args.method)

@@ -24,6 +24,10 @@ class ParameterError(InputError, InvalidParameterError):
     ``InvalidParameterError`` and an :class:`InputError` at once)."""
 
 
+class DataWarning(UserWarning):
+    """Data that skmerge can use after a change it reports (e.g. repeated rows dropped)."""
+
+
 class NumericalError(SkmergeError, RuntimeError):
     """Training could not continue because the loss or its gradients stopped being finite,
     even after restoring the last good state and lowering the learning rate."""

@@ -19,7 +19,7 @@ from . import __version__
 from ._persistence import PersistentMixin
 from .errors import InputError, ParameterError
 from .model.build import restore_model
-from .model.data import check_table
+from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
 
@@ -274,6 +274,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         if warm and self.error_model and not hasattr(self, "sdfac_"):
             raise ParameterError("error_model cannot warm-start from a fit made without it; refit from scratch.")
         check_table(X)
+        if warm:
+            check_compatible(X, self.reflections_)
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
         previous = (FitState.from_attributes(self), Weights.from_attributes(self)) if warm else None
@@ -386,10 +388,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         missing = [c for c in self.feature_names_in_ if c not in X.columns]
         if missing:
             raise InputError(f"X lacks column(s) {', '.join(missing)} that the fit's table had.")
-        fitted = self.reflections_.spacegroup
-        if X.spacegroup.xhm() != fitted.xhm():
-            raise InputError(f"X is in space group {X.spacegroup.xhm()}, the merger was fitted in {fitted.xhm()}; "
-                             "read X in the fit's space group.")
+        check_compatible(X, self.reflections_)
         return FitState.from_attributes(self)
 
     def _get_model(self):

@@ -102,6 +102,19 @@ def map_to_asu(hkl, spacegroup, anomalous=False):
     return asu[inverse], minus[inverse]
 
 
+# Cells may differ by this much before they count as non-isomorphous (relative for
+# lengths, degrees for angles).
+CELL_LENGTH_TOLERANCE = 0.02
+CELL_ANGLE_TOLERANCE = 2.0
+
+
+def isomorphous(cell, other):
+    """Whether two unit cells agree within CELL_LENGTH_TOLERANCE and CELL_ANGLE_TOLERANCE."""
+    a, b = np.array(cell.parameters), np.array(other.parameters)
+    return bool((np.abs(b[:3] / a[:3] - 1) <= CELL_LENGTH_TOLERANCE).all()
+                and (np.abs(b[3:] - a[3:]) <= CELL_ANGLE_TOLERANCE).all())
+
+
 def reflection_flags(hkl, spacegroup):
     """Centric flag and Wilson multiplicity ε of each Miller index.
 

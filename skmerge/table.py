@@ -16,16 +16,19 @@ Iobs, SIGIobs       the intensity and its standard deviation
 ==================  ======================================================================
 """
 
+import warnings
 from os import PathLike
+from pathlib import Path
 
 import gemmi
 import numpy as np
 import pandas as pd
 import reciprocalspaceship as rs
 
-from .errors import InputError
+from .errors import DataWarning, InputError
 from .io import read_reflection_file
 from .symmetry import (
+    isomorphous,
     map_to_asu,
     reflection_flags,
     resolution,
@@ -47,10 +50,6 @@ TABLE_COLUMNS = (
     "Iobs",
     "SIGIobs",
 )
-# Cells of files merged together may differ by this much before they count as
-# non-isomorphous (relative for lengths, degrees for angles).
-_CELL_LENGTH_TOLERANCE = 0.02
-_CELL_ANGLE_TOLERANCE = 2.0
 
 
 def read_unmerged(
@@ -119,7 +118,8 @@ def read_unmerged(
 
     parts = []
     for file_id, (name, dataset) in enumerate(sources):
-        part = _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invalid)
+        part = _drop_repeated_rows(name, _standardise(name, dataset, intensity_key, sigma_key, image_key,
+                                                      drop_invalid))
         part["file_id"] = file_id
         part["dHKL"] = resolution(part[list(OBSERVED_INDEX_COLUMNS)].to_numpy(), cells[file_id])
         parts.append(part)
@@ -191,6 +191,22 @@ def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
 _WORK_COLUMNS = {*OBSERVED_INDEX_COLUMNS, "image_id", "file_id", "dHKL", "Iobs", "SIGIobs"}
 
 
+def _drop_repeated_rows(name, part):
+    """The rows of one file without exact repeats, with a DataWarning when there were any.
+
+    Two measurements never agree in every column (index, image, intensity, σ and every
+    metadata value), so a repeated row is a copy — of a file concatenated with itself,
+    or a pipeline that wrote a row twice. Kept, copies would double the multiplicity and
+    shrink σ by √2; dropped, they change nothing, so they are dropped and reported.
+    """
+    repeated = part.duplicated().to_numpy()
+    if not repeated.any():
+        return part
+    warnings.warn(f"{name}: {int(repeated.sum()):,} of {len(part):,} rows repeat an earlier row exactly; "
+                  "the copies were dropped.", DataWarning, stacklevel=3)
+    return part.loc[~repeated].reset_index(drop=True)
+
+
 def _read_sources(paths, spacegroup):
     if isinstance(paths, (str, PathLike, pd.DataFrame)):
         paths = [paths]
@@ -198,6 +214,10 @@ def _read_sources(paths, spacegroup):
     if not paths:
         raise InputError("no reflection files given.")
     sg = _as_spacegroup(spacegroup) if spacegroup is not None else None
+    files = [Path(p).resolve() for p in paths if isinstance(p, (str, PathLike))]
+    twice = sorted({str(p) for p in files if files.count(p) > 1})
+    if twice:
+        raise InputError(f"{', '.join(twice)}: given more than once; each file's observations would count twice.")
     sources = []
     for i, item in enumerate(paths):
         if isinstance(item, pd.DataFrame):
@@ -236,8 +256,9 @@ def _resolve_spacegroup(sources, spacegroup):
             found.setdefault(sg.xhm(), []).append(name)
     if not found:
         raise InputError(
-            f"{_names(sources)}: no space group recorded in the input; pass spacegroup= "
-            "(e.g. spacegroup='P 43 21 2')."
+            f"{_names(sources)}: no space group recorded in the input (an XDS file's "
+            "!SPACE_GROUP_NUMBER, an MTZ file's symmetry); pass spacegroup= (e.g. spacegroup="
+            "'P 43 21 2'; on the command line --spacegroups)."
         )
     if len(found) > 1:
         listing = "; ".join(f"{sg} in {', '.join(names)}" for sg, names in found.items())
@@ -263,7 +284,8 @@ def _resolve_cells(sources, cell, spacegroup):
         for name, dataset in sources:
             c = getattr(dataset, "cell", None)
             if c is None or c.volume <= 0:
-                raise InputError(f"{name}: no unit cell recorded; pass cell=(a, b, c, α, β, γ).")
+                raise InputError(f"{name}: no unit cell recorded (an XDS file's !UNIT_CELL_CONSTANTS, an MTZ "
+                                 "file's cell); pass cell=(a, b, c, α, β, γ) (on the command line --cell).")
             cells.append(c)
             names.append(name)
     for name, c in zip(names, cells):
@@ -272,12 +294,8 @@ def _resolve_cells(sources, cell, spacegroup):
                 f"{name}: cell {_fmt_cell(c)} is incompatible with space group "
                 f"{spacegroup.xhm()}; check the space group or pass the right cell=."
             )
-    first = np.array(cells[0].parameters)
     for name, c in zip(names[1:], cells[1:]):
-        p = np.array(c.parameters)
-        if (np.abs(p[:3] / first[:3] - 1) > _CELL_LENGTH_TOLERANCE).any() or (
-            np.abs(p[3:] - first[3:]) > _CELL_ANGLE_TOLERANCE
-        ).any():
+        if not isomorphous(cells[0], c):
             raise InputError(
                 f"{name}: cell {_fmt_cell(c)} is not isomorphous with {names[0]} "
                 f"({_fmt_cell(cells[0])}). Merge isomorphous data only, or pass cell= to "
@@ -297,21 +315,18 @@ def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invali
     if ikey is None:
         raise InputError(
             f"{name}: no intensity column found (no column of MTZ type J); pass "
-            f"intensity_key=. Columns: {', '.join(map(str, frame.columns))}."
+            f"intensity_key= ({_FLAGS['intensity_key']}). Columns: {', '.join(map(str, frame.columns))}."
         )
+    _check_column(name, frame, "intensity_key", ikey)
     skey = sigma_key or _sigma_partner(name, frame, ikey)
     bkey = image_key or _first_of_type(frame, "Batch", ("BATCH", "image", "IMAGE"))
     if bkey is None:
         raise InputError(
-            f"{name}: no image column found (no column of MTZ type B); pass image_key=. "
-            f"Columns: {', '.join(map(str, frame.columns))}."
+            f"{name}: no image column found (no column of MTZ type B); pass image_key= "
+            f"({_FLAGS['image_key']}). Columns: {', '.join(map(str, frame.columns))}."
         )
-    for role, key in (("intensity_key", ikey), ("sigma_key", skey), ("image_key", bkey)):
-        if key not in frame.columns:
-            raise InputError(
-                f"{name}: {role}={key!r} is not a column; columns: "
-                f"{', '.join(map(str, frame.columns))}."
-            )
+    for role, key in (("sigma_key", skey), ("image_key", bkey)):
+        _check_column(name, frame, role, key)
     intensity = frame[ikey].to_numpy(np.float64, na_value=np.nan)
     sigma = frame[skey].to_numpy(np.float64, na_value=np.nan)
     image = frame[bkey].to_numpy(np.float64, na_value=np.nan)
@@ -341,6 +356,16 @@ def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invali
     return part.loc[~bad].reset_index(drop=True) if bad.any() else part
 
 
+# The command-line flags of read_unmerged's column arguments, named in its messages.
+_FLAGS = {"intensity_key": "--intensity-key", "sigma_key": "--uncertainty-key", "image_key": "--image-key"}
+
+
+def _check_column(name, frame, role, key):
+    if key not in frame.columns:
+        raise InputError(f"{name}: {role}={key!r} ({_FLAGS[role]}) is not a column; columns: "
+                         f"{', '.join(map(str, frame.columns))}.")
+
+
 def _first_of_type(frame, mtz_type, fallback_names):
     for column, dtype in frame.dtypes.items():
         if getattr(dtype, "name", str(dtype)) == mtz_type:
@@ -366,11 +391,11 @@ def _sigma_partner(name, frame, intensity_key):
         return stddev[0]
     if not stddev and not named:
         raise InputError(
-            f"{name}: no σ column found for intensity {intensity_key!r}; pass sigma_key=."
+            f"{name}: no σ column found for intensity {intensity_key!r}; pass sigma_key= ({_FLAGS['sigma_key']})."
         )
     raise InputError(
         f"{name}: cannot tell which of {', '.join(map(str, named or stddev))} is the σ of "
-        f"{intensity_key!r}; pass sigma_key=."
+        f"{intensity_key!r}; pass sigma_key= ({_FLAGS['sigma_key']})."
     )
 
 

@@ -23,7 +23,7 @@ from sklearn.utils._param_validation import Interval, InvalidParameterError, Str
 
 from . import __version__
 from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
-from .errors import InputError, ParameterError
+from .errors import DataWarning, InputError, ParameterError
 from .io import writers
 
 # The workflow's own options (the estimator validates its parameters itself).
@@ -34,7 +34,7 @@ OPTION_CONSTRAINTS = {
     "binning": [StrOptions({"equal-count", "equal-volume"})],
     "method": [StrOptions({"pearson", "spearman"})],
 }
-_READ_OPTIONS = ("spacegroup", "dmin", "isigi_cutoff", "intensity_key", "sigma_key", "image_key")
+_READ_OPTIONS = ("spacegroup", "cell", "dmin", "isigi_cutoff", "intensity_key", "sigma_key", "image_key")
 _logger = logging.getLogger("skmerge")
 
 
@@ -130,7 +130,7 @@ class MergeResult:
         return document
 
 
-def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_cutoff=None, intensity_key=None,
+def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None, intensity_key=None,
               sigma_key=None, image_key=None, half_datasets=0, test_fraction=0.0, shells=10,
               binning="equal-count", method="pearson", log=None, **params):
     """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
@@ -146,7 +146,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
         files when given.
     merger : VariationalMerger, optional
         The estimator to fit (a clone of it is fitted). None builds one from ``params``.
-    spacegroup, dmin, isigi_cutoff, intensity_key, sigma_key, image_key : optional
+    spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key : optional
         Read options of :func:`skmerge.read_unmerged` (only with files); ``anomalous``
         is the merger's.
     half_datasets : int, default=0
@@ -199,8 +199,9 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
     if out is not None:
         writers.check_output_prefix(out)
     read_options = {name: value for name, value in zip(_READ_OPTIONS, (
-        spacegroup, dmin, isigi_cutoff, intensity_key, sigma_key, image_key)) if value is not None}
-    X, names = _observations(data, merger.anomalous, read_options)
+        spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key)) if value is not None}
+    with _caught(DataWarning) as data_warnings:
+        X, names = _observations(data, merger.anomalous, read_options)
     n_sets = len(names) if merger.separate_files else 1
     if n_sets == 1:
         names = [", ".join(names)]
@@ -211,6 +212,10 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, dmin=None, isigi_
             warnings.append(message)
             report("warning", message)
 
+    for message in data_warnings:
+        warn(message)
+    if half_datasets and X["image_id"].nunique() < 2:
+        raise ParameterError("half_datasets (--merge-half-datasets) needs at least two images; the data have one")
     keys = merger.metadata if isinstance(merger.metadata, (list, tuple)) else []
     check_metadata_keys(keys, X)
     warn(partiality_warning(X, keys))

@@ -70,10 +70,13 @@ def read_xds(path):
     if frame.empty:
         raise InputError(f"{path}: no reflection with a positive sigma in the {kind} file.")
 
+    # gemmi fills in a 1 × 1 × 1 Å cell and P1 when the header lacks them; leave them
+    # unset instead, so that reading asks for them rather than merging garbage.
+    records = _header_records(path)
     dataset = rs.DataSet(
         frame,
-        cell=gemmi.UnitCell(*xds.cell_constants),
-        spacegroup=_spacegroup(xds.spacegroup_number),
+        cell=gemmi.UnitCell(*xds.cell_constants) if "UNIT_CELL_CONSTANTS" in records else None,
+        spacegroup=_spacegroup(xds.spacegroup_number) if "SPACE_GROUP_NUMBER" in records else None,
         merged=False,
     )
     dtypes = {"H": "HKL", "K": "HKL", "L": "HKL", "BATCH": "Batch", "I": "Intensity",
@@ -152,6 +155,17 @@ def _column_names(path, kind):
             f"(found {names})."
         )
     return names
+
+
+def _header_records(path):
+    """Names of the ``!NAME=`` records of the header."""
+    records = set()
+    with open(path, encoding="latin-1") as handle:
+        for line in handle:
+            if not line.startswith("!") or line.startswith("!END_OF_HEADER"):
+                break
+            records.update(part.split("=")[0].strip() for part in line[1:].split("!") if "=" in part)
+    return records
 
 
 def _read_body(path, names, nrows):

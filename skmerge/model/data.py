@@ -15,7 +15,7 @@ import numpy as np
 import reciprocalspaceship as rs
 
 from ..errors import InputError
-from ..symmetry import map_to_asu, pack_hkl, reflection_flags, resolution, unpack_group, unpack_hkl
+from ..symmetry import isomorphous, map_to_asu, pack_hkl, reflection_flags, resolution, unpack_group, unpack_hkl
 
 # Rows per evaluation call: bounds the memory of predict, score and transform.
 EVAL_CHUNK = 200_000
@@ -112,6 +112,18 @@ def check_table(X):
         raise InputError("X has no observations.")
     if getattr(X, "spacegroup", None) is None or getattr(X, "cell", None) is None:
         raise InputError("X has no space group or cell; build it with skmerge.read_unmerged.")
+
+
+def check_compatible(X, reflections):
+    """InputError unless X is in the space group of a fit's ``reflections`` and its cell is
+    isomorphous with the fit's (tolerances of :func:`skmerge.symmetry.isomorphous`)."""
+    fitted = reflections.spacegroup
+    if X.spacegroup.xhm() != fitted.xhm():
+        raise InputError(f"X is in space group {X.spacegroup.xhm()}, the merger was fitted in {fitted.xhm()}; "
+                         "read X in the fit's space group (spacegroup=, on the command line --spacegroups).")
+    if not isomorphous(reflections.cell, X.cell):
+        raise InputError(f"X's cell {tuple(round(v, 2) for v in X.cell.parameters)} is not isomorphous with the "
+                         f"fit's {tuple(round(v, 2) for v in reflections.cell.parameters)}; merge isomorphous data.")
 
 
 def encode(X, y=None, *, anomalous, separate_files, harmonics=None):
