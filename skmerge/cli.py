@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .diagnostics import SPECIAL_KEYS
 from .errors import InputError, SkmergeError
+from .signals import interrupt_on_sigterm
 
 # Flags whose destination is the VariationalMerger parameter of that name.
 ESTIMATOR_DESTS = ("anomalous", "separate_files", "likelihood", "mlp_layers", "mlp_width", "image_scales",
@@ -382,17 +383,15 @@ def main(argv=None):
     """Run the command line; returns the exit status (2 for a bad command line)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args) or 0
+        with interrupt_on_sigterm():  # a killed run cleans up as an interrupted one
+            return args.run(args) or 0
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
-    except (UsageError, InputError) as exc:
+    except (UsageError, SkmergeError, OSError) as exc:
         print(f"skmerge: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except (SkmergeError, OSError) as exc:
-        print(f"skmerge: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, (UsageError, InputError)) else 1
     except KeyboardInterrupt:
-        print("skmerge: interrupted", file=sys.stderr)
+        print("skmerge: interrupted; outputs of earlier runs are unchanged", file=sys.stderr)
         return 130
 
 

@@ -86,7 +86,9 @@ class MergeResult:
         return _fitted_error_model(self.merger)
 
     def write(self, out):
-        """Write the outputs of ``skmerge mono`` under the prefix ``out``, each atomically.
+        """Write the outputs of ``skmerge mono`` under the prefix ``out``, as a set: all of
+        them or none (:func:`skmerge.io.writers.output_set`), replacing every file an
+        earlier run wrote under the same prefix.
 
         ``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``, ``OUT_xval_<i>.mtz`` (with half
         datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT_stats.csv``,
@@ -98,9 +100,14 @@ class MergeResult:
         list of Path
             The files written, in that order.
         """
+        writers.check_output_prefix(out)
+        with writers.output_set(out) as staged:
+            written = self._write(staged)
+        return [Path(out).parent / path.name for path in written]
+
+    def _write(self, out):
         from .plotting import plot_history, plot_statistics
 
-        writers.check_output_prefix(out)
         paths = []
         halves = self.halves or [None] * len(self.merged)
         for i, (merged, predictions, half) in enumerate(zip(self.merged, self.predictions, halves)):

@@ -170,3 +170,51 @@ def test_half_datasets_of_one_image_fail_before_the_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(VariationalMerger, "fit", never)
     with pytest.raises(InputError, match="at least two images"):
         skmerge.run_merge(one, half_datasets=1, **FAST)
+
+
+# ------------------------------------------------------------ outputs as a set
+@pytest.fixture()
+def earlier_run(tmp_path):
+    """A separate-files run with half datasets under out/x, and its files' bytes."""
+    X, _ = make_unmerged(n_images=6, random_state=3)
+    X = X.copy()
+    X["file_id"] = (X["image_id"].to_numpy() % 2).astype("int32")
+    out = tmp_path / "out"
+    out.mkdir()
+    skmerge.run_merge(X, out / "x", separate_files=True, half_datasets=1, log=lambda *a: None, **FAST)
+    return X, out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_later_run_removes_what_it_does_not_write(earlier_run, capsys):
+    X, out, before = earlier_run
+    assert {"x_1.mtz", "x_xval_0.mtz", "x_xval_1.mtz", "x_predictions_1.mtz", "x_cchalf.png"} <= set(before)
+    result = skmerge.run_merge(X, out / "x", log=lambda *a: None, **FAST)
+    assert _listing(out) == sorted(p.name for p in result.paths)
+    assert "x_1.mtz" not in _listing(out) and not any("xval" in name for name in _listing(out))
+    assert main(["stats", str(out / "x")]) == 0
+    assert "data set 1" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure", ["disk full", "SIGTERM", "SIGINT"])
+def test_a_run_stopped_while_writing_leaves_the_earlier_outputs(earlier_run, failure, monkeypatch, capsys):
+    import os
+    import signal
+
+    from skmerge.io import writers
+
+    X, out, before = earlier_run
+    path = write_xds(out.parent / "XDS_ASCII.HKL")
+    write_figure = writers.write_figure
+
+    def fail(figure, target, **kwargs):
+        write_figure(figure, target, **kwargs)  # some files of the new set exist by now
+        if failure == "disk full":
+            raise OSError(28, "No space left on device")
+        os.kill(os.getpid(), getattr(signal, failure))
+
+    monkeypatch.setattr(writers, "write_figure", fail)
+    status = main(["mono", "--iterations", "30", "--mlp-layers", "2", "dHKL", str(path), str(out / "x")])
+    err = capsys.readouterr().err
+    assert status == (1 if failure == "disk full" else 130)
+    assert "Traceback" not in err and ("No space left" in err if failure == "disk full" else "interrupted" in err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no debris

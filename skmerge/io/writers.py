@@ -2,13 +2,18 @@
 
 Every file is written to a temporary name in its own directory and renamed into place
 (``os.replace``, atomic on POSIX and Windows), so an interrupted run leaves either the
-complete file or none — never a truncated one under the final name.
+complete file or none — never a truncated one under the final name. A run's files are
+written as a set (:func:`output_set`): into a staging directory first, then moved into
+place together, replacing the earlier run's set under the same prefix.
 """
 
 import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,7 @@ import pandas as pd
 import reciprocalspaceship as rs
 
 from ..errors import InputError
+from ..signals import signals_held
 
 # MTZ column types of the per-observation predictions file.
 PREDICTION_TYPES = {
@@ -67,6 +73,41 @@ def atomic_path(path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+# The files a run writes under its prefix OUT (OUT + one of these).
+OUTPUT_SUFFIXES = (r"_\d+\.mtz", r"_predictions_\d+\.mtz", r"_xval_\d+\.mtz", r"_history\.csv", r"\.joblib",
+                   r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png")
+
+
+def run_outputs(prefix):
+    """The files of a run (any run) under ``prefix`` that exist now."""
+    prefix = Path(prefix)
+    pattern = re.compile(re.escape(prefix.name) + "(" + "|".join(OUTPUT_SUFFIXES) + ")$")
+    return sorted(p for p in prefix.parent.iterdir() if pattern.match(p.name) and p.is_file())
+
+
+@contextlib.contextmanager
+def output_set(prefix):
+    """Write a run's files as a set: yields a prefix in a staging directory beside
+    ``prefix``; when the block succeeds its files replace the earlier run's under
+    ``prefix`` (files of an earlier run that this one does not write are removed, so
+    ``skmerge stats`` never mixes two runs). If the block raises — an error, a full
+    disk, a signal turned into an exception — the staging directory is removed and the
+    earlier outputs stay as they were. SIGINT and SIGTERM wait while files are moved."""
+    prefix = Path(prefix)
+    staging = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.", suffix=".part", dir=prefix.parent))
+    try:
+        yield staging / prefix.name
+        new = sorted(staging.iterdir())
+        with signals_held():
+            for path in run_outputs(prefix):
+                if path.name not in {p.name for p in new}:
+                    os.remove(path)
+            for path in new:
+                os.replace(path, prefix.parent / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _reserve_temporary(path):
