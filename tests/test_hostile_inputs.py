@@ -218,3 +218,16 @@ def test_a_run_stopped_while_writing_leaves_the_earlier_outputs(earlier_run, fai
     assert status == (1 if failure == "disk full" else 130)
     assert "Traceback" not in err and ("No space left" in err if failure == "disk full" else "interrupted" in err)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # and no debris
+
+
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path, capsys):
+    import os
+
+    pipe = tmp_path / "reflections.mtz"
+    os.mkfifo(pipe)
+    with pytest.raises(InputError, match="reflections.mtz: is not a regular file"):
+        skmerge.read_unmerged(pipe)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["mono", "dHKL", str(pipe), str(out / "x")]) == 2
+    assert "not a regular file" in capsys.readouterr().err and _listing(out) == []

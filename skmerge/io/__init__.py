@@ -20,6 +20,9 @@ def sniff_format(path):
         raise InputError(f"{path}: no such file.")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a reflection file.")
+    if not path.is_file():
+        # A pipe or a device would block or never end; a reflection file is a file.
+        raise InputError(f"{path}: is not a regular file (a pipe or a device?); give a reflection file.")
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if not head:
