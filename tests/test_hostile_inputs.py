@@ -231,3 +231,37 @@ def test_a_named_pipe_is_refused_not_waited_on(tmp_path, capsys):
     out.mkdir()
     assert main(["mono", "dHKL", str(pipe), str(out / "x")]) == 2
     assert "not a regular file" in capsys.readouterr().err and _listing(out) == []
+
+
+# ------------------------------------------------------------ bounded reading
+def _small_mtz(path):
+    import reciprocalspaceship as rs
+
+    X, _ = make_unmerged(n_images=2, random_state=0)
+    table = rs.DataSet({"H": X["H"], "K": X["K"], "L": X["L"], "I": X["Iobs"].to_numpy()},
+                       spacegroup=X.spacegroup, cell=X.cell).infer_mtz_dtypes().set_index(["H", "K", "L"])
+    table.write_mtz(str(path))
+    return path
+
+
+def test_a_crafted_mtz_header_position_fails_before_allocating(tmp_path):
+    import struct
+
+    path = _small_mtz(tmp_path / "crafted.mtz")
+    data = bytearray(path.read_bytes())
+    data[4:8] = struct.pack("<i", 2_000_000_000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="crafted.mtz: damaged MTZ file: its header is said to start"):
+        skmerge.read_unmerged(path)
+
+
+def test_an_mtz_header_declaring_more_data_than_the_file_holds_is_refused(tmp_path):
+    path = _small_mtz(tmp_path / "crafted.mtz")
+    data = path.read_bytes()
+    start = data.index(b"NCOL")
+    record = data[start:start + 80].decode()
+    ncol = record.split()[1]
+    crafted = f"NCOL {ncol:>8} {10**9:>12} {0:>8}".ljust(80).encode()
+    path.write_bytes(data[:start] + crafted + data[start + 80:])
+    with pytest.raises(InputError, match="declares 1,000,000,000 reflections"):
+        skmerge.read_unmerged(path)

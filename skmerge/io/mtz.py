@@ -1,5 +1,7 @@
 """Unmerged MTZ files (DIALS, AIMLESS and MOSFLM exports)."""
 
+import os
+import struct
 import warnings
 
 import gemmi
@@ -19,6 +21,7 @@ def read_mtz(path):
     InputError
         If the file cannot be read or holds merged data.
     """
+    _check_sizes(path)
     try:
         mtz = gemmi.read_mtz_file(str(path))
         with warnings.catch_warnings():
@@ -38,3 +41,43 @@ def read_mtz(path):
         dataset.merged = False
         dataset.hkl_to_observed(m_isym[0], inplace=True)
     return dataset
+
+
+# The MTZ layout: "MTZ ", the header's position in 4-byte words (1-based; −1 means the
+# 64-bit position at byte 12 holds it), the machine stamp; the data as ncol × nref
+# 4-byte numbers from byte 80; the header as 80-character records at its position.
+_DATA_START = 80
+_RECORD = 80
+
+
+def _check_sizes(path):
+    """InputError unless the header position and the declared number of columns and
+    reflections fit the file's size: gemmi allocates for what the header declares, so a
+    damaged or crafted header could ask for gigabytes before any error."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(20)
+        if len(head) < 20:
+            raise InputError(f"{path}: too short to be an MTZ file ({size} bytes).")
+        order = ">" if head[8] >> 4 == 1 else "<"  # the stamp's float format: 1 is big-endian
+        position = struct.unpack(order + "i", head[4:8])[0]
+        if position == -1:
+            position = struct.unpack(order + "q", head[12:20])[0]
+        offset = (position - 1) * 4
+        if not _DATA_START <= offset < size:
+            raise InputError(f"{path}: damaged MTZ file: its header is said to start at byte {offset:,} of "
+                             f"{size:,}.")
+        handle.seek(offset)
+        header = handle.read(min(size - offset, 2_000_000)).decode("latin-1")
+    for start in range(0, len(header), _RECORD):
+        record = header[start:start + _RECORD]
+        if record.startswith("NCOL"):
+            try:
+                ncol, nref = (int(v) for v in record[4:].split()[:2])
+            except ValueError:
+                raise InputError(f"{path}: damaged MTZ header record {record.strip()!r}.") from None
+            if ncol < 0 or nref < 0 or _DATA_START + 4 * ncol * nref > offset:
+                raise InputError(f"{path}: damaged MTZ file: its header declares {nref:,} reflections of {ncol} "
+                                 f"columns, more than the {offset - _DATA_START:,} bytes of data it holds.")
+            return
+    raise InputError(f"{path}: damaged MTZ file: no NCOL record in its header.")
