@@ -393,8 +393,8 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
         saved_names = {d["index"]: d["name"] for d in json.loads(saved.read_text(encoding="utf-8"))["datasets"]}
     except (OSError, ValueError, KeyError, TypeError):
         saved_names = {}
-    statistics = _statistics([_read_mtz(f"{out}_{i}.mtz") for i in indices],
-                             [_read_mtz(f"{out}_xval_{i}.mtz") for i in indices],
+    statistics = _statistics([_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
+                             [_read_mtz(f"{out}_xval_{i}.mtz", merged=True) for i in indices],
                              [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
                              shells=shells, binning=binning, method=method)
     return statistics, [saved_names.get(i) or f"{base.name}_{i}.mtz" for i in indices]
@@ -421,16 +421,21 @@ def _observations(data, anomalous, read_options):
     return X, [Path(s).name if isinstance(s, (str, os.PathLike)) else f"file {i}" for i, s in enumerate(sources)]
 
 
-def _read_mtz(path):
-    """An MTZ file of a run, or None when it is absent."""
+def _read_mtz(path, merged=False):
+    """An MTZ file of a run, or None when it is absent; InputError for unmerged data
+    where a run writes ``merged`` data."""
     import reciprocalspaceship as rs
 
     if not Path(path).is_file():
         return None
     try:
-        return rs.read_mtz(str(path))
+        table = rs.read_mtz(str(path))
     except (RuntimeError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable MTZ file ({exc})") from exc
+    if merged and table.merged is False:
+        raise InputError(f"{path}: holds unmerged observations (an M/ISYM column); skmerge stats reads the merged "
+                         "files a run wrote under OUT")
+    return table
 
 
 def _split_seed(random_state):

@@ -265,3 +265,34 @@ def test_an_mtz_header_declaring_more_data_than_the_file_holds_is_refused(tmp_pa
     path.write_bytes(data[:start] + crafted + data[start + 80:])
     with pytest.raises(InputError, match="declares 1,000,000,000 reflections"):
         skmerge.read_unmerged(path)
+
+
+# ------------------------------------------------------------ unmerged where merged data belong
+@pytest.fixture(scope="module")
+def unmerged_mtz(tmp_path_factory):
+    import reciprocalspaceship as rs
+
+    X, _ = make_unmerged(n_images=4, random_state=0)
+    table = rs.DataSet({"H": X["Hobs"], "K": X["Kobs"], "L": X["Lobs"], "BATCH": X["BATCH"] + 1,
+                        "I": X["Iobs"].to_numpy(), "SIGI": X["SIGIobs"].to_numpy()},
+                       spacegroup=X.spacegroup, cell=X.cell, merged=False)
+    table = table.astype({"H": "HKL", "K": "HKL", "L": "HKL", "BATCH": "Batch", "I": "Intensity", "SIGI": "Stddev"})
+    path = tmp_path_factory.mktemp("unmerged") / "unmerged.mtz"
+    table.set_index(["H", "K", "L"]).hkl_to_asu().write_mtz(str(path))
+    return X, path
+
+
+def test_an_unmerged_reference_is_refused(unmerged_mtz):
+    X, path = unmerged_mtz
+    with pytest.raises(InputError, match="reference holds unmerged observations"):
+        VariationalMerger(prior=skmerge.ReferencePrior(path), **FAST).fit(X)
+
+
+def test_stats_on_an_unmerged_file_is_refused(unmerged_mtz, tmp_path, capsys):
+    import shutil
+
+    _, path = unmerged_mtz
+    shutil.copy(path, tmp_path / "run_0.mtz")
+    assert main(["stats", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "run_0.mtz: holds unmerged observations" in err and err.count("\n") == 1

@@ -316,6 +316,9 @@ def _reference_amplitudes(reference, reflections):
         except (RuntimeError, OSError, ValueError) as exc:
             raise InputError(f"{reference}: cannot read the reference MTZ ({exc}).") from exc
     data = reference.reset_index() if "H" not in reference.columns else reference
+    if getattr(reference, "merged", None) is False:
+        raise InputError("the reference holds unmerged observations; give merged amplitudes or intensities "
+                         "(e.g. a merged MTZ of a related structure).")
     types = {c: getattr(data[c].dtype, "name", "") for c in data.columns}
     f_key = next((c for c, t in types.items() if t == "SFAmplitude"), "F" if "F" in data else None)
     i_key = next((c for c, t in types.items() if t == "Intensity"), "I" if "I" in data else None)
