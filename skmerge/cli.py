@@ -49,8 +49,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 # ---------------------------------------------------------------------- arguments
 _MONO_DESCRIPTION = """\
-Merge unmerged monochromatic intensities into structure-factor amplitudes by variational
-inference. The flags careless shares with skmerge have careless's names and meanings.
+Merge unmerged monochromatic intensities into structure-factor amplitudes by variational inference.
+The flags careless shares with skmerge have careless's names and meanings.
 
 outputs (OUT is a path prefix; its directory must exist):
   OUT_<i>.mtz              merged data set i: F, SIGF, I, SIGI, N (+ Friedel columns, DANO)
@@ -102,6 +102,7 @@ def _add_mono_arguments(mono, defaults):
     data.add_argument("--intensity-key", metavar="KEY", help="intensity column (default: the first of MTZ type J)")
     data.add_argument("--uncertainty-key", metavar="KEY", help="σ column (default: the σ partner of the intensity)")
     data.add_argument("--image-key", metavar="KEY", help="image-number column (default: the first of MTZ type B)")
+    data.add_argument("--drop-invalid", action="store_true", help="drop observations with non-finite I or σ, or σ ≤ 0")
     data.add_argument("--separate-files", action="store_true", default=defaults["separate_files"],
                       help="scale all files together but merge each file separately (OUT_0, OUT_1, ...)")
 
@@ -254,10 +255,10 @@ def merger_parameters(args, keys):
 def workflow_options(args):
     """The options of :func:`skmerge.run_merge` other than the estimator's."""
     return dict(spacegroup=args.spacegroups.split(",")[0].strip() if args.spacegroups else None, cell=args.cell,
-                dmin=args.dmin,
-                isigi_cutoff=args.isigi_cutoff, intensity_key=args.intensity_key, sigma_key=args.uncertainty_key,
-                image_key=args.image_key, half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets
-                else 0, test_fraction=args.test_fraction, shells=args.shells, binning=args.binning, method=args.method)
+                dmin=args.dmin, isigi_cutoff=args.isigi_cutoff, intensity_key=args.intensity_key,
+                sigma_key=args.uncertainty_key, image_key=args.image_key, drop_invalid=args.drop_invalid or None,
+                half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets else 0,
+                test_fraction=args.test_fraction, shells=args.shells, binning=args.binning, method=args.method)
 
 
 # ------------------------------------------------------------------- validation

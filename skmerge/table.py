@@ -336,7 +336,7 @@ def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invali
         raise InputError(
             f"{name}: {int(bad.sum())} observation(s) have a non-finite {ikey} or {skey}, or "
             f"{skey} ≤ 0 (first at row {first}: {ikey}={intensity[first]}, "
-            f"{skey}={sigma[first]}). Fix the file, or pass drop_invalid=True to drop them."
+            f"{skey}={sigma[first]}). Fix the file, or pass drop_invalid=True (--drop-invalid) to drop them."
         )
     if not np.isfinite(image).all() or (image != np.round(image)).any():
         raise InputError(f"{name}: image column {bkey!r} must hold whole numbers.")

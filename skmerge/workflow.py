@@ -34,7 +34,8 @@ OPTION_CONSTRAINTS = {
     "binning": [StrOptions({"equal-count", "equal-volume"})],
     "method": [StrOptions({"pearson", "spearman"})],
 }
-_READ_OPTIONS = ("spacegroup", "cell", "dmin", "isigi_cutoff", "intensity_key", "sigma_key", "image_key")
+_READ_OPTIONS = ("spacegroup", "cell", "dmin", "isigi_cutoff", "intensity_key", "sigma_key", "image_key",
+                 "drop_invalid")
 _logger = logging.getLogger("skmerge")
 
 
@@ -137,9 +138,9 @@ class MergeResult:
         return document
 
 
-def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None, intensity_key=None,
-              sigma_key=None, image_key=None, half_datasets=0, test_fraction=0.0, shells=10,
-              binning="equal-count", method="pearson", log=None, **params):
+def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None,
+              intensity_key=None, sigma_key=None, image_key=None, drop_invalid=None, half_datasets=0, test_fraction=0.0,
+              shells=10, binning="equal-count", method="pearson", log=None, **params):
     """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
     what ``skmerge mono`` and ``skmerge poly`` do.
 
@@ -153,7 +154,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         files when given.
     merger : VariationalMerger, optional
         The estimator to fit (a clone of it is fitted). None builds one from ``params``.
-    spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key : optional
+    spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key, drop_invalid : optional
         Read options of :func:`skmerge.read_unmerged` (only with files); ``anomalous``
         is the merger's.
     half_datasets : int, default=0
@@ -206,7 +207,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     if out is not None:
         writers.check_output_prefix(out)
     read_options = {name: value for name, value in zip(_READ_OPTIONS, (
-        spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key)) if value is not None}
+        spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key, drop_invalid))
+        if value is not None}
     with _caught(DataWarning) as data_warnings:
         X, names = _observations(data, merger.anomalous, read_options)
     n_sets = len(names) if merger.separate_files else 1

@@ -268,18 +268,22 @@ def test_an_mtz_header_declaring_more_data_than_the_file_holds_is_refused(tmp_pa
 
 
 # ------------------------------------------------------------ unmerged where merged data belong
-@pytest.fixture(scope="module")
-def unmerged_mtz(tmp_path_factory):
+def write_unmerged_mtz(path, intensity=None):
+    """An unmerged MTZ of a small simulated data set (with other intensities if given)."""
     import reciprocalspaceship as rs
 
     X, _ = make_unmerged(n_images=4, random_state=0)
-    table = rs.DataSet({"H": X["Hobs"], "K": X["Kobs"], "L": X["Lobs"], "BATCH": X["BATCH"] + 1,
-                        "I": X["Iobs"].to_numpy(), "SIGI": X["SIGIobs"].to_numpy()},
-                       spacegroup=X.spacegroup, cell=X.cell, merged=False)
+    intensity = X["Iobs"].to_numpy() if intensity is None else intensity
+    table = rs.DataSet({"H": X["Hobs"], "K": X["Kobs"], "L": X["Lobs"], "BATCH": X["BATCH"] + 1, "I": intensity,
+                        "SIGI": X["SIGIobs"].to_numpy()}, spacegroup=X.spacegroup, cell=X.cell, merged=False)
     table = table.astype({"H": "HKL", "K": "HKL", "L": "HKL", "BATCH": "Batch", "I": "Intensity", "SIGI": "Stddev"})
-    path = tmp_path_factory.mktemp("unmerged") / "unmerged.mtz"
     table.set_index(["H", "K", "L"]).hkl_to_asu().write_mtz(str(path))
     return X, path
+
+
+@pytest.fixture(scope="module")
+def unmerged_mtz(tmp_path_factory):
+    return write_unmerged_mtz(tmp_path_factory.mktemp("unmerged") / "unmerged.mtz")
 
 
 def test_an_unmerged_reference_is_refused(unmerged_mtz):
@@ -296,3 +300,17 @@ def test_stats_on_an_unmerged_file_is_refused(unmerged_mtz, tmp_path, capsys):
     assert main(["stats", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "run_0.mtz: holds unmerged observations" in err and err.count("\n") == 1
+
+
+def test_invalid_observations_name_the_flag_that_drops_them(tmp_path, capsys):
+    X, _ = make_unmerged(n_images=4, random_state=0)
+    intensity = X["Iobs"].to_numpy().copy()
+    intensity[3] = np.nan
+    _, path = write_unmerged_mtz(tmp_path / "nan.mtz", intensity)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["mono", "--iterations", "20", "--mlp-layers", "2", "dHKL", str(path), str(out / "x")]
+    assert main(argv) == 2
+    assert "--drop-invalid" in capsys.readouterr().err and _listing(out) == []
+    assert main(["mono", "--drop-invalid", *argv[1:]]) == 0
+    assert "x_0.mtz" in _listing(out)
