@@ -6,13 +6,14 @@ when a model is built, so reading data and the command line's help stay fast.
 
 from importlib import import_module
 
-from .errors import DataWarning, IncompatibleVersionError, InputError, NumericalError, SkmergeError
+from .errors import DamagedFileError, DataWarning, IncompatibleVersionError, InputError, NumericalError, SkmergeError
 
 __version__ = "0.1.0"
 
 # Public names that live in modules importing TensorFlow are loaded on first use.
 _LAZY = {
     "read_unmerged": "skmerge.table",
+    "load": "skmerge._persistence",
     "merge_inverse_variance": "skmerge.baseline",
     "datasets": "skmerge.datasets",
     "VariationalMerger": "skmerge.merger",
@@ -51,6 +52,7 @@ def __dir__():
 
 
 __all__ = [
+    "DamagedFileError",
     "DataWarning",
     "IncompatibleVersionError",
     "InputError",

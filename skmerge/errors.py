@@ -33,5 +33,10 @@ class NumericalError(SkmergeError, RuntimeError):
     even after restoring the last good state and lowering the learning rate."""
 
 
+class DamagedFileError(SkmergeError, ValueError):
+    """A saved file's content is damaged: it does not load, or no longer matches the
+    checksum it was saved with."""
+
+
 class IncompatibleVersionError(SkmergeError, RuntimeError):
     """A persisted merger was written by a skmerge version this one cannot load."""

@@ -314,3 +314,40 @@ def test_invalid_observations_name_the_flag_that_drops_them(tmp_path, capsys):
     assert "--drop-invalid" in capsys.readouterr().err and _listing(out) == []
     assert main(["mono", "--drop-invalid", *argv[1:]]) == 0
     assert "x_0.mtz" in _listing(out)
+
+
+# ------------------------------------------------------------ safe loading
+def test_a_damaged_saved_merger_never_loads_as_another(fitted, tmp_path):
+    import joblib
+
+    from skmerge import DamagedFileError
+
+    X, merger = fitted
+    path = tmp_path / "merger.joblib"
+    joblib.dump(merger, path)
+    data = path.read_bytes()
+    expected = merger.predict(X)
+    rng = np.random.default_rng(0)
+    outcomes = {"refused": 0, "identical": 0}
+    for offset in rng.choice(len(data), 100, replace=False):
+        damaged = bytearray(data)
+        damaged[offset] ^= 1 + int(rng.integers(255))
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = skmerge.load(path)
+        except DamagedFileError as exc:
+            assert "merger.joblib" in str(exc)
+            outcomes["refused"] += 1
+            continue
+        np.testing.assert_array_equal(loaded.predict(X), expected)
+        outcomes["identical"] += 1
+    assert outcomes["refused"] > 50
+
+
+def test_random_bytes_are_not_a_saved_merger(tmp_path):
+    from skmerge import DamagedFileError
+
+    path = tmp_path / "noise.joblib"
+    path.write_bytes(np.random.default_rng(1).bytes(4096))
+    with pytest.raises(DamagedFileError, match="noise.joblib: cannot load a saved merger"):
+        skmerge.load(path)
