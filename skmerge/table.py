@@ -264,7 +264,7 @@ def _resolve_spacegroup(sources, spacegroup):
         listing = "; ".join(f"{sg} in {', '.join(names)}" for sg, names in found.items())
         raise InputError(
             f"the files record different space groups ({listing}). Merge files of one "
-            "space group, or pass spacegroup= to impose one."
+            "space group, or pass spacegroup= (--spacegroups) to impose one."
         )
     return gemmi.SpaceGroup(next(iter(found)))
 
@@ -298,7 +298,7 @@ def _resolve_cells(sources, cell, spacegroup):
         if not isomorphous(cells[0], c):
             raise InputError(
                 f"{name}: cell {_fmt_cell(c)} is not isomorphous with {names[0]} "
-                f"({_fmt_cell(cells[0])}). Merge isomorphous data only, or pass cell= to "
+                f"({_fmt_cell(cells[0])}). Merge isomorphous data only, or pass cell= (--cell) to "
                 "impose one cell on all files."
             )
     return cells

@@ -72,7 +72,7 @@ def read_crystfel(path, spacegroup=None):
     if spacegroup is None:
         raise InputError(
             f"{path}: CrystFEL streams do not record the space group; pass it as "
-            "spacegroup= (e.g. spacegroup=\"P 43 21 2\")."
+            "spacegroup= (e.g. spacegroup=\"P 43 21 2\"; on the command line --spacegroups)."
         )
     group = spacegroup
     if not isinstance(group, gemmi.SpaceGroup):

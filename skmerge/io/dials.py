@@ -173,7 +173,7 @@ def _read_expt(path, refl_path):
     except FileNotFoundError as exc:
         raise InputError(
             f"{path}: no such file; {refl_path.name} needs the experiment list written "
-            "with it (pass expt_path=)."
+            "with it, beside it under the same name (or pass expt_path= to read_dials)."
         ) from exc
     except (OSError, ValueError) as exc:  # JSON and Unicode errors are ValueErrors
         message = f"{path}: not a DIALS experiment list (JSON .expt): {exc}"
