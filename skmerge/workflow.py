@@ -246,7 +246,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            " (the maximum; not converged — raise --iterations)")
            + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
               if error_model else ""))
-    predictions = writers.predictions_table(X, *_predict(merger, X), test=test)
+    predictions = writers.predictions_table(X, *merger.predict(X, return_std=True, return_scale=True), test=test)
     if error_model is None:
         warn(sigma_scatter_warning(predictions))
     halves = None
@@ -268,11 +268,6 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
-
-
-def _predict(merger, X):
-    """Predicted intensity, its σ, the scale and its σ of every observation of X."""
-    return merger.predict(X, return_std=True, return_scale=True)
 
 
 def _fitted_error_model(merger):

@@ -100,9 +100,10 @@ def output_set(prefix):
     try:
         yield staging / prefix.name
         new = sorted(staging.iterdir())
+        names = {path.name for path in new}
         with signals_held():
             for path in run_outputs(prefix):
-                if path.name not in {p.name for p in new}:
+                if path.name not in names:
                     os.remove(path)
             for path in new:
                 os.replace(path, prefix.parent / path.name)

@@ -131,11 +131,12 @@ def make_prior(prior):
 
 
 class _PerReflection(tfd.Distribution):
-    """A distribution of scalar amplitudes with one batch member per reflection, the
-    entries of ``per_reflection``."""
+    """Scalar amplitudes with one batch member per reflection, each following ``chosen``
+    where ``mask`` is true and ``other`` elsewhere (two distributions over all
+    reflections); samples of ``chosen`` pass through ``_fold``."""
 
-    def __init__(self, per_reflection, parameters, name):
-        self._per_reflection = per_reflection
+    def __init__(self, mask, chosen, other, parameters, name):
+        self._mask, self._chosen, self._other = mask, chosen, other
         super().__init__(
             dtype=tf.float32,
             reparameterization_type=tfd.FULLY_REPARAMETERIZED,
@@ -145,11 +146,25 @@ class _PerReflection(tfd.Distribution):
             name=name,
         )
 
+    def _select(self, chosen, other):
+        return tf.where(self._mask, chosen, other)
+
+    def _fold(self, samples):
+        return samples
+
+    def _log_prob(self, f):
+        return self._select(self._chosen.log_prob(f), self._other.log_prob(f))
+
+    def _sample_n(self, n, seed=None):
+        chosen_seed, other_seed = tfp.random.split_seed(seed, n=2)
+        chosen = self._fold(self._chosen.sample(n, seed=chosen_seed))
+        return self._select(chosen, self._other.sample(n, seed=other_seed))
+
     def _batch_shape(self):
-        return self._per_reflection.shape[:1]
+        return self._mask.shape[:1]
 
     def _batch_shape_tensor(self):
-        return tf.shape(self._per_reflection)[:1]
+        return tf.shape(self._mask)[:1]
 
     def _event_shape(self):
         return tf.TensorShape([])
@@ -181,25 +196,14 @@ class WilsonDistribution(_PerReflection):
             self.centric = tf.convert_to_tensor(centric, tf.bool)
             self.mean_square = tf.cast(mean_square, tf.float32)
             root = tf.sqrt(self.mean_square)
-            self._acentric = tfd.Weibull(concentration=2.0, scale=root)
-            self._centric = tfd.HalfNormal(scale=root)
-            super().__init__(self.mean_square, parameters, name)
-
-    def _select(self, centric, acentric):
-        return tf.where(self.centric, centric, acentric)
-
-    def _log_prob(self, f):
-        return self._select(self._centric.log_prob(f), self._acentric.log_prob(f))
-
-    def _sample_n(self, n, seed=None):
-        centric_seed, acentric_seed = tfp.random.split_seed(seed, n=2)
-        return self._select(self._centric.sample(n, seed=centric_seed), self._acentric.sample(n, seed=acentric_seed))
+            super().__init__(self.centric, tfd.HalfNormal(scale=root), tfd.Weibull(concentration=2.0, scale=root),
+                             parameters, name)
 
     def _mean(self):
-        return self._select(self._centric.mean(), self._acentric.mean())
+        return self._select(self._chosen.mean(), self._other.mean())
 
     def _variance(self):
-        return self._select(self._centric.variance(), self._acentric.variance())
+        return self._select(self._chosen.variance(), self._other.variance())
 
     def raw_moments(self):
         """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
@@ -258,19 +262,15 @@ class ReferenceDistribution(_PerReflection):
             self.scale = tf.cast(scale, tf.float32)
             self.kind = kind
             self.wilson = wilson
-            self._reference = kind.distribution(self.loc, self.scale)
-            super().__init__(self.loc, parameters, name)
+            super().__init__(self.found, kind.distribution(self.loc, self.scale), wilson, parameters, name)
 
-    def _select(self, reference, wilson):
-        return tf.where(self.found, reference, wilson)
+    @property
+    def _reference(self):
+        """The law around F_ref."""
+        return self._chosen
 
-    def _log_prob(self, f):
-        return self._select(self._reference.log_prob(f), self.wilson.log_prob(f))
-
-    def _sample_n(self, n, seed=None):
-        reference_seed, wilson_seed = tfp.random.split_seed(seed, n=2)
-        folded = tf.abs(self._reference.sample(n, seed=reference_seed))
-        return self._select(folded, self.wilson.sample(n, seed=wilson_seed))
+    def _fold(self, samples):
+        return tf.abs(samples)  # amplitudes are positive
 
     def raw_moments(self):
         """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
