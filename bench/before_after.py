@@ -66,12 +66,16 @@ def _run(command, directory, checkout, args):
 
 
 def quality(case, label, checkout, args):
-    directory = OUT / (label if args.seed == compare_careless.SEED else f"{label}_seed{args.seed}") / case.name
+    tag = "" if not args.tag or label != "after" else f"_{args.tag}"
+    directory = OUT / ((label if args.seed == compare_careless.SEED else f"{label}_seed{args.seed}") + tag) / case.name
     prefix = directory / case.name
     command = [sys.executable, "-P", "-m", "skmerge", case.mode, "--disable-progress-bar", "--merge-half-datasets",
                *case.shared_flags(seed=False), "--seed", str(args.seed)]
     if case.anomalous:
         command.append("--anomalous")
+    if label == "after" and args.flags:
+        command += [flag.replace("{n-1}", ",".join(["None"] + ["0"] * (len(case.files) - 1)))
+                    for flag in args.flags.split()]
     command += [case.keys, *map(str, case.files), str(prefix)]
     result = _run(command, directory, checkout, args)
     n_sets = len(case.files) if case.separate_files else 1
@@ -99,6 +103,14 @@ def seconds_per_step(case, label, checkout, args):
     return (times[1] - times[0]) / (n2 - n1)
 
 
+def _cc_diff(command):
+    """Overall CCdiff1/2 of every child file of a separate-files run (its stats JSON)."""
+    prefix = command[-1]
+    document = json.loads(Path(f"{prefix}_stats.json").read_text())
+    overall = [next(row for row in d["shells"] if row["shell"] == "overall") for d in document["datasets"][1:]]
+    return [row.get("cc_diff", float("nan")) for row in overall]
+
+
 def _f_agreement(before_paths, after_paths):
     import reciprocalspaceship as rs
 
@@ -122,6 +134,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=compare_careless.SEED,
                         help="seed of the quality runs; other seeds measure the run-to-run spread")
     parser.add_argument("--side", choices=["before", "after"], help="run one checkout only (no comparison)")
+    parser.add_argument("--flags", default="", help="extra flags of the 'after' quality runs (a variant of the "
+                        "defaults); '{n-1}' becomes None,0,… over the data set's files")
+    parser.add_argument("--tag", default="", help="name of the variant (folder suffix of the 'after' runs)")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--max-wait", type=float, default=1800.0)
     args = parser.parse_args(argv)
@@ -135,6 +150,8 @@ def main(argv=None):
         if args.only != "timing":
             runs = {label: quality(case, label, path, args) for label, path in checkouts.items()}
             for label, run in runs.items():
+                if case.separate_files and len(run["cc"]) > 1:
+                    row[f"CCdiff {label}"] = " / ".join(f"{c:.3f}" for c in _cc_diff(run["command"]))
                 row[f"CC1/2 {label}"] = " / ".join(f"{c['cc_half']:.3f}" for c in run["cc"])
                 if case.anomalous:
                     row[f"CCanom {label}"] = " / ".join(f"{c['cc_anom']:.3f}" for c in run["cc"])

@@ -19,6 +19,7 @@ _LAZY = {
     "VariationalMerger": "skmerge.merger",
     "WilsonPrior": "skmerge.model.priors",
     "ReferencePrior": "skmerge.model.priors",
+    "DoubleWilsonPrior": "skmerge.model.double_wilson",
     "NormalLikelihood": "skmerge.model.likelihoods",
     "LaplaceLikelihood": "skmerge.model.likelihoods",
     "StudentTLikelihood": "skmerge.model.likelihoods",

@@ -119,6 +119,14 @@ def _add_mono_arguments(mono, defaults):
                        help="prior centred on the amplitudes of this merged MTZ (Wilson where it has none)")
     model.add_argument("--reference-prior", choices=("normal", "laplace", "studentt"),
                        help="shape of the reference prior (default: normal); needs --reference-mtz")
+    model.add_argument("--double-wilson-parents", metavar="PARENTS", help="per file, the file its amplitudes are "
+                       "tied to by a bivariate (double-Wilson) prior, or None for roots, e.g. None,0 (needs "
+                       "--separate-files)")
+    model.add_argument("--double-wilson-r", metavar="R", help="per file, the prior correlation with its parent, "
+                       "e.g. 0,0.95 (fixed unless --optimize-double-wilson-r; default: learned from 0.9)")
+    model.add_argument("--optimize-double-wilson-r", action="store_true", help="learn the correlations")
+    model.add_argument("--double-wilson-reindexing-ops", metavar="OPS", help="per file, the operator from its "
+                       "indices to its parent's, separated by ';', e.g. 'x,y,z;-x,-y,z'")
     model.add_argument("--mlp-layers", type=int, metavar="N", default=defaults["mlp_layers"],
                        help="layers of the scale network (default: %(default)s)")
     model.add_argument("--mlp-width", type=int, metavar="N", default=defaults["mlp_width"],
@@ -249,7 +257,35 @@ def merger_parameters(args, keys):
         from .model.priors import ReferencePrior
 
         params["prior"] = ReferencePrior(args.reference_mtz, args.reference_prior or "normal")
+    if _double_wilson_flags(args):
+        params["prior"] = _double_wilson_prior(args)
     return params
+
+
+def _double_wilson_flags(args):
+    names = ("double_wilson_parents", "double_wilson_r", "double_wilson_reindexing_ops")
+    return [args.flag_of[n] for n in names if getattr(args, n) is not None] + (
+        ["--optimize-double-wilson-r"] if args.optimize_double_wilson_r else [])
+
+
+def _double_wilson_prior(args):
+    """careless's double-Wilson flags as a DoubleWilsonPrior."""
+    from .model.double_wilson import DoubleWilsonPrior
+
+    def listed(dest, convert):
+        text = getattr(args, dest)
+        if text is None:
+            return None
+        try:
+            return [convert(v.strip()) for v in text.split(";" if dest.endswith("ops") else ",")]
+        except ValueError:
+            raise UsageError(f"{args.flag_of[dest]} {text}: give one value per file, separated by "
+                             f"'{';' if dest.endswith('ops') else ','}'") from None
+
+    r = listed("double_wilson_r", float)
+    return DoubleWilsonPrior(parents=listed("double_wilson_parents", lambda v: None if v.lower() == "none" else int(v)),
+                             r=0.9 if r is None else r, learn_r=r is None or args.optimize_double_wilson_r,
+                             reindexing_ops=listed("double_wilson_reindexing_ops", str))
 
 
 def workflow_options(args):
@@ -274,6 +310,10 @@ def check_mono_arguments(args):
         raise UsageError(f"--reference-mtz {args.reference_mtz}: no such file")
     if args.reference_prior is not None and args.reference_mtz is None:
         raise UsageError("--reference-prior needs --reference-mtz FILE")
+    if args.reference_mtz is not None and _double_wilson_flags(args):
+        raise UsageError(f"{_double_wilson_flags(args)[0]} conflicts with --reference-mtz: choose one prior")
+    if args.double_wilson_parents is not None and not args.separate_files:
+        raise UsageError("--double-wilson-parents ties files together; merge them with --separate-files")
     if args.dof is not None and args.likelihood not in (None, "studentt"):
         raise UsageError(f"--studentt-likelihood-dof conflicts with --likelihood {args.likelihood}")
     if args.half_dataset_repeats is not None and not args.merge_half_datasets:

@@ -41,6 +41,9 @@ def make_unmerged(
     wavelength_range=(0.9, 1.9),
     resolve_harmonics=False,
     outlier_fraction=0.0,
+    time_points=1,
+    changed_fraction=0.1,
+    change=0.3,
     random_state=None,
 ):
     """Simulate an unmerged data set and return it with the truth behind it.
@@ -91,6 +94,14 @@ def make_unmerged(
         its own: the same crystal and images without harmonic overlap.
     outlier_fraction : float, default=0.0
         Fraction of observations replaced by gross outliers.
+    time_points : int, default=1
+        Repeat the experiment on this many states of the crystal (a time-resolved
+        series, one file each: ``file_id`` 0, 1, …), each pass in a new orientation.
+        Every later state differs from the first in ``changed_fraction`` of its
+        reflections, whose amplitudes change by a relative amount drawn from
+        Normal(0, ``change``).
+    changed_fraction : float, default=0.1
+    change : float, default=0.3
     random_state : int, RandomState instance or None
         Makes the simulation repeatable.
 
@@ -105,7 +116,9 @@ def make_unmerged(
         (every harmonic in Laue mode), with F, I (= F²), CENTRIC, EPSILON, dHKL and, when anomalous, F(+), F(-), DANO.
         ``scale``: the true scale of each row of X (of its reported harmonic in Laue mode).
         ``Itrue``: the noise-free intensity of each row. ``outlier``: which rows are gross
-        outliers. In Laue mode also ``harmonics``: one row per harmonic of every spot
+        outliers. With several ``time_points``, ``merged`` holds every state's
+        reflections with a ``file_id`` column and DF = F − F of the first state. In Laue
+        mode also ``harmonics``: one row per harmonic of every spot
         (``spot``, ASU H, K, L, n, Wavelength, scale, I).
 
     Examples
@@ -123,8 +136,52 @@ def make_unmerged(
     if not 0.0 <= outlier_fraction < 1.0:
         raise InputError(f"outlier_fraction={outlier_fraction} must lie in [0, 1).")
 
+    if int(time_points) < 1 or not 0.0 <= changed_fraction <= 1.0:
+        raise InputError(f"time_points={time_points} must be ≥ 1 and changed_fraction={changed_fraction} in [0, 1].")
+
     sphere = _reflections_in_sphere(uc, sg, dmin)
     amplitudes = _wilson_amplitudes(sphere, sg, uc, wilson_b, anomalous_signal if anomalous else 0.0, rng)
+    passes = []
+    for time_point in range(int(time_points)):
+        if time_point:
+            amplitudes = _changed(passes[0]["amplitudes"], changed_fraction, change, rng)
+        passes.append(_experiment(amplitudes, sphere, sg, uc, rng, n_images=n_images, dmin=dmin,
+                                  oscillation=oscillation, wavelength=wavelength, mean_intensity=mean_intensity,
+                                  anomalous=anomalous, laue=laue, wavelength_range=wavelength_range,
+                                  resolve_harmonics=resolve_harmonics, outlier_fraction=outlier_fraction))
+    X = read_unmerged([p["raw"] for p in passes], anomalous=anomalous)
+    if len(X) != sum(len(p["raw"]) for p in passes):
+        raise AssertionError("the simulator produced observations the table builder dropped")
+
+    truth = Bunch(**{key: np.concatenate([p[key] for p in passes]) for key in ("scale", "Itrue", "outlier")})
+    tables = []
+    for time_point, p in enumerate(passes):
+        observed = p["harmonics"]["hkl"] if laue else p["raw"][["H", "K", "L"]].to_numpy(np.int32)
+        table = _truth_table(p["amplitudes"], observed, sg, uc, anomalous)
+        if time_points > 1:
+            table["file_id"] = np.int32(time_point)
+            table["DF"] = table["F"].to_numpy() - _truth_table(passes[0]["amplitudes"], observed, sg, uc,
+                                                               anomalous)["F"].to_numpy()
+        tables.append(table)
+    truth.merged = tables[0] if time_points == 1 else rs.concat(tables).infer_mtz_dtypes()
+    if laue:
+        truth.harmonics = pd.concat([p["harmonics_table"] for p in passes], ignore_index=True)
+    return X, truth
+
+
+def _changed(amplitudes, fraction, change, rng):
+    """The amplitudes of a later time point: ``fraction`` of the reflections changed by
+    a relative amount drawn from Normal(0, ``change``) (at most −90 %), both Friedel
+    halves alike."""
+    changed = rng.random_sample(len(amplitudes["hkl"])) < fraction
+    factor = np.where(changed, 1.0 + np.maximum(change * rng.standard_normal(len(changed)), -0.9), 1.0)
+    return {**amplitudes, "plus": amplitudes["plus"] * factor, "minus": amplitudes["minus"] * factor}
+
+
+def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
+                anomalous, laue, wavelength_range, resolve_harmonics, outlier_fraction):
+    """One pass of the experiment on a crystal with ``amplitudes``: the raw observations
+    (an unmerged ``rs.DataSet``) and their truth."""
     orientation = Rotation.random(random_state=rng).as_matrix()
     reciprocal = sphere @ np.array(uc.frac.mat) @ orientation.T
     if laue:
@@ -190,21 +247,11 @@ def make_unmerged(
         cell=uc,
         merged=False,
     ).infer_mtz_dtypes()
-    X = read_unmerged(raw, anomalous=anomalous)
-    if len(X) != len(raw):
-        raise AssertionError("the simulator produced observations the table builder dropped")
-
-    truth = Bunch(
-        merged=_truth_table(
-            amplitudes, harmonics["hkl"] if laue else X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32), sg, uc, anomalous
-        ),
-        scale=scale,
-        Itrue=i_true,
-        outlier=outlier,
-    )
+    result = {"raw": raw, "amplitudes": amplitudes, "harmonics": harmonics, "scale": scale, "Itrue": i_true,
+              "outlier": outlier}
     if laue:
         asu, _ = map_to_asu(harmonics["hkl"], sg, anomalous)
-        truth.harmonics = pd.DataFrame(
+        result["harmonics_table"] = pd.DataFrame(
             {
                 "spot": harmonics["spot"],
                 "H": asu[:, 0],
@@ -216,7 +263,7 @@ def make_unmerged(
                 "I": h_scale * f2,
             }
         )
-    return X, truth
+    return result
 
 
 def _reflections_in_sphere(cell, spacegroup, dmin):

@@ -182,6 +182,7 @@ _DISPLAY = {
     "mean_isigi": ("<I/sI>", 7, "{:.1f}"),
     "cc_half": ("CC1/2", 7, "{:.3f}"),
     "cc_anom": ("CCanom", 7, "{:.3f}"),
+    "cc_diff": ("CCdiff", 7, "{:.3f}"),
     "cc_pred": ("CCpred", 7, "{:.3f}"),
 }
 
@@ -310,8 +311,8 @@ class MergingStatistics:
                    data["n_test"], list(data.get("notes", [])))
 
 
-def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binning="equal-count",
-                       method="pearson"):
+def merging_statistics(merged, halves=None, predictions=None, *, parent_halves=None, shells=10,
+                       binning="equal-count", method="pearson"):
     """Merging statistics per resolution shell, with an overall line.
 
     Parameters
@@ -327,6 +328,9 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
         One row per observation with Iobs, SIGIobs, Ipred and a ``test`` flag (1 for
         observations held out of the fit), and dHKL or an H, K, L index with the cell:
         enables CCpred when some observations are held out.
+    parent_halves : rs.DataSet, optional
+        The half-dataset merges of the data set's parent (another file of the same
+        separate-files fit, e.g. the dark state of a time point): enables CCdiff.
     shells : int or sequence of float, default=10
         Number of shells, or their boundaries in Å from low to high resolution
         (reflections outside are left out).
@@ -366,6 +370,9 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
       half-dataset repeat over reflections merged in both, averaged over repeats.
     - **cc_anom**: the same for DANO = F(+) − F(−) (acentric reflections with both
       mates in both halves).
+    - **cc_diff**: the same for DF = F − F_parent, the difference from the parent data
+      set (CCdiff1/2: how well the halves agree on a time-resolved or isomorphous
+      difference).
     - **cc_pred**: the correlation of Iobs with Ipred over the held-out (test)
       observations; with ``method="pearson"`` each observation is weighted by
       1/SIGIobs² (careless's ``ccpred`` convention), with "spearman" unweighted.
@@ -467,6 +474,9 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
         if "DANO" in halves.columns:
             anomalous = True
             rows["cc_anom"] = half_correlations(halves, "DANO", bins, method).mean()
+        if parent_halves is not None:
+            parent_halves, _ = standardise_columns(parent_halves, "parent half-dataset")
+            rows["cc_diff"] = half_correlations(difference_halves(halves, parent_halves), "DF", bins, method).mean()
 
     n_test = 0
     if predictions is not None:
@@ -479,6 +489,40 @@ def merging_statistics(merged, halves=None, predictions=None, *, shells=10, binn
     table = pd.DataFrame(rows, index=[*range(1, n + 1), "overall"])
     table.index.name = "shell"
     return MergingStatistics(table, binning, method, bool(anomalous), n_repeats, n_test, notes)
+
+
+def difference_halves(halves, parent_halves):
+    """Half-dataset merges of the difference DF = F − F_parent between a data set and
+    its parent (e.g. a time point and the dark state), per repeat and half: the input of
+    CCdiff1/2. Both tables come from the same half-dataset merges (one split of the
+    images serves every file), so half h of one repeat pairs with half h of the other.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import reciprocalspaceship as rs
+    >>> from skmerge.stats import difference_halves
+    >>> def halves(f):
+    ...     return rs.DataSet({"H": [1, 1, 2, 2], "K": 0, "L": 0, "F": f, "repeat": 0, "half": [0, 1, 0, 1]},
+    ...                       cell=gemmi.UnitCell(10, 10, 10, 90, 90, 90)).set_index(["H", "K", "L"])
+    >>> difference_halves(halves([5.0, 6, 2, 3]), halves([4.0, 4, 2, 2]))["DF"].tolist()
+    [1.0, 2.0, 0.0, 1.0]
+    """
+    keys = ["H", "K", "L", "repeat", "half"]
+    # Plain frames: the halves may lack a space group, which rs.DataSet.merge demands.
+    child, parent = (pd.DataFrame(t.reset_index()) for t in (halves, parent_halves))
+    for table, what in ((child, "half-dataset"), (parent, "parent half-dataset")):
+        missing = [c for c in keys + ["F"] if c not in table.columns]
+        if missing:
+            raise InputError(f"the {what} table has no {', '.join(missing)} column(s); CCdiff needs F per half.")
+    parent = parent[keys + ["F"] + (["N"] if "N" in parent.columns else [])]
+    both = child.merge(parent, on=keys, suffixes=("", "_parent"))
+    if "N_parent" in both.columns:
+        both["N"] = np.minimum(both["N"], both["N_parent"]) if "N" in both.columns else both["N_parent"]
+    both["DF"] = both["F"].to_numpy(np.float64) - both["F_parent"].to_numpy(np.float64)
+    table = rs.DataSet(both[keys + ["DF"] + (["N"] if "N" in both.columns else [])], cell=halves.cell,
+                       spacegroup=halves.spacegroup, merged=True)
+    return table.set_index(["H", "K", "L"])
 
 
 def standardise_columns(table, what="table"):

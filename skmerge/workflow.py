@@ -135,6 +135,11 @@ class MergeResult:
         }
         if self.error_model is not None:
             document["error_model"] = self.error_model
+        if len(self.statistics) > 1:
+            document["parents"] = parent_files(self.merger, len(self.statistics))
+        prior_r = getattr(self.merger, "prior_r_", None)
+        if prior_r is not None:
+            document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]
         return document
 
 
@@ -246,6 +251,10 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            " (the maximum; not converged — raise --iterations)")
            + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
               if error_model else ""))
+    if getattr(merger, "prior_r_", None) is not None:
+        report("info", "double-Wilson prior: r " + "; ".join(
+            f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(merger.prior_r_)
+            if np.isfinite(row).any()) + (" (learned)" if merger.prior.learn_r else " (fixed)"))
     predictions = writers.predictions_table(X, *merger.predict(X, return_std=True, return_scale=True), test=test)
     if error_model is None:
         warn(sigma_scatter_warning(predictions))
@@ -261,8 +270,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
                  "before converging, so CC1/2 and CCanom describe unconverged merges: raise --iterations")
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
-    statistics = _statistics(merged, halves or [None] * n_sets, predictions, shells=shells, binning=binning,
-                             method=method)
+    statistics = _statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
+                             shells=shells, binning=binning, method=method)
     result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings)
     if out is not None:
         result.paths = result.write(out)
@@ -387,20 +396,35 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{saved}: not a skmerge statistics file ({exc})") from exc
     try:
-        saved_names = {d["index"]: d["name"] for d in json.loads(saved.read_text(encoding="utf-8"))["datasets"]}
+        document = json.loads(saved.read_text(encoding="utf-8"))
+        saved_names = {d["index"]: d["name"] for d in document["datasets"]}
+        saved_parents = document.get("parents")
     except (OSError, ValueError, KeyError, TypeError):
-        saved_names = {}
+        saved_names, saved_parents = {}, None
     statistics = _statistics([_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
                              [_read_mtz(f"{out}_xval_{i}.mtz", merged=True) for i in indices],
                              [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
-                             shells=shells, binning=binning, method=method)
+                             saved_parents or parent_files(None, len(indices)), shells=shells, binning=binning,
+                             method=method)
     return statistics, [saved_names.get(i) or f"{base.name}_{i}.mtz" for i in indices]
 
 
-def _statistics(merged, halves, predictions, **options):
+def _statistics(merged, halves, predictions, parents, **options):
     from .stats import merging_statistics
 
-    return [merging_statistics(m, h, p, **options) for m, h, p in zip(merged, halves, predictions)]
+    return [merging_statistics(m, h, p, parent_halves=None if parent is None or h is None else halves[parent],
+                               **options)
+            for m, h, p, parent in zip(merged, halves, predictions, parents)]
+
+
+def parent_files(merger, n_sets):
+    """The data set each of ``n_sets`` separately merged files is compared with by
+    CCdiff: its double-Wilson parent, else the first file (None for the first)."""
+    parents = getattr(merger.prior, "parents", None) if merger is not None else None
+    if parents is None:
+        return [None] + [0] * (n_sets - 1)
+    return [p if p is not None and p < n_sets else None for p in list(parents)[:n_sets]] + [None] * (
+        n_sets - len(parents))
 
 
 def _observations(data, anomalous, read_options):

@@ -78,6 +78,8 @@ def merging_model(params, state, posterior, network, weights=None):
         fitted = weights.error_model if weights is not None else None
         error_model = error_model.build(*(fitted if fitted is not None else ()))
     prior = prior_of(params).build(state.reflections)
+    if weights is not None and weights.prior is not None and hasattr(prior, "set_weights"):
+        prior.set_weights(weights.prior)
     return MergingModel(posterior, prior, make_likelihood(params.likelihood), network, params.mc_samples,
                         error_model)
 

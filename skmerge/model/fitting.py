@@ -14,7 +14,7 @@ from .fitted import Weights
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
 
 
 @dataclass
@@ -39,6 +39,8 @@ class Training:
                           loss_curve_=self.loss_curve, n_iter_=len(self.loss_curve), converged_=bool(self.converged))
         if weights.error_model is not None:
             attributes["sdfac_"], attributes["sdadd_"] = (float(v) for v in weights.error_model)
+        if weights.prior is not None:
+            attributes["prior_r_"] = weights.prior
         if self.validation_scores is not None:
             attributes["validation_scores_"] = self.validation_scores
             attributes["best_validation_score_"] = float(np.max(self.validation_scores))
@@ -88,7 +90,8 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     model, data, state = build_model(params, observations, rng, previous, harmonics)
     variables = []
     if params.freeze != "posterior":
-        variables += list(model.posterior.trainable_variables)
+        # The prior's learned parameters (a double-Wilson r) belong with the amplitudes.
+        variables += list(model.posterior.trainable_variables) + list(model.prior.trainable_variables)
     if params.freeze != "scales":
         variables += list(model.scale_network.trainable_variables)
         if model.error_model is not None:

@@ -50,11 +50,17 @@ class WilsonPrior(BaseEstimator):
         -------
         WilsonDistribution
         """
-        sigma = reflections.mean_intensity
-        if self.b_factor is not None:
-            falloff = np.exp(-float(self.b_factor) / (2 * reflections.dhkl.astype(np.float64) ** 2))
-            sigma = falloff * sigma.mean() / falloff.mean()
-        return WilsonDistribution(reflections.centric, reflections.epsilon * sigma)
+        return WilsonDistribution(reflections.centric, wilson_mean_square(reflections, self.b_factor))
+
+
+def wilson_mean_square(reflections, b_factor=None):
+    """εΣ of every reflection: Σ the data's mean I/ε at its resolution, or with
+    ``b_factor`` a fall-off exp(−B/(2d²)) normalised to the data's mean."""
+    sigma = reflections.mean_intensity
+    if b_factor is not None:
+        falloff = np.exp(-float(b_factor) / (2 * reflections.dhkl.astype(np.float64) ** 2))
+        sigma = falloff * sigma.mean() / falloff.mean()
+    return reflections.epsilon * sigma
 
 
 class ReferencePrior(BaseEstimator):
