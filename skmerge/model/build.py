@@ -80,8 +80,8 @@ def merging_model(params, state, posterior, network, weights=None):
     prior = prior_of(params).build(state.reflections)
     if weights is not None and weights.prior is not None and hasattr(prior, "set_weights"):
         prior.set_weights(weights.prior)
-    return MergingModel(posterior, prior, make_likelihood(params.likelihood), network, params.mc_samples,
-                        error_model)
+    likelihood = make_likelihood(params.likelihood).build(weights.likelihood if weights is not None else None)
+    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model)
 
 
 def restore_model(params, state, weights):

@@ -152,21 +152,24 @@ class Weights:
     """(SdFac, SdAdd) when the model has an error model."""
     prior: np.ndarray = None
     """The learned parameters of the prior (a double-Wilson prior's r), if it has any."""
+    likelihood: np.ndarray = None
+    """The learned parameters of the likelihood (a Student-t's ν), if it has any."""
 
     @classmethod
     def from_attributes(cls, estimator):
         """The weights held by a fitted estimator's attributes."""
         sdfac = getattr(estimator, "sdfac_", None)
         error_model = None if sdfac is None else np.array([sdfac, estimator.sdadd_])
+        dof = getattr(estimator, "likelihood_dof_", None)
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
-                   getattr(estimator, "prior_r_", None))
+                   getattr(estimator, "prior_r_", None), None if dof is None else np.array([dof]))
 
     @classmethod
     def of(cls, model):
         """The weights of a trained :class:`~skmerge.model.training.MergingModel`."""
         error_model = model.error_model.get_weights() if model.error_model is not None else None
-        prior = model.prior.get_weights() if hasattr(model.prior, "get_weights") else None
-        return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior)
+        prior, likelihood = (getattr(piece, "get_weights", lambda: None)() for piece in (model.prior, model.likelihood))
+        return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood)
 
 
 def prior_of(params):

@@ -14,7 +14,7 @@ from .fitted import Weights
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "likelihood_dof_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Training:
             attributes["sdfac_"], attributes["sdadd_"] = (float(v) for v in weights.error_model)
         if weights.prior is not None:
             attributes["prior_r_"] = weights.prior
+        if weights.likelihood is not None:
+            attributes["likelihood_dof_"] = float(weights.likelihood[0])
         if self.validation_scores is not None:
             attributes["validation_scores_"] = self.validation_scores
             attributes["best_validation_score_"] = float(np.max(self.validation_scores))
@@ -85,6 +87,7 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
     ``stop=False``, for exactly ``max_iter`` steps."""
+    from .._tf import tf
     from .training import ImageBatches, Trainer
 
     model, data, state = build_model(params, observations, rng, previous, harmonics)
@@ -94,8 +97,10 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
         variables += list(model.posterior.trainable_variables) + list(model.prior.trainable_variables)
     if params.freeze != "scales":
         variables += list(model.scale_network.trainable_variables)
-        if model.error_model is not None:
-            variables += list(model.error_model.trainable_variables)
+        # The noise model's parameters (error model, Student-t ν) train with the scales.
+        for noise in (model.error_model, model.likelihood):
+            if isinstance(noise, tf.Module):
+                variables += list(noise.trainable_variables)
     else:
         data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
     if params.batch_size is not None and params.batch_size < len(state.image_ids):

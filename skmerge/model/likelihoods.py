@@ -12,13 +12,19 @@ from numbers import Real
 from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval
 
-from .._tf import tfd
+import numpy as np
+
+from .._tf import tf, tfb, tfd, tfp
 
 
 class _Likelihood(BaseEstimator):
     def log_prob(self, intensity, predicted, sigma):
         """log p(intensity | predicted, sigma), elementwise."""
         return self.distribution(predicted, sigma).log_prob(intensity)
+
+    def build(self, fitted=None):
+        """The likelihood a model uses: this object itself, which learns nothing."""
+        return self
 
 
 class NormalLikelihood(_Likelihood):
@@ -40,20 +46,58 @@ class LaplaceLikelihood(_Likelihood):
 class StudentTLikelihood(_Likelihood):
     """I ~ StudentT(dof, Ipred, σ): heavy tails make the fit robust to outliers.
 
+    How heavy the tails should be depends on the data: gross outliers (zingers, ice
+    rings, overlaps) want few degrees of freedom, clean data many. With ``learn_dof``
+    the model learns ν with the rest of the ELBO, starting from ``dof``; the fitted
+    value is the merger's ``likelihood_dof_``.
+
     Parameters
     ----------
     dof : float, default=16.0
-        Degrees of freedom ν; large ν approaches the normal likelihood.
+        Degrees of freedom ν (the starting value when learned); large ν approaches the
+        normal likelihood.
+    learn_dof : bool, default=False
+        Learn ν.
     """
 
-    _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")]}
+    _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")], "learn_dof": ["boolean"]}
 
-    def __init__(self, dof=16.0):
+    def __init__(self, dof=16.0, learn_dof=False):
         self.dof = dof
+        self.learn_dof = learn_dof
 
     def distribution(self, predicted, sigma):
         """``tfd.StudentT(dof, predicted, sigma)``."""
         return tfd.StudentT(float(self.dof), predicted, sigma)
+
+    def build(self, fitted=None):
+        """The likelihood a model uses: this object, or with ``learn_dof`` a
+        :class:`LearnedStudentT` started at ``dof`` (or at a ``fitted`` ν)."""
+        if not self.learn_dof:
+            return self
+        return LearnedStudentT(float(self.dof) if fitted is None else float(np.ravel(fitted)[0]))
+
+
+class LearnedStudentT(tf.Module):
+    """The TensorFlow side of ``StudentTLikelihood(learn_dof=True)``: ν a variable, kept
+    positive by an exponential bijector on its logarithm (a step of Adam then changes ν
+    by a constant factor, so ν moves from 16 to 4 or to 64 in a few hundred steps)."""
+
+    def __init__(self, dof, name="student_t"):
+        super().__init__(name=name)
+        self.log_dof = tf.Variable(np.log(dof), dtype=tf.float32, name="log_dof")
+        self.dof = tfp.util.DeferredTensor(self.log_dof, tfb.Exp())
+
+    def distribution(self, predicted, sigma):
+        """``tfd.StudentT(ν, predicted, sigma)`` at the current ν."""
+        return tfd.StudentT(tf.convert_to_tensor(self.dof), predicted, sigma)
+
+    def log_prob(self, intensity, predicted, sigma):
+        return self.distribution(predicted, sigma).log_prob(intensity)
+
+    def get_weights(self):
+        """np.array([ν])."""
+        return np.exp([self.log_dof.numpy()]).astype(np.float64)
 
 
 LIKELIHOODS = {
