@@ -165,8 +165,8 @@ class _Encoder:
         attributes; it is rebuilt by :func:`make_metadata_transformer` when loaded."""
         pipelines = [(name, pipeline) for name, pipeline, _ in transformer.transformers_ if name != "remainder"]
         columns = [name for name, _ in pipelines]
-        frequencies = next((step.n_frequencies for _, pipeline in pipelines for step in pipeline
-                            if hasattr(step, "n_frequencies")), 0)
+        frequencies = next((value for key, value in transformer.get_params(deep=True).items()
+                            if key.endswith("__n_frequencies")), 0)
         if _signature(make_metadata_transformer(columns, frequencies)) != _signature(transformer):
             raise NotSerializableError(
                 f"{where}: a metadata transformer of your own cannot be saved in the safe format (only the one "
@@ -189,7 +189,8 @@ def _signature(transformer):
     """What a ColumnTransformer is made of: its settings, and the class and parameters
     of every step of every column's pipeline."""
     settings = {k: v for k, v in transformer.get_params(deep=False).items() if k != "transformers"}
-    parts = [(name, list(columns), [(type(step), step.get_params(deep=False)) for step in pipeline])
+    parts = [(name, list(columns), type(pipeline),
+              [(type(step), step.get_params(deep=False)) for _, step in getattr(pipeline, "steps", [])])
              for name, pipeline, columns in transformer.transformers]
     return settings, parts
 
