@@ -11,8 +11,6 @@ from skmerge.datasets import make_unmerged
 from _xds import XSCALE_HEADER
 
 FAST = dict(mlp_layers=2, mlp_width=4, max_iter=40, random_state=0)
-# The command line's equivalent of FAST.
-FAST_FLAGS = ["--iterations", "30", "--mlp-layers", "2", "--mlp-width", "4", "--seed", "0"]
 
 # The simulator's space group and cell in an XSCALE-style header.
 XDS_HEADER = XSCALE_HEADER.replace("NUMBER=   96", "NUMBER=   19").replace(
@@ -209,20 +207,26 @@ def _values_case(column, value):
     return case
 
 
+def craft_mtz(path, field):
+    """An unmerged MTZ whose header claims the impossible: its ``"position"`` at
+    2·10⁹ words, or 10⁹ reflections in its ``"NCOL"`` record."""
+    import struct
+
+    WRITERS["unmerged.mtz"](path)
+    data = path.read_bytes()
+    if field == "position":
+        data = data[:4] + struct.pack("<i", 2_000_000_000) + data[8:]
+    else:
+        start = data.index(b"NCOL")
+        ncol = data[start:start + 80].split()[1].decode()
+        data = data[:start] + f"NCOL {ncol:>8} {10**9:>12} {0:>8}".ljust(80).encode() + data[start + 80:]
+    path.write_bytes(data)
+    return path
+
+
 def _crafted_mtz(field):
     def case(folder):
-        import struct
-
-        path = WRITERS["unmerged.mtz"](folder / "crafted.mtz")
-        data = path.read_bytes()
-        if field == "position":
-            data = data[:4] + struct.pack("<i", 2_000_000_000) + data[8:]
-        else:
-            start = data.index(b"NCOL")
-            ncol = data[start:start + 80].split()[1].decode()
-            data = data[:start] + f"NCOL {ncol:>8} {10**9:>12} {0:>8}".ljust(80).encode() + data[start + 80:]
-        path.write_bytes(data)
-        return _mono(folder, files=[path]), 2, "crafted.mtz: damaged MTZ file"
+        return _mono(folder, files=[craft_mtz(folder / "crafted.mtz", field)]), 2, "crafted.mtz: damaged MTZ file"
     return case
 
 
