@@ -136,6 +136,29 @@ WRITERS = {"XDS_ASCII.HKL": write_xds, "unmerged.mtz": lambda path: write_unmerg
            "crystals.stream": write_stream, "integrated.refl": write_dials}
 
 
+def assert_damage_refused_or_harmless(path, X, expected):
+    """Damage the saved merger at ``path`` at 100 random offsets, one at a time: every
+    load either raises DamagedFileError naming the file or predicts ``expected`` on X
+    exactly; most are refused."""
+    from skmerge import DamagedFileError, load
+
+    data = path.read_bytes()
+    rng = np.random.default_rng(0)
+    refused = 0
+    for offset in rng.choice(len(data), 100, replace=False):
+        damaged = bytearray(data)
+        damaged[offset] ^= 1 + int(rng.integers(255))
+        path.write_bytes(bytes(damaged))
+        try:
+            loaded = load(path)
+        except DamagedFileError as exc:
+            assert path.name in str(exc)
+            refused += 1
+            continue
+        np.testing.assert_array_equal(loaded.predict(X), expected)
+    assert refused > 50
+
+
 def listing(directory):
     return sorted(p.name for p in directory.iterdir())
 
