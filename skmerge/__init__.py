@@ -6,7 +6,8 @@ when a model is built, so reading data and the command line's help stay fast.
 
 from importlib import import_module
 
-from .errors import DamagedFileError, DataWarning, IncompatibleVersionError, InputError, NumericalError, SkmergeError
+from .errors import (DamagedFileError, DataWarning, IncompatibleVersionError, InputError, NotSerializableError,
+                     NumericalError, SkmergeError)
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "DataWarning",
     "IncompatibleVersionError",
     "InputError",
+    "NotSerializableError",
     "NumericalError",
     "SkmergeError",
     *_LAZY,

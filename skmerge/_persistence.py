@@ -36,19 +36,25 @@ class PersistentMixin:
         return state
 
     def __setstate__(self, state):
-        fmt = state.get(_FORMAT_KEY)
         version = state.get("skmerge_version_")
-        if version is not None and (fmt != PERSISTENCE_FORMAT or version.split(".")[:2] != __version__.split(".")[:2]):
-            raise IncompatibleVersionError(
-                f"this merger was saved by skmerge {version} (format {fmt}); skmerge "
-                f"{__version__} cannot load it. Refit it, or install skmerge {version}."
-            )
+        if version is not None:
+            check_version(version, state.get(_FORMAT_KEY), PERSISTENCE_FORMAT)
         checksum = state.pop(_CHECKSUM_KEY, None)
         if version is not None and checksum != _checksum(state):
             raise DamagedFileError("this saved merger is damaged: its content does not match the checksum it was "
                                    "saved with. Save it again from the fit, or refit.")
         state.pop(_FORMAT_KEY, None)
         super().__setstate__(state)
+
+
+def check_version(version, fmt, expected_fmt):
+    """IncompatibleVersionError unless a merger saved by skmerge ``version`` in format
+    ``fmt`` can be loaded by this skmerge, which writes ``expected_fmt``."""
+    if fmt != expected_fmt or str(version).split(".")[:2] != __version__.split(".")[:2]:
+        raise IncompatibleVersionError(
+            f"this merger was saved by skmerge {version} (format {fmt}); skmerge "
+            f"{__version__} cannot load it. Refit it, or install skmerge {version}."
+        )
 
 
 def _checksum(state):
@@ -92,11 +98,14 @@ def _feed(digest, value):
 
 
 def load(path):
-    """Load a merger saved with ``joblib.dump`` (or the command line's ``OUT.joblib``).
+    """Load a saved merger: a ``.npz`` file of ``merger.save`` (the safe format, see
+    :meth:`VariationalMerger.load <skmerge.VariationalMerger.load>`), or any other file
+    as one of ``joblib.dump`` (the command line's ``OUT.joblib``).
 
     Unlike a bare ``joblib.load``, any failure — a damaged, truncated or foreign file —
-    is a :class:`~skmerge.errors.DamagedFileError` naming the file. Loading runs code
-    from the file (pickle): load only files from a source you trust.
+    is a :class:`~skmerge.errors.DamagedFileError` naming the file. Loading a joblib
+    file runs code from it (pickle): load only files from a source you trust; ``.npz``
+    files run none.
 
     Examples
     --------
@@ -110,6 +119,10 @@ def load(path):
     """
     import joblib
 
+    if str(path).endswith(".npz"):
+        from .merger import VariationalMerger
+
+        return VariationalMerger.load(path)
     try:
         return joblib.load(path)
     except Exception as exc:  # whatever a damaged pickle makes the unpickler raise

@@ -56,8 +56,8 @@ outputs (OUT is a path prefix; its directory must exist):
   OUT_<i>.mtz              merged data set i: F, SIGF, I, SIGI, N (+ Friedel columns, DANO)
   OUT_predictions_<i>.mtz  per observation: Iobs, SIGIobs, Ipred, SIGIpred, Scale, ... test
   OUT_xval_<i>.mtz         half-dataset merges, stacked with 'repeat' and 'half' columns
-  OUT_history.csv          loss, nll, kl per step        OUT.joblib   the fitted merger
-  OUT_stats.csv/.json      the merging-statistics table  OUT_cchalf.png, OUT_history.png
+  OUT_history.csv          loss, nll, kl per step        OUT_cchalf.png, OUT_history.png
+  OUT_stats.csv/.json      the merging-statistics table  OUT.joblib, OUT.npz  the fitted merger
   i is the file number with --separate-files, else 0."""
 
 _MONO_EPILOG = """\

@@ -38,5 +38,10 @@ class DamagedFileError(SkmergeError, ValueError):
     checksum it was saved with."""
 
 
+class NotSerializableError(SkmergeError, TypeError):
+    """A fitted merger holds something the safe format (``merger.save``) cannot store,
+    such as a transformer of the user's; joblib can save it."""
+
+
 class IncompatibleVersionError(SkmergeError, RuntimeError):
     """A persisted merger was written by a skmerge version this one cannot load."""

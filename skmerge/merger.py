@@ -370,6 +370,29 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = []
         return tags
 
+    def save(self, path):
+        """Save the fitted merger in the safe format: one ``.npz`` file of its weights and
+        parameters, read without pickle (so loading it runs no code from the file).
+
+        Raises :class:`~skmerge.errors.NotSerializableError` for what only joblib can
+        store (a metadata transformer of your own, a reference data set in memory).
+        Returns the path written.
+        """
+        from ._safe_format import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """A merger saved by :meth:`save`, predicting exactly as the saved one did.
+
+        A damaged or foreign file raises :class:`~skmerge.errors.DamagedFileError` naming
+        it; a file of another skmerge version :class:`~skmerge.errors.IncompatibleVersionError`.
+        """
+        from ._safe_format import load
+
+        return load(cls, path)
+
     def _check_params(self):
         """scikit-learn's parameter validation, of the model pieces given as objects too,
         raising skmerge's ParameterError."""

@@ -140,7 +140,7 @@ def read_unmerged(
         detail = ", ".join(f"{n} by {why}" for why, n in removed.items() if n)
         raise InputError(
             f"{_names(sources)}: no observations left after filtering ({detail}). "
-            "Relax dmin / isigi_cutoff, or check the space group."
+            "Relax dmin (--dmin) / isigi_cutoff (--isigi-cutoff), or check the space group."
         )
     table = table.loc[keep].reset_index(drop=True)
     return _finish_table(table, hkl_obs[keep], spacegroup, cells[0], anomalous)
@@ -240,7 +240,7 @@ def _as_spacegroup(value):
         sg = None
     if sg is None:
         raise InputError(
-            f"spacegroup={value!r} is not a space group gemmi knows; give a symbol such as "
+            f"spacegroup={value!r} (--spacegroups) is not a space group gemmi knows; give a symbol such as "
             "'P 21 21 21' or an international number."
         )
     return sg
@@ -276,7 +276,10 @@ def _resolve_cells(sources, cell, spacegroup):
             try:
                 cell = gemmi.UnitCell(*[float(x) for x in cell])
             except (TypeError, ValueError) as exc:
-                raise InputError(f"cell={cell!r}: give six numbers a, b, c, α, β, γ.") from exc
+                raise InputError(f"cell={cell!r} (--cell): give six numbers a, b, c, α, β, γ.") from exc
+        if not cell.volume > 0:  # gemmi accepts zero lengths and impossible angles
+            raise InputError(f"cell={_fmt_cell(cell)} (--cell) has no volume; give lengths > 0 and angles of a "
+                             "real cell.")
         cells = [cell] * len(sources)
         names = ["cell="] * len(sources)
     else:
@@ -292,7 +295,7 @@ def _resolve_cells(sources, cell, spacegroup):
         if not c.is_compatible_with_spacegroup(spacegroup, 1e-2):
             raise InputError(
                 f"{name}: cell {_fmt_cell(c)} is incompatible with space group "
-                f"{spacegroup.xhm()}; check the space group or pass the right cell=."
+                f"{spacegroup.xhm()}; check the space group or pass the right cell= (--cell)."
             )
     for name, c in zip(names[1:], cells[1:]):
         if not isomorphous(cells[0], c):

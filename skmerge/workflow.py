@@ -23,7 +23,7 @@ from sklearn.utils._param_validation import Interval, InvalidParameterError, Str
 
 from . import __version__
 from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
-from .errors import DataWarning, InputError, ParameterError
+from .errors import DataWarning, InputError, NotSerializableError, ParameterError
 from .io import writers
 
 # The workflow's own options (the estimator validates its parameters itself).
@@ -92,7 +92,8 @@ class MergeResult:
         earlier run wrote under the same prefix.
 
         ``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``, ``OUT_xval_<i>.mtz`` (with half
-        datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT_stats.csv``,
+        datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT.npz`` (the merger in the safe
+        format, unless it holds what only joblib stores), ``OUT_stats.csv``,
         ``OUT_stats.json``, ``OUT_history.png`` and ``OUT_cchalf.png`` (with half datasets
         or a test set); see ``docs/cli.md``.
 
@@ -119,6 +120,10 @@ class MergeResult:
         history = writers.history_table(self.merger.loss_curve_)
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
         paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
+        try:
+            paths.append(self.merger.save(f"{out}.npz"))
+        except NotSerializableError as exc:  # a transformer of the user's: joblib only
+            python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=3)
         paths.append(writers.write_csv(statistics_table(self.statistics), f"{out}_stats.csv"))
         paths.append(writers.write_json(self._statistics_document(), f"{out}_stats.json"))
         paths.append(writers.write_figure(plot_history(history), f"{out}_history.png"))

@@ -117,6 +117,7 @@ def read_dials(refl_path, expt_path=None):
     frame = frame[np.isfinite(frame.to_numpy(dtype=np.float64)).all(axis=1)]
     if frame.empty:
         raise InputError(f"{refl_path}: no integrated reflection passed DIALS' flags.")
+    _check_single_precision(frame, refl_path)
 
     cells = np.array([e["cell"] for e in experiments])
     dataset = rs.DataSet(frame.reset_index(drop=True), merged=False,
@@ -164,6 +165,18 @@ def _read_refl(path):
     if kind != _MAGIC.decode():
         raise InputError(f"{path}: holds a {kind!r}, not a DIALS reflection table.")
     return table, identifiers
+
+
+def _check_single_precision(frame, path):
+    """InputError for a value the MTZ column types (4-byte floats) cannot hold: DIALS
+    writes none, so the table is damaged, and the value would become an infinity."""
+    limit = np.finfo(np.float32).max
+    for name in frame.columns:
+        values = frame[name].to_numpy(dtype=np.float64)
+        beyond = np.abs(values) > limit
+        if beyond.any():
+            raise InputError(f"{path}: column {name} holds {values[beyond][0]:.3g}, beyond single precision; the "
+                             "reflection table is damaged.")
 
 
 def _read_expt(path, refl_path):

@@ -77,7 +77,7 @@ def atomic_path(path):
 
 # The files a run writes under its prefix OUT (OUT + one of these).
 OUTPUT_SUFFIXES = (r"_\d+\.mtz", r"_predictions_\d+\.mtz", r"_xval_\d+\.mtz", r"_history\.csv", r"\.joblib",
-                   r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png")
+                   r"\.npz", r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png")
 
 
 def run_outputs(prefix):

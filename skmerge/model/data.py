@@ -207,8 +207,10 @@ def _intensities(X, y):
         raise InputError(f"y has {len(intensity)} values for {len(X)} observations.")
     bad = ~np.isfinite(intensity) | ~np.isfinite(sigma) | ~(sigma > 0)
     if bad.any():
+        first = int(np.flatnonzero(bad)[0])
         raise InputError(
-            f"{int(bad.sum())} observation(s) have a non-finite intensity or σ, or σ ≤ 0; "
+            f"{int(bad.sum())} observation(s) have a non-finite intensity or σ, or σ ≤ 0 (first at row {first}: "
+            f"{'Iobs' if y is None else 'y'}={intensity[first]}, SIGIobs={sigma[first]}); "
             "drop them (skmerge.read_unmerged(..., drop_invalid=True) does)."
         )
     return intensity, sigma
@@ -221,7 +223,7 @@ def laue_band(X, wavelength_key, wavelength_range):
     if wavelength_key not in X.columns:
         raise InputError(
             f"laue=True needs a wavelength column; {wavelength_key!r} is not one of "
-            f"{', '.join(map(str, X.columns))}. Set wavelength_key=."
+            f"{', '.join(map(str, X.columns))}. Set wavelength_key= (--wavelength-key)."
         )
     if wavelength_range is not None:
         bands = tuple(float(v) for v in wavelength_range)
