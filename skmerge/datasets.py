@@ -8,6 +8,8 @@ quantity skmerge estimates is returned alongside, so tests can score a merge aga
 truth instead of against another program.
 """
 
+import math
+
 import gemmi
 import numpy as np
 import pandas as pd
@@ -42,7 +44,7 @@ def make_unmerged(
     resolve_harmonics=False,
     outlier_fraction=0.0,
     time_points=1,
-    changed_fraction=0.1,
+    changed_fraction=1.0,
     change=0.3,
     random_state=None,
 ):
@@ -98,9 +100,11 @@ def make_unmerged(
         Repeat the experiment on this many states of the crystal (a time-resolved
         series, one file each: ``file_id`` 0, 1, …), each pass in a new orientation.
         Every later state differs from the first in ``changed_fraction`` of its
-        reflections, whose amplitudes change by a relative amount drawn from
-        Normal(0, ``change``).
-    changed_fraction : float, default=0.1
+        reflections, whose structure factors change by a random amount of
+        root-mean-square size ``change``·√(εΣ) (complex for acentric reflections),
+        as a partial structural change does. With every reflection changed, the pair
+        follows the double-Wilson law with r = 1/√(1 + change²).
+    changed_fraction : float, default=1.0
     change : float, default=0.3
     random_state : int, RandomState instance or None
         Makes the simulation repeatable.
@@ -170,12 +174,18 @@ def make_unmerged(
 
 
 def _changed(amplitudes, fraction, change, rng):
-    """The amplitudes of a later time point: ``fraction`` of the reflections changed by
-    a relative amount drawn from Normal(0, ``change``) (at most −90 %), both Friedel
-    halves alike."""
-    changed = rng.random_sample(len(amplitudes["hkl"])) < fraction
-    factor = np.where(changed, 1.0 + np.maximum(change * rng.standard_normal(len(changed)), -0.9), 1.0)
-    return {**amplitudes, "plus": amplitudes["plus"] * factor, "minus": amplitudes["minus"] * factor}
+    """The amplitudes of a later state: ``fraction`` of the reflections get a random
+    change of their structure factor whose root-mean-square size is ``change``·√(εΣ)
+    (complex for acentric, real for centric reflections), as atoms that move or change
+    occupancy add; both Friedel halves get the same change."""
+    n = len(amplitudes["hkl"])
+    changed = rng.random_sample(n) < fraction
+    size = np.where(changed, change * np.sqrt(amplitudes["variance"]), 0.0)
+    centric = amplitudes["centric"]
+    real = size * np.where(centric, 1.0, math.sqrt(0.5)) * rng.standard_normal(n)
+    imag = np.where(centric, 0.0, size * math.sqrt(0.5) * rng.standard_normal(n))
+    return {**amplitudes, "plus": np.hypot(amplitudes["plus"] + real, imag),
+            "minus": np.hypot(amplitudes["minus"] + real, imag)}
 
 
 def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
@@ -298,7 +308,8 @@ def _wilson_amplitudes(sphere, spacegroup, cell, wilson_b, anomalous_signal, rng
     )
     delta = np.clip(anomalous_signal * rng.standard_normal(len(unique)), -0.5, 0.5)
     delta[centric] = 0.0
-    return {"hkl": unique, "plus": f * (1 + delta), "minus": f * (1 - delta), "centric": centric}
+    return {"hkl": unique, "plus": f * (1 + delta), "minus": f * (1 - delta), "centric": centric,
+            "variance": variance}
 
 
 def _amplitude_of(amplitudes, hkl, spacegroup, anomalous):
