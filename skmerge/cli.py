@@ -54,10 +54,10 @@ The flags careless shares with skmerge have careless's names and meanings.
 
 outputs (OUT is a path prefix; its directory must exist):
   OUT_<i>.mtz              merged data set i: F, SIGF, I, SIGI, N (+ Friedel columns, DANO)
-  OUT_predictions_<i>.mtz  per observation: Iobs, SIGIobs, Ipred, SIGIpred, Scale, ... test
+  OUT_predictions_<i>.mtz  per observation: Iobs, SIGIobs, Ipred, SIGIpred, Z, Weight, Scale, ... test
   OUT_xval_<i>.mtz         half-dataset merges, stacked with 'repeat' and 'half' columns
-  OUT_history.csv          loss, nll, kl per step        OUT_cchalf.png, OUT_history.png
-  OUT_stats.csv/.json      the merging-statistics table  OUT.joblib, OUT.npz  the fitted merger
+  OUT_history.csv          loss, nll, kl per step        OUT.joblib, OUT.npz  the fitted merger
+  OUT_stats.csv/.json      statistics (+ calibration)    OUT_{cchalf,calibration,history}.png  plots
   i is the file number with --separate-files, else 0."""
 
 _MONO_EPILOG = """\
@@ -157,7 +157,7 @@ def _add_mono_arguments(mono, defaults):
 
     validation = mono.add_argument_group("validation")
     validation.add_argument("--test-fraction", type=float, default=0.0, metavar="F", help="hold out this fraction "
-                            "of the observations from the fit; CCpred is computed on them (default: %(default)s)")
+                            "of the observations from the fit; CCpred and the σ calibration use them (default: 0)")
     validation.add_argument("--merge-half-datasets", action="store_true", help="after the fit, freeze the scales "
                             "and merge random halves of the images (OUT_xval_<i>.mtz, CC1/2, CCanom)")
     validation.add_argument("--half-dataset-repeats", type=int, metavar="N",
@@ -217,8 +217,8 @@ def build_parser():
 
     stats = commands.add_parser(
         "stats", help="print the merging-statistics table of a finished run", formatter_class=_Formatter,
-        description="Recompute the merging-statistics table from the MTZ files of a run (OUT_<i>.mtz, "
-        "OUT_xval_<i>.mtz, OUT_predictions_<i>.mtz; careless's SigF/SigI names are read too), or "
+        description="Recompute the merging-statistics table and the calibration from the MTZ files of a run "
+        "(OUT_<i>.mtz, OUT_xval_<i>.mtz, OUT_predictions_<i>.mtz; careless's SigF/SigI names are read too), or "
         "print OUT_stats.json when the MTZ files are gone.")
     stats.add_argument("out", metavar="OUT", help="the output prefix of the run, e.g. out/hypf")
     _add_table_arguments(stats)
@@ -366,21 +366,21 @@ def _mono(args):
 
     result = run_merge(args.reflection_files, args.out, log=log, **workflow_options(args), **params)
     if not args.quiet:
-        print(format_statistics(result.statistics, result.names))
+        print(format_statistics(result.statistics, result.names, result.calibration))
     return 0
 
 
 def _stats(args):
     from .io import writers
     from .plotting import plot_statistics
-    from .workflow import format_statistics, statistics_from_outputs
+    from .workflow import calibration_from_outputs, format_statistics, statistics_from_outputs
 
     if args.plot:
         writers.check_output_prefix(args.plot)
     statistics, names = statistics_from_outputs(args.out, shells=args.shells, binning=args.binning, method=args.method)
     if args.plot:
         writers.write_figure(plot_statistics(statistics, None if len(names) == 1 else names), args.plot)
-    print(format_statistics(statistics, names))
+    print(format_statistics(statistics, names, calibration_from_outputs(args.out, statistics)))
     return 0
 
 

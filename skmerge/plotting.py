@@ -1,4 +1,4 @@
-"""Plots of merging statistics and training history (matplotlib, no pyplot state).
+"""Plots of merging statistics, calibration and training history (matplotlib, no pyplot state).
 
 The functions return ``matplotlib.figure.Figure`` objects that are not registered with
 pyplot, so they work without a display and never pile up in a long session; save them
@@ -51,6 +51,52 @@ def plot_statistics(statistics, labels=None):
     axes.grid(alpha=0.3)
     if drawn:
         axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def plot_calibration(calibration, labels=None):
+    """Histograms of the predictive z-scores (Iobs − Ipred)/σpred of the held-out and
+    of the fitted observations, against the standard normal density they follow when
+    the uncertainties are honest.
+
+    Parameters
+    ----------
+    calibration : Calibration or list of them
+        One per data set (:func:`skmerge.calibration.calibration_report`).
+    labels : list of str, optional
+        Legend names of the data sets.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Densities on a log axis, so that the tails (outliers) show; values beyond the
+        outer bins are counted in them.
+    """
+    from matplotlib.figure import Figure
+    from scipy.stats import norm
+
+    if not isinstance(calibration, (list, tuple)):
+        calibration = [calibration]
+    labels = labels or [None] * len(calibration)
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    for index, (report, label) in enumerate(zip(calibration, labels)):
+        edges = np.asarray(report.histogram["edges"], dtype=float)
+        for part, name, style in (("test", "held out", "-"), ("fitted", "fitted", "--")):
+            counts = np.asarray(report.histogram[part], dtype=float)
+            if counts.sum():
+                text = f"{name} ({counts.sum():,.0f})" if label is None else f"{label}: {name}"
+                axes.stairs(counts / (counts.sum() * np.diff(edges)), edges, color=f"C{index}", linestyle=style,
+                            label=text)
+    z = np.linspace(edges[0], edges[-1], 400)
+    axes.plot(z, norm.pdf(z), color="0.3", lw=0.8, label="normal (honest σ)")
+    axes.set_yscale("log")
+    axes.set_ylim(bottom=1e-5)
+    axes.set_xlabel("z = (Iobs − Ipred) / σpred  (outer bins hold everything beyond)")
+    axes.set_ylabel("density")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
     figure.tight_layout()
     return figure
 

@@ -22,8 +22,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions, validate_parameter_constraints
 
 from . import __version__
+from .calibration import Calibration, calibration_report, observation_scores
 from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
 from .errors import DataWarning, InputError, NotSerializableError, ParameterError
+from .shells import ResolutionShells
 from .io import writers
 
 # The workflow's own options (the estimator validates its parameters itself).
@@ -55,8 +57,9 @@ class MergeResult:
     merged : list of rs.DataSet
         Merged amplitudes and intensities of the fitted observations.
     predictions : list of rs.DataSet
-        Iobs, SIGIobs, Ipred, SIGIpred, Scale, SIGScale, image_id, file_id and test per
-        observation, in the unmerged MTZ layout.
+        Iobs, SIGIobs, Ipred, SIGIpred, Z, Weight, Scale, SIGScale, image_id, file_id
+        and test per observation, in the unmerged MTZ layout (Z and Weight:
+        :mod:`skmerge.calibration`).
     halves : list of rs.DataSet or None
         Half-dataset merges (``half_datasets > 0``).
     statistics : list of MergingStatistics
@@ -68,6 +71,9 @@ class MergeResult:
         the main fit).
     paths : list of Path
         The files written (empty without ``out``).
+    calibration : list of Calibration
+        Calibration of the held-out observations, and the outliers and listed images
+        (:func:`skmerge.calibration.calibration_report`).
     """
 
     merger: object
@@ -80,6 +86,7 @@ class MergeResult:
     names: list
     warnings: list = field(default_factory=list)
     paths: list = field(default_factory=list)
+    calibration: list = field(default_factory=list)
 
     @property
     def error_model(self):
@@ -94,8 +101,8 @@ class MergeResult:
         ``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``, ``OUT_xval_<i>.mtz`` (with half
         datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT.npz`` (the merger in the safe
         format, unless it holds what only joblib stores), ``OUT_stats.csv``,
-        ``OUT_stats.json``, ``OUT_history.png`` and ``OUT_cchalf.png`` (with half datasets
-        or a test set); see ``docs/cli.md``.
+        ``OUT_stats.json``, ``OUT_history.png``, ``OUT_cchalf.png`` (with half datasets
+        or a test set) and ``OUT_calibration.png``; see ``docs/cli.md``.
 
         Returns
         -------
@@ -108,7 +115,7 @@ class MergeResult:
         return [Path(out).parent / path.name for path in written]
 
     def _write(self, out):
-        from .plotting import plot_history, plot_statistics
+        from .plotting import plot_calibration, plot_history, plot_statistics
 
         paths = []
         halves = self.halves or [None] * len(self.merged)
@@ -127,16 +134,17 @@ class MergeResult:
         paths.append(writers.write_csv(statistics_table(self.statistics), f"{out}_stats.csv"))
         paths.append(writers.write_json(self._statistics_document(), f"{out}_stats.json"))
         paths.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
+        labels = None if len(self.names) == 1 else self.names
         if self.halves is not None or self.test.any():
-            labels = None if len(self.names) == 1 else self.names
             paths.append(writers.write_figure(plot_statistics(self.statistics, labels), f"{out}_cchalf.png"))
+        paths.append(writers.write_figure(plot_calibration(self.calibration, labels), f"{out}_calibration.png"))
         return paths
 
     def _statistics_document(self):
         document = {
             "skmerge_version": __version__,
-            "datasets": [{"index": i, "name": name, **s.to_dict()}
-                         for i, (s, name) in enumerate(zip(self.statistics, self.names))],
+            "datasets": [{"index": i, "name": name, **s.to_dict(), "calibration": c.to_dict()}
+                         for i, (s, name, c) in enumerate(zip(self.statistics, self.names, self.calibration))],
         }
         if self.error_model is not None:
             document["error_model"] = self.error_model
@@ -172,7 +180,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         give CC1/2 and CCanom.
     test_fraction : float, default=0.0
         Fraction of the observations held out of the fit (seeded by the merger's
-        ``random_state``); CCpred is computed on them.
+        ``random_state``); CCpred and the calibration of the predictive σ are computed
+        on them.
     shells, binning, method
         The statistics table's, see :func:`skmerge.merging_statistics`.
     log : callable, optional
@@ -260,7 +269,9 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         report("info", "double-Wilson prior: r " + "; ".join(
             f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(merger.prior_r_)
             if np.isfinite(row).any()) + (" (learned)" if merger.prior.learn_r else " (fixed)"))
-    predictions = writers.predictions_table(X, *merger.predict(X, return_std=True, return_scale=True), test=test)
+    ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
+    predictions = writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd),
+                                            scale, scale_sd, test=test)
     if error_model is None:
         warn(sigma_scatter_warning(predictions))
     halves = None
@@ -277,7 +288,13 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
     statistics = _statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
                              shells=shells, binning=binning, method=method)
-    result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings)
+    calibration = [calibration_report(p, _shells_of(stats)) for p, stats in zip(predictions, statistics)]
+    for calibrated, name in zip(calibration, names):
+        report("info", f"{name}: {calibrated.summary()}")
+        for image_id, row in calibrated.flagged.iterrows():
+            warn(f"{name}: image_id {image_id} ({row['n_obs']} observations) looks bad: {row['reason']}")
+    result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings,
+                         calibration=calibration)
     if out is not None:
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
@@ -346,12 +363,15 @@ def statistics_table(statistics):
     return pd.concat(tables, ignore_index=True)
 
 
-def format_statistics(statistics, names):
+def format_statistics(statistics, names, calibration=None):
     """The statistics tables of several data sets as text, each titled with its number
-    and name: what ``skmerge mono`` and ``skmerge stats`` print."""
+    and name, and followed by its calibration report when given: what ``skmerge mono``
+    and ``skmerge stats`` print."""
+    calibration = calibration or [None] * len(statistics)
     return "\n\n".join(
         stats.to_string(title=f"Merging statistics of data set {i}" + (f" ({name})" if name else ""))
-        for i, (stats, name) in enumerate(zip(statistics, names))
+        + ("" if calibrated is None else "\n\n" + calibrated.to_string())
+        for i, (stats, name, calibrated) in enumerate(zip(statistics, names, calibration))
     )
 
 
@@ -385,33 +405,75 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
     from .stats import MergingStatistics
 
     check_options(shells=shells, binning=binning, method=method)
-    base = Path(out)
-    directory = base.parent if str(base.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"directory {str(directory)!r} does not exist")
-    pattern = re.compile(re.escape(base.name) + r"_(\d+)\.mtz$")
-    indices = sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.match(p.name)))
-    saved = Path(f"{out}_stats.json")
+    indices = _run_indices(out)
     if not indices:
-        if not saved.is_file():
-            raise InputError(f"no merged file {out}_0.mtz (nor {saved.name}); give the OUT prefix of a run")
-        try:
-            datasets = json.loads(saved.read_text(encoding="utf-8"))["datasets"]
-            return [MergingStatistics.from_dict(d) for d in datasets], [d.get("name") for d in datasets]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{saved}: not a skmerge statistics file ({exc})") from exc
+        return _from_saved(out, lambda document: ([MergingStatistics.from_dict(d) for d in document["datasets"]],
+                                                  [d.get("name") for d in document["datasets"]]))
     try:
-        document = json.loads(saved.read_text(encoding="utf-8"))
-        saved_names = {d["index"]: d["name"] for d in document["datasets"]}
-        saved_parents = document.get("parents")
-    except (OSError, ValueError, KeyError, TypeError):
+        saved_names, saved_parents = _from_saved(out, lambda document: (
+            {d["index"]: d["name"] for d in document["datasets"]}, document.get("parents")))
+    except InputError:
         saved_names, saved_parents = {}, None
     statistics = _statistics([_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
                              [_read_mtz(f"{out}_xval_{i}.mtz", merged=True) for i in indices],
                              [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
                              saved_parents or parent_files(None, len(indices)), shells=shells, binning=binning,
                              method=method)
-    return statistics, [saved_names.get(i) or f"{base.name}_{i}.mtz" for i in indices]
+    return statistics, [saved_names.get(i) or f"{Path(out).name}_{i}.mtz" for i in indices]
+
+
+def calibration_from_outputs(out, statistics):
+    """The calibration reports of a finished run (``skmerge stats``): recomputed from
+    ``OUT_predictions_<i>.mtz`` in the shells of ``statistics``
+    (:func:`statistics_from_outputs`), or those saved in ``OUT_stats.json`` when the MTZ
+    files are gone.
+
+    Returns
+    -------
+    list of Calibration or None
+        One per data set; None where the run left no Z column (careless's outputs,
+        older skmerge runs).
+    """
+    indices = _run_indices(out)
+    if not indices:
+        return _from_saved(out, lambda document: [
+            Calibration.from_dict(d["calibration"]) if "calibration" in d else None for d in document["datasets"]])
+    reports = []
+    for i, stats in zip(indices, statistics):
+        predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
+        has_z = predictions is not None and "Z" in predictions.columns
+        reports.append(calibration_report(predictions, _shells_of(stats)) if has_z else None)
+    return reports
+
+
+def _run_indices(out):
+    """The numbers i of the merged files OUT_<i>.mtz of a run."""
+    base = Path(out)
+    directory = base.parent if str(base.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"directory {str(directory)!r} does not exist")
+    pattern = re.compile(re.escape(base.name) + r"_(\d+)\.mtz$")
+    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.match(p.name)))
+
+
+def _from_saved(out, read):
+    """``read`` applied to the content of ``OUT_stats.json``; InputError when there is no
+    such file or it is not skmerge's."""
+    saved = Path(f"{out}_stats.json")
+    if not saved.is_file():
+        raise InputError(f"no merged file {out}_0.mtz (nor {saved.name}); give the OUT prefix of a run")
+    try:
+        return read(json.loads(saved.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{saved}: not a skmerge statistics file ({exc})") from exc
+
+
+def _shells_of(statistics):
+    """The resolution shells of a statistics table, so that calibration is reported per
+    shell of the merging-statistics table."""
+    table = statistics.table.drop(index="overall")
+    limits = np.r_[table["d_max"].to_numpy(np.float64)[:1], table["d_min"].to_numpy(np.float64)]
+    return ResolutionShells(limits**-2.0)
 
 
 def _statistics(merged, halves, predictions, parents, **options):

@@ -63,7 +63,8 @@ def test_run_merge_writes_the_files_of_skmerge_mono(both_runs):
     cli_dir, py_dir, result, _ = both_runs
     assert _listing(py_dir) == _listing(cli_dir) == sorted(
         f"sim{suffix}" for suffix in ("_0.mtz", "_predictions_0.mtz", "_xval_0.mtz", "_history.csv", ".joblib",
-                                      "_stats.csv", "_stats.json", "_cchalf.png", "_history.png"))
+                                      "_stats.csv", "_stats.json", "_cchalf.png", "_history.png",
+                                      "_calibration.png"))
     assert sorted(p.name for p in result.paths) == _listing(py_dir)
 
 

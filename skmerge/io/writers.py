@@ -29,6 +29,8 @@ PREDICTION_TYPES = {
     "SIGIobs": "Stddev",
     "Ipred": "Intensity",
     "SIGIpred": "Stddev",
+    "Z": "MTZReal",
+    "Weight": "Weight",
     "Scale": "MTZReal",
     "SIGScale": "Stddev",
     "image_id": "Batch",
@@ -77,7 +79,7 @@ def atomic_path(path):
 
 # The files a run writes under its prefix OUT (OUT + one of these).
 OUTPUT_SUFFIXES = (r"_\d+\.mtz", r"_predictions_\d+\.mtz", r"_xval_\d+\.mtz", r"_history\.csv", r"\.joblib",
-                   r"\.npz", r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png")
+                   r"\.npz", r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png", r"_calibration\.png")
 
 
 def run_outputs(prefix):
@@ -176,7 +178,7 @@ def history_table(loss_curve):
     return table
 
 
-def predictions_table(X, ipred, sigipred, scale, sigscale, test=None):
+def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None):
     """Per-observation predictions as an unmerged ``rs.DataSet`` ready for MTZ.
 
     The rows are indexed by the reflection's ASU index with an M/ISYM column (the
@@ -187,8 +189,10 @@ def predictions_table(X, ipred, sigipred, scale, sigscale, test=None):
     ----------
     X : rs.DataSet
         The observation table (Hobs/Kobs/Lobs, Iobs, SIGIobs, image_id, file_id).
-    ipred, sigipred, scale, sigscale : array-like of shape (n_observations,)
-        The predicted intensity, its σ, the scale and its σ of each observation.
+    ipred, sigipred, z, weight, scale, sigscale : array-like of shape (n_observations,)
+        The predicted intensity, its σ, the predictive z-score and outlier weight
+        (:func:`skmerge.calibration.observation_scores`), the scale and its σ of each
+        observation.
     test : array-like of bool, optional
         True for observations held out of the fit.
     """
@@ -202,6 +206,8 @@ def predictions_table(X, ipred, sigipred, scale, sigscale, test=None):
         "SIGIobs": X["SIGIobs"].to_numpy(np.float32),
         "Ipred": np.asarray(ipred, dtype=np.float32),
         "SIGIpred": np.asarray(sigipred, dtype=np.float32),
+        "Z": np.asarray(z, dtype=np.float32),
+        "Weight": np.asarray(weight, dtype=np.float32),
         "Scale": np.asarray(scale, dtype=np.float32),
         "SIGScale": np.asarray(sigscale, dtype=np.float32),
         "image_id": X["image_id"].to_numpy(np.int64),

@@ -1,0 +1,443 @@
+"""Calibration of the predictive uncertainties, and the outliers among the observations.
+
+Every observation gets a predictive z-score
+
+    z = (Iobs − Ipred) / σpred,   σpred² = σ'² + SD(Ipred)²,
+
+where σ' is its σ after the fitted error model (σ itself without one) and SD(Ipred) the
+spread of its prediction over the posterior and the scale (``VariationalMerger.predict``
+with ``return_std=True``). On observations held out of the fit, z has standard deviation 1
+and the intervals Ipred ± 1·σpred and Ipred ± 1.96·σpred hold 68 % and 95 % of them when
+the uncertainties are honest; :func:`calibration_report` checks this per resolution shell
+and per bin of Ipred.
+
+Outliers are judged on every observation: an observation is an outlier when
+|z| > 4·max(1, rSD), rSD the robust standard deviation (1.4826·MAD) of the z of every
+observation of its data set. With honest σ that is |z| > 4; when every σ is understated
+by a common factor (which the calibration table shows), the limit grows with the
+scatter of the bulk instead of calling a large part of the data outliers; and it never
+falls below 4, although the observations the fit saw have smaller z than new ones. The
+rule is the same whatever the likelihood, and nothing is removed. Images are listed when
+most of their observations are outliers, or when their scale is far from that of their
+neighbours (robustly, against a rolling median over the image order).
+
+The per-observation ``Weight`` column of the predictions file is the posterior mean
+precision weight E[w] = (ν + 1)/(ν + z²) that a Student-t likelihood with ν degrees of
+freedom gives the observation: the fit's own ν with a Student-t likelihood, else ν = 16,
+so that the column reads the same whatever the likelihood.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats as scipy_stats
+
+from .errors import InputError
+from .shells import ResolutionShells, make_shells
+
+__all__ = ["Calibration", "calibration_report", "coverage", "outlier_weight", "predictive_z",
+           "refined_sigma", "robust_sd"]
+
+OUTLIER_LIMIT = 4.0
+"""An outlier lies beyond this many robust standard deviations of its data set's z, and
+beyond this |z|."""
+REFERENCE_DOF = 16.0
+"""ν of the ``Weight`` column for likelihoods that have none (careless's choice for data
+with outliers)."""
+OUTLIER_IMAGE_FRACTION = 0.5
+"""An image is listed when more than this fraction of its observations are outliers."""
+SCALE_WINDOW = 9
+"""Images in the rolling median that an image's scale is compared with."""
+SCALE_LIMIT = 5.0
+"""An image is listed when its log scale is more than this many robust SDs (over the
+images) from the rolling median, and ..."""
+SCALE_MIN_RATIO = 1.5
+"""... at least this factor from it: smooth scales give tiny robust SDs."""
+LEVELS = (0.68, 0.95)
+"""Probabilities of the predictive intervals whose coverage is reported."""
+HISTOGRAM_EDGES = np.linspace(-6.0, 6.0, 49)
+"""Bins of the stored z histograms; values beyond them count in the outer bins."""
+_MAD_TO_SD = 1.4826  # 1/Φ⁻¹(3/4): the MAD of a normal law times this is its SD
+
+
+# --------------------------------------------------------------------- the scores
+def predictive_z(iobs, ipred, sigma, ipred_sd):
+    """Predictive z-scores (Iobs − Ipred)/σpred with σpred² = σ² + SD(Ipred)².
+
+    Parameters
+    ----------
+    iobs, ipred : array-like of shape (n,)
+        Observed and predicted intensities.
+    sigma : array-like of shape (n,)
+        The observations' σ, after the fitted error model (:func:`refined_sigma`).
+    ipred_sd : array-like of shape (n,)
+        Standard deviation of each prediction.
+
+    Examples
+    --------
+    >>> from skmerge.calibration import predictive_z
+    >>> predictive_z([10.0, 0.0], [7.0, 4.0], [4.0, 3.0], [0.0, 4.0]).tolist()
+    [0.75, -0.8]
+    """
+    iobs, ipred, sigma, ipred_sd = (np.asarray(a, dtype=np.float64) for a in (iobs, ipred, sigma, ipred_sd))
+    return (iobs - ipred) / np.sqrt(sigma**2 + ipred_sd**2)
+
+
+def robust_sd(values):
+    """1.4826 × the median absolute deviation from the median: the SD of a normal law,
+    unmoved by a few wild values. NaN for no value.
+
+    Examples
+    --------
+    >>> from skmerge.calibration import robust_sd
+    >>> round(robust_sd([-1.0, 0.0, 1.0, 100.0]), 4)
+    1.4826
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return float("nan")
+    return float(_MAD_TO_SD * np.median(np.abs(values - np.median(values))))
+
+
+def coverage(z, level):
+    """Fraction of the z-scores inside the central normal interval of probability
+    ``level`` (|z| ≤ Φ⁻¹((1 + level)/2), 1.96 for 0.95). NaN for no value.
+
+    Examples
+    --------
+    >>> from skmerge.calibration import coverage
+    >>> coverage([0.5, -1.5, 2.5, 1.9], 0.95)
+    0.75
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if not len(z):
+        return float("nan")
+    return float(np.mean(np.abs(z) <= scipy_stats.norm.ppf((1 + level) / 2)))
+
+
+def outlier_weight(z, dof=REFERENCE_DOF):
+    """The posterior mean E[w] = (ν + 1)/(ν + z²) of the precision weight of an
+    observation at z under a Student-t likelihood with ν = ``dof`` (a normal law whose
+    precision is scaled by w ~ Gamma(ν/2, ν/2)): 1 + 1/ν at z = 0, small for outliers.
+
+    Examples
+    --------
+    >>> from skmerge.calibration import outlier_weight
+    >>> outlier_weight([0.0, 1.0, 8.0], dof=4).tolist()
+    [1.25, 1.0, 0.07352941176470588]
+    """
+    z = np.asarray(z, dtype=np.float64)
+    return (dof + 1) / (dof + z**2)
+
+
+def refined_sigma(merger, sigma, ipred):
+    """The observations' σ' after a fitted merger's error model (``sigma`` itself
+    without one), evaluated at the predicted intensities, in the input's units.
+
+    The error model is rebuilt from the fitted weights and applied exactly as the fit
+    applies it, in the model's standardised units.
+    """
+    from .model.error_model import make_error_model
+    from .model.fitted import Weights
+
+    error_model = make_error_model(merger.error_model)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if error_model is None:
+        return sigma
+    c = merger.intensity_scale_
+    module = error_model.build(*Weights.from_attributes(merger).error_model)
+    refined = module(np.float32(sigma / c), np.float32(np.asarray(ipred, dtype=np.float64) / c))
+    return np.asarray(refined, dtype=np.float64) * c
+
+
+def observation_scores(merger, X, ipred, ipred_sd):
+    """The ``Z`` and ``Weight`` columns of the predictions file for the observations X
+    of a fitted merger, given their predictions (``merger.predict(X, return_std=True)``).
+
+    ``Weight`` is :func:`outlier_weight` with the ν of the merger's Student-t likelihood,
+    or :data:`REFERENCE_DOF` for likelihoods without one.
+    """
+    from .model.likelihoods import make_likelihood
+
+    sigma = refined_sigma(merger, X["SIGIobs"].to_numpy(np.float64), ipred)
+    z = predictive_z(X["Iobs"].to_numpy(np.float64), ipred, sigma, ipred_sd)
+    dof = getattr(make_likelihood(merger.likelihood), "dof", REFERENCE_DOF)
+    return z, outlier_weight(z, float(dof))
+
+
+# ------------------------------------------------------------------------ the report
+@dataclass
+class Calibration:
+    """Calibration and outliers of one data set (:func:`calibration_report`).
+
+    Attributes
+    ----------
+    shells : pandas.DataFrame
+        One row per resolution shell (1 … n), then ``overall``: d_max, d_min (Å), then
+        the columns of :data:`COLUMNS`.
+    intensity : pandas.DataFrame
+        The same per equal-count bin of Ipred (1 … n, then ``overall``), with the bin's
+        limits as I_min, I_max instead of d_max, d_min.
+    images : pandas.DataFrame
+        One row per image (index image_id): n_obs, n_outliers, outlier_fraction, scale
+        (median over its observations), scale_ratio (to the rolling median of its
+        neighbours'), reason ("" unless the image is listed).
+    histogram : dict
+        Counts of z in :data:`HISTOGRAM_EDGES` (``edges``): ``test`` (held-out) and
+        ``fitted`` observations.
+    z_limit : float
+        |z| beyond which an observation counts as an outlier: 4·max(1, robust SD of the
+        z of every observation).
+    n_test : int
+        Held-out observations (0: no calibration, only outliers).
+    """
+
+    shells: pd.DataFrame
+    intensity: pd.DataFrame
+    images: pd.DataFrame
+    histogram: dict
+    z_limit: float
+    n_test: int
+
+    @property
+    def flagged(self):
+        """The listed images: their rows of :attr:`images`."""
+        return self.images[self.images["reason"] != ""]
+
+    def summary(self):
+        """One line: the held-out z and coverage overall, the outliers, the listed images."""
+        overall = self.shells.loc["overall"]
+        text = (f"held-out SD(z) {overall['z_sd']:.2f} (robust {overall['z_robust_sd']:.2f}), "
+                f"68%/95% intervals hold {overall['coverage_68']:.1%}/{overall['coverage_95']:.1%}; "
+                if self.n_test else "no held-out observations; ")
+        return text + (f"{overall['n_outliers']:,.0f} outliers (|z| > {self.z_limit:.2f}) of "
+                       f"{overall['n_obs']:,.0f} observations; {len(self.flagged)} of {len(self.images)} images listed")
+
+    def to_string(self, title=None):
+        """The calibration tables and the listed images as text."""
+        lines = [title] if title else []
+        n_obs = int(self.shells.loc["overall", "n_obs"])
+        lines.append(f"Calibration on {self.n_test:,} held-out observations: z = (Iobs - Ipred)/sigma_pred; "
+                     f"outliers: |z| > {self.z_limit:.2f} among all {n_obs:,}")
+        if not self.n_test:
+            lines.append("(no held-out observations: give --test-fraction for the calibration columns)")
+        for table, low, high, fmt in ((self.shells, "d_max", "d_min", "{:.2f}"),
+                                      (self.intensity, "Ipred>=", "Ipred<", "{:.4g}")):
+            lines.extend(_table_lines(table, low, high, fmt))
+        flagged = self.flagged
+        lines.append(f"{len(flagged)} of {len(self.images)} images listed" + (":" if len(flagged) else ""))
+        for image_id, row in flagged.iterrows():
+            lines.append(f"  image_id {image_id}: {row['reason']}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.to_string()
+
+    def to_dict(self):
+        """A JSON-serialisable description; :meth:`from_dict` inverts it."""
+        return {
+            "z_limit": self.z_limit, "n_test": self.n_test,
+            "shells": _records(self.shells), "intensity": _records(self.intensity),
+            "images": _records(self.images),
+            "flagged_images": [int(i) for i in self.flagged.index],
+            "histogram": {k: np.asarray(v).tolist() for k, v in self.histogram.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of :meth:`to_dict`."""
+        def table(records):
+            frame = pd.DataFrame(records).set_index("row")
+            frame.index = pd.Index([i if i == "overall" else int(i) for i in frame.index], name="row")
+            return frame.astype(float)
+
+        images = pd.DataFrame(data["images"]).set_index("image_id")
+        images["reason"] = images["reason"].fillna("")
+        histogram = {k: np.asarray(v, dtype=np.float64) for k, v in data["histogram"].items()}
+        return cls(table(data["shells"]), table(data["intensity"]), images, histogram, data["z_limit"],
+                   data["n_test"])
+
+
+# Per-bin columns: (heading, width, format).
+COLUMNS = {
+    "n_test": ("#test", 7, "{:.0f}"),
+    "z_mean": ("<z>", 6, "{:.2f}"),
+    "z_sd": ("SD(z)", 6, "{:.2f}"),
+    "z_robust_sd": ("rSD(z)", 7, "{:.2f}"),
+    "coverage_68": ("in68%", 6, "{:.1%}"),
+    "coverage_95": ("in95%", 6, "{:.1%}"),
+    "n_obs": ("#obs", 8, "{:.0f}"),
+    "n_outliers": ("#outl", 7, "{:.0f}"),
+    "outlier_fraction": ("outl%", 6, "{:.2%}"),
+}
+
+
+def calibration_report(predictions, shells=10, n_bins=10):
+    """Calibration of the held-out observations and outliers among all, per resolution
+    shell, per bin of Ipred and per image.
+
+    Parameters
+    ----------
+    predictions : DataFrame
+        One row per observation with Z (:func:`predictive_z`), Ipred, test (1 for
+        held-out observations), image_id, Scale, [file_id], and dHKL or an H, K, L index
+        with a cell (the predictions table of a merge, or an ``OUT_predictions_<i>.mtz``
+        file).
+    shells : int or ResolutionShells, default=10
+        The resolution shells, or a number of equal-count shells over the observed
+        reflections.
+    n_bins : int, default=10
+        Equal-count bins of Ipred over the held-out observations (over all of them
+        without a test set).
+
+    Returns
+    -------
+    Calibration
+
+    Notes
+    -----
+    Per shell and bin, over the held-out observations: n_test, the mean, SD and robust
+    SD (:func:`robust_sd`) of z, and the fractions inside the 68 % and 95 % normal
+    predictive intervals (:func:`coverage`; the normal intervals for every likelihood).
+    Over all observations: n_obs, n_outliers (\\|z\\| > ``z_limit``, see the module
+    docstring) and their fraction.
+    A z computed on observations the fit saw is smaller than on new ones, so only the
+    held-out ones measure calibration.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> from skmerge.calibration import calibration_report
+    >>> rng = np.random.default_rng(0)
+    >>> n = 4000
+    >>> z = rng.normal(size=n)
+    >>> z[:40] = 30.0  # 1 % gross outliers
+    >>> predictions = pd.DataFrame({"Z": z, "Ipred": rng.exponential(100, n), "test": rng.random(n) < 0.5,
+    ...                             "image_id": np.arange(n) // 200, "Scale": 1.0,
+    ...                             "dHKL": rng.uniform(2, 10, n)})
+    >>> report = calibration_report(predictions, shells=2, n_bins=2)
+    >>> report.shells.loc["overall", ["n_outliers", "coverage_95"]].round(2).tolist()
+    [40.0, 0.95]
+    >>> report.flagged.index.tolist()  # the first image holds the outliers, but not mostly
+    []
+    """
+    for needed in ("Z", "Ipred", "test", "image_id", "Scale"):
+        if needed not in predictions.columns:
+            raise InputError(f"the predictions table has no column {needed!r}; calibration needs the predictions "
+                             "file of skmerge 0.x or later (with Z)")
+    z = predictions["Z"].to_numpy(np.float64)
+    test = predictions["test"].to_numpy(np.float64) > 0
+    ipred = predictions["Ipred"].to_numpy(np.float64)
+    dhkl = _resolution(predictions)
+    if not isinstance(shells, ResolutionShells):
+        shells = make_shells(np.unique(dhkl), shells)
+    z_limit = OUTLIER_LIMIT * max(1.0, robust_sd(z))
+    outlier = np.abs(z) > z_limit
+
+    shell = shells.assign(dhkl)
+    by_shell = _summaries(z, test, outlier, [shell == i for i in range(shells.n)] + [shell >= 0])
+    by_shell.insert(0, "d_min", [*shells.d_min, shells.d_min[-1]])
+    by_shell.insert(0, "d_max", [*shells.d_max, shells.d_max[0]])
+    # Binned by the prediction, not by Iobs: bins of Iobs would select by the noise.
+    binned = ipred[test] if test.any() else ipred
+    _, edges = pd.qcut(binned, n_bins, retbins=True, duplicates="drop")
+    intensity_bin = np.clip(np.searchsorted(edges, ipred, side="right") - 1, 0, len(edges) - 2)
+    by_intensity = _summaries(z, test, outlier,
+                              [intensity_bin == i for i in range(len(edges) - 1)] + [np.ones(len(z), bool)])
+    by_intensity.insert(0, "I_max", [*edges[1:], edges[-1]])
+    by_intensity.insert(0, "I_min", [*edges[:-1], edges[0]])
+    histogram = {"edges": HISTOGRAM_EDGES, "test": _histogram(z[test]), "fitted": _histogram(z[~test])}
+    return Calibration(by_shell, by_intensity, image_report(predictions, outlier), histogram, z_limit,
+                       int(test.sum()))
+
+
+def image_report(predictions, outlier):
+    """Outliers and scale per image, and the images to list (see :class:`Calibration`).
+
+    An image is listed when more than half its observations are outliers, or when its
+    scale (the median of its observations') differs from the rolling median over the
+    :data:`SCALE_WINDOW` images around it (in image order, within its file) by more than
+    :data:`SCALE_LIMIT` robust SDs of that log ratio over all images and by a factor of
+    at least :data:`SCALE_MIN_RATIO`.
+    """
+    frame = pd.DataFrame({
+        "image_id": predictions["image_id"].to_numpy(np.int64),
+        "file_id": predictions["file_id"].to_numpy(np.int64) if "file_id" in predictions.columns else 0,
+        "outlier": outlier, "scale": predictions["Scale"].to_numpy(np.float64),
+    })
+    images = frame.groupby("image_id", sort=True).agg(
+        file_id=("file_id", "first"), n_obs=("outlier", "size"), n_outliers=("outlier", "sum"),
+        scale=("scale", "median"))
+    images["outlier_fraction"] = images["n_outliers"] / images["n_obs"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_scale = np.log(images["scale"].where(images["scale"] > 0))
+    neighbours = log_scale.groupby(images["file_id"]).transform(
+        lambda s: s.rolling(SCALE_WINDOW, center=True, min_periods=1).median())
+    deviation = log_scale - neighbours
+    images["scale_ratio"] = np.exp(deviation)
+    limit = max(SCALE_LIMIT * robust_sd(deviation.dropna()), math.log(SCALE_MIN_RATIO))
+    reasons = []
+    for fraction, ratio, dev in zip(images["outlier_fraction"], images["scale_ratio"], deviation):
+        parts = []
+        if fraction > OUTLIER_IMAGE_FRACTION:
+            parts.append(f"{fraction:.0%} of its observations are outliers")
+        if abs(dev) > limit:  # False for NaN: an image without a positive scale
+            parts.append(f"scale {ratio:.2f}x its neighbours'")
+        reasons.append("; ".join(parts))
+    images["reason"] = reasons
+    return images.drop(columns="file_id")
+
+
+# -------------------------------------------------------------------------- helpers
+def _summaries(z, test, outlier, groups):
+    rows = []
+    for rows_in in groups:
+        held = z[rows_in & test]
+        rows.append({
+            "n_test": len(held), "z_mean": float(np.mean(held)) if len(held) else np.nan,
+            "z_sd": float(np.std(held)) if len(held) > 1 else np.nan, "z_robust_sd": robust_sd(held),
+            "coverage_68": coverage(held, LEVELS[0]), "coverage_95": coverage(held, LEVELS[1]),
+            "n_obs": int(rows_in.sum()), "n_outliers": int((rows_in & outlier).sum()),
+            "outlier_fraction": float(outlier[rows_in].mean()) if rows_in.any() else np.nan,
+        })
+    frame = pd.DataFrame(rows, index=[*range(1, len(groups)), "overall"], dtype=np.float64)
+    frame.index.name = "row"
+    return frame
+
+
+def _histogram(z):
+    return np.histogram(np.clip(z, HISTOGRAM_EDGES[0], HISTOGRAM_EDGES[-1]), HISTOGRAM_EDGES)[0]
+
+
+def _resolution(predictions):
+    if "dHKL" in predictions.columns:
+        return predictions["dHKL"].to_numpy(np.float64)
+    cell = getattr(predictions, "cell", None)
+    if cell is None:
+        raise InputError("the predictions table has neither dHKL nor a unit cell.")
+    return cell.calculate_d_array(predictions.reset_index()[["H", "K", "L"]].to_numpy(np.int32))
+
+
+def _table_lines(table, low, high, fmt):
+    columns = [c for c in COLUMNS if c in table.columns]
+    heading = f"{low:>9} {high:>9}" + "".join(f"{COLUMNS[c][0]:>{COLUMNS[c][1] + 1}}" for c in columns)
+    lines = ["", heading, "-" * len(heading)]
+    for label, row in table.iterrows():
+        if label == "overall":
+            lines.append("-" * len(heading))
+        text = "".join(f"{'inf' if np.isinf(v) else fmt.format(v):>9} " for v in row.iloc[:2])
+        for c in columns:
+            _, width, cell_format = COLUMNS[c]
+            cell = "-" if not np.isfinite(row[c]) else cell_format.format(row[c]).rstrip("%")
+            text += f"{cell:>{width + 1}}"
+        lines.append(text.rstrip() + ("  overall" if label == "overall" else ""))
+    return lines
+
+
+def _records(frame):
+    """The rows of a table with its index as a column, NaN as None (JSON has no NaN)."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else getattr(v, "item", lambda: v)()
+             for k, v in record.items()} for record in frame.reset_index().to_dict("records")]
