@@ -88,13 +88,16 @@ def quality(case, label, checkout, args):
 
 def seconds_per_step(case, label, checkout, args):
     times = []
+    extra = args.api_params if label == "after" else args.before_api_params
     for steps in args.timing_steps:
-        directory = OUT / label / f"{case.name}_timing_{steps}"
+        tag = f"_{args.tag}" if args.tag and label == "after" else ""
+        directory = OUT / (label + tag) / f"{case.name}_timing_{steps}"
         directory.mkdir(parents=True, exist_ok=True)
         spec = {"files": [str(f) for f in case.files], "keys": case.keys, "anomalous": case.anomalous,
                 "intensity_key": case.intensity_key, "sigma_key": case.sigma_key, "steps": steps,
                 "separate_files": case.separate_files, "mode": case.mode, "wavelength_key": case.wavelength_key,
-                "out": str(directory / case.name), "result": str(directory / "child.json"), "batch_size": None}
+                "out": str(directory / case.name), "result": str(directory / "child.json"), "batch_size": None,
+                "extra": extra}
         spec_path = directory / "spec.json"
         command = [sys.executable, "-P", str(HERE / "compare_careless.py"), "--child", str(spec_path)]
         spec_path.write_text(json.dumps(spec, indent=1))
@@ -136,6 +139,9 @@ def main(argv=None):
     parser.add_argument("--side", choices=["before", "after"], help="run one checkout only (no comparison)")
     parser.add_argument("--flags", default="", help="extra flags of the 'after' quality runs (a variant of the "
                         "defaults); '{n-1}' becomes None,0,… over the data set's files")
+    parser.add_argument("--api-params", default="", help="estimator parameters of the 'after' timing runs, "
+                        "e.g. \"prior=skmerge.DoubleWilsonPrior()\"")
+    parser.add_argument("--before-api-params", default="", help="the same for the 'before' timing runs")
     parser.add_argument("--tag", default="", help="name of the variant (folder suffix of the 'after' runs)")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--max-wait", type=float, default=1800.0)

@@ -150,6 +150,8 @@ def child_fit(spec_path):
         params.update(laue=True, wavelength_key=spec["wavelength_key"])
     if spec.get("batch_size"):
         params["batch_size"] = spec["batch_size"]
+    if spec.get("extra"):  # a variant's estimator parameters, e.g. "prior=skmerge.DoubleWilsonPrior()"
+        params.update(eval(f"dict({spec['extra']})", {"skmerge": skmerge}))
     merger = skmerge.VariationalMerger(**params).fit(X)
     t_fit = time.perf_counter()
     merged = merger.transform(X)
@@ -160,7 +162,9 @@ def child_fit(spec_path):
     result = {
         "n_iter": int(merger.n_iter_), "converged": bool(merger.converged_), "n_observations": len(X),
         "import_s": t_import - t0, "read_s": t_read - t_import, "fit_s": t_fit - t_read,
-        "transform_write_s": t_end - t_fit, "params": {k: v for k, v in params.items() if k != "metadata"},
+        "transform_write_s": t_end - t_fit,
+        "params": {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                   for k, v in params.items() if k != "metadata"},
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
 

@@ -109,7 +109,8 @@ def _add_mono_arguments(mono, defaults):
     model = mono.add_argument_group("model")
     # No default here, so that --studentt-likelihood-dof can tell a conflicting --likelihood.
     model.add_argument("--likelihood", choices=("normal", "laplace", "studentt"), help="error model of the "
-                       f"intensities (default: {defaults['likelihood']}; studentt with --studentt-likelihood-dof)")
+                       f"intensities (default: {defaults['likelihood']}; studentt learns its degrees of freedom unless "
+                       "--studentt-likelihood-dof fixes them)")
     model.add_argument("--studentt-likelihood-dof", type=float, metavar="DOF", dest="dof", help="Student-t "
                        "likelihood with DOF degrees of freedom (with --likelihood studentt alone: its default)")
     model.add_argument("--error-model", action="store_true", help="refine the sigmas as SdFac*sqrt(sigma^2 + "

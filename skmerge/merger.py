@@ -39,11 +39,14 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     Parameters
     ----------
     prior : "wilson" or prior object, default="wilson"
-        :class:`~skmerge.WilsonPrior` or :class:`~skmerge.ReferencePrior`.
+        :class:`~skmerge.WilsonPrior`, :class:`~skmerge.ReferencePrior` or
+        :class:`~skmerge.DoubleWilsonPrior` (Friedel mates, or files of a time series,
+        drawn together; its correlations are learned: ``prior_r_``).
     likelihood : {"normal", "laplace", "studentt"} or likelihood object, default="normal"
         :class:`~skmerge.NormalLikelihood`, :class:`~skmerge.LaplaceLikelihood` or
-        :class:`~skmerge.StudentTLikelihood` (``"studentt"`` is ``StudentTLikelihood()``,
-        16 degrees of freedom).
+        :class:`~skmerge.StudentTLikelihood` (``"studentt"`` is
+        ``StudentTLikelihood(learn_dof=True)``: its degrees of freedom are learned,
+        ``likelihood_dof_``, from 16).
     error_model : ErrorModel, bool or None, default=None
         Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
         learned with the rest of the model from the starting values of the
@@ -144,6 +147,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         The weights of the posterior and of the scale network.
     sdfac_, sdadd_ : float
         The fitted error model (with ``error_model`` only).
+    prior_r_ : ndarray of shape (n_files, n_shells)
+        With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
+        amplitudes with their parents' (Friedel mates for the roots of anomalous data),
+        per resolution shell; NaN where no reflection has a parent.
+    likelihood_dof_ : float
+        With ``StudentTLikelihood(learn_dof=True)``: the learned degrees of freedom.
     loss_curve_ : ndarray of shape (n_iter_, 3)
         Loss (−ELBO per observation), its negative log-likelihood and KL parts, per step.
     n_iter_ : int

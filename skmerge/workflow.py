@@ -150,6 +150,8 @@ class MergeResult:
             document["error_model"] = self.error_model
         if len(self.statistics) > 1:
             document["parents"] = parent_files(self.merger, len(self.statistics))
+        if getattr(self.merger, "likelihood_dof_", None) is not None:
+            document["likelihood_dof"] = float(self.merger.likelihood_dof_)
         prior_r = getattr(self.merger, "prior_r_", None)
         if prior_r is not None:
             document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]
@@ -265,6 +267,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            " (the maximum; not converged — raise --iterations)")
            + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
               if error_model else ""))
+    if getattr(merger, "likelihood_dof_", None) is not None:
+        report("info", f"Student-t likelihood: {merger.likelihood_dof_:.3g} degrees of freedom (learned)")
     if getattr(merger, "prior_r_", None) is not None:
         report("info", "double-Wilson prior: r " + "; ".join(
             f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(merger.prior_r_)

@@ -379,9 +379,11 @@ def test_statistics_files_and_table(anomalous_run):
     assert table["cc_half"].iloc[-1] == pytest.approx(shells[-1]["cc_half"])
     assert document["datasets"][0]["n_repeats"] == 2
     printed = capture["out"].splitlines()
-    heading = next(l for l in printed if "CC1/2" in l)
+    start = next(i for i, l in enumerate(printed) if "CC1/2" in l and "d_max" in l)
+    heading = printed[start]
     assert "CCanom" in heading and "CCpred" in heading
-    rows = [l for l in printed if l.startswith(" ") and l.split()[0].replace(".", "").isdigit()]
+    end = next(i for i in range(start, len(printed)) if printed[i].rstrip().endswith("overall"))
+    rows = [l for l in printed[start + 1:end + 1] if l.split() and l.split()[0].replace(".", "").isdigit()]
     assert len(rows) == 6
     cc = heading.split().index("CC1/2")
     assert all(-1 <= float(r.split()[cc]) <= 1 for r in rows)

@@ -267,7 +267,7 @@ def test_make_likelihood_maps_names_and_passes_objects():
     assert isinstance(make_likelihood("normal"), NormalLikelihood)
     assert isinstance(make_likelihood("laplace"), LaplaceLikelihood)
     studentt = make_likelihood("studentt")
-    assert isinstance(studentt, StudentTLikelihood) and studentt.dof == 16.0
+    assert isinstance(studentt, StudentTLikelihood) and studentt.dof == 16.0 and studentt.learn_dof
     mine = StudentTLikelihood(dof=3.0)
     assert make_likelihood(mine) is mine
 

@@ -152,11 +152,15 @@ def _posterior(params, state, network, data, previous):
     else:
         mu, spread = (t.numpy().astype(np.float64) for t in network(data["features"], data["image"]))
         scale_mean = np.exp(mu + spread**2 / 2)
+        # A prior that ties reflections together (double-Wilson) starts every family
+        # from one estimate of all its observations: separate starts would hand each
+        # member its own noise as a difference the fit must then unlearn.
+        family = getattr(prior_of(params), "families", lambda r: np.arange(len(r)))(reflections)
         merged, merged_sigma = inverse_variance_mean(
-            data["refl"].numpy(), data["intensity"].numpy() / scale_mean, data["sigma"].numpy() / scale_mean,
-            len(reflections),
+            family[data["refl"].numpy()], data["intensity"].numpy() / scale_mean,
+            data["sigma"].numpy() / scale_mean, len(reflections),
         )
-        loc, scale = french_wilson(reflections, merged, merged_sigma)
+        loc, scale = french_wilson(reflections, merged[family], merged_sigma[family])
         bad = ~np.isfinite(loc) | ~np.isfinite(scale) | (scale <= 0)
         loc = np.where(bad, 0.8 * prior_mean, np.maximum(loc, 1e-3))
         scale = np.where(bad, 0.5 * prior_mean, scale)

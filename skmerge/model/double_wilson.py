@@ -378,6 +378,17 @@ class DoubleWilsonPrior(BaseEstimator):
         return DoubleWilsonDistribution(reflections.centric, wilson_mean_square(reflections, self.b_factor), parent,
                                         file_id * int(self.n_shells) + shell, correlation)
 
+    def families(self, reflections):
+        """The row of every reflection's root ancestor (its own row for roots): the
+        reflections whose posteriors start from one shared estimate."""
+        n_files = 1 if reflections.group is None else int(reflections.group.max()) + 1
+        parent = self._parents(reflections, n_files)
+        root = np.arange(len(parent))
+        for level in _levels(parent):
+            rows = np.flatnonzero(level.numpy())
+            root[rows] = root[parent[rows]]
+        return root
+
     def _start(self, n_files):
         r = np.atleast_1d(np.asarray(self.r, np.float64))
         if len(r) == 1:

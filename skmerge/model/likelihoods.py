@@ -103,13 +103,14 @@ class LearnedStudentT(tf.Module):
 LIKELIHOODS = {
     "normal": NormalLikelihood,
     "laplace": LaplaceLikelihood,
-    "studentt": StudentTLikelihood,
+    "studentt": lambda: StudentTLikelihood(learn_dof=True),
 }
 
 
 def make_likelihood(likelihood):
     """The likelihood object for an estimator's ``likelihood`` parameter: one of
-    "normal", "laplace" and "studentt" (ν = 16), or a likelihood object, returned as is."""
+    "normal", "laplace" and "studentt" (ν learned, from 16), or a likelihood object,
+    returned as is."""
     if isinstance(likelihood, str):
         return LIKELIHOODS[likelihood]()
     return likelihood
