@@ -379,14 +379,20 @@ def test_statistics_files_and_table(anomalous_run):
     assert table["cc_half"].iloc[-1] == pytest.approx(shells[-1]["cc_half"])
     assert document["datasets"][0]["n_repeats"] == 2
     printed = capture["out"].splitlines()
-    start = next(i for i, l in enumerate(printed) if "CC1/2" in l and "d_max" in l)
-    heading = printed[start]
+    heading, rows = _statistics_rows(printed)
     assert "CCanom" in heading and "CCpred" in heading
-    end = next(i for i in range(start, len(printed)) if printed[i].rstrip().endswith("overall"))
-    rows = [l for l in printed[start + 1:end + 1] if l.split() and l.split()[0].replace(".", "").isdigit()]
     assert len(rows) == 6
     cc = heading.split().index("CC1/2")
-    assert all(-1 <= float(r.split()[cc]) <= 1 for r in rows)
+    assert all(-1 <= float(r[cc]) <= 1 for r in rows)
+
+
+def _statistics_rows(lines):
+    """The heading and the split rows (shells, then overall) of the printed statistics
+    table (other tables, e.g. the calibration's, follow it)."""
+    start = next(i for i, line in enumerate(lines) if "CC1/2" in line and "d_max" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("overall"))
+    return lines[start], [line.split() for line in lines[start + 1:end + 1]
+                          if line.split() and line.split()[0].replace(".", "").isdigit()]
 
 
 def test_progress_bars_and_messages_on_stderr(anomalous_run):
@@ -571,10 +577,8 @@ def test_hypf_acceptance_through_the_console_script(data_dir, tmp_path):
     assert rs.read_mtz(str(tmp_path / "out" / "hypf_0.mtz")).merged
     assert _mtz_types(tmp_path / "out" / "hypf_predictions_0.mtz") == {"H": "H", "K": "H", "L": "H",
                                                                         **PREDICTION_TYPES}
-    lines = done.stdout.splitlines()
-    heading = next(l for l in lines if "CC1/2" in l)
+    heading, rows = _statistics_rows(done.stdout.splitlines())
     cc = heading.split().index("CC1/2")
-    rows = [l.split() for l in lines if l.startswith(" ") and l.split()[0].replace(".", "").isdigit()]
     assert len(rows) == 11  # ten shells and the overall line
     assert all(-1 <= float(r[cc]) <= 1 for r in rows)
     assert "Traceback" not in done.stderr and "tensorflow" not in done.stderr.lower()

@@ -327,9 +327,11 @@ def _expected_threads(environment):
 
 
 def _search(n_jobs=None):
+    # A fixed ν: a learned one ("studentt") amplifies the float rounding that differs
+    # between thread counts over a short fit, and this test is about the plumbing.
     return GridSearchCV(
         VariationalMerger(**{**FAST, "max_iter": 100}),
-        {"likelihood": ["normal", "studentt"]},
+        {"likelihood": ["normal", StudentTLikelihood(16.0)]},
         cv=ImageKFold(3),
         refit=False,
         n_jobs=n_jobs,
@@ -342,10 +344,10 @@ def test_parallel_and_dask_searches_agree_with_the_serial_one():
 
     X, _ = make_unmerged(n_images=30, outlier_fraction=0.03, random_state=2, **HEXAGONAL)
     serial = _search().fit(X)
-    assert serial.best_params_ == {"likelihood": "studentt"}
+    assert repr(serial.best_params_) == "{'likelihood': StudentTLikelihood()}"
 
     parallel = _search(n_jobs=2).fit(X)
-    assert parallel.best_params_ == serial.best_params_
+    assert repr(parallel.best_params_) == repr(serial.best_params_)
     np.testing.assert_allclose(parallel.cv_results_["mean_test_score"], serial.cv_results_["mean_test_score"], rtol=1e-2)
     # joblib tells its workers OMP_NUM_THREADS = cpu_count // n_jobs (unless set here
     # already); TensorFlow's thread counts follow it.
@@ -368,7 +370,7 @@ def test_parallel_and_dask_searches_agree_with_the_serial_one():
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    assert on_dask.best_params_ == serial.best_params_
+    assert repr(on_dask.best_params_) == repr(serial.best_params_)
     np.testing.assert_allclose(on_dask.cv_results_["mean_test_score"], serial.cv_results_["mean_test_score"], rtol=1e-2)
     # dask's nanny gives its workers OMP_NUM_THREADS=1 unless it is set here.
     for environment, counts in workers.values():

@@ -63,7 +63,7 @@ def test_run_merge_writes_the_files_of_skmerge_mono(both_runs):
     cli_dir, py_dir, result, _ = both_runs
     assert _listing(py_dir) == _listing(cli_dir) == sorted(
         f"sim{suffix}" for suffix in ("_0.mtz", "_predictions_0.mtz", "_xval_0.mtz", "_history.csv", ".joblib",
-                                      "_stats.csv", "_stats.json", "_cchalf.png", "_history.png",
+                                      ".npz", "_stats.csv", "_stats.json", "_cchalf.png", "_history.png",
                                       "_calibration.png"))
     assert sorted(p.name for p in result.paths) == _listing(py_dir)
 
@@ -92,7 +92,7 @@ def test_run_merge_returns_what_it_wrote(both_runs):
     assert result.names == ["sim.mtz"] and result.error_model is None
     assert np.isfinite(result.statistics[0].table.loc["overall", "cc_pred"])
     levels = [level for level, _ in lines]
-    assert set(levels) <= {"info", "warning"} and levels.count("info") == 3
+    assert set(levels) <= {"info", "warning"} and levels.count("info") == 4, lines
     assert [message for level, message in lines if level == "warning"] == result.warnings
     assert lines[-1][1].startswith("wrote sim_0.mtz")
     assert "not converged" in lines[1][1], "30 steps are too few: the status line says so"

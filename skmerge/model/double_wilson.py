@@ -72,6 +72,12 @@ class _Scalar(tfd.Distribution):
     def scale(self):
         return self._scale
 
+    def _mean(self):
+        return tf.cast(self._moments()[0], self.dtype)
+
+    def _variance(self):
+        return tf.cast(self._moments()[1], self.dtype)
+
     def _normals(self, n, seed, count):
         shape = tf.concat([[n], self._batch_shape_tensor(loc=self._loc, scale=self._scale)], 0)
         seeds = tfp.random.split_seed(seed, n=count)
@@ -106,14 +112,14 @@ class Rice(_Scalar):
         along, across = self._normals(n, seed, 2)
         return tf.math.sqrt(tf.square(self._loc + self._scale * along) + tf.square(self._scale * across))
 
-    def _mean(self):
+    def _moments(self):
+        """Mean and variance, in double precision: E[x²] − E[x]² cancels when ν ≫ σ."""
+        loc, scale = (tf.cast(v, tf.float64) for v in (self._loc, self._scale))
         # σ√(π/2)·L½(−ν²/2σ²), the Laguerre function in exponentially scaled Bessel terms.
-        t = tf.square(self._loc / self._scale) / 4
+        t = tf.square(loc / scale) / 4
         laguerre = (1 + 2 * t) * tf.math.special.bessel_i0e(t) + 2 * t * tf.math.special.bessel_i1e(t)
-        return self._scale * math.sqrt(math.pi / 2) * laguerre
-
-    def _variance(self):
-        return 2 * tf.square(self._scale) + tf.square(self._loc) - tf.square(self._mean())
+        mean = scale * math.sqrt(math.pi / 2) * laguerre
+        return mean, 2 * tf.square(scale) + tf.square(loc) - tf.square(mean)
 
 
 class FoldedNormal(_Scalar):
@@ -140,13 +146,12 @@ class FoldedNormal(_Scalar):
         (z,) = self._normals(n, seed, 1)
         return tf.abs(self._loc + self._scale * z)
 
-    def _mean(self):
-        a = self._loc / self._scale
-        return (self._scale * math.sqrt(2 / math.pi) * tf.exp(-tf.square(a) / 2)
-                + self._loc * tf.math.erf(a / math.sqrt(2.0)))
-
-    def _variance(self):
-        return tf.square(self._loc) + tf.square(self._scale) - tf.square(self._mean())
+    def _moments(self):
+        """Mean and variance, in double precision: E[x²] − E[x]² cancels when |μ| ≫ σ."""
+        loc, scale = (tf.cast(v, tf.float64) for v in (self._loc, self._scale))
+        a = loc / scale
+        mean = scale * math.sqrt(2 / math.pi) * tf.exp(-tf.square(a) / 2) + loc * tf.math.erf(a / math.sqrt(2.0))
+        return mean, tf.square(loc) + tf.square(scale) - tf.square(mean)
 
 
 class DoubleWilsonDistribution(tfd.Distribution):
