@@ -114,8 +114,10 @@ def _add_mono_arguments(mono, defaults):
     model.add_argument("--studentt-likelihood-dof", type=float, metavar="DOF", dest="dof", help="Student-t "
                        "likelihood with DOF degrees of freedom (with --likelihood studentt alone: its default)")
     model.add_argument("--error-model", action="store_true", help="refine the sigmas as SdFac*sqrt(sigma^2 + "
-                       "(SdAdd*Ipred)^2) with the model (recommended for serial stills, whose sigmas leave out the "
-                       "partiality error)")
+                       "(SdAdd*Ipred)^2) with the model (the default; the flag is kept for older command lines)")
+    model.add_argument("--no-error-model", action="store_true", help="use the reported sigmas as they are")
+    model.add_argument("--no-double-wilson", action="store_true", help="Wilson's prior for every amplitude: no "
+                       "bivariate prior between Friedel mates (the default ties them with --anomalous)")
     model.add_argument("--reference-mtz", metavar="FILE",
                        help="prior centred on the amplitudes of this merged MTZ (Wilson where it has none)")
     model.add_argument("--reference-prior", choices=("normal", "laplace", "studentt"),
@@ -250,10 +252,10 @@ def merger_parameters(args, keys):
         from .model.likelihoods import StudentTLikelihood
 
         params["likelihood"] = StudentTLikelihood(dof=args.dof)
-    if args.error_model:
-        from .model.error_model import ErrorModel
-
-        params["error_model"] = ErrorModel()
+    if args.no_error_model:
+        params["error_model"] = None
+    if args.no_double_wilson:
+        params["prior"] = "wilson"
     if args.reference_mtz is not None:
         from .model.priors import ReferencePrior
 
@@ -311,6 +313,10 @@ def check_mono_arguments(args):
         raise UsageError(f"--reference-mtz {args.reference_mtz}: no such file")
     if args.reference_prior is not None and args.reference_mtz is None:
         raise UsageError("--reference-prior needs --reference-mtz FILE")
+    if args.error_model and args.no_error_model:
+        raise UsageError("--error-model conflicts with --no-error-model")
+    if args.no_double_wilson and _double_wilson_flags(args):
+        raise UsageError(f"{_double_wilson_flags(args)[0]} conflicts with --no-double-wilson")
     if args.reference_mtz is not None and _double_wilson_flags(args):
         raise UsageError(f"{_double_wilson_flags(args)[0]} conflicts with --reference-mtz: choose one prior")
     if args.double_wilson_parents is not None and not args.separate_files:

@@ -98,5 +98,5 @@ def sigma_scatter_warning(predictions):
     if not factor > _SCATTER_LIMIT:
         return None
     return (f"the observations scatter about the fitted model {factor:.1f} times more than their sigmas say; "
-            "with sigmas that small the fit chases the wildest observations: add --error-model "
-            "(for serial stills also --batch-size 32)")
+            "with sigmas that small the fit chases the wildest observations: keep the error model "
+            "(drop --no-error-model, or error_model=None)")

@@ -30,29 +30,36 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     """Merge unmerged intensities into structure-factor amplitudes by variational inference.
 
     The model (see ``docs/model.md``): one amplitude F_h per ASU reflection with a
-    Wilson or reference prior; one scale Σᵢ per observation from a neural network on the
-    observation's metadata (plus optional per-image offsets); and a likelihood of each
-    observed intensity around Σᵢ·F_h². The surrogate posterior of each F_h is a normal
+    Wilson, double-Wilson or reference prior; one scale Σᵢ per observation from a neural
+    network on the observation's metadata (plus optional per-image offsets); and a
+    likelihood of each observed intensity around Σᵢ·F_h², with σ refined by an error
+    model. The defaults need no choice per kind of data (rotation, stills, Laue): a
+    Student-t likelihood whose degrees of freedom are learned (robust to outliers, normal
+    where there are none), the error model, and the double-Wilson prior between Friedel
+    mates of anomalous data (bench/RESULTS.md has the measurements). The surrogate posterior of each F_h is a normal
     truncated to [0, ∞); the ELBO is maximised with Adam. Intensities are standardised
     internally, so any magnitude trains alike; outputs are returned in the input's units.
 
     Parameters
     ----------
-    prior : "wilson" or prior object, default="wilson"
+    prior : {"double-wilson", "wilson"} or prior object, default="double-wilson"
         :class:`~skmerge.WilsonPrior`, :class:`~skmerge.ReferencePrior` or
         :class:`~skmerge.DoubleWilsonPrior` (Friedel mates, or files of a time series,
-        drawn together; its correlations are learned: ``prior_r_``).
-    likelihood : {"normal", "laplace", "studentt"} or likelihood object, default="normal"
+        drawn together; its correlations are learned: ``prior_r_``). "double-wilson" is
+        ``DoubleWilsonPrior()``: Friedel mates tied when ``anomalous``, otherwise
+        Wilson's prior (files are tied only with ``DoubleWilsonPrior(parents=...)``).
+    likelihood : {"normal", "laplace", "studentt"} or likelihood object, default="studentt"
         :class:`~skmerge.NormalLikelihood`, :class:`~skmerge.LaplaceLikelihood` or
         :class:`~skmerge.StudentTLikelihood` (``"studentt"`` is
         ``StudentTLikelihood(learn_dof=True)``: its degrees of freedom are learned,
         ``likelihood_dof_``, from 16).
-    error_model : ErrorModel, bool or None, default=None
+    error_model : ErrorModel, bool or None, default=True
         Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
         learned with the rest of the model from the starting values of the
         :class:`~skmerge.ErrorModel` (``True`` is ``ErrorModel()``: the reported σ); the
-        fitted values are ``sdfac_`` and ``sdadd_``. Serial stills need it: their σ
-        leave out the error of the partiality.
+        fitted values are ``sdfac_`` and ``sdadd_``. None or False: the reported σ as
+        they are. Serial stills need it (their σ leave out the error of the
+        partiality), and integration programs' σ are rarely honest.
     metadata : list of str or transformer, default=None
         Columns of X that drive the scale model, or a ready (unfitted) transformer such
         as a ``ColumnTransformer`` that maps X to numeric features. None uses ``["dHKL"]``.
@@ -196,7 +203,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints = {
-        "prior": [StrOptions({"wilson"}), HasMethods(["build"])],
+        "prior": [StrOptions({"wilson", "double-wilson"}), HasMethods(["build"])],
         "likelihood": [StrOptions({"normal", "laplace", "studentt"}), HasMethods(["log_prob"])],
         "error_model": [None, "boolean", HasMethods(["build"])],
         "metadata": [None, list, tuple, HasMethods(["fit", "transform"])],
@@ -226,7 +233,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     }
 
     def __init__(
-        self, *, prior="wilson", likelihood="normal", error_model=None, metadata=None, positional_encoding=0,
+        self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
         mlp_layers=20, mlp_width=10, image_scales=True, mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,

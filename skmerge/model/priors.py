@@ -128,12 +128,14 @@ class ReferencePrior(BaseEstimator):
         return ReferenceDistribution(found, f, s, kind, wilson)
 
 
-PRIORS = {"wilson": WilsonPrior}
-
-
 def make_prior(prior):
-    """The prior object for an estimator's ``prior`` parameter."""
-    return PRIORS[prior]() if isinstance(prior, str) else prior
+    """The prior object for an estimator's ``prior`` parameter: "wilson",
+    "double-wilson" (``DoubleWilsonPrior()``), or a prior object, returned as is."""
+    if prior == "double-wilson":
+        from .double_wilson import DoubleWilsonPrior
+
+        return DoubleWilsonPrior()
+    return WilsonPrior() if prior == "wilson" else prior
 
 
 class _PerReflection(tfd.Distribution):
