@@ -38,7 +38,7 @@ OUT = HERE / "out"
 
 
 def variants():
-    from skmerge import DoubleWilsonPrior, ErrorModel, StudentTLikelihood
+    from skmerge import DoubleWilsonPrior, ErrorModel, MixtureLikelihood, StudentTLikelihood
 
     return {
         "old": dict(likelihood="normal", prior="wilson", error_model=None),
@@ -46,6 +46,9 @@ def variants():
         "studentt+em": dict(likelihood=StudentTLikelihood(learn_dof=True), prior="wilson", error_model=ErrorModel()),
         "studentt+dw": dict(likelihood=StudentTLikelihood(learn_dof=True), prior=DoubleWilsonPrior(),
                             error_model=None),
+        "studentt+em+dw": dict(likelihood=StudentTLikelihood(learn_dof=True), prior=DoubleWilsonPrior(),
+                               error_model=ErrorModel()),
+        "mixture+em+dw": dict(likelihood=MixtureLikelihood(), prior=DoubleWilsonPrior(), error_model=ErrorModel()),
         "default": {},
     }
 
@@ -159,7 +162,7 @@ def main(argv=None):
             ref = reference(X, truth, separate)
             for variant in args.variants.split(","):
                 params = dict(variants()[variant])
-                if separate and variant == "default":
+                if separate and (variant == "default" or variant.endswith("dw")):
                     from skmerge import DoubleWilsonPrior
 
                     params["prior"] = DoubleWilsonPrior(parents=[None, 0])

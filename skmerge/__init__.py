@@ -24,6 +24,7 @@ _LAZY = {
     "NormalLikelihood": "skmerge.model.likelihoods",
     "LaplaceLikelihood": "skmerge.model.likelihoods",
     "StudentTLikelihood": "skmerge.model.likelihoods",
+    "MixtureLikelihood": "skmerge.model.likelihoods",
     "ErrorModel": "skmerge.model.error_model",
     "PositionalEncoding": "skmerge.features",
     "merging_statistics": "skmerge.stats",

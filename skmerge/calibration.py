@@ -156,14 +156,16 @@ def observation_scores(merger, X, ipred, ipred_sd):
     """The ``Z`` and ``Weight`` columns of the predictions file for the observations X
     of a fitted merger, given their predictions (``merger.predict(X, return_std=True)``).
 
-    ``Weight`` is :func:`outlier_weight` with the ν of the merger's Student-t likelihood,
-    or :data:`REFERENCE_DOF` for likelihoods without one.
+    ``Weight`` is :func:`outlier_weight` with the ν of the merger's Student-t likelihood
+    (the learned ``likelihood_dof_`` when it learned ν), or :data:`REFERENCE_DOF` for
+    likelihoods without one.
     """
     from .model.likelihoods import make_likelihood
 
     sigma = refined_sigma(merger, X["SIGIobs"].to_numpy(np.float64), ipred)
     z = predictive_z(X["Iobs"].to_numpy(np.float64), ipred, sigma, ipred_sd)
-    dof = getattr(make_likelihood(merger.likelihood), "dof", REFERENCE_DOF)
+    dof = getattr(merger, "likelihood_dof_", None) or getattr(make_likelihood(merger.likelihood), "dof",
+                                                                REFERENCE_DOF)
     return z, outlier_weight(z, float(dof))
 
 

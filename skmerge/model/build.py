@@ -5,7 +5,7 @@ network, the posterior, and the prior, likelihood and error model around them.""
 import numpy as np
 from sklearn.base import clone
 
-from ..baseline import inverse_variance_mean
+from ..baseline import robust_mean
 from ..errors import InputError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
@@ -141,7 +141,8 @@ def _scale_network(params, state, rng, previous, image_scale):
 
 def _posterior(params, state, network, data, previous):
     """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
-    a merge scaled by the (starting) scale network, or the prior; a warm start keeps the
+    a robust merge (:func:`~skmerge.baseline.robust_mean`) scaled by the (starting) scale
+    network, or the prior; a warm start keeps the
     posterior of reflections seen before."""
     from .posterior import TruncatedNormalPosterior
 
@@ -156,7 +157,7 @@ def _posterior(params, state, network, data, previous):
         # from one estimate of all its observations: separate starts would hand each
         # member its own noise as a difference the fit must then unlearn.
         family = getattr(prior_of(params), "families", lambda r: np.arange(len(r)))(reflections)
-        merged, merged_sigma = inverse_variance_mean(
+        merged, merged_sigma = robust_mean(
             family[data["refl"].numpy()], data["intensity"].numpy() / scale_mean,
             data["sigma"].numpy() / scale_mean, len(reflections),
         )

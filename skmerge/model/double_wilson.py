@@ -30,6 +30,7 @@ from sklearn.utils._param_validation import Interval
 from .._tf import tf, tfb, tfd, tfp
 from ..errors import InputError
 from ..symmetry import lookup_keys, map_to_asu, pack_hkl
+from .posterior import LocationScale, location_scale_properties
 from .priors import WilsonDistribution, wilson_mean_square
 
 # r is kept in (0, R_MAX): at r = 1 the conditional law is a point mass.
@@ -49,28 +50,8 @@ def _log_i0e(z):
     return tf.math.log(tf.math.special.bessel_i0e(z))
 
 
-class _Scalar(tfd.Distribution):
-    """Base of the scalar, location–scale-parameterised laws below."""
-
-    def __init__(self, loc, scale, parameters, name):
-        with tf.name_scope(name) as name:
-            self._loc = tf.convert_to_tensor(loc, dtype_hint=tf.float32, name="loc")
-            self._scale = tf.convert_to_tensor(scale, dtype=self._loc.dtype, name="scale")
-            super().__init__(dtype=self._loc.dtype, reparameterization_type=tfd.FULLY_REPARAMETERIZED,
-                             validate_args=False, allow_nan_stats=True, parameters=parameters, name=name)
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict(loc=tfp.util.ParameterProperties(),
-                    scale=tfp.util.ParameterProperties(default_constraining_bijector_fn=lambda: tfb.Softplus()))
-
-    @property
-    def loc(self):
-        return self._loc
-
-    @property
-    def scale(self):
-        return self._scale
+class _Scalar(LocationScale):
+    """Base of the two conditional laws: moments and normal draws."""
 
     def _mean(self):
         return tf.cast(self._moments()[0], self.dtype)
@@ -98,6 +79,8 @@ class Rice(_Scalar):
     scale : float tensor
         σ > 0.
     """
+
+    _parameter_properties = classmethod(location_scale_properties)
 
     def __init__(self, loc, scale, name="Rice"):
         super().__init__(loc, scale, dict(locals()), name)
@@ -131,6 +114,8 @@ class FoldedNormal(_Scalar):
     scale : float tensor
         > 0.
     """
+
+    _parameter_properties = classmethod(location_scale_properties)
 
     def __init__(self, loc, scale, name="FoldedNormal"):
         super().__init__(loc, scale, dict(locals()), name)

@@ -160,9 +160,9 @@ class Weights:
         """The weights held by a fitted estimator's attributes."""
         sdfac = getattr(estimator, "sdfac_", None)
         error_model = None if sdfac is None else np.array([sdfac, estimator.sdadd_])
-        dof = getattr(estimator, "likelihood_dof_", None)
+        learned = [getattr(estimator, name) for name in _LIKELIHOOD_ATTRIBUTES if hasattr(estimator, name)]
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
-                   getattr(estimator, "prior_r_", None), None if dof is None else np.array([dof]))
+                   getattr(estimator, "prior_r_", None), np.array(learned) if learned else None)
 
     @classmethod
     def of(cls, model):
@@ -170,6 +170,17 @@ class Weights:
         error_model = model.error_model.get_weights() if model.error_model is not None else None
         prior, likelihood = (getattr(piece, "get_weights", lambda: None)() for piece in (model.prior, model.likelihood))
         return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood)
+
+
+# The fitted attributes of a likelihood's learned parameters, by how many it has: a
+# Student-t's ν, or a normal mixture's outlier fraction and width.
+_LIKELIHOOD_ATTRIBUTES = ("likelihood_dof_", "likelihood_outlier_fraction_", "likelihood_outlier_scale_")
+
+
+def likelihood_attributes(values):
+    """The fitted attributes holding a likelihood's learned ``values``."""
+    names = _LIKELIHOOD_ATTRIBUTES[:1] if len(values) == 1 else _LIKELIHOOD_ATTRIBUTES[1:]
+    return {name: float(v) for name, v in zip(names, values)}
 
 
 def prior_of(params):

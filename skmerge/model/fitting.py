@@ -10,11 +10,12 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model
 from .data import encode, laue_band
-from .fitted import Weights
+from .fitted import Weights, likelihood_attributes
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "likelihood_dof_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "likelihood_dof_", "likelihood_outlier_fraction_",
+                       "likelihood_outlier_scale_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Training:
         if weights.prior is not None:
             attributes["prior_r_"] = weights.prior
         if weights.likelihood is not None:
-            attributes["likelihood_dof_"] = float(weights.likelihood[0])
+            attributes.update(likelihood_attributes(weights.likelihood))
         if self.validation_scores is not None:
             attributes["validation_scores_"] = self.validation_scores
             attributes["best_validation_score_"] = float(np.max(self.validation_scores))

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from reciprocalspaceship.algorithms.scale_merged_intensities import _french_wilson_posterior_quad
 
-from ..baseline import inverse_variance_mean
+from ..baseline import robust_mean
 from ..shells import make_shells
 
 _SCALING_ROUNDS = 5
@@ -21,21 +21,23 @@ _FRENCH_WILSON_CHUNK = 2_000
 def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
     """Per-image scale factors k and the merged intensities of the scaled data.
 
-    Alternates an inverse-variance merge of I/k with a weighted least-squares fit of each
-    image's k to the merged intensities (bincount-based: this runs on every observation).
+    Alternates a robust inverse-variance merge of I/k (:func:`~skmerge.baseline.robust_mean`,
+    so that outliers neither set the merged values nor, through them, the scales) with a
+    weighted least-squares fit of each image's k to the merged intensities
+    (bincount-based: this runs on every observation).
     The k are normalised to a geometric mean of 1.
     """
     k = np.ones(n_images)
     w = sigma**-2.0
     for _ in range(_SCALING_ROUNDS):
-        merged, _ = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
+        merged, _ = robust_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
         pred = merged[refl]
         num = np.bincount(image, weights=w * intensity * pred, minlength=n_images)
         den = np.bincount(image, weights=w * pred * pred, minlength=n_images)
         k = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
         k = np.clip(k, 1e-3 * np.median(k[k > 0]) if (k > 0).any() else 1e-3, None)
         k /= np.exp(np.mean(np.log(k)))
-    merged, merged_sigma = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
+    merged, merged_sigma = robust_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
     return k, merged, merged_sigma
 
 

@@ -100,10 +100,87 @@ class LearnedStudentT(tf.Module):
         return np.exp([self.log_dof.numpy()]).astype(np.float64)
 
 
+class MixtureLikelihood(_Likelihood):
+    """I ~ (1 − π)·Normal(Ipred, σ) + π·Normal(Ipred, κσ): most observations as their σ
+    say, a fraction π of gross outliers (zingers, overlaps, ice) κ times as wide.
+
+    Unlike a Student-t, whose tails and core share one shape parameter, the mixture keeps
+    a normal core of width σ however many outliers the data hold, so the precision the
+    bulk of the observations lends the amplitudes (and so SIGF) stays what their σ say.
+    π and κ are learned with the rest of the model unless ``learn`` is False; the fitted
+    values are the merger's ``likelihood_outlier_fraction_`` and
+    ``likelihood_outlier_scale_``.
+
+    Parameters
+    ----------
+    outlier_fraction : float, default=0.02
+        π (the starting value when learned).
+    outlier_scale : float, default=10.0
+        κ > 1 (the starting value when learned).
+    learn : bool, default=True
+    """
+
+    _parameter_constraints = {
+        "outlier_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "outlier_scale": [Interval(Real, 1, None, closed="neither")],
+        "learn": ["boolean"],
+    }
+
+    def __init__(self, outlier_fraction=0.02, outlier_scale=10.0, learn=True):
+        self.outlier_fraction = outlier_fraction
+        self.outlier_scale = outlier_scale
+        self.learn = learn
+
+    def distribution(self, predicted, sigma):
+        """The two-component normal mixture (``tfd.MixtureSameFamily``)."""
+        return _normal_mixture(predicted, sigma, float(self.outlier_fraction), float(self.outlier_scale))
+
+    def build(self, fitted=None):
+        """This object, or with ``learn`` a :class:`LearnedMixture` started at its values
+        (or at ``fitted`` [π, κ])."""
+        if not self.learn:
+            return self
+        start = (self.outlier_fraction, self.outlier_scale) if fitted is None else np.ravel(fitted)[:2]
+        return LearnedMixture(*(float(v) for v in start))
+
+
+def _normal_mixture(predicted, sigma, fraction, scale):
+    fraction = tf.convert_to_tensor(fraction, tf.float32)
+    weights = tf.stack([1.0 - fraction, fraction])
+    widths = tf.stack([sigma, sigma * scale], axis=-1)
+    return tfd.MixtureSameFamily(tfd.Categorical(probs=weights),
+                                 tfd.Normal(predicted[..., None], widths))
+
+
+class LearnedMixture(tf.Module):
+    """The TensorFlow side of ``MixtureLikelihood(learn=True)``: π through a sigmoid, κ
+    as 1 + exp(·)."""
+
+    def __init__(self, fraction, scale, name="normal_mixture"):
+        super().__init__(name=name)
+        self.fraction_raw = tf.Variable(np.log(fraction / (1 - fraction)), dtype=tf.float32, name="fraction_raw")
+        self.scale_raw = tf.Variable(np.log(scale - 1.0), dtype=tf.float32, name="scale_raw")
+        self.fraction = tfp.util.DeferredTensor(self.fraction_raw, tfb.Sigmoid())
+        self.scale = tfp.util.DeferredTensor(self.scale_raw, tfb.Chain([tfb.Shift(1.0), tfb.Exp()]))
+
+    def distribution(self, predicted, sigma):
+        return _normal_mixture(predicted, sigma, tf.convert_to_tensor(self.fraction),
+                               tf.convert_to_tensor(self.scale))
+
+    def log_prob(self, intensity, predicted, sigma):
+        return self.distribution(predicted, sigma).log_prob(intensity)
+
+    def get_weights(self):
+        """np.array([π, κ])."""
+        return np.array([tf.convert_to_tensor(self.fraction).numpy(), tf.convert_to_tensor(self.scale).numpy()],
+                        np.float64)
+
+
 LIKELIHOODS = {
     "normal": NormalLikelihood,
     "laplace": LaplaceLikelihood,
     "studentt": lambda: StudentTLikelihood(learn_dof=True),
+    "mixture": MixtureLikelihood,
 }
 
 

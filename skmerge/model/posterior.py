@@ -28,7 +28,45 @@ def _standard_normal_cdf(x):
     return 0.5 * tf.math.erfc(-x / math.sqrt(2.0))
 
 
-class PositiveTruncatedNormal(tfd.Distribution):
+def location_scale_properties(cls, dtype, num_classes=None):
+    """TFP's parameter properties of a law with ``loc`` and a positive ``scale``. TFP
+    wants every distribution class that defines ``__init__`` to declare them itself, so
+    each class assigns this as its ``_parameter_properties``."""
+    return dict(
+        loc=tfp.util.ParameterProperties(),
+        scale=tfp.util.ParameterProperties(default_constraining_bijector_fn=lambda: tfb.Softplus()),
+    )
+
+
+class LocationScale(tfd.Distribution):
+    """Base of skmerge's scalar laws with a location and a positive scale (the posterior
+    here, the double-Wilson prior's Rice and folded-normal laws)."""
+
+    _parameter_properties = classmethod(location_scale_properties)
+
+    def __init__(self, loc, scale, parameters, name, validate_args=False, allow_nan_stats=True):
+        with tf.name_scope(name) as name:
+            self._loc = tf.convert_to_tensor(loc, dtype_hint=tf.float32, name="loc")
+            self._scale = tf.convert_to_tensor(scale, dtype=self._loc.dtype, name="scale")
+            super().__init__(
+                dtype=self._loc.dtype,
+                reparameterization_type=tfd.FULLY_REPARAMETERIZED,
+                validate_args=validate_args,
+                allow_nan_stats=allow_nan_stats,
+                parameters=parameters,
+                name=name,
+            )
+
+    @property
+    def loc(self):
+        return self._loc
+
+    @property
+    def scale(self):
+        return self._scale
+
+
+class PositiveTruncatedNormal(LocationScale):
     """Normal(loc, scale) truncated to [0, ∞), one per batch member.
 
     The law of ``tfd.TruncatedNormal(loc, scale, 0, high)`` with high → ∞ (the tests
@@ -47,34 +85,10 @@ class PositiveTruncatedNormal(tfd.Distribution):
         Location and (positive) scale of the normal before truncation.
     """
 
+    _parameter_properties = classmethod(location_scale_properties)
+
     def __init__(self, loc, scale, validate_args=False, allow_nan_stats=True, name="PositiveTruncatedNormal"):
-        parameters = dict(locals())
-        with tf.name_scope(name) as name:
-            self._loc = tf.convert_to_tensor(loc, dtype_hint=tf.float32, name="loc")
-            self._scale = tf.convert_to_tensor(scale, dtype=self._loc.dtype, name="scale")
-            super().__init__(
-                dtype=self._loc.dtype,
-                reparameterization_type=tfd.FULLY_REPARAMETERIZED,
-                validate_args=validate_args,
-                allow_nan_stats=allow_nan_stats,
-                parameters=parameters,
-                name=name,
-            )
-
-    @classmethod
-    def _parameter_properties(cls, dtype, num_classes=None):
-        return dict(
-            loc=tfp.util.ParameterProperties(),
-            scale=tfp.util.ParameterProperties(default_constraining_bijector_fn=lambda: tfb.Softplus()),
-        )
-
-    @property
-    def loc(self):
-        return self._loc
-
-    @property
-    def scale(self):
-        return self._scale
+        super().__init__(loc, scale, dict(locals()), name, validate_args, allow_nan_stats)
 
     def _alpha_and_mass(self):
         """α = −loc/scale (the truncation point, standardised) and Z = Φ(−α), the mass
