@@ -48,6 +48,7 @@ def variants():
                             error_model=None),
         "studentt+em+dw": dict(likelihood=StudentTLikelihood(learn_dof=True), prior=DoubleWilsonPrior(),
                                error_model=ErrorModel()),
+        "mixture+em": dict(likelihood=MixtureLikelihood(), prior="wilson", error_model=ErrorModel()),
         "mixture+em+dw": dict(likelihood=MixtureLikelihood(), prior=DoubleWilsonPrior(), error_model=ErrorModel()),
         "default": {},
     }

@@ -27,6 +27,7 @@ from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_
 from .errors import DataWarning, InputError, NotSerializableError, ParameterError
 from .shells import ResolutionShells
 from .io import writers
+from .model.fitted import prior_of
 
 # The workflow's own options (the estimator validates its parameters itself).
 OPTION_CONSTRAINTS = {
@@ -272,7 +273,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     if getattr(merger, "prior_r_", None) is not None:
         report("info", "double-Wilson prior: r " + "; ".join(
             f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(merger.prior_r_)
-            if np.isfinite(row).any()) + (" (learned)" if merger.prior.learn_r else " (fixed)"))
+            if np.isfinite(row).any()) + (" (learned)" if prior_of(merger).learn_r else " (fixed)"))
     ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
     predictions = writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd),
                                             scale, scale_sd, test=test)
@@ -491,7 +492,7 @@ def _statistics(merged, halves, predictions, parents, **options):
 def parent_files(merger, n_sets):
     """The data set each of ``n_sets`` separately merged files is compared with by
     CCdiff: its double-Wilson parent, else the first file (None for the first)."""
-    parents = getattr(merger.prior, "parents", None) if merger is not None else None
+    parents = getattr(prior_of(merger), "parents", None) if merger is not None else None
     if parents is None:
         return [None] + [0] * (n_sets - 1)
     return [p if p is not None and p < n_sets else None for p in list(parents)[:n_sets]] + [None] * (

@@ -146,7 +146,8 @@ def test_held_out_score_prefers_the_error_model_when_sigma_is_understated(misrep
     groups = understated["image_id"]
     train, test = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0).split(understated, groups=groups))
     scores = {
-        error_model: VariationalMerger(metadata=METADATA, mlp_layers=4, error_model=error_model, random_state=0)
+        error_model: VariationalMerger(metadata=METADATA, mlp_layers=4, likelihood="normal", error_model=error_model,
+                                       random_state=0)
         .fit(understated.iloc[train])
         .score(understated.iloc[test])
         for error_model in (False, True)

@@ -214,3 +214,26 @@ def test_table_without_space_group_is_an_input_error(symmetric_pair):
     X.spacegroup = None
     with pytest.raises(InputError, match="space group"):
         merge_inverse_variance(X)
+
+
+def test_robust_mean_ignores_gross_outliers_and_equals_the_weighted_mean_without_them():
+    from skmerge.baseline import inverse_variance_mean, robust_mean
+
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(200), 8)
+    truth = rng.uniform(1, 10, 200)
+    sigma = np.full(len(group), 0.5)
+    values = truth[group] + sigma * rng.standard_normal(len(group))
+    clean_mean, _ = inverse_variance_mean(group, values, sigma, 200)
+    # On clean data only the rare 3σ deviates are weighed down: at most half a standard error.
+    difference = np.abs(robust_mean(group, values, sigma, 200)[0] - clean_mean)
+    assert difference.max() < 0.5 * 0.5 / np.sqrt(8) and np.mean(difference > 1e-6) < 0.05
+    values[::40] += 50.0  # one zinger in every fifth group
+    plain, _ = inverse_variance_mean(group, values, sigma, 200)
+    robust, _ = robust_mean(group, values, sigma, 200)
+    assert np.abs(plain - truth).max() > 5
+    assert np.abs(robust - truth).max() < 1.0
+    # Understated σ (all ×1/3): the scatter of the bulk sets the cut, not σ.
+    robust_understated, _ = robust_mean(group, values, sigma / 3, 200)
+    assert np.abs(robust_understated - truth).max() < 1.0
+    assert np.isnan(robust_mean(np.array([0, 0]), np.array([1.0, 2.0]), np.ones(2), 2)[0][1])

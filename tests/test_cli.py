@@ -143,21 +143,22 @@ def test_flags_map_to_estimator_parameters():
     args = _parse("--anomalous", "--studentt-likelihood-dof", "8", "--iterations", "30_000", "--learning-rate",
                   "0.01", "--mlp-layers", "3", "--mlp-width", "7", "--mc-samples", "4", "--disable-image-scales",
                   "--early-stopping", "--seed", "5", "--disable-progress-bar", "--separate-files", "-L", "2",
-                  "--batch-size", "16", "--error-model")
+                  "--batch-size", "16", "--no-error-model", "--no-double-wilson")
     params = merger_parameters(args, ["dHKL", "BATCH"])
-    likelihood, error_model = params.pop("likelihood"), params.pop("error_model")
+    likelihood, error_model, prior = params.pop("likelihood"), params.pop("error_model"), params.pop("prior")
     assert params == {
         "metadata": ["dHKL", "BATCH"], "anomalous": True, "image_scales": False, "early_stopping": True,
         "random_state": 5, "verbose": 0, "separate_files": True,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
         "positional_encoding": 2, "batch_size": 16,
     }
-    assert type(likelihood).__name__ == "StudentTLikelihood" and likelihood.dof == 8.0
-    assert type(error_model).__name__ == "ErrorModel" and error_model.get_params() == {"sdfac": 1.0, "sdadd": 0.01}
+    assert type(likelihood).__name__ == "StudentTLikelihood" and likelihood.dof == 8.0 and not likelihood.learn_dof
+    assert error_model is None and prior == "wilson"
     # Without flags the progress bar is on and --seed is 0.
     params = merger_parameters(_parse(), ["dHKL"])
     assert (params["verbose"], params["random_state"], params["metadata"]) == (1, 0, ["dHKL"])
-    assert "error_model" not in params and "prior" not in params
+    assert "error_model" not in params and "prior" not in params  # the estimator's defaults
+    assert "error_model" not in merger_parameters(_parse("--error-model"), ["dHKL"])
     assert merger_parameters(_parse("--quiet"), ["dHKL"])["verbose"] == 0
     assert merger_parameters(_parse("--likelihood", "laplace"), ["dHKL"])["likelihood"] == "laplace"
 

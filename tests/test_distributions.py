@@ -316,3 +316,32 @@ def test_configuration_objects_clone_with_their_parameters(config):
     assert copy is not config and type(copy) is type(config)
     assert copy.get_params() == params
     assert repr(copy) == repr(config)
+
+
+def test_mixture_likelihood_is_a_normal_core_plus_a_broad_component():
+    from skmerge.model.likelihoods import MixtureLikelihood
+
+    intensity = np.array([1.0, 1.5, 9.0, -4.0], np.float32)
+    predicted = np.array([1.1, 1.0, 1.0, 0.5], np.float32)
+    sigma = np.array([0.2, 0.4, 0.5, 1.0], np.float32)
+    fixed = MixtureLikelihood(outlier_fraction=0.05, outlier_scale=8.0, learn=False)
+    expected = np.log(0.95 * stats.norm(predicted, sigma).pdf(intensity)
+                      + 0.05 * stats.norm(predicted, 8 * sigma).pdf(intensity))
+    np.testing.assert_allclose(fixed.log_prob(intensity, predicted, sigma).numpy(), expected, rtol=1e-5)
+    assert fixed.build() is fixed
+    learned = MixtureLikelihood(outlier_fraction=0.05, outlier_scale=8.0).build()
+    np.testing.assert_allclose(learned.get_weights(), [0.05, 8.0], rtol=1e-5)
+    np.testing.assert_allclose(learned.log_prob(intensity, predicted, sigma).numpy(), expected, rtol=1e-5)
+    assert len(learned.trainable_variables) == 2
+    restored = MixtureLikelihood().build(fitted=learned.get_weights())
+    np.testing.assert_allclose(restored.get_weights(), [0.05, 8.0], rtol=1e-5)
+
+
+def test_learned_student_t_starts_at_its_dof_and_is_trainable():
+    learned = StudentTLikelihood(dof=6.0, learn_dof=True).build()
+    np.testing.assert_allclose(learned.get_weights(), [6.0], rtol=1e-6)
+    x = np.array([0.3, 2.0], np.float32)
+    np.testing.assert_allclose(learned.log_prob(x, np.zeros(2, np.float32), np.ones(2, np.float32)).numpy(),
+                               stats.t(6.0).logpdf(x), rtol=1e-5)
+    assert len(learned.trainable_variables) == 1
+    assert StudentTLikelihood(dof=6.0).build().dof == 6.0  # fixed: the object itself

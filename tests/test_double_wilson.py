@@ -245,7 +245,7 @@ def test_friedel_prior_recovers_more_anomalous_signal_than_wilson():
     X, truth = make_unmerged(n_images=36, anomalous=True, anomalous_signal=0.05, outlier_fraction=0.01,
                              random_state=0)
     params = dict(anomalous=True, likelihood=StudentTLikelihood(4.0), mlp_layers=4, random_state=0)
-    wilson = _dano_cc(VariationalMerger(**params).fit(X).transform(X), truth.merged)
+    wilson = _dano_cc(VariationalMerger(prior="wilson", **params).fit(X).transform(X), truth.merged)
     bivariate = _dano_cc(VariationalMerger(prior=DoubleWilsonPrior(), **params).fit(X).transform(X), truth.merged)
     assert bivariate >= wilson + 0.05, (wilson, bivariate)
 

@@ -187,7 +187,7 @@ def test_sigma_scatter_warning(spread, warned):
     predictions = pd.DataFrame({"Iobs": iobs, "SIGIobs": sigma, "Ipred": ipred, "test": test.astype(np.int32)})
     warning = sigma_scatter_warning(predictions)
     if warned:
-        assert "5.0 times more than their sigmas say" in warning and "--error-model" in warning
+        assert "5.0 times more than their sigmas say" in warning and "--no-error-model" in warning
     else:
         assert warning is None
 

@@ -422,17 +422,17 @@ class Correlation(tf.Module):
     flat tensor; learnable through a sigmoid onto (0, R_MAX) when ``trainable``.
 
     ``used`` marks the correlations some child reflection depends on; the others are
-    reported as NaN by ``get_weights`` (no data speak to them)."""
+    reported as NaN by ``get_weights`` (no data speak to them). The conversions between
+    r and the variable run in double precision in numpy, so that a merger rebuilt from
+    its saved r has bit for bit the variable it was trained with."""
 
     def __init__(self, start, used, trainable=True, name="correlation"):
         super().__init__(name=name)
         self.shape = start.shape
         self.start = np.asarray(start, np.float64)
         self.used = np.asarray(used, bool)
-        bijector = tfb.Sigmoid(low=0.0, high=R_MAX)
-        raw = bijector.inverse(np.clip(self.start.ravel(), 1e-4, R_MAX - 1e-4).astype(np.float32))
-        self.raw = tf.Variable(raw, trainable=trainable, name="r_raw")
-        self.value = tfp.util.DeferredTensor(self.raw, bijector)
+        self.raw = tf.Variable(_logit(self.start.ravel()), trainable=trainable, name="r_raw")
+        self.value = tfp.util.DeferredTensor(self.raw, tfb.Sigmoid(low=0.0, high=R_MAX))
 
     def flat(self):
         """The correlations as a flat tensor (row file·n_shells + shell)."""
@@ -440,8 +440,8 @@ class Correlation(tf.Module):
 
     def get_weights(self):
         """The correlations, NaN where unused."""
-        r = self.flat().numpy().astype(np.float64).reshape(self.shape)
-        return np.where(self.used, r, np.nan)
+        raw = self.raw.numpy().astype(np.float64).reshape(self.shape)
+        return np.where(self.used, R_MAX / (1 + np.exp(-raw)), np.nan)
 
     def set_weights(self, r):
         """Set the correlations from ``get_weights``'s array (NaN: the starting value); an
@@ -449,9 +449,13 @@ class Correlation(tf.Module):
         r = np.asarray(r, np.float64)
         if r.shape != self.shape:
             return
-        r = np.where(np.isnan(r), self.start, r)
-        self.raw.assign(tfb.Sigmoid(low=0.0, high=R_MAX).inverse(
-            np.clip(r.ravel(), 1e-4, R_MAX - 1e-4).astype(np.float32)))
+        self.raw.assign(_logit(np.where(np.isnan(r), self.start, r).ravel()))
+
+
+def _logit(r):
+    """The variable of correlations r: the inverse of R_MAX·sigmoid, in double precision."""
+    r = np.clip(np.asarray(r, np.float64), 1e-4, R_MAX - 1e-4) / R_MAX
+    return np.log(r / (1 - r)).astype(np.float32)
 
 
 def _shells(dhkl, children, n_shells):

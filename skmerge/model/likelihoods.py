@@ -171,9 +171,10 @@ class LearnedMixture(tf.Module):
         return self.distribution(predicted, sigma).log_prob(intensity)
 
     def get_weights(self):
-        """np.array([π, κ])."""
-        return np.array([tf.convert_to_tensor(self.fraction).numpy(), tf.convert_to_tensor(self.scale).numpy()],
-                        np.float64)
+        """np.array([π, κ]), computed in double precision from the variables (so that
+        rebuilding from them restores the variables exactly)."""
+        fraction_raw, scale_raw = (float(v.numpy()) for v in (self.fraction_raw, self.scale_raw))
+        return np.array([1 / (1 + np.exp(-fraction_raw)), 1 + np.exp(scale_raw)], np.float64)
 
 
 LIKELIHOODS = {
