@@ -151,8 +151,9 @@ class MergeResult:
             document["error_model"] = self.error_model
         if len(self.statistics) > 1:
             document["parents"] = parent_files(self.merger, len(self.statistics))
-        if getattr(self.merger, "likelihood_dof_", None) is not None:
-            document["likelihood_dof"] = float(self.merger.likelihood_dof_)
+        learned = _learned_likelihood(self.merger)
+        if learned:
+            document["likelihood"] = learned
         prior_r = getattr(self.merger, "prior_r_", None)
         if prior_r is not None:
             document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]
@@ -268,8 +269,12 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            " (the maximum; not converged — raise --iterations)")
            + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
               if error_model else ""))
-    if getattr(merger, "likelihood_dof_", None) is not None:
-        report("info", f"Student-t likelihood: {merger.likelihood_dof_:.3g} degrees of freedom (learned)")
+    learned = _learned_likelihood(merger)
+    if "dof" in learned:
+        report("info", f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
+    elif learned:
+        report("info", f"mixture likelihood: {learned['outlier_fraction']:.2%} of the observations as outliers, "
+               f"{learned['outlier_scale']:.3g} times as wide (learned)")
     if getattr(merger, "prior_r_", None) is not None:
         report("info", "double-Wilson prior: r " + "; ".join(
             f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(merger.prior_r_)
@@ -304,6 +309,14 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
+
+
+def _learned_likelihood(merger):
+    """The likelihood's learned parameters by name (dof, or outlier_fraction and
+    outlier_scale), or an empty dict."""
+    return {name[len("likelihood_"):-1]: float(getattr(merger, name))
+            for name in ("likelihood_dof_", "likelihood_outlier_fraction_", "likelihood_outlier_scale_")
+            if hasattr(merger, name)}
 
 
 def _fitted_error_model(merger):

@@ -89,10 +89,12 @@ def test_run_merge_returns_what_it_wrote(both_runs):
     assert 0.05 < result.test.mean() < 0.15
     assert (result.predictions[0]["test"].to_numpy() == 1).sum() == result.test.sum()
     assert set(result.halves[0]["half"]) == {0, 1}
-    assert result.names == ["sim.mtz"] and result.error_model is None
+    assert result.names == ["sim.mtz"] and result.error_model["sdfac"] > 0  # the default error model
     assert np.isfinite(result.statistics[0].table.loc["overall", "cc_pred"])
     levels = [level for level, _ in lines]
-    assert set(levels) <= {"info", "warning"} and levels.count("info") == 4, lines
+    assert set(levels) <= {"info", "warning"} and levels.count("info") == 6, lines
+    messages = " ".join(message for _, message in lines)
+    assert "degrees of freedom (learned)" in messages and "double-Wilson prior: r file 0" in messages
     assert [message for level, message in lines if level == "warning"] == result.warnings
     assert lines[-1][1].startswith("wrote sim_0.mtz")
     assert "not converged" in lines[1][1], "30 steps are too few: the status line says so"

@@ -67,8 +67,9 @@ class ErrorModelModule(tf.Module):
         return self.sdfac * tf.sqrt(tf.square(sigma) + tf.square(self.sdadd * predicted))
 
     def get_weights(self):
-        """np.array([SdFac, SdAdd])."""
-        return np.exp([self.log_sdfac.numpy(), self.log_sdadd.numpy()]).astype(np.float64)
+        """np.array([SdFac, SdAdd]), exponentiated in double precision so that a model
+        rebuilt from them has bit for bit the same variables."""
+        return np.exp(np.array([self.log_sdfac.numpy(), self.log_sdadd.numpy()], np.float64))
 
 
 def make_error_model(error_model):

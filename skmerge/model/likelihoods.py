@@ -96,8 +96,8 @@ class LearnedStudentT(tf.Module):
         return self.distribution(predicted, sigma).log_prob(intensity)
 
     def get_weights(self):
-        """np.array([ν])."""
-        return np.exp([self.log_dof.numpy()]).astype(np.float64)
+        """np.array([ν]), exponentiated in double precision (an exact round trip)."""
+        return np.exp(np.array([self.log_dof.numpy()], np.float64))
 
 
 class MixtureLikelihood(_Likelihood):
