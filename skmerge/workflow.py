@@ -155,7 +155,7 @@ class MergeResult:
         if learned:
             document["likelihood"] = learned
         prior_r = getattr(self.merger, "prior_r_", None)
-        if prior_r is not None:
+        if prior_r is not None and np.isfinite(prior_r).any():
             document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]
         return document
 
@@ -275,11 +275,11 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     elif learned:
         report("info", f"mixture likelihood: {learned['outlier_fraction']:.2%} of the observations as outliers, "
                f"{learned['outlier_scale']:.3g} times as wide (learned)")
-    if getattr(merger, "prior_r_", None) is not None:
+    prior_r = getattr(merger, "prior_r_", None)
+    if prior_r is not None and np.isfinite(prior_r).any():
         report("info", "double-Wilson prior: r " + "; ".join(
-            f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(merger.prior_r_)
+            f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(prior_r)
             if np.isfinite(row).any()) + (" (learned)" if prior_of(merger).learn_r else " (fixed)"))
-    ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
     predictions = writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd),
                                             scale, scale_sd, test=test)
     if error_model is None:
