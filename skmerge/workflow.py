@@ -280,6 +280,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         report("info", "double-Wilson prior: r " + "; ".join(
             f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(prior_r)
             if np.isfinite(row).any()) + (" (learned)" if prior_of(merger).learn_r else " (fixed)"))
+    ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
     predictions = writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd),
                                             scale, scale_sd, test=test)
     if error_model is None:
