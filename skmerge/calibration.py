@@ -37,8 +37,8 @@ from scipy import stats as scipy_stats
 from .errors import InputError
 from .shells import ResolutionShells, make_shells
 
-__all__ = ["Calibration", "calibration_report", "coverage", "outlier_weight", "predictive_z",
-           "refined_sigma", "robust_sd"]
+__all__ = ["Calibration", "calibration_report", "coverage", "likelihood_law", "normal_score", "outlier_weight",
+           "predictive_z", "refined_sigma", "robust_sd"]
 
 OUTLIER_LIMIT = 4.0
 """An outlier lies beyond this many robust standard deviations of its data set's z, and
@@ -83,6 +83,57 @@ def predictive_z(iobs, ipred, sigma, ipred_sd):
     """
     iobs, ipred, sigma, ipred_sd = (np.asarray(a, dtype=np.float64) for a in (iobs, ipred, sigma, ipred_sd))
     return (iobs - ipred) / np.sqrt(sigma**2 + ipred_sd**2)
+
+
+def normal_score(z, likelihood):
+    """The residuals z (in units of σpred) as standard-normal scores of their predictive
+    tail probability: Φ⁻¹ of the law's CDF at z. With a Student-t likelihood a residual
+    of 2 is less surprising than with a normal one; expressed this way, the same normal
+    intervals and the same outlier limit test every likelihood's own predictive law.
+
+    Parameters
+    ----------
+    z : array-like
+        (Iobs − Ipred)/σpred (:func:`predictive_z`).
+    likelihood : dict
+        The law: ``{"dof": ν}`` (Student-t), ``{"outlier_fraction": π,
+        "outlier_scale": κ}`` (normal mixture), ``{"laplace": True}``, or empty (normal:
+        z is returned as it is).
+
+    Examples
+    --------
+    >>> from skmerge.calibration import normal_score
+    >>> normal_score([1.0, -3.0], {}).tolist()
+    [1.0, -3.0]
+    >>> [round(float(v), 3) for v in normal_score([2.015, -2.015], {"dof": 5.0})]  # t₅'s 95 % quantile
+    [1.645, -1.645]
+    """
+    z = np.asarray(z, dtype=np.float64)
+    size = np.abs(z)
+    if "dof" in likelihood:
+        tail = scipy_stats.t.sf(size, likelihood["dof"])
+    elif "outlier_fraction" in likelihood:
+        fraction, scale = likelihood["outlier_fraction"], likelihood["outlier_scale"]
+        tail = (1 - fraction) * scipy_stats.norm.sf(size) + fraction * scipy_stats.norm.sf(size / scale)
+    elif likelihood.get("laplace"):
+        tail = 0.5 * np.exp(-np.sqrt(2.0) * size)
+    else:
+        return z
+    return np.sign(z) * scipy_stats.norm.isf(tail)
+
+
+def likelihood_law(merger):
+    """The predictive law of a fitted merger's likelihood, as :func:`normal_score` takes
+    it (learned parameters where the fit learned them)."""
+    from .model.likelihoods import LaplaceLikelihood, MixtureLikelihood, StudentTLikelihood, make_likelihood
+
+    likelihood = make_likelihood(merger.likelihood)
+    if isinstance(likelihood, StudentTLikelihood):
+        return {"dof": float(getattr(merger, "likelihood_dof_", likelihood.dof))}
+    if isinstance(likelihood, MixtureLikelihood):
+        return {"outlier_fraction": float(getattr(merger, "likelihood_outlier_fraction_", likelihood.outlier_fraction)),
+                "outlier_scale": float(getattr(merger, "likelihood_outlier_scale_", likelihood.outlier_scale))}
+    return {"laplace": True} if isinstance(likelihood, LaplaceLikelihood) else {}
 
 
 def robust_sd(values):
@@ -156,17 +207,16 @@ def observation_scores(merger, X, ipred, ipred_sd):
     """The ``Z`` and ``Weight`` columns of the predictions file for the observations X
     of a fitted merger, given their predictions (``merger.predict(X, return_std=True)``).
 
-    ``Weight`` is :func:`outlier_weight` with the ν of the merger's Student-t likelihood
-    (the learned ``likelihood_dof_`` when it learned ν), or :data:`REFERENCE_DOF` for
-    likelihoods without one.
+    ``Z`` is the residual (Iobs − Ipred)/σpred as a normal score under the likelihood's
+    own law (:func:`normal_score`; the residual itself for a normal likelihood).
+    ``Weight`` is :func:`outlier_weight` of the residual with the ν of the merger's
+    Student-t likelihood (the learned ``likelihood_dof_`` when it learned ν), or
+    :data:`REFERENCE_DOF` for likelihoods without one.
     """
-    from .model.likelihoods import make_likelihood
-
     sigma = refined_sigma(merger, X["SIGIobs"].to_numpy(np.float64), ipred)
-    z = predictive_z(X["Iobs"].to_numpy(np.float64), ipred, sigma, ipred_sd)
-    dof = getattr(merger, "likelihood_dof_", None) or getattr(make_likelihood(merger.likelihood), "dof",
-                                                                REFERENCE_DOF)
-    return z, outlier_weight(z, float(dof))
+    residual = predictive_z(X["Iobs"].to_numpy(np.float64), ipred, sigma, ipred_sd)
+    law = likelihood_law(merger)
+    return normal_score(residual, law), outlier_weight(residual, law.get("dof", REFERENCE_DOF))
 
 
 # ------------------------------------------------------------------------ the report
