@@ -125,14 +125,15 @@ def normal_score(z, likelihood):
 def likelihood_law(merger):
     """The predictive law of a fitted merger's likelihood, as :func:`normal_score` takes
     it (learned parameters where the fit learned them)."""
+    from .model.fitted import learned_likelihood
     from .model.likelihoods import LaplaceLikelihood, MixtureLikelihood, StudentTLikelihood, make_likelihood
 
     likelihood = make_likelihood(merger.likelihood)
     if isinstance(likelihood, StudentTLikelihood):
-        return {"dof": float(getattr(merger, "likelihood_dof_", likelihood.dof))}
+        return {"dof": float(likelihood.dof), **learned_likelihood(merger)}
     if isinstance(likelihood, MixtureLikelihood):
-        return {"outlier_fraction": float(getattr(merger, "likelihood_outlier_fraction_", likelihood.outlier_fraction)),
-                "outlier_scale": float(getattr(merger, "likelihood_outlier_scale_", likelihood.outlier_scale))}
+        return {"outlier_fraction": float(likelihood.outlier_fraction),
+                "outlier_scale": float(likelihood.outlier_scale), **learned_likelihood(merger)}
     return {"laplace": True} if isinstance(likelihood, LaplaceLikelihood) else {}
 
 

@@ -27,7 +27,7 @@ from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_
 from .errors import DataWarning, InputError, NotSerializableError, ParameterError
 from .shells import ResolutionShells
 from .io import writers
-from .model.fitted import prior_of
+from .model.fitted import learned_likelihood, prior_of
 
 # The workflow's own options (the estimator validates its parameters itself).
 OPTION_CONSTRAINTS = {
@@ -151,7 +151,7 @@ class MergeResult:
             document["error_model"] = self.error_model
         if len(self.statistics) > 1:
             document["parents"] = parent_files(self.merger, len(self.statistics))
-        learned = _learned_likelihood(self.merger)
+        learned = learned_likelihood(self.merger)
         if learned:
             document["likelihood"] = learned
         prior_r = getattr(self.merger, "prior_r_", None)
@@ -269,7 +269,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            " (the maximum; not converged — raise --iterations)")
            + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
               if error_model else ""))
-    learned = _learned_likelihood(merger)
+    learned = learned_likelihood(merger)
     if "dof" in learned:
         report("info", f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
     elif learned:
@@ -310,14 +310,6 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
-
-
-def _learned_likelihood(merger):
-    """The likelihood's learned parameters by name (dof, or outlier_fraction and
-    outlier_scale), or an empty dict."""
-    return {name[len("likelihood_"):-1]: float(getattr(merger, name))
-            for name in ("likelihood_dof_", "likelihood_outlier_fraction_", "likelihood_outlier_scale_")
-            if hasattr(merger, name)}
 
 
 def _fitted_error_model(merger):

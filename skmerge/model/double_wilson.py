@@ -264,9 +264,9 @@ class DoubleWilsonDistribution(tfd.Distribution):
         return tf.where(self._root, self.wilson.expected_log_prob(posterior, samples), child)
 
 
-def _levels(parent):
-    """Boolean masks of the reflections at depth 1, 2, … of the parent forest (depth 0:
-    roots). InputError if the parents form a cycle."""
+def _depths(parent):
+    """The depth of every reflection in the parent forest (0 for roots). InputError if
+    the parents form a cycle."""
     depth = np.where(parent < 0, 0, -1)
     for d in range(1, len(parent) + 1):
         todo = depth < 0
@@ -276,6 +276,12 @@ def _levels(parent):
         if not ready.any():
             raise InputError("the double-Wilson parents form a cycle; every chain of parents must end at a root.")
         depth[ready] = d
+    return depth
+
+
+def _levels(parent):
+    """Boolean masks of the reflections at depth 1, 2, … of the parent forest."""
+    depth = _depths(parent)
     return [tf.constant(depth == d) for d in range(1, depth.max() + 1)]
 
 
@@ -373,9 +379,9 @@ class DoubleWilsonPrior(BaseEstimator):
         reflections whose posteriors start from one shared estimate."""
         n_files = 1 if reflections.group is None else int(reflections.group.max()) + 1
         parent = self._parents(reflections, n_files)
-        root = np.arange(len(parent))
-        for level in _levels(parent):
-            rows = np.flatnonzero(level.numpy())
+        root, depth = np.arange(len(parent)), _depths(parent)
+        for d in range(1, depth.max() + 1):  # each generation after its parents'
+            rows = np.flatnonzero(depth == d)
             root[rows] = root[parent[rows]]
         return root
 

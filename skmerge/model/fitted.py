@@ -160,7 +160,7 @@ class Weights:
         """The weights held by a fitted estimator's attributes."""
         sdfac = getattr(estimator, "sdfac_", None)
         error_model = None if sdfac is None else np.array([sdfac, estimator.sdadd_])
-        learned = [getattr(estimator, name) for name in _LIKELIHOOD_ATTRIBUTES if hasattr(estimator, name)]
+        learned = list(learned_likelihood(estimator).values())
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
                    getattr(estimator, "prior_r_", None), np.array(learned) if learned else None)
 
@@ -174,13 +174,20 @@ class Weights:
 
 # The fitted attributes of a likelihood's learned parameters, by how many it has: a
 # Student-t's ν, or a normal mixture's outlier fraction and width.
-_LIKELIHOOD_ATTRIBUTES = ("likelihood_dof_", "likelihood_outlier_fraction_", "likelihood_outlier_scale_")
+LIKELIHOOD_ATTRIBUTES = ("likelihood_dof_", "likelihood_outlier_fraction_", "likelihood_outlier_scale_")
 
 
 def likelihood_attributes(values):
     """The fitted attributes holding a likelihood's learned ``values``."""
-    names = _LIKELIHOOD_ATTRIBUTES[:1] if len(values) == 1 else _LIKELIHOOD_ATTRIBUTES[1:]
+    names = LIKELIHOOD_ATTRIBUTES[:1] if len(values) == 1 else LIKELIHOOD_ATTRIBUTES[1:]
     return {name: float(v) for name, v in zip(names, values)}
+
+
+def learned_likelihood(estimator):
+    """A fitted estimator's learned likelihood parameters by name (``dof``, or
+    ``outlier_fraction`` and ``outlier_scale``); empty when its likelihood learned none."""
+    return {name[len("likelihood_"):-1]: float(getattr(estimator, name))
+            for name in LIKELIHOOD_ATTRIBUTES if hasattr(estimator, name)}
 
 
 def prior_of(params):

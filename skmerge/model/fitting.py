@@ -10,12 +10,12 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model
 from .data import encode, laue_band
-from .fitted import Weights, likelihood_attributes
+from .fitted import LIKELIHOOD_ATTRIBUTES, Weights, likelihood_attributes
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "likelihood_dof_", "likelihood_outlier_fraction_",
-                       "likelihood_outlier_scale_", "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_")
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", *LIKELIHOOD_ATTRIBUTES, "validation_scores_",
+                       "best_validation_score_", "wavelength_bands_", "dmin_")
 
 
 @dataclass

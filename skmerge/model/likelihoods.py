@@ -9,19 +9,23 @@ is always its standard deviation (for the Student-t, its scale); the error model
 import math
 from numbers import Real
 
+import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval
-
-import numpy as np
 
 from .._tf import tf, tfb, tfd, tfp
 
 
-class _Likelihood(BaseEstimator):
+class _Law:
+    """What every likelihood, configured or learned, offers the model: the log-density
+    of its ``distribution``."""
+
     def log_prob(self, intensity, predicted, sigma):
         """log p(intensity | predicted, sigma), elementwise."""
         return self.distribution(predicted, sigma).log_prob(intensity)
 
+
+class _Likelihood(_Law, BaseEstimator):
     def build(self, fitted=None):
         """The likelihood a model uses: this object itself, which learns nothing."""
         return self
@@ -78,7 +82,7 @@ class StudentTLikelihood(_Likelihood):
         return LearnedStudentT(float(self.dof) if fitted is None else float(np.ravel(fitted)[0]))
 
 
-class LearnedStudentT(tf.Module):
+class LearnedStudentT(_Law, tf.Module):
     """The TensorFlow side of ``StudentTLikelihood(learn_dof=True)``: ν a variable, kept
     positive by an exponential bijector on its logarithm (a step of Adam then changes ν
     by a constant factor, so ν moves from 16 to 4 or to 64 in a few hundred steps)."""
@@ -91,9 +95,6 @@ class LearnedStudentT(tf.Module):
     def distribution(self, predicted, sigma):
         """``tfd.StudentT(ν, predicted, sigma)`` at the current ν."""
         return tfd.StudentT(tf.convert_to_tensor(self.dof), predicted, sigma)
-
-    def log_prob(self, intensity, predicted, sigma):
-        return self.distribution(predicted, sigma).log_prob(intensity)
 
     def get_weights(self):
         """np.array([ν]), exponentiated in double precision (an exact round trip)."""
@@ -152,7 +153,7 @@ def _normal_mixture(predicted, sigma, fraction, scale):
                                  tfd.Normal(predicted[..., None], widths))
 
 
-class LearnedMixture(tf.Module):
+class LearnedMixture(_Law, tf.Module):
     """The TensorFlow side of ``MixtureLikelihood(learn=True)``: π through a sigmoid, κ
     as 1 + exp(·)."""
 
@@ -166,9 +167,6 @@ class LearnedMixture(tf.Module):
     def distribution(self, predicted, sigma):
         return _normal_mixture(predicted, sigma, tf.convert_to_tensor(self.fraction),
                                tf.convert_to_tensor(self.scale))
-
-    def log_prob(self, intensity, predicted, sigma):
-        return self.distribution(predicted, sigma).log_prob(intensity)
 
     def get_weights(self):
         """np.array([π, κ]), computed in double precision from the variables (so that
