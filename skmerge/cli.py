@@ -9,6 +9,7 @@ TensorFlow for ``--help`` and ``--version``.
 
 import argparse
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .diagnostics import SPECIAL_KEYS
 from .errors import InputError, SkmergeError
+from .report import register as register_report
 from .signals import interrupt_on_sigterm
 
 # Flags whose destination is the VariationalMerger parameter of that name.
@@ -235,6 +237,7 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+    register_report(commands)
     return parser
 
 
@@ -371,7 +374,8 @@ def _mono(args):
 
     from .workflow import format_statistics, run_merge
 
-    result = run_merge(args.reflection_files, args.out, log=log, **workflow_options(args), **params)
+    result = run_merge(args.reflection_files, args.out, log=log, command=args.command_line, **workflow_options(args),
+                       **params)
     if not args.quiet:
         print(format_statistics(result.statistics, result.names, result.calibration))
     return 0
@@ -431,6 +435,7 @@ def main(argv=None):
     """Run the command line; returns the exit status (2 for a bad command line)."""
     try:
         args = build_parser().parse_args(argv)
+        args.command_line = shlex.join(["skmerge", *(sys.argv[1:] if argv is None else argv)])
         with interrupt_on_sigterm():  # a killed run cleans up as an interrupted one
             return args.run(args) or 0
     except SystemExit as exc:  # --help and --version

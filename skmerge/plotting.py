@@ -7,11 +7,12 @@ with ``figure.savefig`` or :func:`skmerge.io.writers.write_figure`.
 
 import numpy as np
 
-_CC_COLUMNS = (("cc_half", "CC1/2", "-"), ("cc_anom", "CCanom", "--"), ("cc_pred", "CCpred (test)", ":"))
+_CC_COLUMNS = (("cc_half", "CC1/2", "-"), ("cc_anom", "CCanom", "--"), ("cc_pred", "CCpred (test)", ":"),
+               ("cc_diff", "CCdiff", "-."))
 
 
 def plot_statistics(statistics, labels=None):
-    """CC1/2, CCanom and CCpred against resolution.
+    """CC1/2, CCanom, CCpred and CCdiff against resolution.
 
     Parameters
     ----------
@@ -34,8 +35,7 @@ def plot_statistics(statistics, labels=None):
     axes = figure.add_subplot()
     drawn = False
     for index, (stats, label) in enumerate(zip(statistics, labels)):
-        shells = stats.table.drop(index="overall")
-        centre = (shells["d_max"].to_numpy() ** -2.0 + shells["d_min"].to_numpy() ** -2.0) / 2
+        centre, shells = _shell_centres(stats)
         colour = f"C{index}"
         for column, name, style in _CC_COLUMNS:
             if column in shells and np.isfinite(shells[column].to_numpy(dtype=float)).any():
@@ -76,9 +76,7 @@ def plot_calibration(calibration, labels=None):
     from matplotlib.figure import Figure
     from scipy.stats import norm
 
-    if not isinstance(calibration, (list, tuple)):
-        calibration = [calibration]
-    labels = labels or [None] * len(calibration)
+    calibration, labels = _as_lists(calibration, labels)
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
     for index, (report, label) in enumerate(zip(calibration, labels)):
@@ -102,43 +100,257 @@ def plot_calibration(calibration, labels=None):
 
 
 def plot_history(history):
-    """Loss (−ELBO per observation) and its NLL and KL parts against the step.
+    """The loss terms per observation against the step: the loss (−ELBO) and the
+    likelihood's terms above, the KL divergences below.
 
     Parameters
     ----------
     history : DataFrame or array of shape (n_steps, 3)
-        ``skmerge.io.writers.history_table`` or a merger's ``loss_curve_``.
+        ``skmerge.io.writers.history_table`` (step, loss, nll, kl), a merger's
+        ``loss_curve_``, or careless's ``OUT_history.csv`` (a ``step`` column, one column
+        per term; ``_val`` columns, the validation set's, are drawn dashed).
     """
     from matplotlib.figure import Figure
 
     if hasattr(history, "columns"):
         steps = history["step"].to_numpy() if "step" in history else np.arange(1, len(history) + 1)
-        columns = {c: history[c].to_numpy(dtype=float) for c in ("loss", "nll", "kl") if c in history}
+        columns = {str(c): history[c].to_numpy(dtype=float) for c in history.columns
+                   if c != "step" and not str(c).startswith("Unnamed") and np.issubdtype(history[c].dtype, np.number)}
     else:
         curve = np.asarray(history, dtype=float).reshape(len(history), -1)
         steps = np.arange(1, len(curve) + 1)
         columns = dict(zip(("loss", "nll", "kl"), curve.T))
     figure = Figure(figsize=(6.4, 5.0))
     top, bottom = figure.subplots(2, 1, sharex=True)
-    for name, style in (("loss", "-"), ("nll", "--")):
-        if name in columns:
-            top.plot(steps, columns[name], style, lw=1, label={"loss": "loss (−ELBO)", "nll": "NLL"}[name])
-    top.set_ylabel("per observation")
-    top.legend(fontsize="small")
-    top.grid(alpha=0.3)
-    if "kl" in columns:
-        bottom.plot(steps, columns["kl"], color="C2", lw=1, label="KL")
-        bottom.legend(fontsize="small")
-    bottom.set_ylabel("per observation")
+    colours = {}
+    for name, values in columns.items():
+        term = name.removesuffix("_val")
+        axes = bottom if "kl" in term.lower() else top
+        colour = colours.setdefault(term, f"C{len(colours)}")
+        label = {"loss": "loss (−ELBO)", "nll": "NLL", "kl": "KL"}.get(term, term)
+        axes.plot(steps, values, "--" if name.endswith("_val") else "-", color=colour, lw=1,
+                  label=label + (" (validation)" if name.endswith("_val") else ""))
+    for axes in (top, bottom):
+        axes.set_ylabel("per observation")
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize="small")
     bottom.set_xlabel("step")
-    bottom.grid(alpha=0.3)
     figure.tight_layout()
     return figure
 
 
+def plot_signal(statistics, labels=None):
+    """Mean I/σ(I) and completeness (anomalous completeness dashed) per resolution shell.
+
+    Parameters
+    ----------
+    statistics : MergingStatistics or list of them
+    labels : list of str, optional
+        Legend names of the data sets.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    statistics, labels = _as_lists(statistics, labels)
+    figure = Figure(figsize=(6.4, 5.4))
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    for index, (stats, label) in enumerate(zip(statistics, labels)):
+        centre, shells = _shell_centres(stats)
+        prefix = "" if label is None else f"{label}: "
+        top.plot(centre, shells["mean_isigi"].to_numpy(float), marker="o", ms=3, color=f"C{index}", label=label)
+        bottom.plot(centre, 100 * shells["completeness"].to_numpy(float), marker="o", ms=3, color=f"C{index}",
+                    label=prefix + "completeness")
+        if "anom_completeness" in shells:
+            bottom.plot(centre, 100 * shells["anom_completeness"].to_numpy(float), "--", marker="o", ms=3,
+                        color=f"C{index}", label=prefix + "anomalous completeness")
+    top.set_ylabel("⟨I/σ(I)⟩")
+    bottom.set_ylabel("completeness (%)")
+    bottom.set_ylim(0, 102)
+    for axes in (top, bottom):
+        axes.grid(alpha=0.3)
+    if labels[0] is not None:
+        top.legend(fontsize="small")
+    bottom.legend(fontsize="small")
+    _resolution_axis(bottom, statistics[0])
+    figure.tight_layout()
+    return figure
+
+
+def plot_wilson(tables):
+    """Wilson plots: ln⟨I⟩ against 1/d² with the fitted line of each data set.
+
+    Parameters
+    ----------
+    tables : dict of str → (DataFrame, float)
+        Per data set, :func:`skmerge.report.wilson_table`'s bins and B.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    from .report import WILSON_FIT_D
+
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    for index, (name, (table, b_factor)) in enumerate(tables.items()):
+        positive = table[table["mean_i"] > 0]
+        x, y = positive["inv_d2"].to_numpy(float), np.log(positive["mean_i"].to_numpy(float))
+        label = name if len(tables) > 1 else "ln⟨I⟩"
+        axes.plot(x, y, "o", ms=4, color=f"C{index}", label=label)
+        fitted = x > WILSON_FIT_D**-2.0
+        if np.isfinite(b_factor) and fitted.sum() >= 2:
+            # The line through the fitted bins' centroid with the slope −B/2.
+            slope = -b_factor / 2.0
+            intercept = np.mean(y[fitted]) - slope * np.mean(x[fitted])
+            line = np.array([x[fitted].min(), x.max()])
+            axes.plot(line, intercept + slope * line, "-", color=f"C{index}", lw=1, label=f"B = {b_factor:.1f} Å²")
+    axes.set_xlabel("1/d² (Å⁻²)")
+    axes.set_ylabel("ln⟨I⟩")
+    secondary = axes.secondary_xaxis("top", functions=(_inverse_root, _inverse_root))
+    secondary.set_xlabel("resolution (Å)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def plot_images(tables):
+    """Per-image scale, CCpred and outlier counts against the image number, the images
+    the run lists marked with a red ×.
+
+    Parameters
+    ----------
+    tables : dict of str → DataFrame
+        Per data set, :func:`skmerge.report.image_table` (indexed by image_id; panels of
+        columns no table has are left out).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    panels = [(c, name) for c, name in (("scale", "scale (median)"), ("cc_pred", "CCpred"),
+                                        ("n_outliers", "outliers"))
+              if any(c in t.columns and t[c].notna().any() for t in tables.values())]
+    figure = Figure(figsize=(7.2, 1.9 * len(panels) + 0.8))
+    axes = np.atleast_1d(figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0])
+    for index, (name, table) in enumerate(tables.items()):
+        image = table.index.to_numpy()
+        listed = table["reason"].to_numpy(str) != "" if "reason" in table else np.zeros(len(table), bool)
+        for panel, (column, _) in zip(axes, panels):
+            if column not in table.columns:
+                continue
+            values = table[column].to_numpy(float)
+            panel.plot(image, values, ".-", ms=3, lw=0.6, color=f"C{index}", label=name if len(tables) > 1 else None)
+            if listed.any():
+                panel.plot(image[listed], values[listed], "x", ms=8, mew=2, color="red",
+                           label="listed image" if index == 0 and panel is axes[0] else None)
+    for panel, (column, name) in zip(axes, panels):
+        panel.set_ylabel(name)
+        panel.grid(alpha=0.3)
+        if panel.get_legend_handles_labels()[0]:
+            panel.legend(fontsize="small")
+    axes[-1].set_xlabel("image_id")
+    figure.tight_layout()
+    return figure
+
+
+def plot_coverage(calibration, labels=None):
+    """Fraction of the held-out observations inside the 68 % and 95 % predictive
+    intervals, per resolution shell, against the nominal levels.
+
+    Parameters
+    ----------
+    calibration : Calibration or list of them
+    labels : list of str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    from .calibration import LEVELS
+
+    calibration, labels = _as_lists(calibration, labels)
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    for index, (report, label) in enumerate(zip(calibration, labels)):
+        centre, shells = _shell_centres(report)
+        for level, style in zip(LEVELS, ("-", "--")):
+            column = f"coverage_{round(100 * level)}"
+            text = f"{level:.0%} interval" if label is None else f"{label}: {level:.0%}"
+            axes.plot(centre, 100 * shells[column].to_numpy(float), style, marker="o", ms=3, color=f"C{index}",
+                      label=text)
+    for level in LEVELS:
+        axes.axhline(100 * level, color="0.4", lw=0.8, ls=":")
+    axes.set_ylabel("held-out observations inside (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    _resolution_axis(axes, calibration[0])
+    figure.tight_layout()
+    return figure
+
+
+def plot_anomalous_signal(tables, statistics):
+    """Mean |ΔF|/σ(ΔF) per resolution shell.
+
+    Parameters
+    ----------
+    tables : dict of str → DataFrame
+        Per data set, :func:`skmerge.report.anomalous_signal`.
+    statistics : MergingStatistics
+        For the resolution axis.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    for index, (name, table) in enumerate(tables.items()):
+        centre, shells = _shell_centres(table)
+        axes.plot(centre, shells["dano_sigma"].to_numpy(float), marker="o", ms=3, color=f"C{index}",
+                  label=name if len(tables) > 1 else "⟨|ΔF|/σ(ΔF)⟩")
+    axes.set_ylabel("⟨|ΔF|/σ(ΔF)⟩")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    _resolution_axis(axes, statistics)
+    figure.tight_layout()
+    return figure
+
+
+def _as_lists(items, labels):
+    """One item or several, and their legend labels (None for a single item)."""
+    if not isinstance(items, (list, tuple)):
+        items = [items]
+    return list(items), list(labels) if labels else [None] * len(items)
+
+
+def _shell_centres(table):
+    """The middles in 1/d² of the shells of a MergingStatistics, a Calibration or a
+    table with d_max, d_min and an ``overall`` row, and the table's per-shell rows."""
+    shells = getattr(table, "table", getattr(table, "shells", table)).drop(index="overall")
+    return (shells["d_max"].to_numpy(float) ** -2.0 + shells["d_min"].to_numpy(float) ** -2.0) / 2, shells
+
+
+def _inverse_root(x):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.asarray(x) > 0, np.abs(x) ** -0.5, np.inf)
+
+
 def _resolution_axis(axes, stats):
-    """Label an x axis in 1/d² with resolutions in Å."""
-    table = stats.table.drop(index="overall")
+    """Label an x axis in 1/d² with resolutions in Å, over the shells of ``stats``."""
+    _, table = _shell_centres(stats)
     lo = float(table["d_max"].to_numpy()[0]) ** -2.0 if np.isfinite(table["d_max"].to_numpy()[0]) else 0.0
     hi = float(table["d_min"].to_numpy()[-1]) ** -2.0
     ticks = np.linspace(lo, hi, 6)

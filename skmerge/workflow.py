@@ -75,6 +75,8 @@ class MergeResult:
     calibration : list of Calibration
         Calibration of the held-out observations, and the outliers and listed images
         (:func:`skmerge.calibration.calibration_report`).
+    command : str or None
+        The command line that ran the merge (None from Python), for the report.
     """
 
     merger: object
@@ -88,6 +90,7 @@ class MergeResult:
     warnings: list = field(default_factory=list)
     paths: list = field(default_factory=list)
     calibration: list = field(default_factory=list)
+    command: str = None
 
     @property
     def error_model(self):
@@ -103,7 +106,8 @@ class MergeResult:
         datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT.npz`` (the merger in the safe
         format, unless it holds what only joblib stores), ``OUT_stats.csv``,
         ``OUT_stats.json``, ``OUT_history.png``, ``OUT_cchalf.png`` (with half datasets
-        or a test set) and ``OUT_calibration.png``; see ``docs/cli.md``.
+        or a test set), ``OUT_calibration.png`` and ``OUT_report.html``
+        (:mod:`skmerge.report`); see ``docs/cli.md``.
 
         Returns
         -------
@@ -117,6 +121,7 @@ class MergeResult:
 
     def _write(self, out):
         from .plotting import plot_calibration, plot_history, plot_statistics
+        from .report import report_html
 
         paths = []
         halves = self.halves or [None] * len(self.merged)
@@ -139,11 +144,15 @@ class MergeResult:
         if self.halves is not None or self.test.any():
             paths.append(writers.write_figure(plot_statistics(self.statistics, labels), f"{out}_cchalf.png"))
         paths.append(writers.write_figure(plot_calibration(self.calibration, labels), f"{out}_calibration.png"))
+        paths.append(writers.write_text(report_html(self, title=Path(out).name), f"{out}_report.html"))
         return paths
 
     def _statistics_document(self):
+        from .report import run_info
+
         document = {
             "skmerge_version": __version__,
+            "run": run_info(self.command, self.merger),
             "datasets": [{"index": i, "name": name, **s.to_dict(), "calibration": c.to_dict()}
                          for i, (s, name, c) in enumerate(zip(self.statistics, self.names, self.calibration))],
         }
@@ -162,7 +171,7 @@ class MergeResult:
 
 def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None,
               intensity_key=None, sigma_key=None, image_key=None, drop_invalid=None, half_datasets=0, test_fraction=0.0,
-              shells=10, binning="equal-count", method="pearson", log=None, **params):
+              shells=10, binning="equal-count", method="pearson", log=None, command=None, **params):
     """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
     what ``skmerge mono`` and ``skmerge poly`` do.
 
@@ -191,6 +200,9 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     log : callable, optional
         Called as ``log(level, message)`` with level "info" or "warning" for each status
         line and diagnostic; by default they go to the ``logging`` logger "skmerge".
+    command : str, optional
+        The command line that runs the merge, recorded in ``OUT_stats.json`` and the
+        report (``skmerge mono`` gives its own).
     **params
         VariationalMerger parameters (set on ``merger`` when it is given), e.g.
         ``metadata``, ``anomalous``, ``separate_files``, ``max_iter``, ``random_state``,
@@ -305,7 +317,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         for image_id, row in calibrated.flagged.iterrows():
             warn(f"{name}: image_id {image_id} ({row['n_obs']} observations) looks bad: {row['reason']}")
     result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings,
-                         calibration=calibration)
+                         calibration=calibration, command=command)
     if out is not None:
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))

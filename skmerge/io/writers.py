@@ -79,7 +79,8 @@ def atomic_path(path):
 
 # The files a run writes under its prefix OUT (OUT + one of these).
 OUTPUT_SUFFIXES = (r"_\d+\.mtz", r"_predictions_\d+\.mtz", r"_xval_\d+\.mtz", r"_history\.csv", r"\.joblib",
-                   r"\.npz", r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png", r"_calibration\.png")
+                   r"\.npz", r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png", r"_calibration\.png",
+                   r"_report\.html")
 
 
 def run_outputs(prefix):
@@ -144,9 +145,13 @@ def write_csv(frame, path, index=False):
 
 def write_json(data, path):
     """Write JSON-serialisable ``data``, atomically (NaN written as null)."""
-    text = json.dumps(_json_safe(data), indent=2, ensure_ascii=False)
+    return write_text(json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n", path)
+
+
+def write_text(text, path):
+    """Write a str as UTF-8, atomically."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
+        Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
 
 
