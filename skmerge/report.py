@@ -17,7 +17,6 @@ are missing say so instead of a figure.
 import base64
 import html
 import io
-import json
 import platform
 import re
 from dataclasses import dataclass, field
@@ -183,15 +182,11 @@ class RunOutputs:
 
 def _saved_document(out):
     """The content of ``OUT_stats.json``, or None when the run left none."""
-    path = Path(f"{out}_stats.json")
-    if not path.is_file():
+    from .workflow import _from_saved
+
+    if not Path(f"{out}_stats.json").is_file():
         return None
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        document["datasets"]  # noqa: B018 - a skmerge statistics file has it
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a skmerge statistics file ({exc})") from exc
-    return document
+    return _from_saved(out, lambda document: {**document, "datasets": list(document["datasets"])})
 
 
 # --------------------------------------------------------------------- the report
@@ -256,8 +251,6 @@ def write_report(source, path, *, title=None):
     """
     from .io.writers import write_text
 
-    if title is None and isinstance(source, (str, Path)):
-        title = Path(source).name
     return write_text(report_html(source, title=title), path)
 
 
@@ -286,7 +279,7 @@ def _figure(figure, alt):
 
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_FIGURE_DPI, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=_FIGURE_DPI)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
@@ -572,7 +565,8 @@ def _calibration_section(outputs):
     formats = dict(zip(headings.values(), ("{:,.0f}", "{:.2f}", "{:.2f}", "{:.1%}", "{:.1%}")))
     text = ("<p>z = (Iobs − Ipred)/σpred of the observations held out of the fit: with honest uncertainties "
             "its SD is 1 and the intervals Ipred ± σpred and ± 1.96 σpred hold 68 % and 95 % of them.</p>")
-    return (text + _table(overall.rename(columns=headings), formats, "data set") + _figure(plot_calibration(reports, labels), "z histogram")
+    return (text + _table(overall.rename(columns=headings), formats, "data set")
+            + _figure(plot_calibration(reports, labels), "z histogram")
             + _figure(plot_coverage(reports, labels), "interval coverage against resolution")
             + "".join(f"<pre>{html.escape(c.to_string(title=str(name)))}</pre>" for name, c in held_out))
 

@@ -302,7 +302,8 @@ def test_run_writes_every_output(anomalous_run):
     assert capture["code"] == 0, capture["err"]
     assert _listing(out.parent) == sorted(
         f"sim{suffix}" for suffix in ("_0.mtz", "_predictions_0.mtz", "_xval_0.mtz", "_history.csv", ".joblib",
-                                      ".npz", "_stats.csv", "_stats.json", "_cchalf.png", "_history.png", "_calibration.png")
+                                      ".npz", "_stats.csv", "_stats.json", "_cchalf.png", "_history.png",
+                                      "_calibration.png", "_report.html")
     ), "every output, and no temporary file left behind"
     for png in ("_cchalf.png", "_history.png", "_calibration.png"):
         assert (out.parent / f"sim{png}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -573,7 +574,7 @@ def test_hypf_acceptance_through_the_console_script(data_dir, tmp_path):
     names = _listing(tmp_path / "out")
     assert names == sorted(["hypf_0.mtz", "hypf_predictions_0.mtz", "hypf_xval_0.mtz", "hypf_history.csv",
                             "hypf.joblib", "hypf.npz", "hypf_stats.csv", "hypf_stats.json", "hypf_cchalf.png",
-                            "hypf_history.png", "hypf_calibration.png"])
+                            "hypf_history.png", "hypf_calibration.png", "hypf_report.html"])
     merged = gemmi.read_mtz_file(str(tmp_path / "out" / "hypf_0.mtz"))
     assert merged.spacegroup.hm == "R 3"
     assert {c.label: c.type for c in merged.columns} == {"H": "H", "K": "H", "L": "H", **ANOMALOUS_TYPES}
