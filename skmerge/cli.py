@@ -60,6 +60,7 @@ outputs (OUT is a path prefix; its directory must exist):
   OUT_xval_<i>.mtz         half-dataset merges, stacked with 'repeat' and 'half' columns
   OUT_history.csv          loss, nll, kl per step        OUT.joblib, OUT.npz  the fitted merger
   OUT_stats.csv/.json      statistics (+ calibration)    OUT_{cchalf,calibration,history}.png  plots
+  OUT_report.html          everything above as one self-contained HTML page (skmerge report OUT remakes it)
   i is the file number with --separate-files, else 0."""
 
 _MONO_EPILOG = """\

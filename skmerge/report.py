@@ -324,7 +324,7 @@ def _run_section(outputs):
     if run.get("versions"):
         versions = pd.DataFrame({"version": list(run["versions"].values())}, index=list(run["versions"]))
         parts.append(f"<p>Versions{' (run on ' + html.escape(run['date']) + ')' if run.get('date') else ''}:</p>"
-                     + _table(versions.assign(version=versions["version"].astype(str)), {"version": "{}"}, "package"))
+                     + _table(versions, {"version": "{}"}, "package"))
     else:
         parts.append(_note(f"The run did not record its versions; this report was made with skmerge {__version__}."))
     parts.append("<p>Data sets: " + ", ".join(f"{i}: {html.escape(str(n))}" for i, n in enumerate(outputs.names))
@@ -485,25 +485,22 @@ def image_table(predictions, calibration=None):
         if needed not in predictions.columns:
             raise InputError(f"the predictions table has no column {needed!r}; per-image CCpred needs Iobs, Ipred "
                              "and image_id")
-    frame = pd.DataFrame({
-        "image_id": predictions["image_id"].to_numpy(np.int64),
-        "Iobs": predictions["Iobs"].to_numpy(np.float64), "Ipred": predictions["Ipred"].to_numpy(np.float64),
-        "weight": predictions["SIGIobs"].to_numpy(np.float64) ** -2.0 if "SIGIobs" in predictions.columns else 1.0,
-    })
-    groups = frame.groupby("image_id", sort=True)
+    image = predictions["image_id"].to_numpy(np.int64)
+    iobs, ipred = predictions["Iobs"].to_numpy(np.float64), predictions["Ipred"].to_numpy(np.float64)
+    weight = (predictions["SIGIobs"].to_numpy(np.float64) ** -2.0 if "SIGIobs" in predictions.columns
+              else np.ones(len(image)))
+    rows = pd.Series(image).groupby(image, sort=True).indices
     table = pd.DataFrame({
-        "n_obs": groups.size(),
-        "cc_pred": groups.apply(lambda g: correlation(g["Iobs"].to_numpy(), g["Ipred"].to_numpy(), "pearson",
-                                                      g["weight"].to_numpy()), include_groups=False),
-    })
+        "n_obs": [len(r) for r in rows.values()],
+        "cc_pred": [correlation(iobs[r], ipred[r], "pearson", weight[r]) for r in rows.values()],
+    }, index=pd.Index(list(rows), name="image_id"))
     if calibration is not None:
         images = calibration.images.reindex(table.index)
         table["scale"] = images["scale"]
         table["n_outliers"] = images["n_outliers"]
         table["reason"] = images["reason"].fillna("")
     elif "Scale" in predictions.columns:
-        table["scale"] = pd.Series(predictions["Scale"].to_numpy(np.float64)).groupby(
-            frame["image_id"].to_numpy()).median()
+        table["scale"] = pd.Series(predictions["Scale"].to_numpy(np.float64)).groupby(image).median()
     if "reason" not in table.columns:
         table["reason"] = ""
     return table
