@@ -46,7 +46,7 @@ def _run(argv):
 def run(tmp_path_factory):
     """An anomalous two-file run (separate files: CCdiff) with half-dataset merges and a
     test set, through ``skmerge mono``."""
-    X, _ = make_unmerged(n_images=6, anomalous=True, time_points=2, random_state=2)
+    X, _ = make_unmerged(n_images=16, anomalous=True, time_points=2, random_state=2)
     directory = tmp_path_factory.mktemp("report_run")
     files = [str(_write_unmerged(X[X["file_id"].to_numpy() == i], directory / f"t{i}.mtz")) for i in (0, 1)]
     argv = ["mono", "--anomalous", "--separate-files", "--merge-half-datasets", "--test-fraction", "0.1",
@@ -104,7 +104,8 @@ def test_every_run_writes_a_self_contained_report(run):
     assert len(tables) == 2, "one table per data set"
     headings = [_text(th) for th in tables[1].iter("th")]
     assert {"CC1/2", "CCanom", "CCpred", "CCdiff"} <= set(headings)
-    assert _text(tables[0].findall(".//tr")[-1]).startswith("overall")
+    overall = [_text(td) for td in tables[1].findall(".//tr")[-1]]
+    assert overall[0] == "overall" and -1 <= float(overall[headings.index("CCdiff")]) <= 1, "CCdiff of file 1"
     assert "#held out" in _text(sections["calibration"])
     assert len(sections["calibration"].findall(".//img")) == 2, "z histogram and interval coverage"
 
