@@ -144,7 +144,13 @@ class MergeResult:
         if self.halves is not None or self.test.any():
             paths.append(writers.write_figure(plot_statistics(self.statistics, labels), f"{out}_cchalf.png"))
         paths.append(writers.write_figure(plot_calibration(self.calibration, labels), f"{out}_calibration.png"))
-        paths.append(writers.write_text(report_html(self, title=Path(out).name), f"{out}_report.html"))
+        try:
+            page = report_html(self, title=Path(out).name)
+        except Exception as exc:  # a figure that cannot be drawn must not cost the merge
+            python_warnings.warn(f"the report could not be made ({type(exc).__name__}: {exc}); "
+                                 f"{Path(out).name}_report.html not written", UserWarning, stacklevel=3)
+        else:
+            paths.append(writers.write_text(page, f"{out}_report.html"))
         return paths
 
     def _statistics_document(self):
