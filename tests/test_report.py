@@ -207,3 +207,25 @@ def test_hypf_report_is_small_and_self_contained(data_dir, tmp_path):
     flagged = json.loads((tmp_path / "hypf_stats.json").read_text())["datasets"][0]["calibration"]["flagged_images"]
     listed = [_text(row.find("td")) for row in sections["images"].findall(".//tbody/tr")]
     assert listed == [str(i) for i in flagged]
+
+
+def test_python_run_report_and_a_report_that_fails(tmp_path, monkeypatch):
+    import skmerge
+    import skmerge.report
+
+    X, _ = make_unmerged(n_images=4, random_state=0)
+    result = skmerge.run_merge(X, tmp_path / "py", metadata=["dHKL"], max_iter=5, mlp_layers=1, mlp_width=4,
+                               log=lambda *line: None)
+    sections = _sections(check_self_contained(tmp_path / "py_report.html"))
+    assert "Run from Python" in _text(sections["run"]) and "max_iter=5" in _text(sections["run"])
+    assert "no calibration" in _text(sections["calibration"]) and "Not an anomalous run" in _text(
+        sections["anomalous"])
+
+    def broken(*args, **kwargs):
+        raise ValueError("no figure")
+
+    monkeypatch.setattr(skmerge.report, "report_html", broken)
+    with pytest.warns(UserWarning, match=r"report could not be made \(ValueError: no figure\); again_report.html"):
+        paths = result.write(tmp_path / "again")
+    assert {"again_0.mtz", "again_stats.json"} <= {p.name for p in paths}
+    assert not (tmp_path / "again_report.html").exists()
