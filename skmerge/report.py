@@ -111,7 +111,7 @@ class RunOutputs:
     run : dict
         :func:`run_info` of the run; empty when the run did not record it.
     warnings : list of str
-        The diagnostics the run gave.
+        The diagnostics the run gave (saved with ``run`` in ``OUT_stats.json``).
     producer : str
         "skmerge" or "careless" (files without skmerge's ``OUT_stats.json``).
     """
@@ -175,9 +175,10 @@ class RunOutputs:
                 history = pd.read_csv(history_path)
             except (OSError, ValueError) as exc:
                 raise InputError(f"{history_path}: not a readable history table ({exc})") from exc
+        run = (document or {}).get("run") or {}
         return cls(names, statistics, calibration, [_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
-                   [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices], history,
-                   (document or {}).get("run") or {}, producer="skmerge" if document else "careless")
+                   [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices], history, run,
+                   list(run.get("warnings", [])), producer="skmerge" if document else "careless")
 
 
 def _saved_document(out):

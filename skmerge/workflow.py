@@ -158,7 +158,7 @@ class MergeResult:
 
         document = {
             "skmerge_version": __version__,
-            "run": run_info(self.command, self.merger),
+            "run": {**run_info(self.command, self.merger), "warnings": list(self.warnings)},
             "datasets": [{"index": i, "name": name, **s.to_dict(), "calibration": c.to_dict()}
                          for i, (s, name, c) in enumerate(zip(self.statistics, self.names, self.calibration))],
         }

@@ -125,6 +125,9 @@ def test_report_command_remakes_the_report_of_a_run(run, tmp_path):
     assert tuple(sections) == SECTIONS and not document.findall(".//p[@class='note']")
     assert "skmerge mono --anomalous" in _text(sections["run"]), "the command saved in OUT_stats.json"
     assert "gemmi0.0.1-of-the-run" in _text(sections["run"]), "the versions of the run, not of the report"
+    assert saved["run"]["warnings"], "10 steps are too few: the run warns"
+    assert [_text(p) for p in sections["run"].findall(".//p[@class='warning']")] == [
+        f"warning: {w}" for w in saved["run"]["warnings"]], "the run's warnings"
     code, _, err = _run(["report", str(tmp_path / "sim"), "-o", str(tmp_path / "elsewhere.html")])
     assert code == 0 and (tmp_path / "elsewhere.html").stat().st_size > 0, err
 
