@@ -30,7 +30,8 @@ import pandas as pd
 from . import __version__
 from .errors import InputError
 
-__all__ = ["RunOutputs", "register", "report_html", "run_info", "write_report"]
+__all__ = ["RunOutputs", "anomalous_signal", "image_table", "register", "report_html", "run_info", "wilson_table",
+           "write_report"]
 
 WILSON_BINS = 20
 """Equal-count resolution bins of the Wilson plot."""
@@ -288,7 +289,7 @@ def _figure(figure, alt):
 def _table(frame, formats, index_name=None):
     """A DataFrame as an HTML table, with ``formats`` (column → format string) and an
     ``overall`` row set apart."""
-    columns = [c for c in frame.columns if c in formats or not formats]
+    columns = [c for c in frame.columns if c in formats]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in ([index_name] if index_name else []) + columns)
     rows = []
     for label, row in frame.iterrows():
@@ -588,6 +589,19 @@ def anomalous_signal(merged, statistics):
     DataFrame or None
         One row per shell (then ``overall``): d_max, d_min, n, dano_sigma. None when
         ``merged`` holds no anomalous differences.
+
+    Examples
+    --------
+    >>> import gemmi
+    >>> import reciprocalspaceship as rs
+    >>> from skmerge.report import anomalous_signal
+    >>> from skmerge.stats import merging_statistics
+    >>> cell, sg = gemmi.UnitCell(30, 30, 30, 90, 90, 90), gemmi.SpaceGroup("P 1")
+    >>> hkl = rs.utils.generate_reciprocal_asu(cell, sg, 4.0)
+    >>> merged = rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "I": 100.0, "SIGI": 10.0, "N": 2,
+    ...                      "DANO": 3.0, "SIGDANO": 1.5}, cell=cell, spacegroup=sg).set_index(["H", "K", "L"])
+    >>> anomalous_signal(merged, merging_statistics(merged, shells=2))["dano_sigma"].tolist()
+    [2.0, 2.0, 2.0]
     """
     from .stats import standardise_columns
     from .workflow import _shells_of
