@@ -292,6 +292,7 @@ def plot_coverage(calibration, labels=None):
     for level in LEVELS:
         axes.axhline(100 * level, color="0.4", lw=0.8, ls=":")
     axes.set_ylabel("held-out observations inside (%)")
+    axes.set_ylim(0, 100)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     _resolution_axis(axes, calibration[0])
