@@ -17,11 +17,13 @@ starts); the estimator then refines the choice with the fitted model's likelihoo
 posterior probability of every operator.
 """
 
+import warnings
+
 import gemmi
 import numpy as np
 import reciprocalspaceship as rs
 
-from .errors import InputError, ParameterError
+from .errors import DataWarning, InputError, ParameterError
 from .symmetry import map_to_asu, pack_hkl, reflection_flags
 
 REINDEX_COLUMN = "reindex_op"
@@ -35,6 +37,9 @@ _N_SHELLS = 20
 _MAX_ROUNDS = 50
 _N_STARTS = 8
 _MAX_SPOT_SPAN = 15
+# Twin-related reflections that correlate this well relative to repeated measurements
+# make the settings indistinguishable (a perfect twin or a higher symmetry gives 1).
+_SYMMETRIC_RATIO = 0.7
 
 
 class Operators:
@@ -259,7 +264,51 @@ def assign_operators(X, operators, reference=None, random_state=None):
         assignment, value = _coordinate_ascent(start, image, keys, x, n_images, operators, neighbours)
         if value > best_value:
             best, best_value = assignment, value
+    symmetric = _symmetric_settings(best, image, keys, x, operators, neighbours.shape[1])
+    if symmetric:
+        warnings.warn(
+            f"{X.spacegroup.xhm()}: the intensities are nearly symmetric under "
+            + ", ".join(f"{operators.names[k]} (CC {twin:.2f} between related reflections, {half:.2f} between "
+                        "halves of the images)" for k, (twin, half) in symmetric.items())
+            + "; the settings cannot be told apart, so the images are merged as indexed. The crystal may have "
+            "higher symmetry than its space group, or be twinned.", DataWarning, stacklevel=2)
+        return image_ids, np.zeros(n_images, dtype=np.int64)
     return image_ids, _global_setting(best, X, operators, keys, x, image, reference)
+
+
+def _symmetric_settings(assignment, image, keys, x, operators, block):
+    """The operators under which the data, in the setting of ``assignment``, look the
+    same: twin-related reflections correlate nearly as well as the same reflection
+    measured in two halves of the images (ratio above :data:`_SYMMETRIC_RATIO`). The
+    halves alternate in blocks of ``block`` images, so that the partials of a spot stay
+    in one half. Returns {operator: (CC of related reflections, CC of halves)}."""
+    n_keys = int(keys.max()) + 1
+    rows = np.arange(len(x))
+    current = keys[assignment[image], rows]
+    half = (image // block) % 2 == 0
+    means = []
+    for part in (half, ~half):
+        count = np.bincount(current[part], minlength=n_keys)
+        means.append(np.where(count > 0, np.bincount(current[part], x[part], n_keys) / np.maximum(count, 1), np.nan))
+    first, second = means
+    cc_half = _nan_correlation(first, second)
+    symmetric = {}
+    for k in range(1, len(operators)):
+        # The reflection each reflection becomes under operator k, from the observations.
+        related = np.full(n_keys, -1)
+        related[current] = keys[operators.product[assignment[image], k], rows]
+        found = related >= 0
+        cc_twin = _nan_correlation(first[found], second[related[found]])
+        if cc_twin > _SYMMETRIC_RATIO * cc_half:
+            symmetric[k] = (cc_twin, cc_half)
+    return symmetric
+
+
+def _nan_correlation(a, b):
+    both = np.isfinite(a) & np.isfinite(b)
+    if both.sum() < 3:
+        return np.nan
+    return float(np.corrcoef(a[both], b[both])[0, 1])
 
 
 def _setting_keys(X, operators):

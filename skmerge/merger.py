@@ -141,7 +141,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         chosen before the fit by the agreement of the images' intensities
         (:func:`skmerge.ambiguity.assign_operators`), then checked against the fitted
         model: images more probable in another setting are moved and the model refitted
-        from where it was (``image_operator_probabilities_``).
+        from where it was (``image_operator_probabilities_``). When every image is found
+        in one setting already, or the intensities are (nearly) symmetric under the
+        operators so that the settings cannot be told apart (a ``DataWarning`` says so),
+        the fit proceeds as with "none".
     reindexing_reference : rs.DataSet or path, optional
         Merged data (F or I) of the same crystal form whose setting the merge takes;
         otherwise the setting of most images.
@@ -339,8 +342,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             operators = candidate_operators(self.reindexing, X.spacegroup, X.cell)
             X_fit = X
             if operators is not None:
-                image_ids, image_operator = assign_operators(X, operators, self.reindexing_reference, rng)
-                X_fit = reindex(X, operators, image_operator, image_ids, self.anomalous)
+                image_ids, image_operator = assign_operators(X, operators, self.reindexing_reference, seed)
+                if image_operator.any():
+                    X_fit = reindex(X, operators, image_operator, image_ids, self.anomalous)
+                else:  # every image in one setting already: nothing to resolve, nothing to pay
+                    operators = None
         result = fit_model(self, X_fit, y, rng, seed, previous=previous)
         settings = _no_reindexing(result.state.image_ids)
         if operators is not None:

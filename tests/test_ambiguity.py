@@ -13,7 +13,7 @@ from skmerge.ambiguity import (REINDEX_COLUMN, Operators, assign_operators, cand
                                reindex, transform_hkl)
 from skmerge.datasets import make_unmerged
 from skmerge.errors import InputError, ParameterError
-from skmerge.symmetry import map_to_asu
+from skmerge.symmetry import map_to_asu, pack_hkl
 
 HEXAGONAL = (60.0, 60.0, 90.0, 90.0, 90.0, 120.0)
 STILLS = dict(stills=True, mosaicity=0.0004, dmin=2.5, reindexed_fraction=0.5)
@@ -195,8 +195,10 @@ def test_saved_merger_keeps_the_settings(scrambled_fit, tmp_path):
     assert np.allclose(loaded.predict(X), merger.predict(X))
 
 
-def test_no_ambiguity_changes_nothing():
-    X, _ = make_unmerged(n_images=8, dmin=3.0, random_state=0)
+@pytest.mark.parametrize("spacegroup, cell", [("P 21 21 21", (40, 50, 60, 90, 90, 90)), ("P 63", HEXAGONAL)])
+def test_consistent_data_merge_as_without_reindexing(spacegroup, cell):
+    # No twin law (P 21 21 21), or every image already in one setting (P 63): no cost.
+    X, _ = make_unmerged(n_images=8, spacegroup=spacegroup, cell=cell, dmin=3.0, random_state=0)
     params = dict(mlp_layers=2, max_iter=50, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -205,6 +207,22 @@ def test_no_ambiguity_changes_nothing():
     assert auto.reindexing_operators_ == ["h,k,l"] and (auto.image_operators_ == 0).all()
     assert auto.reindex(X) is X
     assert np.array_equal(auto.predict(X), none.predict(X))
+
+
+def test_symmetric_intensities_are_merged_as_indexed():
+    from skmerge.errors import DataWarning
+
+    # P 63 intensities made symmetric under the twin law (as a crystal of higher symmetry, or a perfect twin).
+    X, truth = make_unmerged(n_images=60, spacegroup="P 63", cell=HEXAGONAL, random_state=1, **STILLS)
+    operators = candidate_operators("auto", X.spacegroup, X.cell)
+    twin = reindex(X.drop(columns=["Iobs"]).assign(Iobs=0.0), operators, np.ones(60, int), np.arange(60), False)
+    both = np.concatenate([X[["H", "K", "L"]].to_numpy(), twin[["H", "K", "L"]].to_numpy()])
+    _, where = np.unique(pack_hkl(both), return_inverse=True)
+    mean = np.bincount(where, np.tile(X["Iobs"].to_numpy(np.float64), 2)) / np.bincount(where)
+    symmetric = X.assign(Iobs=mean[where[: len(X)]].astype(np.float32))
+    with pytest.warns(DataWarning, match="nearly symmetric under -h-k,k,-l"):
+        _, assigned = assign_operators(symmetric, operators, random_state=0)
+    assert not assigned.any()
 
 
 def test_fit_moves_images_the_model_finds_in_another_setting(monkeypatch):
