@@ -109,6 +109,8 @@ def _add_mono_arguments(mono, defaults):
     data.add_argument("--separate-files", action="store_true", default=defaults["separate_files"],
                       help="scale all files together but merge each file separately (OUT_0, OUT_1, ...)")
 
+    _add_reindexing_arguments(data)
+
     model = mono.add_argument_group("model")
     # No default here, so that --studentt-likelihood-dof can tell a conflicting --likelihood.
     model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture"), help="error model of the "
@@ -179,6 +181,31 @@ def _add_mono_arguments(mono, defaults):
         "careless compatibility", "careless flags of its published examples; accepted and ignored, with a warning")
     for flag, kind, reason in IGNORED_CARELESS_FLAGS.values():
         compat.add_argument(flag, type=kind, metavar="N" if kind is int else "B", help=f"ignored: {reason}")
+
+
+def _add_reindexing_arguments(group):
+    group.add_argument("--reindexing-ops", metavar="OPS", help="indexing ambiguity: 'auto' (the default) resolves it "
+                       "between the twin laws of the lattice, 'none' merges the images as indexed, or give the "
+                       "operators separated by ';', e.g. '-h,-k,l' (each image's choice: OUT_reindexing.csv)")
+    group.add_argument("--disable-index-disambiguation", action="store_true",
+                       help="merge the images as indexed (the same as --reindexing-ops none)")
+    group.add_argument("--reindexing-reference", metavar="FILE", help="merged MTZ whose setting the merge takes "
+                       "when the indexing is ambiguous (default: the setting of most images)")
+
+
+def _reindexing(args):
+    """The reindexing parameters of the ambiguity flags."""
+    if args.disable_index_disambiguation:
+        if args.reindexing_ops not in (None, "none"):
+            raise UsageError("--disable-index-disambiguation contradicts --reindexing-ops " + args.reindexing_ops)
+        return {"reindexing": "none"}
+    params = {}
+    if args.reindexing_ops is not None:
+        text = args.reindexing_ops.strip()
+        params["reindexing"] = text if text in ("auto", "none") else [op.strip() for op in text.split(";")]
+    if args.reindexing_reference is not None:
+        params["reindexing_reference"] = args.reindexing_reference
+    return params
 
 
 def _add_poly_arguments(poly, defaults):
@@ -266,6 +293,7 @@ def merger_parameters(args, keys):
         params["prior"] = ReferencePrior(args.reference_mtz, args.reference_prior or "normal")
     if _double_wilson_flags(args):
         params["prior"] = _double_wilson_prior(args)
+    params.update(_reindexing(args))
     return params
 
 

@@ -17,6 +17,7 @@ import reciprocalspaceship as rs
 from scipy.spatial.transform import Rotation
 from sklearn.utils import Bunch, check_random_state
 
+from .ambiguity import transform_hkl
 from .errors import InputError
 from .symmetry import lookup_hkl, map_to_asu, reflection_flags, systematically_absent, unique_hkl
 from .table import read_unmerged
@@ -40,6 +41,9 @@ def make_unmerged(
     anomalous=False,
     anomalous_signal=0.05,
     laue=False,
+    stills=False,
+    mosaicity=0.002,
+    reindexed_fraction=0.0,
     wavelength_range=(0.9, 1.9),
     resolve_harmonics=False,
     outlier_fraction=0.0,
@@ -52,7 +56,11 @@ def make_unmerged(
 
     Monochromatic mode (the default) simulates a rotation experiment: the crystal turns by
     ``oscillation`` degrees per image about an axis perpendicular to the beam, and each
-    reflection is recorded on the image during which it crosses the Ewald sphere. Laue
+    reflection is recorded on the image during which it crosses the Ewald sphere. Stills
+    mode (serial crystallography) shows every image a crystal in a random orientation that
+    does not move: each reflection near the Ewald sphere is recorded with the partiality
+    of its distance from it, which the data do not tell (the ``EWALD_OFFSET`` column
+    gives the distance, as CrystFEL streams do). Laue
     mode holds the crystal still during each image (turning it by ``oscillation`` between
     images) in a beam spanning ``wavelength_range``; reflections whose directions coincide
     (the harmonics n·h) land on one spot whose intensity is their sum.
@@ -61,7 +69,8 @@ def make_unmerged(
     (beam intensity, illuminated volume, absorption), a per-image Wilson B that grows with
     exposure (radiation damage), a detector-position factor (absorption and polarisation
     across the detector), in Laue mode a source spectrum over wavelength, and 2 %
-    image-to-image jitter. Reported σ follow counting statistics plus a 2 % error, and
+    image-to-image jitter (stills: a 30 % spread of crystal volumes, no decay, and the
+    partiality). Reported σ follow counting statistics plus a 2 % error, and
     ``outlier_fraction`` of the observations are replaced by gross outliers (zingers and
     shadowed spots).
 
@@ -89,6 +98,17 @@ def make_unmerged(
         Relative standard deviation of F(+) and F(−) about their mean.
     laue : bool, default=False
         Simulate a polychromatic (Laue) experiment.
+    stills : bool, default=False
+        Simulate serial stills (monochromatic, one random orientation per image).
+    mosaicity : float, default=0.002
+        Stills: the width in Å⁻¹ of the Gaussian partiality of a reflection against its
+        distance from the Ewald sphere (mosaic spread and beam bandwidth together); sets
+        the number of reflections per image.
+    reindexed_fraction : float, default=0.0
+        Fraction of the images (chosen at random) whose reported indices are
+        transformed by a twin law of the lattice (:func:`gemmi.find_twin_laws`, one
+        chosen at random per image): the indexing ambiguity of serial data. The true
+        amplitudes stay those of the original indices.
     wavelength_range : (float, float), default=(0.9, 1.9)
         Band of the polychromatic beam in Å (Laue mode).
     resolve_harmonics : bool, default=False
@@ -123,7 +143,9 @@ def make_unmerged(
         outliers. With several ``time_points``, ``merged`` holds every state's
         reflections with a ``file_id`` column and DF = F − F of the first state. In Laue
         mode also ``harmonics``: one row per harmonic of every spot
-        (``spot``, ASU H, K, L, n, Wavelength, scale, I).
+        (``spot``, ASU H, K, L, n, Wavelength, scale, I). ``image_operator``: per
+        image_id, the operator (an h,k,l triplet; "h,k,l" when unchanged) that
+        transformed its reported indices.
 
     Examples
     --------
@@ -140,6 +162,15 @@ def make_unmerged(
     if not 0.0 <= outlier_fraction < 1.0:
         raise InputError(f"outlier_fraction={outlier_fraction} must lie in [0, 1).")
 
+    if stills and laue:
+        raise InputError("stills=True simulates monochromatic stills; laue=True already holds the crystal still.")
+    twin_laws = []
+    if reindexed_fraction:
+        twin_laws = gemmi.find_twin_laws(uc, sg, 3.0, False)
+        if laue or not twin_laws or not 0.0 <= reindexed_fraction <= 1.0:
+            raise InputError(f"reindexed_fraction={reindexed_fraction} needs a fraction in [0, 1], monochromatic data "
+                             f"and a lattice with twin laws; {spacegroup} with cell {tuple(cell)} has "
+                             f"{len(twin_laws)}.")
     if int(time_points) < 1 or not 0.0 <= changed_fraction <= 1.0:
         raise InputError(f"time_points={time_points} must be ≥ 1 and changed_fraction={changed_fraction} in [0, 1].")
 
@@ -151,13 +182,16 @@ def make_unmerged(
             amplitudes = _changed(passes[0]["amplitudes"], changed_fraction, change, rng)
         passes.append(_experiment(amplitudes, sphere, sg, uc, rng, n_images=n_images, dmin=dmin,
                                   oscillation=oscillation, wavelength=wavelength, mean_intensity=mean_intensity,
-                                  anomalous=anomalous, laue=laue, wavelength_range=wavelength_range,
-                                  resolve_harmonics=resolve_harmonics, outlier_fraction=outlier_fraction))
+                                  anomalous=anomalous, laue=laue, stills=stills, mosaicity=mosaicity,
+                                  wavelength_range=wavelength_range, resolve_harmonics=resolve_harmonics,
+                                  outlier_fraction=outlier_fraction, twin_laws=twin_laws,
+                                  reindexed_fraction=reindexed_fraction))
     X = read_unmerged([p["raw"] for p in passes], anomalous=anomalous)
     if len(X) != sum(len(p["raw"]) for p in passes):
         raise AssertionError("the simulator produced observations the table builder dropped")
 
-    truth = Bunch(**{key: np.concatenate([p[key] for p in passes]) for key in ("scale", "Itrue", "outlier")})
+    truth = Bunch(**{key: np.concatenate([p[key] for p in passes])
+                     for key in ("scale", "Itrue", "outlier", "image_operator")})
     tables = []
     for time_point, p in enumerate(passes):
         observed = p["harmonics"]["hkl"] if laue else p["raw"][["H", "K", "L"]].to_numpy(np.int32)
@@ -189,12 +223,17 @@ def _changed(amplitudes, fraction, change, rng):
 
 
 def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
-                anomalous, laue, wavelength_range, resolve_harmonics, outlier_fraction):
+                anomalous, laue, stills, mosaicity, wavelength_range, resolve_harmonics, outlier_fraction, twin_laws,
+                reindexed_fraction):
     """One pass of the experiment on a crystal with ``amplitudes``: the raw observations
     (an unmerged ``rs.DataSet``) and their truth."""
     orientation = Rotation.random(random_state=rng).as_matrix()
     reciprocal = sphere @ np.array(uc.frac.mat) @ orientation.T
-    if laue:
+    partiality = 1.0
+    if stills:
+        obs = _still_observations(sphere, reciprocal, n_images, wavelength, mosaicity, rng)
+        harmonics, partiality = None, obs["partiality"]
+    elif laue:
         obs, harmonics = _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmin, uc)
         if resolve_harmonics:
             obs, harmonics = _resolved(harmonics, oscillation)
@@ -202,12 +241,16 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
         obs = _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength)
         harmonics = None
 
-    image_scale = np.exp(
-        0.3 * np.sin(2 * np.pi * np.arange(n_images) / max(n_images, 1) + 0.5)
-        - 0.2 * np.arange(n_images) / max(n_images, 1)
-        + 0.02 * rng.standard_normal(n_images)
-    )
-    decay_b = 8.0 * np.arange(n_images) / max(n_images, 1)
+    if stills:
+        image_scale = np.exp(0.3 * rng.standard_normal(n_images))
+        decay_b = np.zeros(n_images)
+    else:
+        image_scale = np.exp(
+            0.3 * np.sin(2 * np.pi * np.arange(n_images) / max(n_images, 1) + 0.5)
+            - 0.2 * np.arange(n_images) / max(n_images, 1)
+            + 0.02 * rng.standard_normal(n_images)
+        )
+        decay_b = 8.0 * np.arange(n_images) / max(n_images, 1)
 
     def scale_of(image, d, x, y, lam):
         r2 = ((x - 1500.0) ** 2 + (y - 1500.0) ** 2) / 1500.0**2
@@ -226,7 +269,7 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
         scale = h_scale[harmonics["first"]]
     else:
         f = _amplitude_of(amplitudes, obs["hkl"], sg, anomalous)
-        scale = scale_of(obs["image"], obs["d"], obs["x"], obs["y"], wavelength)
+        scale = scale_of(obs["image"], obs["d"], obs["x"], obs["y"], wavelength) * partiality
         i_true = scale * f**2
 
     sigma = np.sqrt(np.maximum(i_true, 0.0) + _BACKGROUND + (_ERROR_FRACTION * i_true) ** 2)
@@ -240,11 +283,12 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             i_true[outlier] * rng.uniform(0.0, 0.2, outlier.sum()),
         )
 
+    image_operator, reported = _reindexed(obs["hkl"], obs["image"], n_images, twin_laws, reindexed_fraction, rng)
     raw = rs.DataSet(
         {
-            "H": obs["hkl"][:, 0],
-            "K": obs["hkl"][:, 1],
-            "L": obs["hkl"][:, 2],
+            "H": reported[:, 0],
+            "K": reported[:, 1],
+            "L": reported[:, 2],
             "BATCH": obs["image"] + 1,
             "I": i_obs.astype(np.float32),
             "SIGI": sigma.astype(np.float32),
@@ -252,13 +296,14 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             "XDET": obs["x"].astype(np.float32),
             "YDET": obs["y"].astype(np.float32),
             **({"Wavelength": obs["lam"].astype(np.float32)} if laue else {}),
+            **({"EWALD_OFFSET": obs["offset"].astype(np.float32)} if stills else {}),
         },
         spacegroup=sg,
         cell=uc,
         merged=False,
     ).infer_mtz_dtypes()
     result = {"raw": raw, "amplitudes": amplitudes, "harmonics": harmonics, "scale": scale, "Itrue": i_true,
-              "outlier": outlier}
+              "outlier": outlier, "image_operator": image_operator}
     if laue:
         asu, _ = map_to_asu(harmonics["hkl"], sg, anomalous)
         result["harmonics_table"] = pd.DataFrame(
@@ -353,6 +398,43 @@ def _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength
         "x": x,
         "y": y,
     }
+
+
+def _still_observations(sphere, reciprocal, n_images, wavelength, mosaicity, rng):
+    """Reflections near the Ewald sphere of still crystals in random orientations.
+
+    The distance of q from the sphere is ε = |s0 + q| − 1/λ (beam along +z); a
+    reflection is recorded when |ε| < 3 × ``mosaicity``, with partiality
+    exp(−ε²/(2·mosaicity²)).
+    """
+    q2 = (reciprocal**2).sum(axis=1)
+    d = 1 / np.sqrt(q2)
+    parts = []
+    for image, rotation in enumerate(Rotation.random(n_images, random_state=rng).as_matrix()):
+        # Only the beam component of q decides the distance from the sphere.
+        q_beam = reciprocal @ rotation[2]
+        offset = np.sqrt(1.0 / wavelength**2 + q2 + 2 * q_beam / wavelength) - 1.0 / wavelength
+        rows = np.flatnonzero(np.abs(offset) < 3 * mosaicity)
+        x, y = _detector_position(reciprocal[rows] @ rotation.T, wavelength)
+        parts.append((rows, np.full(len(rows), image), offset[rows], x, y))
+    rows, image, offset, x, y = (np.concatenate(a) for a in zip(*parts))
+    return {"hkl": sphere[rows], "phi": np.zeros(len(rows)), "image": image, "d": d[rows], "x": x, "y": y,
+            "offset": offset, "partiality": np.exp(-0.5 * (offset / mosaicity) ** 2)}
+
+
+def _reindexed(hkl, image, n_images, twin_laws, fraction, rng):
+    """The operator of every image (an h,k,l triplet) and the indices as reported: those
+    of ``fraction`` of the images transformed by a twin law chosen at random."""
+    choice = np.zeros(n_images, np.int64)
+    if twin_laws:
+        chosen = rng.random_sample(n_images) < fraction
+        choice[chosen] = 1 + rng.randint(len(twin_laws), size=int(chosen.sum()))
+    operators = [gemmi.Op("x,y,z"), *twin_laws]
+    reported = np.array(hkl, dtype=np.int32)
+    for k, op in enumerate(operators[1:], start=1):
+        rows = choice[image] == k
+        reported[rows] = transform_hkl(hkl[rows], op)
+    return np.array([op.as_hkl().triplet() for op in operators], dtype=object)[choice], reported
 
 
 def _rotate_x(q, angle):

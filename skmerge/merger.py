@@ -5,6 +5,7 @@ The estimator holds the parameters and the fitted state; encoding tables
 :mod:`skmerge.model.fitting`) and the model's pieces (:mod:`skmerge.model`) live apart.
 """
 
+import copy
 import warnings
 from numbers import Integral, Real
 
@@ -17,6 +18,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
 from ._persistence import PersistentMixin
+from .ambiguity import (REINDEX_COLUMN, Operators, assign_operators, candidate_operators, parse_operator, reindex,
+                        setting_probabilities)
 from .errors import InputError, ParameterError
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
@@ -24,6 +27,14 @@ from .model.fitted import FitState, Weights
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
 
 _SCORE_SAMPLES = 32
+# Rounds of moving images to their most probable setting and refitting.
+_MAX_SETTING_ROUNDS = 2
+
+
+def _no_reindexing(image_ids):
+    """The reindexing attributes of a fit without ambiguity."""
+    return {"reindexing_operators_": ["h,k,l"], "image_operators_": np.zeros(len(image_ids), np.int64),
+            "image_operator_probabilities_": np.ones((len(image_ids), 1))}
 
 
 class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
@@ -121,6 +132,22 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         started afresh from the data under those scales).
     freeze : {None, "scales", "posterior"}, default=None
         Keep that part of a warm-started model fixed during the fit.
+    reindexing : {"auto", "none"} or list of str, default="auto"
+        Resolve the indexing ambiguity of images whose lattice has more symmetry than
+        the space group (serial stills are indexed in one of its settings at random):
+        "auto" considers the twin laws of the lattice (:func:`gemmi.find_twin_laws`) and
+        does nothing when there are none; a list gives the operators (e.g.
+        ``["-h,-k,l"]``); "none" merges the images as indexed. Each image's operator is
+        chosen before the fit by the agreement of the images' intensities
+        (:func:`skmerge.ambiguity.assign_operators`), then checked against the fitted
+        model: images more probable in another setting are moved and the model refitted
+        from where it was (``image_operator_probabilities_``). When every image is found
+        in one setting already, or the intensities are (nearly) symmetric under the
+        operators so that the settings cannot be told apart (a ``DataWarning`` says so),
+        the fit proceeds as with "none".
+    reindexing_reference : rs.DataSet or path, optional
+        Merged data (F or I) of the same crystal form whose setting the merge takes;
+        otherwise the setting of most images.
     jit_compile : bool, default=False
         Compile the training loop with XLA. On CPUs TensorFlow's graph execution is
         faster and saves seconds of compilation per fit (bench/RESULTS.md); XLA may pay
@@ -160,6 +187,15 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         per resolution shell; NaN where no reflection has a parent.
     likelihood_dof_ : float
         With ``StudentTLikelihood(learn_dof=True)``: the learned degrees of freedom.
+    reindexing_operators_ : list of str
+        The settings considered, as h,k,l triplets (the identity first; only it when
+        there is no ambiguity).
+    image_operators_ : ndarray of int, shape (n_images,)
+        The operator (index into ``reindexing_operators_``) that brought each image of
+        ``image_ids_`` into the merge's setting.
+    image_operator_probabilities_ : ndarray of shape (n_images, n_operators)
+        The posterior probability of every operator for every image under the fitted
+        model (equal prior probabilities); :meth:`image_reindexing` tabulates them.
     loss_curve_ : ndarray of shape (n_iter_, 3)
         Loss (−ELBO per observation), its negative log-likelihood and KL parts, per step.
     n_iter_ : int
@@ -227,6 +263,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "posterior_init": [StrOptions({"data", "prior"})],
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
+        "reindexing": [StrOptions({"auto", "none"}), list, tuple],
+        "reindexing_reference": "no_validation",
         "jit_compile": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -237,7 +275,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         mlp_layers=20, mlp_width=10, image_scales=True, mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
-        posterior_init="data", warm_start=False, freeze=None, jit_compile=False, random_state=None, verbose=0,
+        posterior_init="data", warm_start=False, freeze=None, reindexing="auto", reindexing_reference=None,
+        jit_compile=False, random_state=None, verbose=0,
     ):
         self.prior = prior
         self.likelihood = likelihood
@@ -263,6 +302,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.posterior_init = posterior_init
         self.warm_start = warm_start
         self.freeze = freeze
+        self.reindexing = reindexing
+        self.reindexing_reference = reindexing_reference
         self.jit_compile = jit_compile
         self.random_state = random_state
         self.verbose = verbose
@@ -295,22 +336,136 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
         previous = (FitState.from_attributes(self), Weights.from_attributes(self)) if warm else None
-        result = fit_model(self, X, y, rng, seed, previous=previous)
-        self._set_fitted(X, result, seed)
+        if warm:
+            operators, X_fit = self._operators(), self.reindex(X)
+        else:
+            operators = candidate_operators(self.reindexing, X.spacegroup, X.cell)
+            X_fit = X
+            if operators is not None:
+                image_ids, image_operator = assign_operators(X, operators, self.reindexing_reference, seed)
+                if image_operator.any():
+                    X_fit = reindex(X, operators, image_operator, image_ids, self.anomalous)
+                else:  # every image in one setting already: nothing to resolve, nothing to pay
+                    operators = None
+        result = fit_model(self, X_fit, y, rng, seed, previous=previous)
+        settings = _no_reindexing(result.state.image_ids)
+        if operators is not None:
+            result, X_fit, settings = self._refine_settings(X, y, result, X_fit, operators, rng, seed,
+                                                            0 if warm else _MAX_SETTING_ROUNDS)
+        self._set_fitted(X, result, seed, settings)
         return self
 
-    def _set_fitted(self, X, result, seed):
+    def _refine_settings(self, X, y, result, X_fit, operators, rng, seed, rounds):
+        """Check every image's setting against the trained model: move the images more
+        probable in another setting there and refit the model from where it stands
+        (amplitudes, scales and noise model kept), up to ``rounds`` times. Returns the
+        final training result, table and reindexing attributes."""
+        for round_ in range(rounds + 1):
+            fitted = self._with_fit(result)
+            image_ids, relative = setting_probabilities(FitState.from_attributes(fitted), fitted, result.model,
+                                                        X_fit, operators, seed)
+            moved = np.argmax(relative, axis=1)
+            current = X_fit[REINDEX_COLUMN].to_numpy(np.int64)[
+                np.unique(X_fit["image_id"].to_numpy(np.int64), return_index=True)[1]]
+            if not moved.any() or round_ == rounds:
+                break
+            X_fit = reindex(X.drop(columns=[REINDEX_COLUMN], errors="ignore"), operators,
+                            operators.product[current, moved], image_ids, self.anomalous)
+            fitted.warm_start = True
+            result = fit_model(fitted, X_fit, y, rng, seed,
+                               previous=(FitState.from_attributes(fitted), Weights.from_attributes(fitted)))
+        # Relative to each image's setting → per operator.
+        probabilities = np.zeros_like(relative)
+        for k in range(len(operators)):
+            probabilities[np.arange(len(current)), operators.product[current, k]] = relative[:, k]
+        order = np.searchsorted(image_ids, result.state.image_ids)
+        return result, X_fit, {"reindexing_operators_": list(operators.names), "image_operators_": current[order],
+                               "image_operator_probabilities_": probabilities[order]}
+
+    def _with_fit(self, result):
+        """A shallow copy of the estimator holding a training result's fitted attributes
+        (to evaluate a model before it is set on the estimator)."""
+        fitted = copy.copy(self)
+        for name in OPTIONAL_ATTRIBUTES:
+            fitted.__dict__.pop(name, None)
+        fitted.__dict__.update(result.attributes())
+        return fitted
+
+    def _set_fitted(self, X, result, seed, settings):
         """Every fitted attribute at once, after training has succeeded."""
         for name in OPTIONAL_ATTRIBUTES:
             self.__dict__.pop(name, None)
         self.__dict__.update(result.attributes())
-        self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
+        self.__dict__.update(settings)
+        self.feature_names_in_ = np.asarray([str(c) for c in X.columns if c != REINDEX_COLUMN], dtype=object)
         self.n_features_in_ = len(self.feature_names_in_)
         self.seed_, self.skmerge_version_ = seed, __version__
         self._model = result.model
         if not self.converged_:
             warnings.warn(f"training stopped at max_iter={self.max_iter} steps before the loss converged; "
                           "raise max_iter (or learning_rate).", ConvergenceWarning, stacklevel=3)
+
+    def _operators(self):
+        """The fit's reindexing operators, or None when it had no ambiguity."""
+        if len(self.reindexing_operators_) == 1:
+            return None
+        return Operators([parse_operator(name) for name in self.reindexing_operators_], self.reflections_.spacegroup)
+
+    def reindex(self, X):
+        """X with every image in the setting of the merge.
+
+        Images of the fit take the operator the fit chose; other images the one under
+        which the fitted model finds them most probable. The table gets a
+        ``reindex_op`` column (the operator of each row, an index into
+        ``reindexing_operators_``) and is returned unchanged when it has one already or
+        when the fit had no ambiguity to resolve.
+
+        Parameters
+        ----------
+        X : rs.DataSet
+            Observation table.
+
+        Returns
+        -------
+        rs.DataSet
+        """
+        check_is_fitted(self, "posterior_weights_")
+        operators = self._operators()
+        if operators is None or REINDEX_COLUMN in X.columns:
+            return X
+        check_table(X)
+        image_ids = np.unique(X["image_id"].to_numpy(np.int64))
+        row = np.minimum(np.searchsorted(self.image_ids_, image_ids), len(self.image_ids_) - 1)
+        known = self.image_ids_[row] == image_ids
+        image_operator = np.where(known, self.image_operators_[row], 0)
+        if not known.all():
+            new = np.isin(X["image_id"].to_numpy(np.int64), image_ids[~known])
+            X_new = X.iloc[np.flatnonzero(new)]
+            _, probabilities = setting_probabilities(FitState.from_attributes(self), self, self._get_model(), X_new,
+                                                     operators, self.seed_)
+            image_operator[~known] = np.argmax(probabilities, axis=1)
+        return reindex(X, operators, image_operator, image_ids, self.anomalous)
+
+    def image_reindexing(self):
+        """Each image's operator and its posterior probability, as a table.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Indexed by image_id, with columns ``operator`` (h,k,l triplet) and
+            ``probability``, and one column of probability per operator.
+        """
+        import pandas as pd
+
+        check_is_fitted(self, "image_operators_")
+        names = np.asarray(self.reindexing_operators_, dtype=object)
+        rows = np.arange(len(self.image_operators_))
+        table = pd.DataFrame({"operator": names[self.image_operators_],
+                              "probability": self.image_operator_probabilities_[rows, self.image_operators_]},
+                             index=pd.Index(self.image_ids_, name="image_id"))
+        for k, name in enumerate(names):
+            table[f"p({name})"] = self.image_operator_probabilities_[:, k]
+        return table
 
     # --------------------------------------------------------------- evaluation
     def posterior(self):
@@ -334,7 +489,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             index repeats across files). Reflections the fit never saw carry their
             prior's moments and N = 0.
         """
-        return self._check_input(X).merged(self, self._get_model(), X)
+        state = self._check_input(X)
+        return state.merged(self, self._get_model(), self.reindex(X))
 
     def predict(self, X, return_std=False, return_scale=False):
         """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order and
@@ -345,7 +501,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         standard deviation (a Laue spot's are its first harmonic's). Returns ``mean``,
         or the tuple ``(mean[, std][, scale, scale_std])``.
         """
-        mean, std, scale, scale_std = self._check_input(X).predict(self, self._get_model(), X)
+        state = self._check_input(X)
+        mean, std, scale, scale_std = state.predict(self, self._get_model(), self.reindex(X))
         result = (mean,) + ((std,) if return_std else ()) + ((scale, scale_std) if return_scale else ())
         return result if len(result) > 1 else result[0]
 
@@ -353,7 +510,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         """Log predictive density log p(Iᵢ | training data) of each observation of X, in
         the units of the input intensities, estimated with 32 Monte Carlo samples."""
         state = self._check_input(X)
-        return state.log_predictive(self, self._get_model(), X, y, _SCORE_SAMPLES, self.seed_)
+        return state.log_predictive(self, self._get_model(), self.reindex(X), y, _SCORE_SAMPLES, self.seed_)
 
     def score(self, X, y=None):
         """Mean log predictive density per observation of X (higher is better).

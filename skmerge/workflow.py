@@ -105,8 +105,9 @@ class MergeResult:
         ``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``, ``OUT_xval_<i>.mtz`` (with half
         datasets), ``OUT_history.csv``, ``OUT.joblib``, ``OUT.npz`` (the merger in the safe
         format, unless it holds what only joblib stores), ``OUT_stats.csv``,
-        ``OUT_stats.json``, ``OUT_history.png``, ``OUT_cchalf.png`` (with half datasets
-        or a test set), ``OUT_calibration.png`` and ``OUT_report.html``
+        ``OUT_stats.json``, ``OUT_reindexing.csv`` (when the indexing was ambiguous: each
+        image's operator and probability), ``OUT_history.png``, ``OUT_cchalf.png`` (with half
+        datasets or a test set), ``OUT_calibration.png`` and ``OUT_report.html``
         (:mod:`skmerge.report`); see ``docs/cli.md``.
 
         Returns
@@ -132,6 +133,8 @@ class MergeResult:
                 paths.append(writers.write_mtz(half, f"{out}_xval_{i}.mtz"))
         history = writers.history_table(self.merger.loss_curve_)
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
+        if len(self.merger.reindexing_operators_) > 1:
+            paths.append(writers.write_csv(self.merger.image_reindexing().reset_index(), f"{out}_reindexing.csv"))
         paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
         try:
             paths.append(self.merger.save(f"{out}.npz"))
@@ -298,6 +301,12 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         report("info", "double-Wilson prior: r " + "; ".join(
             f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(prior_r)
             if np.isfinite(row).any()) + (" (learned)" if prior_of(merger).learn_r else " (fixed)"))
+    if len(merger.reindexing_operators_) > 1:
+        report("info", reindexing_summary(merger))
+        # Everything after the fit (predictions, half datasets, statistics) in the merge's setting.
+        X = merger.reindex(X)
+        X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
+        merged = merger.transform(X_train)
     ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
     predictions = writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd),
                                             scale, scale_sd, test=test)
@@ -328,6 +337,17 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
+
+
+def reindexing_summary(merger):
+    """One line on the indexing ambiguity a fitted merger resolved: the settings, how
+    many images each took, and the least certain image."""
+    table = merger.image_reindexing()
+    counts = table["operator"].value_counts()
+    least = table["probability"].idxmin()
+    return (f"indexing ambiguity: {len(merger.reindexing_operators_)} settings; images reindexed by "
+            + ", ".join(f"{op}: {n}" for op, n in counts.items())
+            + f"; least certain image_id {least} (probability {table.loc[least, 'probability']:.3f})")
 
 
 def _fitted_error_model(merger):
