@@ -207,6 +207,63 @@ def make_unmerged(
     return X, truth
 
 
+def simulate_intensities(X, *, wilson_b=15.0, mean_intensity=300.0, partiality_key=None, random_state=None):
+    """Observations of a real experiment with simulated intensities of known truth.
+
+    Keeps everything of the table X (the indices, images, metadata: the geometry of a
+    real experiment) and replaces Iobs and SIGIobs by measurements of Wilson-random
+    amplitudes in X's space group, with a smooth scale over the images, a resolution
+    falloff, the partiality of column ``partiality_key`` when given, and the noise of
+    :func:`make_unmerged`.
+
+    Parameters
+    ----------
+    X : rs.DataSet
+        Observation table (:func:`skmerge.read_unmerged`).
+    wilson_b, mean_intensity : float
+        As in :func:`make_unmerged`.
+    partiality_key : str, optional
+        Column holding each observation's recorded fraction (e.g. FRACTIONCALC).
+    random_state : int, RandomState instance or None
+
+    Returns
+    -------
+    X : rs.DataSet
+        A copy of X with the simulated Iobs and SIGIobs.
+    truth : Bunch
+        ``merged`` (true F and I per ASU reflection of the observed indices, Friedel mates
+        merged), ``scale`` and ``Itrue`` per row.
+
+    Examples
+    --------
+    >>> from skmerge.datasets import make_unmerged, simulate_intensities
+    >>> X, _ = make_unmerged(n_images=5, dmin=3.0, random_state=0)
+    >>> X_sim, truth = simulate_intensities(X, random_state=1)
+    >>> bool((X_sim["Iobs"] != X["Iobs"]).any()), len(truth.scale) == len(X)
+    (True, True)
+    """
+    rng = check_random_state(random_state)
+    hkl = X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int32)
+    sg, uc = X.spacegroup, X.cell
+    amplitudes = _wilson_amplitudes(unique_hkl(map_to_asu(hkl, sg)[0])[0], sg, uc, wilson_b, 0.0, rng)
+    f = _amplitude_of(amplitudes, hkl, sg, False)
+    _, image = np.unique(X["image_id"].to_numpy(np.int64), return_inverse=True)
+    image = image.ravel()
+    n_images = int(image.max()) + 1
+    image_scale = np.exp(0.3 * np.sin(2 * np.pi * np.arange(n_images) / n_images) + 0.02 * rng.standard_normal(n_images))
+    d = X["dHKL"].to_numpy(np.float64)
+    scale = mean_intensity * image_scale[image] * np.exp(-4.0 * np.arange(n_images)[image] / n_images / (2 * d**2))
+    if partiality_key is not None:
+        scale = scale * X[partiality_key].to_numpy(np.float64)
+    i_true = scale * f**2
+    sigma = np.sqrt(np.maximum(i_true, 0.0) + _BACKGROUND + (_ERROR_FRACTION * i_true) ** 2)
+    X = X.copy()
+    X["Iobs"] = rs.DataSeries((i_true + sigma * rng.standard_normal(len(X))).astype(np.float32), dtype="Intensity",
+                              index=X.index)
+    X["SIGIobs"] = rs.DataSeries(sigma.astype(np.float32), dtype="Stddev", index=X.index)
+    return X, Bunch(merged=_truth_table(amplitudes, hkl, sg, uc, False), scale=scale, Itrue=i_true)
+
+
 def _changed(amplitudes, fraction, change, rng):
     """The amplitudes of a later state: ``fraction`` of the reflections get a random
     change of their structure factor whose root-mean-square size is ``change``·√(εΣ)

@@ -239,3 +239,47 @@ def test_fit_moves_images_the_model_finds_in_another_setting(monkeypatch):
         merger = VariationalMerger(**{**FAST, "metadata": ["dHKL", "XDET", "YDET", "ROT"], "max_iter": 100}).fit(X)
     assert (merger.image_operators_ == 0).all()
     assert merger.image_operator_probabilities_[[3, 11, 30], 0].min() > 0.99
+
+
+def _hypf(data_dir):
+    import skmerge
+
+    return skmerge.read_unmerged(data_dir / "hypf_hg_sad" / "hypf_unmerged.mtz", anomalous=True)
+
+
+@pytest.mark.realdata
+def test_hypf_intensities_are_symmetric_under_the_twin_law(data_dir):
+    from skmerge.errors import DataWarning
+
+    # hypf (R3) merges with CC 0.98 between h and its twin-related reflection: its settings
+    # cannot be told apart, and a scrambled half changes nothing measurable.
+    X = _hypf(data_dir)
+    operators = candidate_operators("auto", X.spacegroup, X.cell)
+    with pytest.warns(DataWarning, match="nearly symmetric"):
+        _, assigned = assign_operators(X, operators, random_state=0)
+    assert not assigned.any()
+
+
+@pytest.mark.realdata
+def test_hypf_geometry_with_scrambled_images_merges_as_the_original(data_dir):
+    from skmerge.datasets import simulate_intensities
+
+    # hypf's geometry (84 rotation images, partials) with intensities of a known R3 structure,
+    # 40 images reindexed by the lattice's twin law x-y,-y,-z.
+    X, truth = simulate_intensities(_hypf(data_dir), partiality_key="FRACTIONCALC", random_state=0)
+    images = np.unique(X["image_id"])
+    scrambled = np.isin(images, np.random.default_rng(0).choice(images, 40, replace=False))
+    operators = Operators([gemmi.Op("x,y,z"), gemmi.Op("x-y,-y,-z")], X.spacegroup)
+    X_scrambled = reindex(X, operators, scrambled.astype(int), images, True).drop(columns=[REINDEX_COLUMN])
+    auto = candidate_operators("auto", X.spacegroup, X.cell)
+    _, assigned = assign_operators(X_scrambled, auto, random_state=0)
+    assert np.mean(assigned == scrambled) >= 0.99
+    params = dict(anomalous=True, metadata=["dHKL", "Hobs", "Kobs", "Lobs", "XDET", "YDET", "BATCH", "FRACTIONCALC"],
+                  max_iter=200, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = VariationalMerger(**params).fit(X_scrambled).transform(X_scrambled)
+        original = VariationalMerger(**params).fit(X).transform(X)
+    both = merged[["F"]].join(original[["F"]], rsuffix="_original", how="inner")
+    assert len(both) == len(original)
+    assert np.corrcoef(both["F"], both["F_original"])[0, 1] >= 0.995
