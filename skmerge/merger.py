@@ -160,7 +160,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         per resolution shell; NaN where no reflection has a parent.
     likelihood_dof_ : float
         With ``StudentTLikelihood(learn_dof=True)``: the learned degrees of freedom.
-    loss_curve_ : ndarray of shape (n_iter_, 3)
+    loss_curve_ : ndarray of shape (`n_iter_`, 3)
         Loss (−ELBO per observation), its negative log-likelihood and KL parts, per step.
     n_iter_ : int
         Steps taken by the last fit.
