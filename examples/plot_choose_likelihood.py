@@ -35,7 +35,7 @@ from skmerge.model_selection import ImageKFold, image_groups
 # The fits below take few steps on purpose, to keep the example quick.
 warnings.filterwarnings("ignore", category=ConvergenceWarning)
 
-X, truth = make_unmerged(n_images=30, outlier_fraction=0.03, random_state=1)
+X, truth = make_unmerged(n_images=24, outlier_fraction=0.03, random_state=1)
 print(f"{len(X)} observations on {X['image_id'].nunique()} images, {truth.outlier.sum()} outliers")
 
 # %%
@@ -59,7 +59,7 @@ for train, test in GroupKFold(n_splits=3).split(X, groups=groups):
 # The search
 # ----------
 merger = skmerge.VariationalMerger(
-    metadata=["dHKL", "XDET", "YDET", "BATCH"], image_scales=False, mlp_layers=2, max_iter=150, random_state=0
+    metadata=["dHKL", "XDET", "YDET", "BATCH"], image_scales=False, mlp_layers=2, max_iter=100, random_state=0
 )
 candidates = [skmerge.NormalLikelihood(), skmerge.StudentTLikelihood(dof=4.0)]
 search = GridSearchCV(

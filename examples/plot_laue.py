@@ -53,7 +53,7 @@ print(f"{len(hidden)} reflections are only seen overlapped with others")
 # %%
 # Merge with and without the harmonic expansion
 # ---------------------------------------------
-settings = dict(metadata=["dHKL", "Wavelength", "XDET", "YDET"], mlp_layers=6, max_iter=600, random_state=0)
+settings = dict(metadata=["dHKL", "Wavelength", "XDET", "YDET"], mlp_layers=4, max_iter=400, random_state=0)
 laue = skmerge.VariationalMerger(laue=True, wavelength_range=BAND, **settings).fit(X)
 naive = skmerge.VariationalMerger(**settings).fit(X)
 

@@ -34,7 +34,7 @@ from skmerge.datasets import make_unmerged
 # The fits below take few steps on purpose, to keep the example quick.
 warnings.filterwarnings("ignore", category=ConvergenceWarning)
 
-X, truth = make_unmerged(n_images=24, time_points=2, outlier_fraction=0.01, random_state=1)
+X, truth = make_unmerged(n_images=16, time_points=2, outlier_fraction=0.01, random_state=1)
 print(X.groupby("file_id").size().rename("observations"))
 true_change = truth.merged.reset_index().query("file_id == 1")[["H", "K", "L", "DF"]]
 
@@ -52,7 +52,7 @@ def merged_difference(merger):
 # Independent merges and tied merges
 # ----------------------------------
 # Both fits share every setting but the prior.
-settings = dict(separate_files=True, metadata=["dHKL", "XDET", "YDET", "BATCH"], mlp_layers=4, max_iter=500,
+settings = dict(separate_files=True, metadata=["dHKL", "XDET", "YDET", "BATCH"], mlp_layers=4, max_iter=300,
                 random_state=0)
 independent = skmerge.VariationalMerger(prior="wilson", **settings).fit(X)
 tied = skmerge.VariationalMerger(prior=skmerge.DoubleWilsonPrior(parents=[None, 0]), **settings).fit(X)
