@@ -38,7 +38,6 @@ numpydoc_class_members_toctree = False
 
 # The Markdown pages link to sections of each other by their anchors.
 myst_heading_anchors = 3
-myst_enable_extensions = ["colon_fence"]
 
 sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
@@ -46,17 +45,15 @@ sphinx_gallery_conf = {
     "filename_pattern": r"/plot_",
     # The full search on the real HypF data takes hours; it is a script, not a gallery page.
     "ignore_pattern": r"choose_dof_hypf\.py",
-    "within_subsection_order": "FileNameSortKey",
+    # A name, not the function: Sphinx caches its configuration and cannot pickle functions.
+    "within_subsection_order": "gallery_order.example_order",
     "download_all_examples": False,
-    "remove_config_comments": True,
     "abort_on_example_error": True,
-    "reset_modules": ("matplotlib",),
 }
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"skmerge {version}"
 html_theme_options = {"navigation_with_keys": False, "secondary_sidebar_items": ["page-toc"]}
-html_static_path = []
 
 
 def skip_metadata_requests(app, what, name, obj, skip, options):
