@@ -12,8 +12,8 @@ the uncertainties are honest; :func:`calibration_report` checks this per resolut
 and per bin of Ipred.
 
 Outliers are judged on every observation: an observation is an outlier when
-|z| > 4·max(1, rSD), rSD the robust standard deviation (1.4826·MAD) of the z of every
-observation of its data set. With honest σ that is |z| > 4; when every σ is understated
+``|z|`` > 4·max(1, rSD), rSD the robust standard deviation (1.4826·MAD) of the z of every
+observation of its data set. With honest σ that is ``|z|`` > 4; when every σ is understated
 by a common factor (which the calibration table shows), the limit grows with the
 scatter of the bulk instead of calling a large part of the data outliers; and it never
 falls below 4, although the observations the fit saw have smaller z than new ones. The
@@ -155,7 +155,7 @@ def robust_sd(values):
 
 def coverage(z, level):
     """Fraction of the z-scores inside the central normal interval of probability
-    ``level`` (|z| ≤ Φ⁻¹((1 + level)/2), 1.96 for 0.95). NaN for no value.
+    ``level`` (``|z|`` ≤ Φ⁻¹((1 + level)/2), 1.96 for 0.95). NaN for no value.
 
     Examples
     --------
@@ -241,7 +241,7 @@ class Calibration:
         Counts of z in :data:`HISTOGRAM_EDGES` (``edges``): ``test`` (held-out) and
         ``fitted`` observations.
     z_limit : float
-        |z| beyond which an observation counts as an outlier: 4·max(1, robust SD of the
+        ``|z|`` beyond which an observation counts as an outlier: 4·max(1, robust SD of the
         z of every observation).
     n_test : int
         Held-out observations (0: no calibration, only outliers).

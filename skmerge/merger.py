@@ -196,7 +196,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     image_operator_probabilities_ : ndarray of shape (n_images, n_operators)
         The posterior probability of every operator for every image under the fitted
         model (equal prior probabilities); :meth:`image_reindexing` tabulates them.
-    loss_curve_ : ndarray of shape (n_iter_, 3)
+    loss_curve_ : ndarray of shape (`n_iter_`, 3)
         Loss (−ELBO per observation), its negative log-likelihood and KL parts, per step.
     n_iter_ : int
         Steps taken by the last fit.
