@@ -571,7 +571,7 @@ def _calibration_section(outputs):
 
 
 def anomalous_signal(merged, statistics):
-    """Mean |ΔF|/σ(ΔF) per resolution shell of an anomalous merged data set, over the
+    """Mean ``|ΔF|/σ(ΔF)`` per resolution shell of an anomalous merged data set, over the
     acentric reflections with both Friedel mates, in the shells of its statistics table
     (DANO and SIGDANO of a variational merge are the posterior's mean and SD, so pure
     noise gives less than the 0.8 of unbiased differences: compare the shells with one

@@ -32,6 +32,8 @@ PUBLIC_MODULES = [
     "skmerge.stats",
     "skmerge.calibration",
     "skmerge.laue",
+    "skmerge.ambiguity",
+    "skmerge.report",
     "skmerge.workflow",
     "skmerge.half_datasets",
     "skmerge.baseline",
