@@ -235,6 +235,10 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    from .analysis_cli import register
+
+    register(commands, _Formatter)
     return parser
 
 
