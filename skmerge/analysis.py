@@ -271,19 +271,21 @@ def _ccpred(frame, method):
 
 
 def _image_column(table, image_key, what):
-    """The image column: ``image_key``, else image_id, else the first Batch column."""
+    """The image column: ``image_key``, else (in a predictions table) image_id, else
+    the first Batch column, else BATCH or (in an unmerged file) image_id."""
     if image_key is not None:
         if image_key not in table.columns:
             raise InputError(f"the {what} has no image column {image_key!r}; columns: "
                              f"{', '.join(map(str, table.columns))}")
         return image_key
-    if "image_id" in table.columns:
-        return "image_id"
     batch = [c for c, dtype in table.dtypes.items() if getattr(dtype, "name", "") == "Batch"]
-    if not batch:
-        raise InputError(f"the {what} has no image column (image_id, or one of MTZ type B); columns: "
+    ids = ["image_id"]
+    candidates = ids + batch + ["BATCH"] if what.startswith("predictions") else batch + ["BATCH"] + ids
+    found = [c for c in candidates if c in table.columns]
+    if not found:
+        raise InputError(f"the {what} has no image column (image_id, BATCH or one of MTZ type B); columns: "
                          f"{', '.join(map(str, table.columns))}")
-    return batch[0]
+    return found[0]
 
 
 # ------------------------------------------------------------------ merged tables
@@ -326,8 +328,8 @@ def isigi_table(merged, *, shells=10):
     >>> hkl = np.array([[h, 0, 0] for h in range(1, 9)])
     >>> merged = rs.DataSet({"H": hkl[:, 0], "K": 0, "L": 0, "I": 10.0 * np.arange(8, 0, -1), "SIGI": 2.0},
     ...                     cell=gemmi.UnitCell(20, 20, 20, 90, 90, 90), merged=True).set_index(["H", "K", "L"])
-    >>> isigi_table(merged, shells=2)["mean_isigi"].tolist()
-    [35.0, 15.0, 25.0]
+    >>> isigi_table(merged, shells=2)["mean_isigi"].tolist()  # I/σ = 40, 35, … 5
+    [32.5, 12.5, 22.5]
     """
     merged, d = _measured(merged)
     bins = make_shells(d, shells)
@@ -588,7 +590,8 @@ def image_numbers(predictions, unmerged, image_ids, *, file_id=None, image_key=N
 
     The predictions number the images of all the run's files 0, 1, … in file order,
     then image order (the observation table's ``image_id``), so the k-th image of file f
-    in the predictions is the k-th image number of that file.
+    in the predictions is the k-th image number of that file. (The image column of the
+    predictions is found as :func:`ccpred_report` finds it.)
 
     Parameters
     ----------
@@ -622,9 +625,7 @@ def image_numbers(predictions, unmerged, image_ids, *, file_id=None, image_key=N
     >>> image_numbers(predictions, unmerged, [1, 2]).tolist()
     [7, 9]
     """
-    ids = predictions["image_id"].to_numpy(np.int64) if "image_id" in predictions.columns else None
-    if ids is None:
-        raise InputError("the predictions file has no image_id column")
+    ids = predictions[_image_column(predictions, None, "predictions table")].to_numpy(np.int64)
     files = predictions["file_id"].to_numpy(np.int64) if "file_id" in predictions.columns else np.zeros(len(ids), int)
     present = np.unique(files)
     if file_id is None:
@@ -657,7 +658,7 @@ def filter_images(unmerged, images, *, image_key=None):
     images : array-like of int
         Image numbers (values of the image column) to remove.
     image_key : str, optional
-        The image column (default: the first Batch column, else ``image_id``).
+        The image column (default: the first Batch column, else BATCH or ``image_id``).
 
     Returns
     -------
@@ -676,9 +677,7 @@ def filter_images(unmerged, images, *, image_key=None):
     >>> filter_images(table, [2])["I"].tolist()
     [1.0, 2.0, 4.0]
     """
-    batch = [c for c, dtype in unmerged.dtypes.items() if getattr(dtype, "name", "") == "Batch"]
-    key = image_key or (batch[0] if batch else None)
-    key = _image_column(unmerged, key, "unmerged file")
+    key = _image_column(unmerged, image_key, "unmerged file")
     image = unmerged[key].to_numpy(np.int64)
     images = np.unique(np.asarray(images, dtype=np.int64))
     unknown = images[~np.isin(images, image)]
@@ -808,8 +807,8 @@ def format_table(frame, title=None):
     --------
     >>> import pandas as pd
     >>> print(format_table(pd.DataFrame({"d_min": [2.0], "n": [10], "cc": [0.9512]}, index=["overall"])))
-                d_min        n       cc
-    overall      2.00       10    0.951
+              d_min       n      cc
+    overall    2.00      10   0.951
     """
     index = [str(i) for i in frame.index]
     width = max([len(str(frame.index.name or ""))] + [len(i) for i in index])

@@ -21,7 +21,6 @@ def register(commands, formatter_class=argparse.RawDescriptionHelpFormatter):
     Examples
     --------
     >>> import argparse
-import contextlib
     >>> parser = argparse.ArgumentParser(prog="skmerge")
     >>> register(parser.add_subparsers(dest="command"))
     >>> parser.parse_args(["isigi", "out/hypf"]).shells
