@@ -121,17 +121,16 @@ def read_run_table(path, kind="merged"):
     Raises
     ------
     InputError
-        When the file is missing or not readable MTZ, or merged where it should hold
-        observations (or the reverse); the message names the file.
+        When the file is missing or not readable MTZ, or holds observations (M/ISYM)
+        where merged data belong; the message names the file.
     """
     from .workflow import _read_mtz
 
+    # careless writes its predictions without M/ISYM, as if merged: only the columns
+    # tell a predictions file (see ccpred_report).
     table = _read_mtz(path, merged=kind != "predictions")
     if table is None:
         raise InputError(f"{path}: no such file")
-    if kind == "predictions" and table.merged:
-        raise InputError(f"{path}: holds merged data; give a per-observation predictions file "
-                         "(OUT_predictions_<i>.mtz)")
     return standardise_columns(table, str(path))[0]
 
 
@@ -146,8 +145,9 @@ class CCpredReport:
         One row per shell (1 … n), then ``overall``: d_max, d_min, n_train, cc_train and,
         with held-out observations, n_test, cc_test.
     images : pandas.DataFrame
-        One row per image (index: the predictions' image number): n_obs, ccpred (all its
-        observations) and, with held-out observations, n_test, cc_test.
+        One row per image, indexed by the predictions' image column (``image_id``, the
+        run's 0-based image numbering): n_obs, ccpred (all its observations) and, with
+        held-out observations, n_test, cc_test.
     threshold : float
         Images with ccpred below this are bad.
     """
@@ -234,7 +234,7 @@ def ccpred_report(predictions, *, shells=10, method="pearson", below=None):
     groups = dict(tuple(frame.groupby("image", sort=True)))
     per_image = pd.DataFrame({"n_obs": [len(g) for g in groups.values()],
                               "ccpred": [_ccpred(g, method) for g in groups.values()]},
-                             index=pd.Index(list(groups), name="image"))
+                             index=pd.Index(list(groups), name=frame.attrs["image_column"]))
     if test.any():
         per_image["n_test"] = [int(g["test"].sum()) for g in groups.values()]
         per_image["cc_test"] = [_ccpred(g[g["test"]], method) for g in groups.values()]
@@ -258,10 +258,12 @@ def _prediction_frame(predictions):
     hkl = predictions.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
     test = (predictions["test"].to_numpy(np.float64, na_value=0) > 0 if "test" in predictions.columns
             else np.zeros(len(predictions), bool))
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "Iobs": predictions["Iobs"].to_numpy(np.float64), "SIGIobs": predictions["SIGIobs"].to_numpy(np.float64),
         "Ipred": predictions["Ipred"].to_numpy(np.float64), "image": predictions[image].to_numpy(np.int64),
         "test": test, "dHKL": cell.calculate_d_array(hkl)})
+    frame.attrs["image_column"] = image
+    return frame
 
 
 def _ccpred(frame, method):
@@ -723,7 +725,8 @@ def unmerged_mtz(dataset, *, spacegroup=None, cell=None):
     if table.cell is None:
         raise InputError("the reflections have no unit cell: give one (--cell A B C ALPHA BETA GAMMA)")
     table.merged = False
-    return table.hkl_to_asu()
+    table = table.hkl_to_asu()
+    return table[["M/ISYM", *(c for c in table.columns if c != "M/ISYM")]]  # the usual place, after H K L
 
 
 def convert_to_mtz(source, out, *, spacegroup=None, cell=None, expected=None):
@@ -771,8 +774,9 @@ def read_history(path):
 
     careless's and skmerge's files both work: a column named like the step (step,
     epoch, or the first unnamed one) becomes ``step`` (the row number when there is
-    none), and columns whose names hold "nll", "kl" or "loss" become ``nll``, ``kl``
-    and ``loss`` when that identifies one column each.
+    none), and the column named "nll", "kl" or "loss" in any case, else the one column
+    whose name holds it (careless's "F KLDiv"), becomes ``nll``, ``kl`` or ``loss``;
+    the others (careless's "Grad Norm", "NLL_val") keep their names.
 
     Raises
     ------
@@ -790,7 +794,8 @@ def read_history(path):
         raise InputError(f"{path}: no numeric loss column")
     renames = {}
     for name in ("nll", "kl", "loss"):
-        matching = [c for c in history.columns if name in str(c).lower() and c not in renames]
+        matching = ([c for c in history.columns if str(c).lower() == name]
+                    or [c for c in history.columns if name in str(c).lower() and c not in renames])
         if len(matching) == 1 and name not in history.columns:
             renames[matching[0]] = name
     history = history.rename(columns=renames)

@@ -220,7 +220,7 @@ def _apply_bfactor(args):
 def _filter_images(args):
     import numpy as np
 
-    from .analysis import ccpred_report, filter_images, image_numbers, read_run_table
+    from .analysis import ccpred_report, filter_images, image_numbers, read_run_table, unmerged_mtz
     from .errors import InputError
     from .io.mtz import read_mtz
     from .io.writers import write_mtz
@@ -240,7 +240,7 @@ def _filter_images(args):
                                    image_key=args.image_key)
     with _about(args.unmerged):
         kept = filter_images(unmerged, images, image_key=args.image_key)
-    write_mtz(kept.hkl_to_asu(), args.output)
+    write_mtz(unmerged_mtz(kept), args.output)
     print(f"removed {len(unmerged) - len(kept):,} observations of {len(np.unique(images))} image(s)"
           + (f" ({' '.join(map(str, sorted(np.unique(images).tolist())))})" if len(images) else "")
           + f"; wrote {len(kept):,} to {args.output}")

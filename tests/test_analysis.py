@@ -23,10 +23,8 @@ SIMULATION = dict(n_images=12, anomalous=True, dmin=3.5, spacegroup="P 41 21 2",
                   oscillation=6.0, random_state=0)
 FAST = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, mlp_width=4, max_iter=50, random_state=0,
             anomalous=True, half_datasets=1, test_fraction=0.1, log=lambda level, message: None)
-# careless's anomalous merges hold the Friedel columns only; its predictions no Z, Weight, Scale.
 FRIEDEL_MEANS = ("F", "SIGF", "I", "SIGI", "N", "DANO", "SIGDANO")
-SKMERGE_ONLY = ("Z", "Weight", "Scale", "SIGScale", "PARTIAL")
-CARELESS_NAMES = {"SIGIobs": "SigIobs", "SIGIpred": "SigIpred", "SIGF": "SigF", "SIGI": "SigI",
+CARELESS_NAMES = {"SIGScale": "SigScale", "SIGIobs": "SigIobs", "SIGIpred": "SigIpred", "SIGF": "SigF", "SIGI": "SigI",
                   "SIGF(+)": "SigF(+)", "SIGF(-)": "SigF(-)", "SIGI(+)": "SigI(+)", "SIGI(-)": "SigI(-)"}
 
 
@@ -57,16 +55,21 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def careless_run(run, tmp_path_factory):
-    """The same outputs in careless's layout: its Sig names, no Z, Weight or Scale."""
+    """The same outputs in careless 0.5.4's layout: its Sig names; anomalous merges with
+    the Friedel columns only; predictions without M/ISYM (written as if merged) and
+    without Z and Weight; its history columns."""
     out, _, _ = run
     prefix = tmp_path_factory.mktemp("careless") / "merge"
-    for suffix in ("_0.mtz", "_predictions_0.mtz", "_xval_0.mtz"):
+    for suffix in ("_0.mtz", "_xval_0.mtz"):
         table = rs.read_mtz(f"{out}{suffix}")
-        drop = SKMERGE_ONLY if "predictions" in suffix else FRIEDEL_MEANS
-        table.drop(columns=[c for c in drop if c in table.columns]).rename(columns=CARELESS_NAMES).write_mtz(
-            f"{prefix}{suffix}")
-    pd.read_csv(f"{out}_history.csv").rename(columns={"nll": "NLL", "kl": "F KLDiv"}).drop(
-        columns="step").to_csv(f"{prefix}_history.csv")
+        table.drop(columns=list(FRIEDEL_MEANS)).rename(columns=CARELESS_NAMES).write_mtz(f"{prefix}{suffix}")
+    predictions = rs.read_mtz(f"{out}_predictions_0.mtz").drop(columns=["Z", "Weight", "PARTIAL"])
+    predictions.merged = True
+    predictions.rename(columns=CARELESS_NAMES).write_mtz(f"{prefix}_predictions_0.mtz")
+    history = pd.read_csv(f"{out}_history.csv").rename(columns={"nll": "NLL", "kl": "F KLDiv"})
+    history.insert(1, "Grad Norm", 1.0)
+    history["NLL_val"] = history["NLL"]
+    history.to_csv(f"{prefix}_history.csv", index=False)
     return prefix
 
 
@@ -84,7 +87,7 @@ def test_ccpred_names_the_scrambled_image_and_writes_its_tables(run, tmp_path, c
     last = text.strip().splitlines()[-1]
     assert last.startswith("1 bad image(s) (CCpred < ") and last.endswith(f"): {SCRAMBLED_IMAGE}")
     shells = pd.read_csv(tmp_path / "shells.csv")
-    images = pd.read_csv(tmp_path / "images.csv").set_index("image")
+    images = pd.read_csv(tmp_path / "images.csv").set_index("image_id")
     assert list(shells.columns) == ["data_set", "shell", "d_max", "d_min", "n_train", "cc_train", "n_test", "cc_test"]
     assert shells["shell"].tolist()[-1] == "overall" and len(shells) == 11
     assert images.loc[SCRAMBLED_IMAGE, "ccpred"] < 0.3 < images.drop(index=SCRAMBLED_IMAGE)["ccpred"].min()
@@ -218,7 +221,7 @@ def test_plot_history_of_skmerge_and_careless_files(run, careless_run, tmp_path,
     steps = len(pd.read_csv(f"{out}_history.csv"))
     assert f"{steps} steps" in text and len(pd.read_csv(tmp_path / "h.csv")) == steps
     history = analysis.read_history(f"{careless_run}_history.csv")
-    assert list(history.columns) == ["step", "loss", "nll", "kl"]
+    assert list(history.columns) == ["step", "Grad Norm", "loss", "nll", "kl", "NLL_val"]
     assert _command(capsys, "plot-history", careless_run)[0] == 0
     assert careless_run.with_name("merge_history.png").is_file()
 
