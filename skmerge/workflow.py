@@ -475,13 +475,14 @@ def resolve_output_prefix(out):
     Returns
     -------
     str
-        The prefix; ``out`` itself when it names neither (reading then reports what is
-        missing).
+        The prefix; ``out`` itself when it names no run and no directory (reading then
+        reports what is missing).
 
     Raises
     ------
     InputError
-        When the directory holds several runs (their prefixes are listed).
+        When ``out`` is a directory holding no run or several (their prefixes are
+        listed).
 
     Examples
     --------
@@ -507,7 +508,10 @@ def resolve_output_prefix(out):
     if len(prefixes) > 1:
         raise InputError(f"{out}: holds the outputs of {len(prefixes)} runs ({', '.join(prefixes)}); give the "
                          f"prefix of one, e.g. {directory / prefixes[0]}")
-    return str(directory / prefixes[0]) if prefixes else out
+    if not prefixes:
+        raise InputError(f"{out}: a directory without the outputs of a run (no <prefix>_0.mtz or "
+                         "<prefix>_stats.json); give the OUT prefix of a run")
+    return str(directory / prefixes[0])
 
 
 def _run_indices(out):

@@ -212,6 +212,9 @@ def test_stats_and_analyses_find_the_run_from_a_trailing_slash_or_its_directory(
         assert (status, err) == (0, ""), given
         assert text == expected
         assert _command(capsys, "isigi", given)[0] == 0
+    (out.parent / "empty").mkdir()
+    status, _, err = _command(capsys, "stats", "empty/")
+    assert status == 2 and "empty/: a directory without the outputs of a run" in err
 
 
 def test_plot_history_of_skmerge_and_careless_files(run, careless_run, tmp_path, capsys):
