@@ -123,6 +123,12 @@ def read_run_table(path, kind="merged"):
     InputError
         When the file is missing or not readable MTZ, or holds observations (M/ISYM)
         where merged data belong; the message names the file.
+
+    Examples
+    --------
+    >>> predictions = read_run_table("out/hypf_predictions_0.mtz", "predictions")  # doctest: +SKIP
+    >>> ccpred_report(predictions).bad_images  # doctest: +SKIP
+    [73, 74]
     """
     from .workflow import _read_mtz
 
@@ -710,6 +716,15 @@ def unmerged_mtz(dataset, *, spacegroup=None, cell=None):
     ------
     InputError
         When the table has no space group or cell and none is given.
+
+    Examples
+    --------
+    >>> import reciprocalspaceship as rs
+    >>> table = rs.DataSet({"H": [1, -1], "K": [2, 2], "L": [3, 3], "BATCH": [1, 2], "I": [5.0, 6.0],
+    ...                     "SIGI": [1.0, 1.0]}).set_index(["H", "K", "L"])
+    >>> out = unmerged_mtz(table, spacegroup="P 2 2 2", cell=(10, 20, 30, 90, 90, 90))
+    >>> out.reset_index()[["H", "K", "L", "M/ISYM", "BATCH"]].values.tolist()
+    [[1, 2, 3, 1, 1], [1, 2, 3, 6, 2]]
     """
     import gemmi
 
@@ -782,6 +797,16 @@ def read_history(path):
     ------
     InputError
         When the file is missing or holds no numeric column.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import pandas as pd
+    >>> path = os.path.join(tempfile.mkdtemp(), "merge_history.csv")
+    >>> pd.DataFrame({"step": [0, 1], "loss": [3.0, 2.5], "F KLDiv": [1.0, 0.9], "NLL": [2.0, 1.6]}).to_csv(
+    ...     path, index=False)
+    >>> read_history(path).columns.tolist()
+    ['step', 'loss', 'kl', 'nll']
     """
     try:
         history = pd.read_csv(path)
