@@ -19,8 +19,6 @@ agree with ``skmerge stats``.
 """
 
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,23 +92,18 @@ def run_files(out, kind="merged"):
     >>> [p.name for p in run_files(f"{folder}/", "xval")]
     ['hypf_xval_0.mtz']
     """
-    from .workflow import resolve_output_prefix
+    from .workflow import _run_indices, resolve_output_prefix
 
     if kind not in RUN_FILES:
         raise InputError(f"kind={kind!r}: use one of {', '.join(RUN_FILES)}.")
     if Path(out).is_file():
         return [Path(out)]
     prefix = resolve_output_prefix(out)
-    directory, base = os.path.split(prefix)
-    directory = Path(directory or ".")
-    if not directory.is_dir():
-        raise InputError(f"directory {str(directory)!r} does not exist")
-    pattern = re.compile(re.escape(base) + re.escape(RUN_FILES[kind]).replace(r"\{i\}", r"(\d+)") + "$")
-    found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pattern.match(p.name)))
-    if not found:
+    indices = _run_indices(prefix, RUN_FILES[kind])
+    if not indices:
         raise InputError(f"no {kind} file {prefix}{RUN_FILES[kind].format(i=0)}: give the OUT prefix of a run "
                          "(skmerge's or careless's) or the file itself")
-    return [p for _, p in found]
+    return [Path(f"{prefix}{RUN_FILES[kind].format(i=i)}") for i in indices]
 
 
 def read_run_table(path, kind="merged"):

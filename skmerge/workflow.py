@@ -514,13 +514,14 @@ def resolve_output_prefix(out):
     return str(directory / prefixes[0])
 
 
-def _run_indices(out):
-    """The numbers i of the merged files OUT_<i>.mtz of a run (``out`` joined as text)."""
+def _run_indices(out, suffix="_{i}.mtz"):
+    """The numbers i of the files OUT + ``suffix`` (i in place of {i}) of a run, by
+    default its merged files OUT_<i>.mtz (``out`` joined as text)."""
     directory, base = os.path.split(os.fspath(out))
     directory = directory or "."
     if not Path(directory).is_dir():
         raise InputError(f"directory {directory!r} does not exist")
-    pattern = re.compile(re.escape(base) + r"_(\d+)\.mtz$")
+    pattern = re.compile(re.escape(base) + re.escape(suffix).replace(r"\{i\}", r"(\d+)") + "$")
     return sorted(int(m.group(1)) for p in Path(directory).iterdir() if (m := pattern.match(p.name)))
 
 
