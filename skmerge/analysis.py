@@ -221,8 +221,7 @@ def ccpred_report(predictions, *, shells=10, method="pearson", below=None):
     bins = make_shells(np.unique(frame["dHKL"]), shells)
     shell = bins.assign(frame["dHKL"].to_numpy())
     test = frame["test"].to_numpy()
-    table = pd.DataFrame({"d_max": [*bins.d_max, bins.d_max[0]], "d_min": [*bins.d_min, bins.d_min[-1]]},
-                         index=pd.Index([*range(1, bins.n + 1), "overall"], name="shell"))
+    table = _shell_frame(bins)
     groups = [shell == i for i in range(bins.n)] + [shell >= 0]
     for part, rows in (("train", ~test), ("test", test)):
         if part == "test" and not test.any():
@@ -242,6 +241,12 @@ def ccpred_report(predictions, *, shells=10, method="pearson", below=None):
         median = np.median(cc) if len(cc) else np.nan
         below = min(median - BAD_IMAGE_LIMIT * robust_sd(cc), median - BAD_IMAGE_MARGIN) if len(cc) else -np.inf
     return CCpredReport(table, per_image, float(below))
+
+
+def _shell_frame(bins):
+    """The d_max, d_min columns of a per-shell table: shells 1 … n, then overall."""
+    return pd.DataFrame({"d_max": [*bins.d_max, bins.d_max[0]], "d_min": [*bins.d_min, bins.d_min[-1]]},
+                        index=pd.Index([*range(1, bins.n + 1), "overall"], name="shell"))
 
 
 def _prediction_frame(predictions):
@@ -306,11 +311,6 @@ def _measured(merged):
         raise InputError("the merged table has no measured reflection")
     merged = merged[measured]
     return merged, merged.cell.calculate_d_array(merged.reset_index()[["H", "K", "L"]].to_numpy(np.int32))
-
-
-def _shell_frame(bins):
-    return pd.DataFrame({"d_max": [*bins.d_max, bins.d_max[0]], "d_min": [*bins.d_min, bins.d_min[-1]]},
-                        index=pd.Index([*range(1, bins.n + 1), "overall"], name="shell"))
 
 
 def isigi_table(merged, *, shells=10):
