@@ -378,7 +378,10 @@ def rsplit_table(halves, *, shells=10, column="I"):
         Rsplit = (1/√2) · Σ|I₁ − I₂| / (½ · Σ(I₁ + I₂)),
 
     summed over the reflections merged in both halves of every repeat (shells as
-    :func:`skmerge.stats.cc_half` makes them).
+    :func:`skmerge.stats.cc_half` makes them). On intensities, as Rsplit is usually
+    defined; ``column="F"`` gives it on amplitudes (smaller: up to half, for strong
+    data), as careless's ``rsplit`` computes it (which also scales one half to the
+    other).
 
     Parameters
     ----------

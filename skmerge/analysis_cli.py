@@ -46,8 +46,13 @@ def register(commands, formatter_class=argparse.RawDescriptionHelpFormatter):
     isigi = command("isigi", "I/σ(I) of the merged intensities per resolution shell", _isigi)
     _run_arguments(isigi, method=False)
 
-    rsplit = command("rsplit", "Rsplit of the half-dataset merges (OUT_xval_<i>.mtz) per resolution shell", _rsplit)
+    rsplit = command("rsplit", "Rsplit of the half-dataset merges (OUT_xval_<i>.mtz) per resolution shell", _rsplit,
+                     "Rsplit = sqrt(2) sum|X1 - X2| / sum(X1 + X2) between the halves of the half-dataset merges "
+                     "(OUT_xval_<i>.mtz) per resolution shell, X the merged intensity (--column I, the usual "
+                     "definition) or amplitude (--column F, as careless.rsplit, which also rescales one half).")
     _run_arguments(rsplit, method=False)
+    rsplit.add_argument("--column", choices=("I", "F"), default="I", help="merged intensities or amplitudes "
+                        "(default: %(default)s)")
 
     completeness = command("completeness", "completeness and anomalous completeness per resolution shell",
                            _completeness)
@@ -183,7 +188,7 @@ def _isigi(args):
 def _rsplit(args):
     from .analysis import rsplit_table
 
-    _print_tables(args, _per_file(args, "xval", lambda table: rsplit_table(table, shells=args.shells)),
+    _print_tables(args, _per_file(args, "xval", lambda table: rsplit_table(table, shells=args.shells, column=args.column)),
                   "Rsplit per resolution shell")
     return 0
 

@@ -128,6 +128,8 @@ def test_isigi_rsplit_completeness_and_bfactor_tables(run, capsys):
     a, b = pairs["I"].to_numpy(float), pairs["I2"].to_numpy(float)
     assert rsplit.loc["overall", "n"] == len(pairs)
     assert rsplit.loc["overall", "rsplit"] == pytest.approx(np.abs(a - b).sum() / (a + b).sum() * 2 / np.sqrt(2))
+    amplitudes = analysis.rsplit_table(analysis.read_run_table(f"{out}_xval_0.mtz", "xval"), column="F")
+    assert amplitudes.loc["overall", "rsplit"] < rsplit.loc["overall", "rsplit"]
     completeness = analysis.completeness_table(analysis.read_run_table(f"{out}_0.mtz"))
     assert {"completeness", "anom_completeness"} <= set(completeness.columns)
     assert completeness[["completeness", "anom_completeness"]].stack().between(0.05, 1).all()
