@@ -7,6 +7,7 @@ done by :mod:`skmerge.analysis`. Nothing here imports TensorFlow.
 
 import argparse
 import contextlib
+import textwrap
 
 _RUN_HELP = ("the output prefix of a run of skmerge or careless (e.g. out/hypf; a directory holding one run; or "
              "one of its MTZ files)")
@@ -27,8 +28,9 @@ def register(commands, formatter_class=argparse.RawDescriptionHelpFormatter):
     10
     """
     def command(name, help, run, description=None):
-        parser = commands.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
-                                     formatter_class=formatter_class)
+        # The formatter keeps descriptions as written (the other commands' have layout).
+        text = textwrap.fill(description or help[0].upper() + help[1:] + ".", 90)
+        parser = commands.add_parser(name, help=help, description=text, formatter_class=formatter_class)
         parser.set_defaults(run=run)
         return parser
 
