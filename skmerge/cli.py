@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .diagnostics import SPECIAL_KEYS
 from .errors import InputError, SkmergeError
+from .analysis_cli import register as register_analysis
 from .report import register as register_report
 from .signals import interrupt_on_sigterm
 
@@ -266,6 +267,7 @@ def build_parser():
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
     register_report(commands)
+    register_analysis(commands, _Formatter)
     return parser
 
 

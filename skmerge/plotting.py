@@ -140,6 +140,54 @@ def plot_history(history):
     return figure
 
 
+def plot_ccpred(reports, labels=None):
+    """CCpred against resolution (training and test observations) and against the
+    image, with the bad images marked.
+
+    Parameters
+    ----------
+    reports : CCpredReport or list of them
+        One per data set (:func:`skmerge.analysis.ccpred_report`).
+    labels : list of str, optional
+        Legend names of the data sets.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    if not isinstance(reports, (list, tuple)):
+        reports = [reports]
+    labels = labels or [None] * len(reports)
+    figure = Figure(figsize=(6.4, 6.4))
+    by_shell, by_image = figure.subplots(2, 1)
+    for index, (report, label) in enumerate(zip(reports, labels)):
+        colour, prefix = f"C{index}", "" if label is None else f"{label}: "
+        shells = report.shells.drop(index="overall")
+        centre = (shells["d_max"].to_numpy(float) ** -2.0 + shells["d_min"].to_numpy(float) ** -2.0) / 2
+        for part, style in (("train", "-"), ("test", ":")):
+            if f"cc_{part}" in shells:
+                by_shell.plot(centre, shells[f"cc_{part}"].to_numpy(float), style, marker="o", ms=3, color=colour,
+                              label=f"{prefix}{part}")
+        images = report.images
+        by_image.plot(images.index.to_numpy(), images["ccpred"].to_numpy(float), ".", ms=3, color=colour,
+                      label=f"{prefix}images")
+        bad = images.loc[report.bad_images]
+        if len(bad):
+            by_image.plot(bad.index.to_numpy(), bad["ccpred"].to_numpy(float), "x", color="C3", ms=7,
+                          label=f"{prefix}bad (< {report.threshold:.2f})")
+    by_shell.set_ylabel("CCpred")
+    _resolution_axis(by_shell, reports[0].shells)
+    by_image.set_xlabel("image")
+    by_image.set_ylabel("CCpred")
+    for axes in (by_shell, by_image):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
 def plot_signal(statistics, labels=None):
     """Mean I/σ(I) and completeness (anomalous completeness dashed) per resolution shell.
 

@@ -454,6 +454,7 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
     from .stats import MergingStatistics
 
     check_options(shells=shells, binning=binning, method=method)
+    out = resolve_output_prefix(out)
     indices = _run_indices(out)
     if not indices:
         return _from_saved(out, lambda document: ([MergingStatistics.from_dict(d) for d in document["datasets"]],
@@ -468,7 +469,7 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
                              [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
                              saved_parents or parent_files(None, len(indices)), shells=shells, binning=binning,
                              method=method)
-    return statistics, [saved_names.get(i) or f"{Path(out).name}_{i}.mtz" for i in indices]
+    return statistics, [saved_names.get(i) or os.path.basename(f"{out}_{i}.mtz") for i in indices]
 
 
 def calibration_from_outputs(out, statistics):
@@ -483,6 +484,7 @@ def calibration_from_outputs(out, statistics):
         One per data set; None where the run left no Z column (careless's outputs,
         older skmerge runs).
     """
+    out = resolve_output_prefix(out)
     indices = _run_indices(out)
     if not indices:
         return _from_saved(out, lambda document: [
@@ -495,14 +497,70 @@ def calibration_from_outputs(out, statistics):
     return reports
 
 
-def _run_indices(out):
-    """The numbers i of the merged files OUT_<i>.mtz of a run."""
-    base = Path(out)
-    directory = base.parent if str(base.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"directory {str(directory)!r} does not exist")
-    pattern = re.compile(re.escape(base.name) + r"_(\d+)\.mtz$")
-    return sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.match(p.name)))
+def resolve_output_prefix(out):
+    """The output prefix of the run that ``out`` names.
+
+    ``out`` is a prefix when files ``OUT_<i>.mtz`` or ``OUT_stats.json`` exist (the name
+    is joined as text, as careless does, so ``merge/`` names ``merge/_0.mtz``), and so
+    is ``out`` without a trailing '/' (``hypf/`` for the run ``hypf``); otherwise a
+    directory names the one run inside it.
+
+    Parameters
+    ----------
+    out : str or Path
+        A run's output prefix, or the directory holding one run.
+
+    Returns
+    -------
+    str
+        The prefix; ``out`` itself when it names no run and no directory (reading then
+        reports what is missing).
+
+    Raises
+    ------
+    InputError
+        When ``out`` is a directory holding no run or several (their prefixes are
+        listed).
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("hypf_0.mtz", "hypf_xval_0.mtz", "hypf_predictions_0.mtz"):
+    ...     _ = (folder / name).write_bytes(b"")
+    >>> resolve_output_prefix(f"{folder}/") == str(folder / "hypf")
+    True
+    """
+    out = os.fspath(out)
+    # "hypf/" for the prefix "hypf" too: a trailing separator is easily typed.
+    for prefix in dict.fromkeys([out, out.rstrip("/" + os.sep) or out]):
+        if Path(os.path.dirname(prefix) or ".").is_dir() and (
+                _run_indices(prefix) or Path(f"{prefix}_stats.json").is_file()):
+            return prefix
+    if not Path(out).is_dir():
+        return out
+    directory = Path(out)
+    run = re.compile(r"(.+?)(?:_(\d+)\.mtz|_stats\.json)$")
+    prefixes = sorted({m.group(1) for p in directory.iterdir() if (m := run.match(p.name))
+                       and not re.search(r"_(predictions|xval)$", m.group(1))})
+    if len(prefixes) > 1:
+        raise InputError(f"{out}: holds the outputs of {len(prefixes)} runs ({', '.join(prefixes)}); give the "
+                         f"prefix of one, e.g. {directory / prefixes[0]}")
+    if not prefixes:
+        raise InputError(f"{out}: a directory without the outputs of a run (no <prefix>_0.mtz or "
+                         "<prefix>_stats.json); give the OUT prefix of a run")
+    return str(directory / prefixes[0])
+
+
+def _run_indices(out, suffix="_{i}.mtz"):
+    """The numbers i of the files OUT + ``suffix`` (i in place of {i}) of a run, by
+    default its merged files OUT_<i>.mtz (``out`` joined as text)."""
+    directory, base = os.path.split(os.fspath(out))
+    directory = directory or "."
+    if not Path(directory).is_dir():
+        raise InputError(f"directory {directory!r} does not exist")
+    pattern = re.compile(re.escape(base) + re.escape(suffix).replace(r"\{i\}", r"(\d+)") + "$")
+    return sorted(int(m.group(1)) for p in Path(directory).iterdir() if (m := pattern.match(p.name)))
 
 
 def _from_saved(out, read):
