@@ -318,7 +318,7 @@ def isigi_table(merged, *, shells=10):
 
     Columns: n (measured reflections), mean_isigi (the mean of I/σ(I)), isigi_of_means
     (⟨I⟩/⟨σ(I)⟩) and, for anomalous data (DANO and SIGDANO, or F(±)), n_anom and
-    mean_danosig (the mean of |DANO|/σ(DANO) over the acentric reflections with both
+    mean_danosig (the mean of ``|DANO|/σ(DANO)`` over the acentric reflections with both
     mates).
 
     Examples

@@ -33,6 +33,7 @@ PUBLIC_MODULES = [
     "skmerge.calibration",
     "skmerge.laue",
     "skmerge.ambiguity",
+    "skmerge.analysis",
     "skmerge.report",
     "skmerge.workflow",
     "skmerge.half_datasets",
