@@ -273,7 +273,10 @@ class StoreWriter:
 
     def __enter__(self):
         self.temporary = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial",
-                                                dir=self.path.parent))
+                                               dir=self.path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.temporary.chmod(0o777 & ~umask)  # mkdtemp's directory is private; the store need not be
         return self
 
     def __exit__(self, *exc_info):

@@ -16,11 +16,9 @@ Iobs, SIGIobs       the intensity and its standard deviation
 ==================  ======================================================================
 """
 
-import multiprocessing
 import os
 import warnings
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Integral
 from os import PathLike
@@ -473,8 +471,12 @@ def _map_in_order(function, tasks, workers, client=None):
     if client is not None:
         executor = client.get_executor()
     else:
-        # Fresh interpreters: forking a process that runs TensorFlow's threads can deadlock.
-        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # loky's workers are fresh interpreters (forking a process that runs TensorFlow's
+        # threads can deadlock) that, unlike multiprocessing's, need no __main__ guard in
+        # the user's script; they are reused by later calls.
+        from joblib.externals.loky import get_reusable_executor
+
+        executor = get_reusable_executor(max_workers=workers)
     pending = deque()
     try:
         for task in tasks:
@@ -486,7 +488,6 @@ def _map_in_order(function, tasks, workers, client=None):
     finally:
         for future in pending:
             future.cancel()
-        executor.shutdown(wait=True)
 
 
 def _as_spacegroup(value):
