@@ -232,7 +232,7 @@ class PartReader:
 
         tasks = [(i, item, self.options) for i, item in enumerate(self.inputs)]
         with tqdm(total=len(tasks), desc="read", unit="file", disable=not self.progress, dynamic_ncols=True) as bar:
-            for part in _map_in_order(_read_part, tasks, self.workers, self.client):
+            for part in _map_in_order(parse_part, tasks, self.workers, self.client):
                 for message in part.warnings:
                     warnings.warn(message, DataWarning, stacklevel=3)
                 self._check_cell(part)
@@ -291,7 +291,7 @@ class PartReader:
             )
 
 
-def _read_part(file_id, item, options):
+def parse_part(file_id, item, options):
     """Parse one input into its :class:`Part`, mapped to the ASU when its space group is
     known. Runs in worker processes, so its warnings are returned, not issued."""
     name = _input_name(file_id, item)

@@ -151,9 +151,9 @@ def test_a_store_is_read_alone_and_without_read_options(raws, tmp_path):
 
 def test_writer_keeps_images_of_chunks_apart_and_in_order(raws, tmp_path):
     X = skmerge.read_unmerged(raws[:1])
-    from skmerge.table import ReadOptions, _read_part
+    from skmerge.table import ReadOptions, parse_part
 
-    part = _read_part(0, raws[0], ReadOptions())
+    part = parse_part(0, raws[0], ReadOptions())
     batches = np.array_split(np.unique(part.table["image_id"]), 3)
     with StoreWriter(tmp_path / "c.parquet", anomalous=False, row_group_size=30) as writer:
         with writer.file(0, "chunks", "table", part.cell, part.spacegroup) as file:
@@ -179,3 +179,24 @@ def test_every_format_converts_to_the_same_table(data_dir, tmp_path, name):
         expected = skmerge.read_unmerged(data_dir / name, **FORMATS[name])
         store = write_store(data_dir / name, tmp_path / "s.parquet", **FORMATS[name])
     pd.testing.assert_frame_equal(skmerge.read_unmerged(store), expected, check_exact=True)
+
+
+@pytest.mark.parametrize("laue", [False, True])
+def test_simulator_writes_the_table_it_returns(tmp_path, laue):
+    options = dict(n_images=12, cell=(30, 35, 40, 90, 90, 90), dmin=3.0, laue=laue, time_points=2, random_state=4)
+    X, truth = skmerge.datasets.make_unmerged(**options)
+    store, stored_truth = skmerge.datasets.make_unmerged(**options, store=tmp_path / "one.parquet", chunk_images=12)
+    pd.testing.assert_frame_equal(skmerge.read_unmerged(store), X, check_exact=True)
+    pd.testing.assert_frame_equal(stored_truth.merged, truth.merged, check_exact=True)
+    # In chunks of images: the same crystal and the first pass's observations, other noise.
+    store, chunked_truth = skmerge.datasets.make_unmerged(**options, store=tmp_path / "chunks.parquet",
+                                                          chunk_images=5)
+    chunked = skmerge.read_unmerged(store)
+    chunked, X = chunked[chunked["file_id"] == 0], X[X["file_id"] == 0]
+    for column in ("Hobs", "Kobs", "Lobs", "image_id", "file_id", "dHKL", "XDET"):
+        np.testing.assert_array_equal(chunked[column].to_numpy(), X[column].to_numpy())
+    assert not np.array_equal(chunked["Iobs"].to_numpy(), X["Iobs"].to_numpy())
+    assert np.corrcoef(chunked["Iobs"].to_numpy(float), X["Iobs"].to_numpy(float))[0, 1] > 0.9
+    first = truth.merged[truth.merged["file_id"] == 0]
+    pd.testing.assert_frame_equal(chunked_truth.merged[chunked_truth.merged["file_id"] == 0], first, check_exact=True)
+    assert pq.ParquetFile(store / "observations-00000.parquet").num_row_groups == 1
