@@ -21,7 +21,9 @@ A store is written file by file (:func:`write_store`) or chunk of images by chun
 (:class:`StoreWriter`), so that writing never holds more than one file's observations,
 into a temporary directory beside its path that is renamed into place when complete.
 :func:`read_store` (and :func:`skmerge.read_unmerged` given a store) rebuild the
-observation table exactly as reading the input files gives it.
+observation table exactly as reading the input files gives it;
+:func:`iter_image_batches` yields it as random minibatches of whole images, holding a
+bounded buffer of row groups.
 """
 
 import json
@@ -33,14 +35,15 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pandas as pd
+from sklearn.utils import check_random_state
 
 from . import __version__
 from .errors import DamagedFileError, InputError
-from .symmetry import pack_hkl, unpack_hkl
+from .symmetry import lookup_hkl, lookup_keys, pack_hkl, unpack_hkl
 from .table import (INDEX_COLUMNS, OBSERVED_INDEX_COLUMNS, PartReader, ReadOptions, assemble_table,
                     with_symmetry)
 
-__all__ = ["StoreWriter", "is_store", "read_store", "write_store"]
+__all__ = ["StoreWriter", "is_store", "iter_image_batches", "read_store", "write_store"]
 
 FORMAT = "skmerge observation store"
 VERSION = 1
@@ -214,24 +217,96 @@ def read_manifest(store):
     return manifest
 
 
-def read_part(store, entry, columns=None):
-    """The observations of one input file of a store, in the file's order, as the
-    observation table's parts hold them (see :class:`skmerge.table.Part`)."""
+def read_part(store, entry, row_groups=None):
+    """The observations of one input file of a store, as the observation table's parts
+    hold them (see :class:`skmerge.table.Part`): all of them in the file's order, or
+    those of some row groups in image order."""
     _, pq = _pyarrow()
     path = Path(store) / entry["part"]
     try:
         parquet = pq.ParquetFile(path)
         dtypes = json.loads(parquet.schema_arrow.metadata[PART_KEY])["dtypes"]
-        frame = parquet.read(columns=columns).to_pandas(ignore_metadata=True)
+        if row_groups is None:
+            frame = parquet.read().to_pandas(ignore_metadata=True)
+        else:
+            frame = parquet.read_row_groups(row_groups).to_pandas(ignore_metadata=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DamagedFileError(f"{path}: missing or unreadable part of the observation store ({exc}); convert the "
                                "reflection files again.") from exc
-    if len(frame) != entry["observations"]:
+    if row_groups is None and len(frame) != entry["observations"]:
         raise DamagedFileError(f"{path}: holds {len(frame):,} observations, the store's description "
                                f"{entry['observations']:,}; convert the reflection files again.")
     if SOURCE_ROW in frame.columns:
-        frame = frame.take(np.argsort(frame.pop(SOURCE_ROW).to_numpy())).reset_index(drop=True)
+        source_row = frame.pop(SOURCE_ROW).to_numpy()
+        if row_groups is None:
+            frame = frame.take(np.argsort(source_row)).reset_index(drop=True)
     return frame.astype({c: d for c, d in dtypes.items() if c in frame.columns and str(frame[c].dtype) != d})
+
+
+def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None):
+    """Random minibatches of whole images from an observation store, in bounded memory.
+
+    The store's row groups (whole images) are read in random order into a buffer of at
+    least ``buffer_images`` images; each batch takes ``batch_images`` images at random
+    from the buffer. One pass yields every image once, so memory is set by the buffer
+    and not by the size of the store.
+
+    Parameters
+    ----------
+    store : path
+    batch_images : int
+        Images per batch (the last batch may have fewer).
+    buffer_images : int, default=1024
+        Images held for shuffling (plus one row group).
+    random_state : int, RandomState instance or None
+
+    Yields
+    ------
+    rs.DataSet
+        Observation tables whose ``asu_index`` and ``image_id`` are those of the whole
+        store's table (:func:`read_store`), with the rows of each image in file order.
+
+    Examples
+    --------
+    >>> from skmerge.store import iter_image_batches
+    >>> for batch in iter_image_batches("runs.parquet", 32, random_state=0):  # doctest: +SKIP
+    ...     print(batch["image_id"].nunique())
+    """
+    _, pq = _pyarrow()
+    if int(batch_images) < 1 or int(buffer_images) < 1:
+        raise InputError(f"batch_images={batch_images!r} and buffer_images={buffer_images!r} must be positive.")
+    store = Path(store)
+    manifest = read_manifest(store)
+    spacegroup, cell = gemmi.SpaceGroup(manifest["spacegroup"]), gemmi.UnitCell(*manifest["cell"])
+    try:
+        reflections = pq.read_table(store / REFLECTIONS).to_pandas()[list(INDEX_COLUMNS)].to_numpy(np.int32)
+        images = pq.read_table(store / IMAGES).to_pandas()
+        groups = [(entry, g) for entry in manifest["files"]
+                  for g in range(pq.ParquetFile(store / entry["part"]).num_row_groups)]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DamagedFileError(f"{store}: missing or unreadable part of the observation store ({exc}); convert the "
+                               "reflection files again.") from exc
+    image_keys = _image_keys(images["file_id"], images["image"])
+    rng = check_random_state(random_state)
+    pending = [groups[i] for i in rng.permutation(len(groups))]
+    pool = None
+    while pending or (pool is not None and len(pool)):
+        while pending and (pool is None or pool["image_id"].nunique() < max(buffer_images, batch_images)):
+            entry, group = pending.pop()
+            frame = read_part(store, entry, [group])
+            pool = frame if pool is None else pd.concat([pool, frame], ignore_index=True)
+        keys = _image_keys(pool["file_id"], pool["image_id"])
+        held = np.unique(keys)
+        chosen = np.isin(keys, rng.choice(held, min(int(batch_images), len(held)), replace=False))
+        batch = pool[chosen].reset_index(drop=True)
+        pool = pool[~chosen].reset_index(drop=True)
+        yield assemble_table(batch, spacegroup, cell, asu_index=lookup_hkl(reflections, batch[list(INDEX_COLUMNS)]),
+                             image_id=lookup_keys(image_keys, _image_keys(batch["file_id"], batch["image_id"])))
+
+
+def _image_keys(file_id, image):
+    """One sortable int64 per (file, image number), in the order of ``images.parquet``."""
+    return (np.asarray(file_id, np.int64) << 40) + np.asarray(image, np.int64) + (1 << 39)
 
 
 class StoreWriter:

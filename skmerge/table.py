@@ -357,18 +357,22 @@ def with_symmetry(table, hkl_obs, spacegroup, anomalous):
     return pd.concat([symmetry, rest], axis=1)
 
 
-def assemble_table(table, spacegroup, cell):
-    """The observation table of rows with ASU columns (:func:`with_symmetry`): dense
-    ``asu_index``, ``image_id`` numbered by file, then image, MTZ dtypes, the table's
-    columns first."""
-    _, asu_index = unique_hkl(table[list(INDEX_COLUMNS)].to_numpy(np.int32))
+def assemble_table(table, spacegroup, cell, asu_index=None, image_id=None):
+    """The observation table of rows with ASU columns (:func:`with_symmetry`): MTZ
+    dtypes, the table's columns first, and ``asu_index`` and ``image_id`` as given (for
+    rows of a larger table), else dense over the rows' reflections and over their images
+    numbered by file, then image."""
+    if asu_index is None:
+        _, asu_index = unique_hkl(table[list(INDEX_COLUMNS)].to_numpy(np.int32))
+    if image_id is None:
+        image_id = dense_image_ids(table["file_id"].to_numpy(), table["image_id"].to_numpy())
     columns = {
         **{k: table[k].to_numpy(np.int32) for k in (*INDEX_COLUMNS, *OBSERVED_INDEX_COLUMNS)},
         "asu_index": asu_index,
         "CENTRIC": table["CENTRIC"].to_numpy(bool),
         "EPSILON": table["EPSILON"].to_numpy(),
         "dHKL": table["dHKL"].to_numpy(np.float32),
-        "image_id": dense_image_ids(table["file_id"].to_numpy(), table["image_id"].to_numpy()),
+        "image_id": image_id,
         "file_id": table["file_id"].to_numpy(),
         "Iobs": table["Iobs"].to_numpy(np.float32),
         "SIGIobs": table["SIGIobs"].to_numpy(np.float32),

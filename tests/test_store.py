@@ -200,3 +200,19 @@ def test_simulator_writes_the_table_it_returns(tmp_path, laue):
     first = truth.merged[truth.merged["file_id"] == 0]
     pd.testing.assert_frame_equal(chunked_truth.merged[chunked_truth.merged["file_id"] == 0], first, check_exact=True)
     assert pq.ParquetFile(store / "observations-00000.parquet").num_row_groups == 1
+
+
+def test_image_batches_cover_the_table_once_in_random_whole_images(raws, tmp_path):
+    from skmerge.store import iter_image_batches
+
+    store = write_store(raws, tmp_path / "s.parquet", row_group_size=40)
+    X = skmerge.read_unmerged(store)
+    batches = list(iter_image_batches(store, 3, buffer_images=5, random_state=0))
+    assert all(b["image_id"].nunique() <= 3 for b in batches)
+    assert sum(b["image_id"].nunique() for b in batches) == X["image_id"].nunique() == len(batches) * 3 - 2
+    first_images = [int(b["image_id"].min()) for b in batches]
+    assert first_images != sorted(first_images)
+    together = pd.concat(batches, ignore_index=True)
+    together = together.iloc[np.argsort(together["image_id"].to_numpy(), kind="stable")].reset_index(drop=True)
+    expected = X.iloc[np.argsort(X["image_id"].to_numpy(), kind="stable")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(together, expected, check_exact=True)
