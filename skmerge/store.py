@@ -476,6 +476,9 @@ class _PartWriter:
             self.schema = pa.Schema.from_pandas(rows, preserve_index=False).with_metadata(
                 {PART_KEY: json.dumps({"file": {k: self.entry[k] for k in ("file_id", "name", "format", "cell", "spacegroup")},
                                        "dtypes": dtypes})})
-            self.writer = pq.ParquetWriter(self.store.temporary / self.entry["part"], self.schema)
+            # Dictionary encoding suits few distinct values; for intensities and indices it
+            # only costs time (it makes writing several times slower).
+            self.writer = pq.ParquetWriter(self.store.temporary / self.entry["part"], self.schema,
+                                           use_dictionary=False)
         table = pa.Table.from_pandas(rows, schema=self.schema, preserve_index=False)
         self.writer.write_table(table, row_group_size=max(1, len(rows)))
