@@ -175,6 +175,7 @@ class ReadOptions:
 
     @classmethod
     def checked(cls, *, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None, **options):
+        """The options of read_unmerged's keywords; InputError for a value that cannot work."""
         _check_positive("dmin", dmin)
         _check_positive("isigi_cutoff", isigi_cutoff, allow_zero=True, allow_negative=True)
         return cls(spacegroup=None if spacegroup is None else _as_spacegroup(spacegroup),
