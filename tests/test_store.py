@@ -216,3 +216,12 @@ def test_image_batches_cover_the_table_once_in_random_whole_images(raws, tmp_pat
     together = together.iloc[np.argsort(together["image_id"].to_numpy(), kind="stable")].reset_index(drop=True)
     expected = X.iloc[np.argsort(X["image_id"].to_numpy(), kind="stable")].reset_index(drop=True)
     pd.testing.assert_frame_equal(together, expected, check_exact=True)
+
+
+def test_the_workflow_names_the_files_of_a_store(mtz_files, tmp_path):
+    from skmerge.workflow import _observations
+
+    store = write_store(mtz_files, tmp_path / "s.parquet")
+    X, names = _observations(str(store), False, {})
+    assert names == ["file0.mtz", "file1.mtz"]
+    assert X["file_id"].nunique() == 2
