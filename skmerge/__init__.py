@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # Public names that live in modules importing TensorFlow are loaded on first use.
 _LAZY = {
     "read_unmerged": "skmerge.table",
+    "write_store": "skmerge.store",
+    "store": "skmerge.store",
     "load": "skmerge._persistence",
     "merge_inverse_variance": "skmerge.baseline",
     "datasets": "skmerge.datasets",

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from ._convert import register as register_convert
 from .diagnostics import SPECIAL_KEYS
 from .errors import InputError, SkmergeError
 from .analysis_cli import register as register_analysis
@@ -95,18 +96,7 @@ def _add_mono_arguments(mono, defaults):
     mono.add_argument("out", metavar="OUT", help="output prefix, e.g. out/hypf (the directory must exist)")
 
     data = mono.add_argument_group("data")
-    data.add_argument("--anomalous", action="store_true", default=defaults["anomalous"], help="keep Friedel mates apart")
-    data.add_argument("-d", "--dmin", type=float, metavar="DMIN", help="high-resolution limit in Å (default: all data)")
-    data.add_argument("-c", "--isigi-cutoff", type=float, metavar="ISIGI",
-                      help="drop observations with I/σ(I) below this (default: keep all)")
-    data.add_argument("--spacegroups", metavar="SPACEGROUP", help="space group for merging, e.g. 'P 21 21 21' "
-                      "(a comma-separated list must name one space group); default: the files'")
-    data.add_argument("--cell", type=float, nargs=6, metavar=("A", "B", "C", "AL", "BE", "GA"),
-                      help="unit cell in Å and degrees for every file (default: the files')")
-    data.add_argument("--intensity-key", metavar="KEY", help="intensity column (default: the first of MTZ type J)")
-    data.add_argument("--uncertainty-key", metavar="KEY", help="σ column (default: the σ partner of the intensity)")
-    data.add_argument("--image-key", metavar="KEY", help="image-number column (default: the first of MTZ type B)")
-    data.add_argument("--drop-invalid", action="store_true", help="drop observations with non-finite I or σ, or σ ≤ 0")
+    add_read_arguments(data, defaults)
     data.add_argument("--separate-files", action="store_true", default=defaults["separate_files"],
                       help="scale all files together but merge each file separately (OUT_0, OUT_1, ...)")
 
@@ -209,6 +199,22 @@ def _reindexing(args):
     return params
 
 
+def add_read_arguments(data, defaults):
+    """The flags of skmerge.read_unmerged's read options (see :func:`read_options`)."""
+    data.add_argument("--anomalous", action="store_true", default=defaults["anomalous"], help="keep Friedel mates apart")
+    data.add_argument("-d", "--dmin", type=float, metavar="DMIN", help="high-resolution limit in Å (default: all data)")
+    data.add_argument("-c", "--isigi-cutoff", type=float, metavar="ISIGI",
+                      help="drop observations with I/σ(I) below this (default: keep all)")
+    data.add_argument("--spacegroups", metavar="SPACEGROUP", help="space group for merging, e.g. 'P 21 21 21' "
+                      "(a comma-separated list must name one space group); default: the files'")
+    data.add_argument("--cell", type=float, nargs=6, metavar=("A", "B", "C", "AL", "BE", "GA"),
+                      help="unit cell in Å and degrees for every file (default: the files')")
+    data.add_argument("--intensity-key", metavar="KEY", help="intensity column (default: the first of MTZ type J)")
+    data.add_argument("--uncertainty-key", metavar="KEY", help="σ column (default: the σ partner of the intensity)")
+    data.add_argument("--image-key", metavar="KEY", help="image-number column (default: the first of MTZ type B)")
+    data.add_argument("--drop-invalid", action="store_true", help="drop observations with non-finite I or σ, or σ ≤ 0")
+
+
 def _add_poly_arguments(poly, defaults):
     _add_mono_arguments(poly, defaults)
     laue = poly.add_argument_group("Laue")
@@ -268,6 +274,7 @@ def build_parser():
     demo.set_defaults(run=_demo)
     register_report(commands)
     register_analysis(commands, _Formatter)
+    register_convert(commands)
     return parser
 
 
@@ -325,11 +332,16 @@ def _double_wilson_prior(args):
                              reindexing_ops=listed("double_wilson_reindexing_ops", str))
 
 
-def workflow_options(args):
-    """The options of :func:`skmerge.run_merge` other than the estimator's."""
+def read_options(args):
+    """The read options of :func:`skmerge.read_unmerged` the flags give."""
     return dict(spacegroup=args.spacegroups.split(",")[0].strip() if args.spacegroups else None, cell=args.cell,
                 dmin=args.dmin, isigi_cutoff=args.isigi_cutoff, intensity_key=args.intensity_key,
-                sigma_key=args.uncertainty_key, image_key=args.image_key, drop_invalid=args.drop_invalid or None,
+                sigma_key=args.uncertainty_key, image_key=args.image_key, drop_invalid=args.drop_invalid or None)
+
+
+def workflow_options(args):
+    """The options of :func:`skmerge.run_merge` other than the estimator's."""
+    return dict(**read_options(args),
                 half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets else 0,
                 test_fraction=args.test_fraction, shells=args.shells, binning=args.binning, method=args.method)
 

@@ -9,6 +9,8 @@ truth instead of against another program.
 """
 
 import math
+from contextlib import nullcontext
+from pathlib import Path
 
 import gemmi
 import numpy as np
@@ -19,8 +21,9 @@ from sklearn.utils import Bunch, check_random_state
 
 from .ambiguity import transform_hkl
 from .errors import InputError
-from .symmetry import lookup_hkl, map_to_asu, reflection_flags, systematically_absent, unique_hkl
-from .table import read_unmerged
+from .store import StoreWriter
+from .symmetry import lookup_hkl, map_to_asu, pack_hkl, reflection_flags, systematically_absent, unique_hkl, unpack_hkl
+from .table import ReadOptions, parse_part, read_unmerged
 
 _DETECTOR_DISTANCE_MM = 150.0
 _PIXEL_MM = 0.1
@@ -51,6 +54,8 @@ def make_unmerged(
     changed_fraction=1.0,
     change=0.3,
     random_state=None,
+    store=None,
+    chunk_images=100,
 ):
     """Simulate an unmerged data set and return it with the truth behind it.
 
@@ -128,10 +133,19 @@ def make_unmerged(
     change : float, default=0.3
     random_state : int, RandomState instance or None
         Makes the simulation repeatable.
+    store : path, optional
+        Write the observations as an observation store at this path instead
+        (:mod:`skmerge.store`), simulating and writing ``chunk_images`` images at a
+        time, so that memory does not grow with ``n_images``.
+    chunk_images : int, default=100
+        Images simulated at a time with ``store``. The store holds the same table as
+        the returned ``X`` would when ``chunk_images ≥ n_images``; with smaller chunks
+        the random draws differ after the first chunk (the same crystal and first pass
+        of observations, with other noise).
 
     Returns
     -------
-    X : rs.DataSet
+    X : rs.DataSet or pathlib.Path
         Observation table as :func:`skmerge.read_unmerged` builds it, with metadata
         columns BATCH, ROT (degrees), XDET and YDET (pixels) and, in Laue mode,
         Wavelength (Å). In Laue mode each row is a spot, indexed by its lowest harmonic.
@@ -145,7 +159,9 @@ def make_unmerged(
         mode also ``harmonics``: one row per harmonic of every spot
         (``spot``, ASU H, K, L, n, Wavelength, scale, I). ``image_operator``: per
         image_id, the operator (an h,k,l triplet; "h,k,l" when unchanged) that
-        transformed its reported indices.
+        transformed its reported indices. With ``store``, ``X`` is the
+        store's path and ``truth`` holds ``merged`` alone (the per-row truth would grow
+        with the data).
 
     Examples
     --------
@@ -176,35 +192,60 @@ def make_unmerged(
 
     sphere = _reflections_in_sphere(uc, sg, dmin)
     amplitudes = _wilson_amplitudes(sphere, sg, uc, wilson_b, anomalous_signal if anomalous else 0.0, rng)
-    passes = []
-    for time_point in range(int(time_points)):
-        if time_point:
-            amplitudes = _changed(passes[0]["amplitudes"], changed_fraction, change, rng)
-        passes.append(_experiment(amplitudes, sphere, sg, uc, rng, n_images=n_images, dmin=dmin,
-                                  oscillation=oscillation, wavelength=wavelength, mean_intensity=mean_intensity,
-                                  anomalous=anomalous, laue=laue, stills=stills, mosaicity=mosaicity,
-                                  wavelength_range=wavelength_range, resolve_harmonics=resolve_harmonics,
-                                  outlier_fraction=outlier_fraction, twin_laws=twin_laws,
-                                  reindexed_fraction=reindexed_fraction))
-    X = read_unmerged([p["raw"] for p in passes], anomalous=anomalous)
-    if len(X) != sum(len(p["raw"]) for p in passes):
-        raise AssertionError("the simulator produced observations the table builder dropped")
+    experiment = dict(n_images=n_images, dmin=dmin, oscillation=oscillation, wavelength=wavelength,
+                      mean_intensity=mean_intensity, anomalous=anomalous, laue=laue, stills=stills, mosaicity=mosaicity,
+                      wavelength_range=wavelength_range, resolve_harmonics=resolve_harmonics,
+                      outlier_fraction=outlier_fraction, twin_laws=twin_laws, reindexed_fraction=reindexed_fraction)
+    writer = None if store is None else StoreWriter(store, anomalous=anomalous)
+    chunk = n_images if writer is None else int(chunk_images)
+    if chunk < 1:
+        raise InputError(f"chunk_images={chunk_images} must be a positive number of images.")
+    states, observed, passes = [], [], []
+    with writer or nullcontext():
+        for time_point in range(int(time_points)):
+            if time_point:
+                amplitudes = _changed(states[0], changed_fraction, change, rng)
+            states.append(amplitudes)
+            keys = []
+            with writer.file(time_point, f"<simulated pass {time_point}>", "simulated", uc, sg) if writer \
+                    else nullcontext() as file:
+                for result in _experiment(amplitudes, sphere, sg, uc, rng, chunk_images=chunk, **experiment):
+                    keys.append(np.unique(pack_hkl(result["harmonics"]["hkl"] if laue else result["obs"]["hkl"])))
+                    if file is None:
+                        passes.append(result)
+                        continue
+                    part = parse_part(time_point, result["raw"], ReadOptions(anomalous=anomalous))
+                    _check_nothing_dropped(len(part.table), len(result["raw"]))
+                    file.write(part.table, part.removed)
+            observed.append(unpack_hkl(np.unique(np.concatenate(keys))))
+        if writer is not None:
+            writer.commit(sg, uc, ReadOptions(anomalous=anomalous))
 
-    truth = Bunch(**{key: np.concatenate([p[key] for p in passes])
-                     for key in ("scale", "Itrue", "outlier", "image_operator")})
     tables = []
-    for time_point, p in enumerate(passes):
-        observed = p["harmonics"]["hkl"] if laue else p["raw"][["H", "K", "L"]].to_numpy(np.int32)
-        table = _truth_table(p["amplitudes"], observed, sg, uc, anomalous)
+    for time_point, state in enumerate(states):
+        table = _truth_table(state, observed[time_point], sg, uc, anomalous)
         if time_points > 1:
             table["file_id"] = np.int32(time_point)
-            table["DF"] = table["F"].to_numpy() - _truth_table(passes[0]["amplitudes"], observed, sg, uc,
+            table["DF"] = table["F"].to_numpy() - _truth_table(states[0], observed[time_point], sg, uc,
                                                                anomalous)["F"].to_numpy()
         tables.append(table)
-    truth.merged = tables[0] if time_points == 1 else rs.concat(tables).infer_mtz_dtypes()
+    merged = tables[0] if time_points == 1 else rs.concat(tables).infer_mtz_dtypes()
+    if writer is not None:
+        return Path(store), Bunch(merged=merged)
+
+    X = read_unmerged([p["raw"] for p in passes], anomalous=anomalous)
+    _check_nothing_dropped(len(X), sum(len(p["raw"]) for p in passes))
+    truth = Bunch(**{key: np.concatenate([p[key] for p in passes])
+                     for key in ("scale", "Itrue", "outlier", "image_operator")})
+    truth.merged = merged
     if laue:
         truth.harmonics = pd.concat([p["harmonics_table"] for p in passes], ignore_index=True)
     return X, truth
+
+
+def _check_nothing_dropped(n_table, n_simulated):
+    if n_table != n_simulated:
+        raise AssertionError("the simulator produced observations the table builder dropped")
 
 
 def simulate_intensities(X, *, wilson_b=15.0, mean_intensity=300.0, partiality_key=None, random_state=None):
@@ -281,24 +322,16 @@ def _changed(amplitudes, fraction, change, rng):
 
 def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
                 anomalous, laue, stills, mosaicity, wavelength_range, resolve_harmonics, outlier_fraction, twin_laws,
-                reindexed_fraction):
-    """One pass of the experiment on a crystal with ``amplitudes``: the raw observations
-    (an unmerged ``rs.DataSet``) and their truth."""
+                reindexed_fraction, chunk_images):
+    """One pass of the experiment on a crystal with ``amplitudes``, ``chunk_images`` images
+    at a time: yields the raw observations of each chunk (an unmerged ``rs.DataSet``) and
+    their truth. The crystal, the image scales, the stills' orientations and the images'
+    reindexing operators are drawn first, so the observations do not depend on the
+    chunks; only the noise is drawn chunk by chunk."""
     orientation = Rotation.random(random_state=rng).as_matrix()
     reciprocal = sphere @ np.array(uc.frac.mat) @ orientation.T
-    partiality = 1.0
     if stills:
-        obs = _still_observations(sphere, reciprocal, n_images, wavelength, mosaicity, rng)
-        harmonics, partiality = None, obs["partiality"]
-    elif laue:
-        obs, harmonics = _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmin, uc)
-        if resolve_harmonics:
-            obs, harmonics = _resolved(harmonics, oscillation)
-    else:
-        obs = _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength)
-        harmonics = None
-
-    if stills:
+        rotations = Rotation.random(n_images, random_state=rng).as_matrix()
         image_scale = np.exp(0.3 * rng.standard_normal(n_images))
         decay_b = np.zeros(n_images)
     else:
@@ -308,8 +341,9 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             + 0.02 * rng.standard_normal(n_images)
         )
         decay_b = 8.0 * np.arange(n_images) / max(n_images, 1)
+    reindexing = _image_operators(n_images, twin_laws, reindexed_fraction, rng)
 
-    def scale_of(image, d, x, y, lam):
+    def scale_of(image, d, x, y, lam=None):
         r2 = ((x - 1500.0) ** 2 + (y - 1500.0) ** 2) / 1500.0**2
         s = image_scale[image] * np.exp(-decay_b[image] / (2 * d**2))
         s = s * (1.0 - 0.25 * r2 + 0.08 * (x - 1500.0) / 1500.0)
@@ -319,6 +353,29 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             s = s * np.exp(-0.5 * ((lam - centre) / width) ** 2)
         return mean_intensity * s
 
+    for start in range(0, n_images, chunk_images):
+        images = range(start, min(start + chunk_images, n_images))
+        if stills:
+            obs = _still_observations(sphere, reciprocal, images, rotations, wavelength, mosaicity)
+            harmonics = None
+        elif laue:
+            obs, harmonics = _laue_spots(sphere, reciprocal, images, oscillation, wavelength_range, dmin, uc)
+            if resolve_harmonics:
+                obs, harmonics = _resolved(harmonics, oscillation)
+        else:
+            obs = _rotation_observations(sphere, reciprocal, n_images, images, oscillation, wavelength)
+            harmonics = None
+        result = _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, anomalous=anomalous,
+                          outlier_fraction=outlier_fraction)
+        result["image_operator"] = reindexing[0][reindexing[1][list(images)]]
+        yield result
+
+
+def _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, *, anomalous, outlier_fraction):
+    """The measured intensities of the reflections ``obs`` (and, in Laue mode, their
+    ``harmonics``) of some images, as an unmerged ``rs.DataSet`` with their truth; the
+    indices reported as ``reindexing`` (:func:`_image_operators`) says."""
+    laue = harmonics is not None
     if laue:
         f2 = _amplitude_of(amplitudes, harmonics["hkl"], sg, anomalous) ** 2
         h_scale = scale_of(harmonics["image"], harmonics["d"], harmonics["x"], harmonics["y"], harmonics["lam"])
@@ -326,7 +383,7 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
         scale = h_scale[harmonics["first"]]
     else:
         f = _amplitude_of(amplitudes, obs["hkl"], sg, anomalous)
-        scale = scale_of(obs["image"], obs["d"], obs["x"], obs["y"], wavelength) * partiality
+        scale = scale_of(obs["image"], obs["d"], obs["x"], obs["y"]) * obs.get("partiality", 1.0)
         i_true = scale * f**2
 
     sigma = np.sqrt(np.maximum(i_true, 0.0) + _BACKGROUND + (_ERROR_FRACTION * i_true) ** 2)
@@ -340,7 +397,7 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             i_true[outlier] * rng.uniform(0.0, 0.2, outlier.sum()),
         )
 
-    image_operator, reported = _reindexed(obs["hkl"], obs["image"], n_images, twin_laws, reindexed_fraction, rng)
+    reported = _reported(obs["hkl"], obs["image"], *reindexing)
     raw = rs.DataSet(
         {
             "H": reported[:, 0],
@@ -353,14 +410,13 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             "XDET": obs["x"].astype(np.float32),
             "YDET": obs["y"].astype(np.float32),
             **({"Wavelength": obs["lam"].astype(np.float32)} if laue else {}),
-            **({"EWALD_OFFSET": obs["offset"].astype(np.float32)} if stills else {}),
+            **({"EWALD_OFFSET": obs["offset"].astype(np.float32)} if "offset" in obs else {}),
         },
         spacegroup=sg,
         cell=uc,
         merged=False,
     ).infer_mtz_dtypes()
-    result = {"raw": raw, "amplitudes": amplitudes, "harmonics": harmonics, "scale": scale, "Itrue": i_true,
-              "outlier": outlier, "image_operator": image_operator}
+    result = {"raw": raw, "obs": obs, "harmonics": harmonics, "scale": scale, "Itrue": i_true, "outlier": outlier}
     if laue:
         asu, _ = map_to_asu(harmonics["hkl"], sg, anomalous)
         result["harmonics_table"] = pd.DataFrame(
@@ -422,8 +478,9 @@ def _amplitude_of(amplitudes, hkl, spacegroup, anomalous):
     return np.where(minus, amplitudes["minus"][row], amplitudes["plus"][row])
 
 
-def _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength):
-    """Reflections crossing the Ewald sphere while the crystal turns about the x axis.
+def _rotation_observations(sphere, reciprocal, n_images, images, oscillation, wavelength):
+    """Reflections crossing the Ewald sphere during ``images`` (a range) while the crystal
+    turns about the x axis by ``oscillation`` degrees per image.
 
     The beam runs along +z, so the diffraction condition |s0 + q| = 1/λ reads
     q_z = −λ|q|²/2. Turning q by φ about x gives q_z(φ) = r cos(φ − α) with
@@ -441,8 +498,10 @@ def _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength
         angle = np.degrees(crossing) % 360.0
         for turn in range(int(np.ceil(total / 360.0))):
             a = angle + 360.0 * turn
-            rows.append(reachable[a < total])
-            phi.append(a[a < total])
+            image = np.minimum((a / oscillation).astype(np.int64), n_images - 1)
+            recorded = (a < total) & (image >= images.start) & (image < images.stop)
+            rows.append(reachable[recorded])
+            phi.append(a[recorded])
     rows, phi = np.concatenate(rows), np.concatenate(phi)
     order = np.argsort(phi, kind="stable")
     rows, phi = rows[order], phi[order]
@@ -457,8 +516,8 @@ def _rotation_observations(sphere, reciprocal, n_images, oscillation, wavelength
     }
 
 
-def _still_observations(sphere, reciprocal, n_images, wavelength, mosaicity, rng):
-    """Reflections near the Ewald sphere of still crystals in random orientations.
+def _still_observations(sphere, reciprocal, images, rotations, wavelength, mosaicity):
+    """Reflections near the Ewald sphere of still crystals in the given orientations.
 
     The distance of q from the sphere is ε = |s0 + q| − 1/λ (beam along +z); a
     reflection is recorded when |ε| < 3 × ``mosaicity``, with partiality
@@ -467,7 +526,8 @@ def _still_observations(sphere, reciprocal, n_images, wavelength, mosaicity, rng
     q2 = (reciprocal**2).sum(axis=1)
     d = 1 / np.sqrt(q2)
     parts = []
-    for image, rotation in enumerate(Rotation.random(n_images, random_state=rng).as_matrix()):
+    for image in images:
+        rotation = rotations[image]
         # Only the beam component of q decides the distance from the sphere.
         q_beam = reciprocal @ rotation[2]
         offset = np.sqrt(1.0 / wavelength**2 + q2 + 2 * q_beam / wavelength) - 1.0 / wavelength
@@ -479,19 +539,25 @@ def _still_observations(sphere, reciprocal, n_images, wavelength, mosaicity, rng
             "offset": offset, "partiality": np.exp(-0.5 * (offset / mosaicity) ** 2)}
 
 
-def _reindexed(hkl, image, n_images, twin_laws, fraction, rng):
-    """The operator of every image (an h,k,l triplet) and the indices as reported: those
-    of ``fraction`` of the images transformed by a twin law chosen at random."""
+def _image_operators(n_images, twin_laws, fraction, rng):
+    """The reindexing of a pass: the operators (identity first) and which of them
+    transforms each image's reported indices (``fraction`` of the images get a twin law
+    chosen at random)."""
     choice = np.zeros(n_images, np.int64)
     if twin_laws:
         chosen = rng.random_sample(n_images) < fraction
         choice[chosen] = 1 + rng.randint(len(twin_laws), size=int(chosen.sum()))
     operators = [gemmi.Op("x,y,z"), *twin_laws]
+    return np.array([op.as_hkl().triplet() for op in operators], dtype=object), choice, operators
+
+
+def _reported(hkl, image, names, choice, operators):
+    """The indices as reported: each image's transformed by its operator."""
     reported = np.array(hkl, dtype=np.int32)
     for k, op in enumerate(operators[1:], start=1):
         rows = choice[image] == k
         reported[rows] = transform_hkl(hkl[rows], op)
-    return np.array([op.as_hkl().triplet() for op in operators], dtype=object)[choice], reported
+    return reported
 
 
 def _rotate_x(q, angle):
@@ -508,8 +574,9 @@ def _detector_position(q_lab, wavelength):
     return x, y
 
 
-def _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmin, cell):
-    """Spots of a still crystal in a polychromatic beam, one image per orientation.
+def _laue_spots(sphere, reciprocal, images, oscillation, wavelength_range, dmin, cell):
+    """Spots of a still crystal in a polychromatic beam on ``images`` (image i at the
+    orientation turned by i·``oscillation``).
 
     Reflection q diffracts at λ = −2 q_z / |q|² and n·q at λ/n along the same ray, so the
     in-band harmonics of one fundamental h₀ = h / gcd(h) on one image form one spot.
@@ -522,7 +589,7 @@ def _laue_spots(sphere, reciprocal, n_images, oscillation, wavelength_range, dmi
     d = 1 / np.sqrt(q2)
     spots, harmonics = [], []
     n_spots = 0
-    for image in range(n_images):
+    for image in images:
         q = _rotate_x(reciprocal, np.radians(image * oscillation))
         lam = -2 * q[:, 2] / q2
         rows = np.flatnonzero((lam >= lo) & (lam <= hi))

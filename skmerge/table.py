@@ -16,7 +16,11 @@ Iobs, SIGIobs       the intensity and its standard deviation
 ==================  ======================================================================
 """
 
+import os
 import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from numbers import Integral
 from os import PathLike
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import pandas as pd
 import reciprocalspaceship as rs
 
 from .errors import DataWarning, InputError
-from .io import read_reflection_file
+from .io import read_reflection_file, sniff_format
 from .symmetry import (
     isomorphous,
     map_to_asu,
@@ -64,6 +68,10 @@ def read_unmerged(
     sigma_key=None,
     image_key=None,
     drop_invalid=False,
+    n_jobs=None,
+    client=None,
+    progress=False,
+    store=None,
 ):
     """Read unmerged reflection files into one observation table.
 
@@ -73,6 +81,9 @@ def read_unmerged(
         Unmerged MTZ, XDS_ASCII.HKL / INTEGRATE.HKL, CrystFEL ``.stream`` or DIALS
         ``.refl`` files (the format is recognised from the file), or data sets already
         in memory. Several inputs are concatenated; ``file_id`` records their order.
+        Or one observation store (:func:`skmerge.store.write_store`, ``skmerge convert``):
+        the table it was written from is read back; the read options below other than
+        ``anomalous`` were applied when it was written and cannot be given again.
     spacegroup : str, int or gemmi.SpaceGroup, optional
         Overrides the files' space group; required when no file records one.
     cell : sequence of 6 floats or gemmi.UnitCell, optional
@@ -90,6 +101,18 @@ def read_unmerged(
     drop_invalid : bool, default=False
         Drop observations whose intensity or σ is not finite or whose σ ≤ 0 instead of
         raising an error.
+    n_jobs : int, optional
+        Parse this many files at once, each in a worker process (−1: one per core). By
+        default the files are parsed one after the other in this process. The table is
+        the same either way.
+    client : dask.distributed.Client, optional
+        Parse the files on the workers of this dask cluster instead (they must see the
+        files under the same paths).
+    progress : bool, default=False
+        Show a progress bar over the files, with the number of observations read.
+    store : path, optional
+        Also write the observations to an observation store at this path, file by file
+        (see :func:`skmerge.store.write_store`), and return the table read back from it.
 
     Returns
     -------
@@ -102,67 +125,255 @@ def read_unmerged(
     InputError
         For a missing or unreadable file, a missing or ambiguous column, invalid values,
         no or conflicting space groups, a cell that does not fit the space group,
-        non-isomorphous files, or when the filters leave nothing.
+        non-isomorphous files, or when the filters leave nothing; for a damaged store.
 
     Examples
     --------
     >>> import skmerge
     >>> X = skmerge.read_unmerged("hypf_unmerged.mtz", anomalous=True)  # doctest: +SKIP
     >>> X[["H", "K", "L", "image_id", "Iobs", "SIGIobs"]].head()  # doctest: +SKIP
+    >>> X = skmerge.read_unmerged(["run1.stream", "run2.stream"], spacegroup="P 43 21 2",
+    ...                           n_jobs=2, store="runs.parquet")  # doctest: +SKIP
     """
-    sources = _read_sources(paths, spacegroup)
-    spacegroup = _resolve_spacegroup(sources, spacegroup)
-    cells = _resolve_cells(sources, cell, spacegroup)
-    _check_positive("dmin", dmin)
-    _check_positive("isigi_cutoff", isigi_cutoff, allow_zero=True, allow_negative=True)
+    from .store import read_store, store_input, write_store
 
-    parts = []
-    for file_id, (name, dataset) in enumerate(sources):
-        part = _drop_repeated_rows(name, _standardise(name, dataset, intensity_key, sigma_key, image_key,
-                                                      drop_invalid))
-        part["file_id"] = file_id
-        part["dHKL"] = resolution(part[list(OBSERVED_INDEX_COLUMNS)].to_numpy(), cells[file_id])
-        parts.append(part)
-    table = pd.concat(parts, ignore_index=True, sort=False)
+    read_options = dict(spacegroup=spacegroup, cell=cell, dmin=dmin, isigi_cutoff=isigi_cutoff,
+                        intensity_key=intensity_key, sigma_key=sigma_key, image_key=image_key,
+                        drop_invalid=drop_invalid)
+    if store is not None:
+        write_store(paths, store, anomalous=anomalous, n_jobs=n_jobs, client=client, progress=progress,
+                    **read_options)
+        return read_store(store, anomalous=anomalous)
+    stored = store_input(paths)
+    if stored is not None:
+        given = [name for name, value in read_options.items() if value not in (None, False)]
+        if given:
+            raise InputError(f"{stored}: {', '.join(given)} were applied when the observation store was written; "
+                             "read the store without them, or convert the reflection files again with them.")
+        return read_store(stored, anomalous=anomalous)
+    reader = PartReader(paths, ReadOptions.checked(anomalous=anomalous, **read_options), n_jobs=n_jobs,
+                        client=client, progress=progress)
+    parts = sorted(reader, key=lambda part: part.file_id)
+    reader.check_complete()
+    table = pd.concat([part.table for part in parts], ignore_index=True, sort=False)
+    return assemble_table(table, reader.spacegroup, reader.cell)
 
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """The validated read options of :func:`read_unmerged` that apply to every file."""
+
+    spacegroup: gemmi.SpaceGroup = None
+    cell: gemmi.UnitCell = None
+    anomalous: bool = False
+    dmin: float = None
+    isigi_cutoff: float = None
+    intensity_key: str = None
+    sigma_key: str = None
+    image_key: str = None
+    drop_invalid: bool = False
+
+    @classmethod
+    def checked(cls, *, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None, **options):
+        """The options of read_unmerged's keywords; InputError for a value that cannot work."""
+        _check_positive("dmin", dmin)
+        _check_positive("isigi_cutoff", isigi_cutoff, allow_zero=True, allow_negative=True)
+        return cls(spacegroup=None if spacegroup is None else _as_spacegroup(spacegroup),
+                   cell=None if cell is None else _as_cell(cell), dmin=dmin, isigi_cutoff=isigi_cutoff, **options)
+
+
+@dataclass
+class Part:
+    """The observations of one input file on their way into the observation table.
+
+    ``table`` holds the file's own image numbers in ``image_id`` (dense ids across files
+    are given by :func:`assemble_table`); it has the ASU columns once ``symmetric``.
+    """
+
+    file_id: int
+    name: str
+    format: str
+    table: pd.DataFrame
+    spacegroup: gemmi.SpaceGroup
+    cell: gemmi.UnitCell
+    warnings: list = field(default_factory=list)
+    removed: dict = field(default_factory=dict)
+    symmetric: bool = False
+
+
+class PartReader:
+    """The parts of the observation table of some inputs, one per input, parsed in worker
+    processes when asked and checked against each other as they come.
+
+    Iterating yields each :class:`Part` once it is mapped to the ASU (in input order,
+    except that parts of files without a space group wait for the first file that has
+    one); then :meth:`check_complete` raises if a space group never came or nothing is
+    left. ``spacegroup`` and ``cell`` (the first file's) are those of the table.
+    """
+
+    def __init__(self, paths, options, *, n_jobs=None, client=None, progress=False):
+        self.inputs = _inputs(paths)
+        self.options = options
+        self.workers = _n_workers(n_jobs, client, len(self.inputs))
+        self.client = client
+        self.progress = progress
+        self.spacegroup = options.spacegroup
+        self.cell = None
+        self.n_observations = 0
+        self.removed = {}
+        self._found = {}
+        self._waiting = []
+
+    @property
+    def names(self):
+        return ", ".join(_input_name(i, item) for i, item in enumerate(self.inputs))
+
+    def __iter__(self):
+        from tqdm.auto import tqdm
+
+        tasks = [(i, item, self.options) for i, item in enumerate(self.inputs)]
+        with tqdm(total=len(tasks), desc="read", unit="file", disable=not self.progress, dynamic_ncols=True) as bar:
+            for part in _map_in_order(parse_part, tasks, self.workers, self.client):
+                for message in part.warnings:
+                    warnings.warn(message, DataWarning, stacklevel=3)
+                self._check_cell(part)
+                self._note_spacegroup(part)
+                self._waiting.append(part)
+                for ready in self._ready():
+                    self.n_observations += len(ready.table)
+                    for why, n in ready.removed.items():
+                        self.removed[why] = self.removed.get(why, 0) + n
+                    yield ready
+                bar.set_postfix_str(f"{self.n_observations:,} observations", refresh=False)
+                bar.update()
+
+    def check_complete(self):
+        """InputError when no file gave a space group, or the filters left nothing."""
+        if self._waiting:
+            raise InputError(
+                f"{self.names}: no space group recorded in the input (an XDS file's "
+                "!SPACE_GROUP_NUMBER, an MTZ file's symmetry); pass spacegroup= (e.g. spacegroup="
+                "'P 43 21 2'; on the command line --spacegroups)."
+            )
+        if not self.n_observations:
+            detail = ", ".join(f"{n} by {why}" for why, n in self.removed.items() if n)
+            raise InputError(
+                f"{self.names}: no observations left after filtering ({detail}). "
+                "Relax dmin (--dmin) / isigi_cutoff (--isigi-cutoff), or check the space group."
+            )
+
+    def _ready(self):
+        if self.spacegroup is None:
+            return
+        while self._waiting:
+            part = self._waiting.pop(0)
+            yield part if part.symmetric else _symmetrise(part, self.spacegroup, self.options)
+
+    def _note_spacegroup(self, part):
+        if self.options.spacegroup is not None or part.spacegroup is None:
+            return
+        self._found.setdefault(part.spacegroup.xhm(), []).append(part.name)
+        if len(self._found) > 1:
+            listing = "; ".join(f"{sg} in {', '.join(names)}" for sg, names in self._found.items())
+            raise InputError(
+                f"the files record different space groups ({listing}). Merge files of one "
+                "space group, or pass spacegroup= (--spacegroups) to impose one."
+            )
+        self.spacegroup = part.spacegroup
+
+    def _check_cell(self, part):
+        if self.cell is None:
+            self.cell = part.cell
+        elif self.options.cell is None and not isomorphous(self.cell, part.cell):
+            raise InputError(
+                f"{part.name}: cell {_fmt_cell(part.cell)} is not isomorphous with {_input_name(0, self.inputs[0])} "
+                f"({_fmt_cell(self.cell)}). Merge isomorphous data only, or pass cell= (--cell) to "
+                "impose one cell on all files."
+            )
+
+
+def parse_part(file_id, item, options):
+    """Parse one input into its :class:`Part`, mapped to the ASU when its space group is
+    known. Runs in worker processes, so its warnings are returned, not issued."""
+    name = _input_name(file_id, item)
+    if isinstance(item, pd.DataFrame):
+        dataset, fmt = item, "table"
+    else:
+        fmt = sniff_format(item)
+        dataset = read_reflection_file(item, spacegroup=options.spacegroup)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        table = _drop_repeated_rows(name, _standardise(name, dataset, options.intensity_key, options.sigma_key,
+                                                       options.image_key, options.drop_invalid))
+    cell = options.cell or getattr(dataset, "cell", None)
+    if cell is None or cell.volume <= 0:
+        raise InputError(f"{name}: no unit cell recorded (an XDS file's !UNIT_CELL_CONSTANTS, an MTZ "
+                         "file's cell); pass cell=(a, b, c, α, β, γ) (on the command line --cell).")
+    table["file_id"] = np.int32(file_id)
+    table["dHKL"] = resolution(table[list(OBSERVED_INDEX_COLUMNS)].to_numpy(), cell)
+    spacegroup = options.spacegroup or getattr(dataset, "spacegroup", None)
+    part = Part(file_id, name, fmt, table, spacegroup, cell, [str(w.message) for w in caught])
+    return part if spacegroup is None else _symmetrise(part, spacegroup, options)
+
+
+def _symmetrise(part, spacegroup, options):
+    """The part without absences and filtered observations, with its ASU columns."""
+    if not part.cell.is_compatible_with_spacegroup(spacegroup, 1e-2):
+        raise InputError(
+            f"{'cell=' if options.cell is not None else part.name}: cell {_fmt_cell(part.cell)} is incompatible "
+            f"with space group {spacegroup.xhm()}; check the space group or pass the right cell= (--cell)."
+        )
+    table = part.table
     hkl_obs = table[list(OBSERVED_INDEX_COLUMNS)].to_numpy(np.int32)
     keep = ~systematically_absent(hkl_obs, spacegroup)
     removed = {"systematic absences": int((~keep).sum())}
-    if dmin is not None:
-        ok = table["dHKL"].to_numpy() >= dmin
-        removed[f"dHKL < {dmin}"] = int((keep & ~ok).sum())
+    if options.dmin is not None:
+        ok = table["dHKL"].to_numpy() >= options.dmin
+        removed[f"dHKL < {options.dmin}"] = int((keep & ~ok).sum())
         keep &= ok
-    if isigi_cutoff is not None:
-        ok = table["Iobs"].to_numpy() >= isigi_cutoff * table["SIGIobs"].to_numpy()
-        removed[f"I/σ < {isigi_cutoff}"] = int((keep & ~ok).sum())
+    if options.isigi_cutoff is not None:
+        ok = table["Iobs"].to_numpy() >= options.isigi_cutoff * table["SIGIobs"].to_numpy()
+        removed[f"I/σ < {options.isigi_cutoff}"] = int((keep & ~ok).sum())
         keep &= ok
-    if not keep.any():
-        detail = ", ".join(f"{n} by {why}" for why, n in removed.items() if n)
-        raise InputError(
-            f"{_names(sources)}: no observations left after filtering ({detail}). "
-            "Relax dmin (--dmin) / isigi_cutoff (--isigi-cutoff), or check the space group."
-        )
-    table = table.loc[keep].reset_index(drop=True)
-    return _finish_table(table, hkl_obs[keep], spacegroup, cells[0], anomalous)
+    if not keep.all():
+        table = table.loc[keep].reset_index(drop=True)
+    # The table stores them in single precision; casting here halves what a store holds.
+    table = table.astype({"Iobs": np.float32, "SIGIobs": np.float32})
+    table = with_symmetry(table, hkl_obs[keep], spacegroup, options.anomalous)
+    return Part(part.file_id, part.name, part.format, table, spacegroup, part.cell, part.warnings, removed, True)
 
 
-def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
+def with_symmetry(table, hkl_obs, spacegroup, anomalous):
+    """``table`` with the observed Miller indices ``hkl_obs`` and their ASU columns (H, K,
+    L, CENTRIC, EPSILON) in front."""
     asu_hkl, _ = map_to_asu(hkl_obs, spacegroup, anomalous)
-    _, asu_index = unique_hkl(asu_hkl)
     centric, epsilon = reflection_flags(asu_hkl, spacegroup)
-    _, image_id = np.unique(
-        np.stack([table["file_id"].to_numpy(np.int64), table["image_id"].to_numpy(np.int64)], 1),
-        axis=0,
-        return_inverse=True,
-    )
-    columns = {
+    symmetry = pd.DataFrame({
         **{k: asu_hkl[:, i] for i, k in enumerate(INDEX_COLUMNS)},
-        **{k: hkl_obs[:, i] for i, k in enumerate(OBSERVED_INDEX_COLUMNS)},
-        "asu_index": asu_index,
+        **{k: np.asarray(hkl_obs[:, i], np.int32) for i, k in enumerate(OBSERVED_INDEX_COLUMNS)},
         "CENTRIC": centric,
         "EPSILON": epsilon,
+    })
+    rest = table.drop(columns=[c for c in symmetry.columns if c in table.columns]).reset_index(drop=True)
+    return pd.concat([symmetry, rest], axis=1)
+
+
+def assemble_table(table, spacegroup, cell, asu_index=None, image_id=None):
+    """The observation table of rows with ASU columns (:func:`with_symmetry`): MTZ
+    dtypes, the table's columns first, and ``asu_index`` and ``image_id`` as given (for
+    rows of a larger table), else dense over the rows' reflections and over their images
+    numbered by file, then image."""
+    if asu_index is None:
+        _, asu_index = unique_hkl(table[list(INDEX_COLUMNS)].to_numpy(np.int32))
+    if image_id is None:
+        image_id = dense_image_ids(table["file_id"].to_numpy(), table["image_id"].to_numpy())
+    columns = {
+        **{k: table[k].to_numpy(np.int32) for k in (*INDEX_COLUMNS, *OBSERVED_INDEX_COLUMNS)},
+        "asu_index": asu_index,
+        "CENTRIC": table["CENTRIC"].to_numpy(bool),
+        "EPSILON": table["EPSILON"].to_numpy(),
         "dHKL": table["dHKL"].to_numpy(np.float32),
-        "image_id": image_id.ravel(),
+        "image_id": image_id,
         "file_id": table["file_id"].to_numpy(),
         "Iobs": table["Iobs"].to_numpy(np.float32),
         "SIGIobs": table["SIGIobs"].to_numpy(np.float32),
@@ -180,15 +391,25 @@ def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
             "SIGIobs": "Stddev",
         }
     )
-    metadata = table.drop(columns=[c for c in table.columns if c in _WORK_COLUMNS])
-    for column in metadata.columns:
-        out[column] = metadata[column].array
+    for column in table.columns:
+        if column not in TABLE_COLUMNS:
+            out[column] = table[column].array
     return out
 
 
-# The columns _standardise makes; image_id holds the file's own image number until
-# _finish_table renumbers the images across files.
-_WORK_COLUMNS = {*OBSERVED_INDEX_COLUMNS, "image_id", "file_id", "dHKL", "Iobs", "SIGIobs"}
+def dense_image_ids(file_id, image):
+    """0, 1, … over the distinct (file, image) pairs, ordered by file, then image."""
+    file_id, image = np.asarray(file_id, np.int64), np.asarray(image, np.int64)
+    order = np.lexsort((image, file_id))
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (np.diff(file_id[order]) != 0) | (np.diff(image[order]) != 0)
+    ids = np.empty(len(order), dtype=np.int64)
+    ids[order] = np.cumsum(new) - 1
+    return ids
+
+
+def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
+    return assemble_table(with_symmetry(table, hkl_obs, spacegroup, anomalous), spacegroup, cell)
 
 
 def _drop_repeated_rows(name, part):
@@ -207,28 +428,71 @@ def _drop_repeated_rows(name, part):
     return part.loc[~repeated].reset_index(drop=True)
 
 
-def _read_sources(paths, spacegroup):
+def _inputs(paths):
+    """The inputs as a list; InputError for none, a file given twice, or a foreign object."""
     if isinstance(paths, (str, PathLike, pd.DataFrame)):
         paths = [paths]
     paths = list(paths)
     if not paths:
         raise InputError("no reflection files given.")
-    sg = _as_spacegroup(spacegroup) if spacegroup is not None else None
     files = [Path(p).resolve() for p in paths if isinstance(p, (str, PathLike))]
     twice = sorted({str(p) for p in files if files.count(p) > 1})
     if twice:
         raise InputError(f"{', '.join(twice)}: given more than once; each file's observations would count twice.")
-    sources = []
     for i, item in enumerate(paths):
-        if isinstance(item, pd.DataFrame):
-            sources.append((f"<data set {i}>", item))
-        elif isinstance(item, (str, PathLike)):
-            sources.append((str(item), read_reflection_file(item, spacegroup=sg)))
-        else:
+        if not isinstance(item, (str, PathLike, pd.DataFrame)):
             raise InputError(
                 f"input {i} is a {type(item).__name__}; give file paths or rs.DataSet objects."
             )
-    return sources
+    return paths
+
+
+def _input_name(i, item):
+    return f"<data set {i}>" if isinstance(item, pd.DataFrame) else str(item)
+
+
+def _n_workers(n_jobs, client, n_inputs):
+    """How many processes parse files at once (1: this one)."""
+    if client is not None:
+        if not hasattr(client, "get_executor"):
+            raise InputError(f"client={client!r} is not a dask.distributed Client.")
+        return max(1, len(client.scheduler_info().get("workers", {})))
+    if n_jobs is None:
+        return 1
+    if not isinstance(n_jobs, Integral) or isinstance(n_jobs, bool) or n_jobs == 0:
+        raise InputError(f"n_jobs={n_jobs!r} (--n-jobs): give a whole number of processes, or -1 for one per core.")
+    cores = os.cpu_count() or 1
+    return max(1, min(n_inputs, n_jobs if n_jobs > 0 else cores + 1 + n_jobs))
+
+
+def _map_in_order(function, tasks, workers, client=None):
+    """``function(*task)`` of every task, in order: in this process with one worker, else
+    on a process pool (or the dask client's workers), with at most twice as many tasks
+    under way as workers so that finished results never pile up."""
+    if workers == 1 and client is None:
+        for task in tasks:
+            yield function(*task)
+        return
+    if client is not None:
+        executor = client.get_executor()
+    else:
+        # loky's workers are fresh interpreters (forking a process that runs TensorFlow's
+        # threads can deadlock) that, unlike multiprocessing's, need no __main__ guard in
+        # the user's script; they are reused by later calls.
+        from joblib.externals.loky import get_reusable_executor
+
+        executor = get_reusable_executor(max_workers=workers)
+    pending = deque()
+    try:
+        for task in tasks:
+            pending.append(executor.submit(function, *task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _as_spacegroup(value):
@@ -246,65 +510,16 @@ def _as_spacegroup(value):
     return sg
 
 
-def _resolve_spacegroup(sources, spacegroup):
-    if spacegroup is not None:
-        return _as_spacegroup(spacegroup)
-    found = {}
-    for name, dataset in sources:
-        sg = getattr(dataset, "spacegroup", None)
-        if sg is not None:
-            found.setdefault(sg.xhm(), []).append(name)
-    if not found:
-        raise InputError(
-            f"{_names(sources)}: no space group recorded in the input (an XDS file's "
-            "!SPACE_GROUP_NUMBER, an MTZ file's symmetry); pass spacegroup= (e.g. spacegroup="
-            "'P 43 21 2'; on the command line --spacegroups)."
-        )
-    if len(found) > 1:
-        listing = "; ".join(f"{sg} in {', '.join(names)}" for sg, names in found.items())
-        raise InputError(
-            f"the files record different space groups ({listing}). Merge files of one "
-            "space group, or pass spacegroup= (--spacegroups) to impose one."
-        )
-    return gemmi.SpaceGroup(next(iter(found)))
-
-
-def _resolve_cells(sources, cell, spacegroup):
-    """One cell per source; checks them against the space group and against each other."""
-    if cell is not None:
-        if not isinstance(cell, gemmi.UnitCell):
-            try:
-                cell = gemmi.UnitCell(*[float(x) for x in cell])
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"cell={cell!r} (--cell): give six numbers a, b, c, α, β, γ.") from exc
-        if not cell.volume > 0:  # gemmi accepts zero lengths and impossible angles
-            raise InputError(f"cell={_fmt_cell(cell)} (--cell) has no volume; give lengths > 0 and angles of a "
-                             "real cell.")
-        cells = [cell] * len(sources)
-        names = ["cell="] * len(sources)
-    else:
-        cells, names = [], []
-        for name, dataset in sources:
-            c = getattr(dataset, "cell", None)
-            if c is None or c.volume <= 0:
-                raise InputError(f"{name}: no unit cell recorded (an XDS file's !UNIT_CELL_CONSTANTS, an MTZ "
-                                 "file's cell); pass cell=(a, b, c, α, β, γ) (on the command line --cell).")
-            cells.append(c)
-            names.append(name)
-    for name, c in zip(names, cells):
-        if not c.is_compatible_with_spacegroup(spacegroup, 1e-2):
-            raise InputError(
-                f"{name}: cell {_fmt_cell(c)} is incompatible with space group "
-                f"{spacegroup.xhm()}; check the space group or pass the right cell= (--cell)."
-            )
-    for name, c in zip(names[1:], cells[1:]):
-        if not isomorphous(cells[0], c):
-            raise InputError(
-                f"{name}: cell {_fmt_cell(c)} is not isomorphous with {names[0]} "
-                f"({_fmt_cell(cells[0])}). Merge isomorphous data only, or pass cell= (--cell) to "
-                "impose one cell on all files."
-            )
-    return cells
+def _as_cell(cell):
+    if not isinstance(cell, gemmi.UnitCell):
+        try:
+            cell = gemmi.UnitCell(*[float(x) for x in cell])
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"cell={cell!r} (--cell): give six numbers a, b, c, α, β, γ.") from exc
+    if not cell.volume > 0:  # gemmi accepts zero lengths and impossible angles
+        raise InputError(f"cell={_fmt_cell(cell)} (--cell) has no volume; give lengths > 0 and angles of a "
+                         "real cell.")
+    return cell
 
 
 def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invalid):
@@ -411,10 +626,6 @@ def _check_positive(name, value, allow_zero=False, allow_negative=False):
         raise InputError(f"{name}={value!r} must be a number.") from exc
     if not np.isfinite(v) or (not allow_negative and (v < 0 or (v == 0 and not allow_zero))):
         raise InputError(f"{name}={value!r} must be a positive number.")
-
-
-def _names(sources):
-    return ", ".join(name for name, _ in sources)
 
 
 def _fmt_cell(cell):

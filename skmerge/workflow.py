@@ -609,10 +609,14 @@ def _observations(data, anomalous, read_options):
                                  "pass them to skmerge.read_unmerged")
         n_files = int(data["file_id"].max()) + 1 if "file_id" in data.columns else 1
         return data, [f"file {i}" for i in range(n_files)]
+    from .store import read_manifest, store_input
     from .table import read_unmerged
 
     sources = list(data) if isinstance(data, (list, tuple)) else [data]
     X = read_unmerged(sources, anomalous=anomalous, **read_options)
+    stored = store_input(sources)
+    if stored is not None:  # the files converted into the store
+        return X, [Path(entry["name"]).name for entry in read_manifest(stored)["files"]]
     return X, [Path(s).name if isinstance(s, (str, os.PathLike)) else f"file {i}" for i, s in enumerate(sources)]
 
 
