@@ -33,7 +33,7 @@ METADATA = ["dHKL", "XDET", "YDET", "EWALD_OFFSET"]
 def cc_to_truth(merger, X, truth):
     """CC(F, truth), the truth put into the merge's global setting (the operator most
     images were assigned relative to the simulator's)."""
-    from skmerge.ambiguity import Operators, parse_operator, reindex
+    from skmerge.ambiguity import Operators, parse_operator
     from skmerge.symmetry import map_to_asu
 
     merged = merger.transform(X)
