@@ -115,6 +115,10 @@ class RunOutputs:
         The diagnostics the run gave (saved with ``run`` in ``OUT_stats.json``).
     producer : str
         "skmerge" or "careless" (files without skmerge's ``OUT_stats.json``).
+    reindexing : DataFrame or None
+        Each image's operator and probability when the indexing was ambiguous
+        (:meth:`VariationalMerger.image_reindexing <skmerge.VariationalMerger.image_reindexing>`,
+        ``OUT_reindexing.csv``).
     """
 
     names: list
@@ -126,15 +130,18 @@ class RunOutputs:
     run: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     producer: str = "skmerge"
+    reindexing: object = None
 
     @classmethod
     def from_result(cls, result):
         """The outputs of a merge in memory (:func:`skmerge.run_merge`)."""
         from .io.writers import history_table
 
+        merger = result.merger
+        reindexing = merger.image_reindexing() if len(merger.reindexing_operators_) > 1 else None
         return cls(list(result.names), list(result.statistics), list(result.calibration), list(result.merged),
-                   list(result.predictions), history_table(result.merger.loss_curve_),
-                   run_info(result.command, result.merger), list(result.warnings))
+                   list(result.predictions), history_table(merger.loss_curve_),
+                   run_info(result.command, merger), list(result.warnings), reindexing=reindexing)
 
     @classmethod
     def from_files(cls, out):
@@ -177,9 +184,17 @@ class RunOutputs:
             except (OSError, ValueError) as exc:
                 raise InputError(f"{history_path}: not a readable history table ({exc})") from exc
         run = (document or {}).get("run") or {}
+        reindexing_path = Path(f"{out}_reindexing.csv")
+        reindexing = None
+        if reindexing_path.is_file():
+            try:
+                reindexing = pd.read_csv(reindexing_path, index_col="image_id")
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{reindexing_path}: not a readable reindexing table ({exc})") from exc
         return cls(names, statistics, calibration, [_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
                    [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices], history, run,
-                   list(run.get("warnings", [])), producer="skmerge" if document else "careless")
+                   list(run.get("warnings", [])), producer="skmerge" if document else "careless",
+                   reindexing=reindexing)
 
 
 def _saved_document(out):
@@ -229,6 +244,8 @@ def report_html(source, *, title=None):
         ("calibration", "Calibration of held-out observations", _calibration_section(source)),
         ("anomalous", "Anomalous signal", _anomalous_section(source)),
     ]
+    if source.reindexing is not None:
+        sections.append(("reindexing", "Indexing ambiguity", _reindexing_section(source.reindexing)))
     title = html.escape(f"skmerge report: {title}" if title else "skmerge report")
     body = "\n".join(f'<section id="{key}"><h2>{html.escape(name)}</h2>\n{content}\n</section>'
                      for key, name, content in sections)
@@ -643,6 +660,22 @@ def _anomalous_section(outputs):
     return (text + _figure(plot_anomalous_signal(tables, outputs.statistics[0]), "anomalous signal")
             + "".join((f"<h3>{html.escape(str(name))}</h3>" if len(tables) > 1 else "")
                       + _table(t.rename(columns=headings), formats, "shell") for name, t in tables.items()))
+
+
+# Images whose operator is less probable than this are listed.
+_CERTAIN = 0.99
+
+
+def _reindexing_section(table):
+    counts = table["operator"].value_counts().rename("images").to_frame()
+    counts["least probability"] = table.groupby("operator")["probability"].min()
+    text = ("<p>Each image was brought into the merge's setting by the operator below (OUT_reindexing.csv lists "
+            "every image); the probability is the posterior probability of that operator under the fitted model.</p>")
+    uncertain = table[table["probability"] < _CERTAIN].sort_values("probability")
+    listing = (_note(f"Every image's operator has probability ≥ {_CERTAIN}.") if uncertain.empty else
+               f"<h3>Images with probability &lt; {_CERTAIN}</h3>"
+               + _table(uncertain.head(50), {"operator": "{}", "probability": "{:.3f}"}, "image_id"))
+    return text + _table(counts, {"images": "{:,.0f}", "least probability": "{:.3f}"}, "operator") + listing
 
 
 # ---------------------------------------------------------------------- the command

@@ -232,3 +232,19 @@ def test_python_run_report_and_a_report_that_fails(tmp_path, monkeypatch):
         paths = result.write(tmp_path / "again")
     assert {"again_0.mtz", "again_stats.json"} <= {p.name for p in paths}
     assert not (tmp_path / "again_report.html").exists()
+
+
+def test_report_of_a_run_with_an_indexing_ambiguity(run, tmp_path):
+    # The run's files plus the reindexing table an ambiguous run writes.
+    import shutil
+
+    for path in run.parent.glob(run.name + "*"):
+        shutil.copy(path, tmp_path / path.name)
+    pd.DataFrame({"image_id": [0, 1, 2], "operator": ["h,k,l", "-h-k,k,-l", "h,k,l"],
+                  "probability": [1.0, 0.93, 1.0]}).to_csv(tmp_path / f"{run.name}_reindexing.csv", index=False)
+    code, _, err = _run(["report", str(tmp_path / run.name)])
+    assert code == 0, err
+    sections = _sections(check_self_contained(tmp_path / f"{run.name}_report.html"))
+    assert tuple(sections) == SECTIONS + ("reindexing",)
+    text = _text(sections["reindexing"])
+    assert "-h-k,k,-l" in text and "0.930" in text, "the operators and the uncertain image are shown"
