@@ -108,7 +108,8 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
         data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
                             params.batch_size, spot=observations.spot)
     trainer = Trainer(model, variables, data, learning_rate=params.learning_rate, seed=seed,
-                      jit_compile=params.jit_compile)
+                      jit_compile=params.jit_compile, beta_1=params.beta_1, beta_2=params.beta_2,
+                      clipnorm=params.clipnorm, clipvalue=params.clipvalue, global_clipnorm=params.global_clipnorm)
     scores = []
     monitor = None
     if validation is not None:
