@@ -7,6 +7,7 @@ output prefix, writes the command line's files; :func:`statistics_from_outputs` 
 """
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -122,9 +123,10 @@ class MergeResult:
         halves = self.halves or [None] * len(self.merged)
         for i, (merged, predictions, half) in enumerate(zip(self.merged, self.predictions, halves)):
             paths.append(writers.write_mtz(merged, f"{out}_{i}.mtz"))
-            paths.append(writers.write_mtz(predictions, f"{out}_predictions_{i}.mtz"))
+            # The analysis files in careless's layout, so that careless's tools read them.
+            paths.append(writers.write_mtz(writers.careless_layout(predictions), f"{out}_predictions_{i}.mtz"))
             if half is not None:
-                paths.append(writers.write_mtz(half, f"{out}_xval_{i}.mtz"))
+                paths.append(writers.write_mtz(writers.careless_layout(half), f"{out}_xval_{i}.mtz"))
         history = writers.history_table(self.merger.loss_curve_)
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
         paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
@@ -175,7 +177,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
         files when given.
     merger : VariationalMerger, optional
-        The estimator to fit (a clone of it is fitted). None builds one from ``params``.
+        The estimator to fit (a clone of it is fitted; a copy, with its fitted state, when
+        it is to be warm-started). None builds one from ``params``.
     spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key, drop_invalid : optional
         Read options of :func:`skmerge.read_unmerged` (only with files); ``anomalous``
         is the merger's.
@@ -325,7 +328,9 @@ def make_merger(merger=None, **params):
     Parameters
     ----------
     merger : VariationalMerger, optional
-        Cloned, then ``params`` are set on the clone; None starts from the defaults.
+        Cloned, then ``params`` are set on the clone; None starts from the defaults. A
+        fitted merger that is to be warm-started (``warm_start``) is copied with its
+        fitted state instead.
     **params
         VariationalMerger parameters.
 
@@ -345,7 +350,13 @@ def make_merger(merger=None, **params):
 
     from .merger import VariationalMerger
 
-    merger = VariationalMerger() if merger is None else clone(merger)
+    if merger is None:
+        merger = VariationalMerger()
+    elif params.get("warm_start", merger.warm_start) and hasattr(merger, "reflections_"):
+        # A warm start continues from the fitted state, which a clone would drop.
+        merger = copy.deepcopy(merger)
+    else:
+        merger = clone(merger)
     try:
         merger.set_params(**params)
     except ValueError as exc:  # a name VariationalMerger does not have
