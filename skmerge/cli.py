@@ -292,7 +292,7 @@ def workflow_options(args):
                 dmin=args.dmin, isigi_cutoff=args.isigi_cutoff, intensity_key=args.intensity_key,
                 sigma_key=args.uncertainty_key, image_key=args.image_key, drop_invalid=args.drop_invalid or None,
                 half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets else 0,
-                test_fraction=args.test_fraction, shells=args.shells, binning=args.binning, method=args.method)
+                test_fraction=args.test_fraction, track_test_loss=args.validation_frequency is not None, shells=args.shells, binning=args.binning, method=args.method)
 
 
 # ------------------------------------------------------------------- validation

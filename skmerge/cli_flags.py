@@ -19,7 +19,7 @@ IGNORED_CARELESS_FLAGS = {
 
 # Flags whose destination is the VariationalMerger parameter of that name.
 ESTIMATOR_DESTS = ("kl_weight", "beta_1", "beta_2", "clipnorm", "clipvalue", "global_clipnorm", "epsilon",
-                   "scale_bijector", "jit_compile")
+                   "scale_bijector", "validation_frequency", "jit_compile")
 
 # How a saved merger of an earlier run is named: careless's OUT_scale / OUT_structure_factor
 # name the run OUT, whose skmerge merger is OUT.npz (safe format) or OUT.joblib.
@@ -73,8 +73,9 @@ def add_arguments(parser, defaults):
     optimiser.add_argument("--clipvalue", type=float, metavar="V", help="clip every gradient element to ±V")
     optimiser.add_argument("--global-clipnorm", type=float, metavar="N",
                            help="clip all the gradients together to this norm")
-    optimiser.add_argument("--validation-frequency", type=int, metavar="N", help="with --test-fraction, evaluate "
-                           "the held-out loss every N steps into OUT_history.csv's test_loss column (default: 10)")
+    optimiser.add_argument("--validation-frequency", type=int, metavar="N", help="with --test-fraction, record "
+                           "the held-out observations' loss every N steps (OUT_history.csv's test_loss column; "
+                           "careless's default is 10; without the flag it is not recorded)")
 
     tensorflow = parser.add_argument_group("TensorFlow", "GPU flags act on a machine with a GPU; without one they "
                                            "are accepted and there is nothing to select")
@@ -108,8 +109,6 @@ def check_arguments(args, usage_error):
         raise usage_error("--freeze-scales with --freeze-structure-factors leaves nothing to fit")
     if args.structure_factor_init_scale is not None and args.structure_factor_file is not None:
         raise usage_error("--structure-factor-init-scale conflicts with --structure-factor-file")
-    if args.validation_frequency is not None and args.validation_frequency < 1:
-        raise usage_error(f"--validation-frequency {args.validation_frequency}: give at least 1")
     if args.gpu_id is not None and args.gpu_id < 0:
         raise usage_error(f"--gpu-id {args.gpu_id}: give 0 or more")
     for flag in ("scale_file", "structure_factor_file"):
@@ -119,7 +118,7 @@ def check_arguments(args, usage_error):
 
 def parameters(args, keys):
     """The VariationalMerger parameters of these flags (``keys``: the metadata keys)."""
-    params = {name: getattr(args, name) for name in ESTIMATOR_DESTS}
+    params = {name: getattr(args, name) for name in ESTIMATOR_DESTS if getattr(args, name) is not None}
     params["standardize_metadata"] = not args.disable_metadata_standardization
     if args.positional_encoding_keys is not None:
         params["positional_encoding_keys"] = [k.strip() for k in args.positional_encoding_keys.split(",")]

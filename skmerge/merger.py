@@ -153,6 +153,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         the columns (and 1/d²) as they are.
     positional_encoding_keys : list of str, default=None
         The metadata columns that ``positional_encoding`` expands (None: every column).
+    validation_frequency : int, default=10
+        Steps between evaluations of the held-out loss when ``fit`` is given
+        ``X_held_out``.
     jit_compile : bool, default=False
         Compile the training loop with XLA. On CPUs TensorFlow's graph execution is
         faster and saves seconds of compilation per fit (bench/RESULTS.md); XLA may pay
@@ -205,6 +208,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         first fit.
     best_validation_score_ : float
         With ``early_stopping``: the best of them, which chose the number of steps.
+    held_out_loss_curve_ : ndarray of shape (n_evaluations, 2)
+        With ``X_held_out`` in ``fit``: the step and the held-out observations' expected
+        negative log-likelihood per observation under the posterior, every
+        ``validation_frequency`` steps (the ``nll`` of ``loss_curve_``, on data the fit
+        does not see).
     seed_ : int
         The seed the fit drew from ``random_state`` (Monte Carlo draws of ``score``).
     skmerge_version_ : str
@@ -269,6 +277,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "scale_bijector": [StrOptions({"softplus", "exp"})],
         "standardize_metadata": ["boolean"],
         "positional_encoding_keys": [None, list, tuple],
+        "validation_frequency": [Interval(Integral, 1, None, closed="left")],
         "jit_compile": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -281,7 +290,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
         posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0, beta_1=0.9, beta_2=0.99, clipnorm=None,
         clipvalue=None, global_clipnorm=None, epsilon=1e-4, scale_bijector="softplus", standardize_metadata=True,
-        positional_encoding_keys=None, jit_compile=False, random_state=None, verbose=0,
+        positional_encoding_keys=None, validation_frequency=10, jit_compile=False, random_state=None, verbose=0,
     ):
         self.prior = prior
         self.likelihood = likelihood
@@ -317,11 +326,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.scale_bijector = scale_bijector
         self.standardize_metadata = standardize_metadata
         self.positional_encoding_keys = positional_encoding_keys
+        self.validation_frequency = validation_frequency
         self.jit_compile = jit_compile
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, X_held_out=None):
         """Fit the model to an observation table.
 
         Parameters
@@ -331,6 +341,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             its columns and ``spacegroup``/``cell``).
         y : array-like of shape (n_observations,), optional
             Intensities to use instead of ``X["Iobs"]``.
+        X_held_out : rs.DataSet, optional
+            Observations kept out of the fit whose loss is recorded every
+            ``validation_frequency`` steps (``held_out_loss_curve_``) without steering
+            the fit.
 
         Returns
         -------
@@ -351,7 +365,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
         previous = (FitState.from_attributes(self), Weights.from_attributes(self)) if warm else None
-        result = fit_model(self, X, y, rng, seed, previous=previous)
+        if X_held_out is not None:
+            check_table(X_held_out)
+        result = fit_model(self, X, y, rng, seed, previous=previous, X_held_out=X_held_out)
         self._set_fitted(X, result, seed)
         return self
 

@@ -127,7 +127,7 @@ class MergeResult:
             paths.append(writers.write_mtz(writers.careless_layout(predictions), f"{out}_predictions_{i}.mtz"))
             if half is not None:
                 paths.append(writers.write_mtz(writers.careless_layout(half), f"{out}_xval_{i}.mtz"))
-        history = writers.history_table(self.merger.loss_curve_)
+        history = writers.history_table(self.merger.loss_curve_, getattr(self.merger, "held_out_loss_curve_", None))
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
         paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
         try:
@@ -164,7 +164,7 @@ class MergeResult:
 
 def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None,
               intensity_key=None, sigma_key=None, image_key=None, drop_invalid=None, half_datasets=0, test_fraction=0.0,
-              shells=10, binning="equal-count", method="pearson", log=None, **params):
+              track_test_loss=False, shells=10, binning="equal-count", method="pearson", log=None, **params):
     """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
     what ``skmerge mono`` and ``skmerge poly`` do.
 
@@ -189,6 +189,10 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Fraction of the observations held out of the fit (seeded by the merger's
         ``random_state``); CCpred and the calibration of the predictive σ are computed
         on them.
+    track_test_loss : bool, default=False
+        Record the test observations' loss every ``validation_frequency`` steps of the
+        fit (the merger's ``held_out_loss_curve_``, the ``test_loss`` column of
+        ``OUT_history.csv``); it does not steer the fit.
     shells, binning, method
         The statistics table's, see :func:`skmerge.merging_statistics`.
     log : callable, optional
@@ -265,7 +269,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
 
     with _caught(ConvergenceWarning):  # the status line says when max_iter stopped the fit
-        merger.fit(X_train)
+        merger.fit(X_train, X_held_out=X.iloc[np.flatnonzero(test)] if track_test_loss and test.any() else None)
     merged = merger.transform(X_train)
     error_model = _fitted_error_model(merger)
     report("info", f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else

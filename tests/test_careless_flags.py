@@ -1,6 +1,7 @@
 """careless 0.5.4's flags on ``skmerge mono``/``poly``, scale and structure-factor
 transfer, and the layout of the files careless's analysis tools read."""
 
+import json
 import re
 from pathlib import Path
 
@@ -127,9 +128,23 @@ def simulated_run(tmp_path_factory):
     X, truth = make_unmerged(n_images=16, random_state=1)
     _write_unmerged(X, tmp / "sim.mtz")
     out = tmp / "first"
-    assert main(["mono", "--anomalous", "--merge-half-datasets", "--test-fraction", "0.1", "--quiet", KEYS,
-                 str(tmp / "sim.mtz"), str(out), *TINY]) == 0
+    assert main(["mono", "--anomalous", "--merge-half-datasets", "--test-fraction", "0.1", "--validation-frequency",
+                 "20", "--quiet", KEYS, str(tmp / "sim.mtz"), str(out), *TINY]) == 0
     return tmp, out
+
+
+def test_validation_frequency_records_the_test_loss(simulated_run):
+    _, out = simulated_run
+    history = pd.read_csv(f"{out}_history.csv")
+    recorded = history.dropna(subset=["test_loss"])
+    assert recorded["step"].tolist() == list(range(20, len(history) + 1, 20))
+    merger = skmerge.load(f"{out}.npz")
+    np.testing.assert_allclose(merger.held_out_loss_curve_[:, 1], recorded["test_loss"])
+    # the held-out observations' nll term: it falls with training, as the training nll does,
+    # and ends above it
+    test_loss = recorded["test_loss"].to_numpy()
+    train_nll = history["nll"].to_numpy()[recorded["step"].to_numpy() - 1]
+    assert test_loss[-1] < test_loss[0] and (test_loss[-3:] > train_nll[-3:]).all()
 
 
 def _f(path):
@@ -203,10 +218,11 @@ def test_analysis_files_read_as_careless_tools_read_them(simulated_run):
     assert {"Iobs", "SigIobs", "Ipred", "SigIpred", "test"} <= set(predictions.columns)
     merged = rs.read_mtz(f"{out}_0.mtz")
     assert {"F", "SIGF", "F(+)", "SIGF(+)", "DANO", "SIGDANO"} <= set(merged.columns)
-    # skmerge's own statistics read the careless layout back
+    # skmerge's own statistics read the careless layout back as the run computed them
     statistics, _ = statistics_from_outputs(out)
-    assert statistics[0].table.loc["overall", "cc_half"] > 0.5
-    assert np.isfinite(statistics[0].table.loc["overall", "cc_anom"])
+    overall = json.loads(Path(f"{out}_stats.json").read_text())["datasets"][0]["shells"][-1]
+    for name in ("cc_half", "cc_pred", "completeness", "anom_completeness"):
+        assert statistics[0].table.loc["overall", name] == pytest.approx(overall[name], rel=1e-4)
 
 
 @pytest.mark.realdata

@@ -169,12 +169,19 @@ def write_figure(figure, path, dpi=120):
     return Path(path)
 
 
-def history_table(loss_curve):
-    """The per-step loss terms of a fit as a DataFrame: step, loss, nll, kl."""
+def history_table(loss_curve, held_out_loss=None):
+    """The per-step loss terms of a fit as a DataFrame: step, loss, nll, kl, and with
+    ``held_out_loss`` (rows of step and value) a ``test_loss`` column, empty at the
+    steps where it was not evaluated."""
     curve = np.asarray(loss_curve, dtype=np.float64).reshape(len(loss_curve), -1)
     names = ["loss", "nll", "kl"][: curve.shape[1]]
     table = pd.DataFrame(curve, columns=names)
     table.insert(0, "step", np.arange(1, len(table) + 1))
+    if held_out_loss is not None:
+        test_loss = np.full(len(table), np.nan)
+        steps, values = np.asarray(held_out_loss, dtype=np.float64).reshape(-1, 2).T
+        test_loss[steps.astype(np.int64) - 1] = values
+        table["test_loss"] = test_loss
     return table
 
 

@@ -137,6 +137,12 @@ class MergingModel(tf.Module):
         scale_sd = tf.sqrt(tf.maximum(scale_sq - tf.square(scale_mean), 0.0))
         return mean, sd, scale_mean, scale_sd
 
+    def expected_log_likelihood(self, data, n_samples, seed, extra_prior=None):
+        """E_q[log p(Iᵢ | F, Σ)] per observation from ``n_samples`` samples: the
+        likelihood term of the loss, also for observations the fit never saw."""
+        samples = self.amplitude_samples(n_samples, seed, extra_prior)
+        return tf.reduce_mean(self._log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
+
     def log_predictive(self, data, n_samples, seed, extra_prior=None):
         """log p(Iᵢ | data) per observation, averaging the likelihood over samples of
         the posterior (the prior for reflections the fit never saw) and of the scales."""
@@ -290,7 +296,7 @@ class Trainer:
     def _state(self):
         return [*self.variables, *self.m, *self.v, self.step]
 
-    def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None):
+    def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None, watch=None, watch_every=None):
         """Optimise for up to ``max_iter`` steps.
 
         Without a monitor, training stops when the mean loss of the last
@@ -301,13 +307,19 @@ class Trainer:
         improved by ``tol`` for ``n_iter_no_change`` steps, and the best monitored state
         is restored. Returns the loss terms of every step and whether it converged;
         ``kept_step`` is then the number of steps that led to the final state.
+
+        ``watch`` (e.g. a held-out loss that does not steer training) is called after
+        every ``watch_every`` steps; ``watched`` holds its (step, value) pairs.
         """
         history, recoveries = [], 0
+        self.watched = []
         best, best_state, since_best = np.inf, None, 0
         self.kept_step = 0
         converged = False
         while len(history) < max_iter:
             n = min(_CHUNK, max_iter - len(history))
+            if watch is not None:
+                n = min(n, watch_every - len(history) % watch_every)
             saved = [v.numpy() for v in self._state()]
             if self._jit_compile and not history:
                 # The first XLA compilation of a process logs its start-up through absl.
@@ -330,6 +342,8 @@ class Trainer:
                 continue
             recoveries = 0
             history.extend(terms)
+            if watch is not None and len(history) % watch_every == 0:
+                self.watched.append((len(history), watch()))
             if progress is not None:
                 progress(len(history), terms[:, 0].mean())
             if monitor is None:
