@@ -168,8 +168,9 @@ class _Encoder:
         columns = [name for name, _ in pipelines]
         frequencies = next((value for key, value in transformer.get_params(deep=True).items()
                             if key.endswith("__n_frequencies")), 0)
-        encoded = [name for name, pipeline in pipelines if any(isinstance(s, PositionalEncoding) for s in pipeline)]
-        standardize = all(any(isinstance(s, StandardScaler) for s in pipeline) for _, pipeline in pipelines)
+        steps_of = {name: [s for _, s in getattr(pipeline, "steps", [(name, pipeline)])] for name, pipeline in pipelines}
+        encoded = [name for name, steps in steps_of.items() if any(isinstance(s, PositionalEncoding) for s in steps)]
+        standardize = all(any(isinstance(s, StandardScaler) for s in steps) for steps in steps_of.values())
         settings = (encoded, standardize)
         if _signature(make_metadata_transformer(columns, frequencies, *settings)) != _signature(transformer):
             raise NotSerializableError(
