@@ -227,12 +227,17 @@ def test_analysis_files_read_as_careless_tools_read_them(simulated_run):
 
 @pytest.mark.realdata
 def test_hypf_scales_frozen_reproduce_the_merge(data_dir, tmp_path):
-    """Scales learned on hypf, frozen, and the posterior refitted on the same images give
-    the first merge back."""
-    hypf = str(data_dir / "hypf_hg_sad" / "hypf_unmerged.mtz")
-    keys = "dHKL,Hobs,Kobs,Lobs,XDET,YDET,BATCH"
-    common = ["--anomalous", "--iterations", "300", "--quiet", keys, hypf]
-    assert main(["mono", *common, str(tmp_path / "first")]) == 0
-    assert main(["mono", "--scale-file", str(tmp_path / "first"), "--freeze-scales", *common,
-                 str(tmp_path / "again")]) == 0
-    assert _cc(_f(tmp_path / "first_0.mtz"), _f(tmp_path / "again_0.mtz")) >= 0.999
+    """Scales learned on hypf, saved, frozen, and the posterior refitted on the same
+    images give the first merge back, as ``--scale-file --freeze-scales`` does.
+
+    Both fits are short here, so the first one's posterior is still moving (at
+    convergence the agreement is closer: bench/RESULTS.md)."""
+    X = skmerge.read_unmerged(str(data_dir / "hypf_hg_sad" / "hypf_unmerged.mtz"), anomalous=True, dmin=3.0)
+    first = VariationalMerger(metadata=["dHKL", "Hobs", "Kobs", "Lobs", "XDET", "YDET", "BATCH"], anomalous=True,
+                              mlp_layers=4, max_iter=300, random_state=0).fit(X)
+    again = skmerge.load(first.save(tmp_path / "hypf.npz")).set_params(warm_start="scales", freeze="scales").fit(X)
+    for old, new in zip(first.scale_weights_, again.scale_weights_):
+        np.testing.assert_array_equal(old, new)
+    assert _cc(first.transform(X)["F"], again.transform(X)["F"]) > 0.97
+    # the refit under the first fit's scales fits the data at least as well
+    assert again.loss_curve_[-1, 0] <= first.loss_curve_[-1, 0]
