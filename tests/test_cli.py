@@ -22,6 +22,7 @@ import reciprocalspaceship as rs
 import skmerge
 
 from skmerge.cli import ESTIMATOR_DESTS, LAUE_DESTS, build_parser, main, merger_parameters
+from skmerge.cli_flags import ESTIMATOR_DESTS as CARELESS_DESTS
 from skmerge.datasets import make_unmerged
 
 TINY = ["--iterations", "100", "--mlp-layers", "2", "--mlp-width", "8"]
@@ -95,7 +96,8 @@ def test_mono_help_is_grouped_and_lists_careless_flags(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the help wraps to the terminal's width
     assert main(["mono", "--help"]) == 0
     text = capsys.readouterr().out
-    for group in ("data:", "model:", "optimisation:", "validation:", "output:", "careless compatibility:"):
+    for group in ("data:", "model:", "optimisation:", "validation:", "output:", "transfer from an earlier run:",
+                  "careless model options:", "careless optimiser options:", "TensorFlow:", "inspection:"):
         assert f"\n{group}" in text
     for flag in ("--anomalous", "--dmin", "-d DMIN", "--isigi-cutoff", "-c ISIGI", "--spacegroups", "--intensity-key",
                  "--uncertainty-key", "--image-key", "--separate-files", "--studentt-likelihood-dof", "--iterations",
@@ -115,14 +117,16 @@ def test_parser_defaults_are_the_estimators():
     poly = build_parser().parse_args(["poly", "dHKL", "in.mtz", "out/x"])
     # --seed defaults to 0 so that runs repeat; --likelihood to None, so that a conflict with
     # --studentt-likelihood-dof shows (its help quotes the estimator's default).
-    own = {"random_state", "likelihood"}
-    assert {k: getattr(mono, k) for k in ESTIMATOR_DESTS if k not in own} == {
-        k: params[k] for k in ESTIMATOR_DESTS if k not in own}
+    # careless's flags of values that are off unless given (--clipnorm, --validation-frequency, ...)
+    # default to None.
+    own = {"random_state", "likelihood"} | {k for k in CARELESS_DESTS if getattr(mono, k) is None}
+    dests = ESTIMATOR_DESTS + CARELESS_DESTS
+    assert {k: getattr(mono, k) for k in dests if k not in own} == {k: params[k] for k in dests if k not in own}
     assert {k: getattr(poly, k) for k in LAUE_DESTS} == {k: params[k] for k in LAUE_DESTS}
     # A flag left out passes the estimator's default on.
     passed = merger_parameters(mono, ["dHKL"])
     assert {k: v for k, v in passed.items() if k not in own | {"metadata", "verbose"}} == {
-        k: params[k] for k in ESTIMATOR_DESTS if k not in own and params[k] is not None}
+        k: params[k] for k in (*dests, "standardize_metadata") if k not in own and params[k] is not None}
     assert "likelihood" not in passed
 
 
@@ -153,6 +157,9 @@ def test_flags_map_to_estimator_parameters():
         "random_state": 5, "verbose": 0, "separate_files": True,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
         "positional_encoding": 2, "batch_size": 16,
+        # careless's flags not given: the estimator's defaults
+        "kl_weight": 1.0, "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-4, "scale_bijector": "softplus",
+        "jit_compile": False, "standardize_metadata": True,
     }
     assert type(likelihood).__name__ == "StudentTLikelihood" and likelihood.dof == 8.0 and not likelihood.learn_dof
     assert error_model is None and prior == "wilson"
@@ -471,7 +478,7 @@ def test_input_error_while_fitting_is_one_line(sim_mtz, tmp_path, capsys, monkey
     from skmerge.errors import InputError
     from skmerge.merger import VariationalMerger
 
-    def fail(self, X, y=None):
+    def fail(self, X, y=None, X_held_out=None):
         raise InputError("something about\nthe data")
 
     monkeypatch.setattr(VariationalMerger, "fit", fail)
