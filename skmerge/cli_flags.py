@@ -128,7 +128,13 @@ def parameters(args, keys):
 
 
 def with_wilson_b(prior, b_factor):
-    """The prior parameter with the Wilson B of ``--wilson-prior-b`` set."""
+    """The prior parameter with the Wilson B of ``--wilson-prior-b`` set.
+
+    Examples
+    --------
+    >>> with_wilson_b("wilson", 0.0)
+    WilsonPrior(b_factor=0.0)
+    """
     from .model.double_wilson import DoubleWilsonPrior
     from .model.priors import WilsonPrior
 
@@ -150,7 +156,15 @@ def transfer_source(text, flag, usage_error):
     """What a ``--scale-file`` / ``--structure-factor-file`` argument names: ("merger",
     path) of a saved merger, or ("mtz", path) of a merged MTZ (only for structure factors:
     the file itself, or a run's OUT_0.mtz when no merger of the run is left). Raises
-    ``usage_error`` when it names neither."""
+    ``usage_error`` when it names neither.
+
+    Examples
+    --------
+    >>> transfer_source("merge/hewl_scale", "--scale-file", ValueError)
+    Traceback (most recent call last):
+    ...
+    ValueError: --scale-file merge/hewl_scale: found no saved merger (merge/hewl_scale.npz, merge/hewl.npz or .joblib); careless's own TensorFlow checkpoints cannot be read
+    """
     path = Path(text)
     if path.suffix in _MERGER_SUFFIXES and path.is_file():
         return "merger", path
