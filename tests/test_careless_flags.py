@@ -84,7 +84,7 @@ def test_bad_careless_flags_are_usage_errors(argv, message, tmp_path, capsys):
 
 def test_kl_weight_weighs_the_kl_term():
     X, _ = make_unmerged(n_images=6, random_state=0)
-    merger = VariationalMerger(mlp_layers=2, max_iter=20, kl_weight=0.0, random_state=0).fit(X)
+    merger = VariationalMerger(mlp_layers=2, max_iter=10, kl_weight=0.0, random_state=0).fit(X)
     loss, nll, kl = merger.loss_curve_.T
     np.testing.assert_allclose(loss, nll, rtol=1e-6)
     assert (kl > 0).all()
@@ -103,7 +103,7 @@ def test_gradient_clipping_follows_keras():
 
 def test_adam_betas_change_the_path():
     X, _ = make_unmerged(n_images=6, random_state=0)
-    common = dict(mlp_layers=2, max_iter=60, random_state=0)
+    common = dict(mlp_layers=2, max_iter=10, random_state=0)
     default = VariationalMerger(**common).fit(X).loss_curve_[:, 0]
     slow = VariationalMerger(**common, beta_1=0.0, beta_2=0.5).fit(X).loss_curve_[:, 0]
     assert default[0] == slow[0] and not np.allclose(default[1:], slow[1:])
