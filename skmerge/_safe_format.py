@@ -28,12 +28,13 @@ import gemmi
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.compose import ColumnTransformer
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
 from ._persistence import _checksum, check_version
 from .errors import DamagedFileError, IncompatibleVersionError, InputError, NotSerializableError
-from .features import make_metadata_transformer
+from .features import PositionalEncoding, make_metadata_transformer
 
 # Bumped whenever the layout of the document changes.
 SAFE_FORMAT = 1
@@ -167,7 +168,11 @@ class _Encoder:
         columns = [name for name, _ in pipelines]
         frequencies = next((value for key, value in transformer.get_params(deep=True).items()
                             if key.endswith("__n_frequencies")), 0)
-        if _signature(make_metadata_transformer(columns, frequencies)) != _signature(transformer):
+        steps_of = {name: [s for _, s in getattr(pipeline, "steps", [(name, pipeline)])] for name, pipeline in pipelines}
+        encoded = [name for name, steps in steps_of.items() if any(isinstance(s, PositionalEncoding) for s in steps)]
+        standardize = all(any(isinstance(s, StandardScaler) for s in steps) for steps in steps_of.values())
+        settings = (encoded, standardize)
+        if _signature(make_metadata_transformer(columns, frequencies, *settings)) != _signature(transformer):
             raise NotSerializableError(
                 f"{where}: a metadata transformer of your own cannot be saved in the safe format (only the one "
                 "skmerge builds from a list of columns); save this merger with joblib.dump instead."
@@ -176,6 +181,7 @@ class _Encoder:
                         for step in pipeline]
                  for name, pipeline in pipelines}
         return {"$metadata_transformer": {"columns": columns, "positional_encoding": frequencies,
+                                          "encoded_columns": encoded, "standardize": standardize,
                                           "feature_names_in": self.encode(transformer.feature_names_in_, where),
                                           "steps": steps}}
 
@@ -236,7 +242,8 @@ class _Decoder:
     def _decode_transformer(self, value):
         import pandas as pd
 
-        transformer = make_metadata_transformer(value["columns"], value["positional_encoding"])
+        transformer = make_metadata_transformer(value["columns"], value["positional_encoding"],
+                                                value.get("encoded_columns"), value.get("standardize", True))
         names = self.decode(value["feature_names_in"])
         # One dummy row sets up the ColumnTransformer's bookkeeping (column selection,
         # output slices); every step's fitted numbers are then replaced by the stored ones.

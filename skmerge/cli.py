@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_flags
 from ._convert import register as register_convert
 from .diagnostics import SPECIAL_KEYS
 from .errors import InputError, SkmergeError
@@ -27,12 +27,6 @@ ESTIMATOR_DESTS = ("anomalous", "separate_files", "likelihood", "mlp_layers", "m
                    "positional_encoding", "max_iter", "learning_rate", "mc_samples", "batch_size", "early_stopping",
                    "random_state")
 LAUE_DESTS = ("wavelength_key", "wavelength_range")
-# careless flags of its published examples that skmerge accepts but does not use.
-IGNORED_CARELESS_FLAGS = {
-    "image_layers": ("--image-layers", int, "skmerge learns one scale offset per image instead of per-image layers"),
-    "beta_1": ("--beta-1", float, "skmerge's Adam uses beta_1 = 0.9"),
-    "beta_2": ("--beta-2", float, "skmerge's Adam uses beta_2 = 0.99"),
-}
 
 
 class UsageError(Exception):
@@ -58,8 +52,9 @@ The flags careless shares with skmerge have careless's names and meanings.
 
 outputs (OUT is a path prefix; its directory must exist):
   OUT_<i>.mtz              merged data set i: F, SIGF, I, SIGI, N (+ Friedel columns, DANO)
-  OUT_predictions_<i>.mtz  per observation: Iobs, SIGIobs, Ipred, SIGIpred, Z, Weight, Scale, ... test
-  OUT_xval_<i>.mtz         half-dataset merges, stacked with 'repeat' and 'half' columns
+  OUT_predictions_<i>.mtz  per observation: Iobs, SigIobs, Ipred, SigIpred, Z, Weight, Scale, ... test
+  OUT_xval_<i>.mtz         half-dataset merges, stacked with 'repeat' and 'half' columns (the
+                           predictions and xval files in careless's layout for careless's tools)
   OUT_history.csv          loss, nll, kl per step        OUT.joblib, OUT.npz  the fitted merger
   OUT_stats.csv/.json      statistics (+ calibration)    OUT_{cchalf,calibration,history}.png  plots
   OUT_report.html          everything above as one self-contained HTML page (skmerge report OUT remakes it)
@@ -109,7 +104,7 @@ def _add_mono_arguments(mono, defaults):
                        "--studentt-likelihood-dof fixes them)")
     model.add_argument("--studentt-likelihood-dof", type=float, metavar="DOF", dest="dof", help="Student-t "
                        "likelihood with DOF degrees of freedom (with --likelihood studentt alone: its default)")
-    model.add_argument("--error-model", action="store_true", help="refine the sigmas as SdFac*sqrt(sigma^2 + "
+    model.add_argument("--error-model", "--refine-uncertainties", action="store_true", dest="error_model", help="refine the sigmas as SdFac*sqrt(sigma^2 + "
                        "(SdAdd*Ipred)^2) with the model (the default; the flag is kept for older command lines)")
     model.add_argument("--no-error-model", action="store_true", help="use the reported sigmas as they are")
     model.add_argument("--no-double-wilson", action="store_true", help="Wilson's prior for every amplitude: no "
@@ -168,10 +163,7 @@ def _add_mono_arguments(mono, defaults):
     output.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors (implies "
                         "--disable-progress-bar)")
 
-    compat = mono.add_argument_group(
-        "careless compatibility", "careless flags of its published examples; accepted and ignored, with a warning")
-    for flag, kind, reason in IGNORED_CARELESS_FLAGS.values():
-        compat.add_argument(flag, type=kind, metavar="N" if kind is int else "B", help=f"ignored: {reason}")
+    cli_flags.add_arguments(mono, defaults)
 
 
 def _add_reindexing_arguments(group):
@@ -302,6 +294,9 @@ def merger_parameters(args, keys):
         params["prior"] = ReferencePrior(args.reference_mtz, args.reference_prior or "normal")
     if _double_wilson_flags(args):
         params["prior"] = _double_wilson_prior(args)
+    params.update(cli_flags.parameters(args, keys))
+    if args.wilson_prior_b is not None:
+        params["prior"] = cli_flags.with_wilson_b(params.get("prior"), args.wilson_prior_b)
     params.update(_reindexing(args))
     return params
 
@@ -343,7 +338,7 @@ def workflow_options(args):
     """The options of :func:`skmerge.run_merge` other than the estimator's."""
     return dict(**read_options(args),
                 half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets else 0,
-                test_fraction=args.test_fraction, shells=args.shells, binning=args.binning, method=args.method)
+                test_fraction=args.test_fraction, track_test_loss=args.validation_frequency is not None, shells=args.shells, binning=args.binning, method=args.method)
 
 
 # ------------------------------------------------------------------- validation
@@ -355,6 +350,9 @@ def check_mono_arguments(args):
         raise UsageError(f"metadata keys {args.metadata_keys!r}: give comma-separated column names, "
                          f"e.g. 'dHKL,Hobs,Kobs,Lobs' (always available: {','.join(SPECIAL_KEYS)})")
     keys = list(dict.fromkeys(keys))
+    cli_flags.check_arguments(args, UsageError)
+    if args.wilson_prior_b is not None and args.reference_mtz is not None:
+        raise UsageError("--wilson-prior-b conflicts with --reference-mtz: choose one prior")
     if args.reference_mtz is not None and not Path(args.reference_mtz).is_file():
         raise UsageError(f"--reference-mtz {args.reference_mtz}: no such file")
     if args.reference_prior is not None and args.reference_mtz is None:
@@ -411,16 +409,19 @@ def _mono(args):
     params = merger_parameters(args, keys)
     check_values(args, params)
     log = _logger(args.quiet)
-    for attr, (flag, _, reason) in IGNORED_CARELESS_FLAGS.items():
+    for attr, (flag, _, reason) in cli_flags.IGNORED_CARELESS_FLAGS.items():
         if getattr(args, attr) is not None:
             log("warning", f"{flag} is accepted for careless compatibility and ignored: {reason}")
+    cli_flags.configure_tensorflow(args)
+    merger, params = cli_flags.transfer(args, params, UsageError)
 
     from .workflow import format_statistics, run_merge
 
-    result = run_merge(args.reflection_files, args.out, log=log, command=args.command_line, **workflow_options(args),
-                       **params)
+    result = run_merge(args.reflection_files, args.out, merger=merger, log=log, command=args.command_line,
+                       **workflow_options(args), **params)
     if not args.quiet:
         print(format_statistics(result.statistics, result.names, result.calibration))
+    cli_flags.after_run(args, result, log)
     return 0
 
 

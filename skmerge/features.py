@@ -72,7 +72,7 @@ class PositionalEncoding(TransformerMixin, BaseEstimator):
         )
 
 
-def make_metadata_transformer(columns, positional_encoding=0):
+def make_metadata_transformer(columns, positional_encoding=0, encoded_columns=None, standardize=True):
     """The default metadata transformer for a list of column names.
 
     Parameters
@@ -82,23 +82,33 @@ def make_metadata_transformer(columns, positional_encoding=0):
     positional_encoding : int, default=0
         If positive, the standardised columns are further expanded by
         :class:`PositionalEncoding` with this many frequencies.
+    encoded_columns : sequence of str, optional
+        The columns the positional encoding expands (None: every column).
+    standardize : bool, default=True
+        Turn every column into z-scores (False: the values as they are, dHKL as 1/d²).
 
     Returns
     -------
     ColumnTransformer
-    """
-    def numeric(*steps):
-        if positional_encoding:
-            steps = (*steps, PositionalEncoding(positional_encoding))
-        return make_pipeline(*steps)
 
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> X = pd.DataFrame({"dHKL": [2.0, 3.0, 4.0], "XDET": [0.0, 50.0, 100.0]})
+    >>> make_metadata_transformer(["dHKL", "XDET"], 2, encoded_columns=["XDET"]).fit_transform(X).shape
+    (3, 5)
+    """
+    encoded = set(columns if encoded_columns is None else encoded_columns)
     transformers = []
     for column in columns:
-        if column == "dHKL":
-            steps = numeric(FunctionTransformer(_inverse_square, feature_names_out="one-to-one"), StandardScaler())
-        else:
-            steps = numeric(StandardScaler())
-        transformers.append((str(column), steps, [column]))
+        steps = [FunctionTransformer(_inverse_square, feature_names_out="one-to-one")] if column == "dHKL" else []
+        if standardize:
+            steps.append(StandardScaler())
+        if positional_encoding and column in encoded:
+            steps.append(PositionalEncoding(positional_encoding))
+        if not steps:
+            steps.append(FunctionTransformer(feature_names_out="one-to-one"))
+        transformers.append((str(column), make_pipeline(*steps), [column]))
     return ColumnTransformer(transformers, remainder="drop", sparse_threshold=0)
 
 

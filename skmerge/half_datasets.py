@@ -75,8 +75,8 @@ def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0)
             in_first = np.isin(image_id, first)
             for half, rows in enumerate((in_first, ~in_first)):
                 half_merger = copy.deepcopy(merger)
-                half_merger.set_params(warm_start="scales", freeze="scales", early_stopping=False, verbose=0,
-                                       random_state=rng.randint(2**31 - 1))
+                half_merger.set_params(warm_start="scales", freeze="scales", posterior_init="data", early_stopping=False,
+                                       verbose=0, random_state=rng.randint(2**31 - 1))
                 X_half = X.iloc[np.flatnonzero(rows)]
                 merged = half_merger.fit(X_half).transform(X_half)
                 merged["repeat"] = np.int32(repeat)

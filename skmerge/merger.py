@@ -9,7 +9,10 @@ import copy
 import warnings
 from numbers import Integral, Real
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -21,6 +24,7 @@ from ._persistence import PersistentMixin
 from .ambiguity import (REINDEX_COLUMN, Operators, assign_operators, candidate_operators, parse_operator, reindex,
                         setting_probabilities)
 from .errors import InputError, ParameterError
+from .features import split_metadata
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
@@ -123,15 +127,46 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         The wavelength column of Laue data (also usable as metadata).
     wavelength_range : (float, float), optional
         The beam's band in Å; by default each file's smallest and largest wavelength.
-    posterior_init : {"data", "prior"}, default="data"
-        Start the posterior from a quick scaled merge (French–Wilson amplitudes), or from
-        the prior.
+    posterior_init : {"data", "prior"}, float, DataFrame or Path, default="data"
+        Start the posterior from a quick scaled merge (French–Wilson amplitudes), from
+        the prior, from Wilson's mean amplitude with this number times Wilson's standard
+        deviation as width (careless's start), or from a merged table: amplitudes and
+        their σ (``F``/``SIGF``, the first amplitude column and its σ partner, or
+        intensities; ``F(+)``/``F(-)`` for anomalous fits), e.g. another merger's
+        ``transform``, or the ``pathlib.Path`` of a merged MTZ of skmerge or careless
+        (which a merger saved in the safe format can keep). Each reflection the table
+        holds starts at a posterior of that mean and standard deviation, brought to the
+        data's units by one factor; the others start from the data.
     warm_start : bool or "scales", default=False
         Start from the previous fit: True reuses the scale model and the posterior of
         reflections seen before; "scales" reuses only the scale model (the posterior is
-        started afresh from the data under those scales).
+        started as ``posterior_init`` says under those scales). The scale network's shape
+        and metadata must be the previous fit's.
     freeze : {None, "scales", "posterior"}, default=None
-        Keep that part of a warm-started model fixed during the fit.
+        Keep that part of the model fixed during the fit: "scales" (with a warm start)
+        the scale model and the noise model; "posterior" the amplitudes of a warm start
+        or of a ``posterior_init`` table.
+    kl_weight : float, default=1.0
+        Weight of the KL divergence of the amplitudes relative to the likelihood in the
+        loss (1 is the evidence lower bound).
+    beta_1, beta_2 : float, default=0.9, 0.99
+        Adam's decay rates of the gradient's first and second moments.
+    clipnorm, clipvalue, global_clipnorm : float, default=None
+        Clip each variable's gradient to this norm, every gradient element to this
+        absolute value, all gradients together to this norm (as Keras's optimisers do).
+    epsilon : float, default=1e-4
+        Floor added to the scale of every amplitude's posterior, in standardised units
+        (⟨F²/ε⟩ ≈ 1), for numerical stability.
+    scale_bijector : {"softplus", "exp"}, default="softplus"
+        The function that keeps the spread of each observation's log-scale positive.
+    standardize_metadata : bool, default=True
+        The default metadata transformer turns every column into z-scores; False passes
+        the columns (and 1/d²) as they are.
+    positional_encoding_keys : list of str, default=None
+        The metadata columns that ``positional_encoding`` expands (None: every column).
+    validation_frequency : int, default=10
+        Steps between evaluations of the held-out loss when ``fit`` is given
+        ``X_held_out``.
     reindexing : {"auto", "none"} or list of str, default="auto"
         Resolve the indexing ambiguity of images whose lattice has more symmetry than
         the space group (serial stills are indexed in one of its settings at random):
@@ -209,6 +244,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         first fit.
     best_validation_score_ : float
         With ``early_stopping``: the best of them, which chose the number of steps.
+    held_out_loss_curve_ : ndarray of shape (n_evaluations, 2)
+        With ``X_held_out`` in ``fit``: the step and the held-out observations' expected
+        negative log-likelihood per observation under the posterior, every
+        ``validation_frequency`` steps (the ``nll`` of ``loss_curve_``, on data the fit
+        does not see).
     seed_ : int
         The seed the fit drew from ``random_state`` (Monte Carlo draws of ``score``).
     skmerge_version_ : str
@@ -260,9 +300,20 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "laue": ["boolean"],
         "wavelength_key": [str],
         "wavelength_range": [None, tuple, list],
-        "posterior_init": [StrOptions({"data", "prior"})],
+        "posterior_init": [StrOptions({"data", "prior"}), pd.DataFrame, Path, Interval(Real, 0, None, closed="neither")],
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
+        "kl_weight": [Interval(Real, 0, None, closed="left")],
+        "beta_1": [Interval(Real, 0, 1, closed="left")],
+        "beta_2": [Interval(Real, 0, 1, closed="left")],
+        "clipnorm": [None, Interval(Real, 0, None, closed="neither")],
+        "clipvalue": [None, Interval(Real, 0, None, closed="neither")],
+        "global_clipnorm": [None, Interval(Real, 0, None, closed="neither")],
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "scale_bijector": [StrOptions({"softplus", "exp"})],
+        "standardize_metadata": ["boolean"],
+        "positional_encoding_keys": [None, list, tuple],
+        "validation_frequency": [Interval(Integral, 1, None, closed="left")],
         "reindexing": [StrOptions({"auto", "none"}), list, tuple],
         "reindexing_reference": "no_validation",
         "jit_compile": ["boolean"],
@@ -275,7 +326,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         mlp_layers=20, mlp_width=10, image_scales=True, mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
-        posterior_init="data", warm_start=False, freeze=None, reindexing="auto", reindexing_reference=None,
+        posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0, beta_1=0.9, beta_2=0.99, clipnorm=None,
+        clipvalue=None, global_clipnorm=None, epsilon=1e-4, scale_bijector="softplus", standardize_metadata=True,
+        positional_encoding_keys=None, validation_frequency=10, reindexing="auto", reindexing_reference=None,
         jit_compile=False, random_state=None, verbose=0,
     ):
         self.prior = prior
@@ -302,13 +355,24 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.posterior_init = posterior_init
         self.warm_start = warm_start
         self.freeze = freeze
+        self.kl_weight = kl_weight
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.clipnorm = clipnorm
+        self.clipvalue = clipvalue
+        self.global_clipnorm = global_clipnorm
+        self.epsilon = epsilon
+        self.scale_bijector = scale_bijector
+        self.standardize_metadata = standardize_metadata
+        self.positional_encoding_keys = positional_encoding_keys
+        self.validation_frequency = validation_frequency
         self.reindexing = reindexing
         self.reindexing_reference = reindexing_reference
         self.jit_compile = jit_compile
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, X_held_out=None):
         """Fit the model to an observation table.
 
         Parameters
@@ -318,6 +382,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             its columns and ``spacegroup``/``cell``).
         y : array-like of shape (n_observations,), optional
             Intensities to use instead of ``X["Iobs"]``.
+        X_held_out : rs.DataSet, optional
+            Observations kept out of the fit whose loss is recorded every
+            ``validation_frequency`` steps (``held_out_loss_curve_``) without steering
+            the fit.
 
         Returns
         -------
@@ -326,10 +394,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         """
         self._check_params()
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
-        if self.freeze is not None and not warm:
-            raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit.")
-        if warm and self.error_model and not hasattr(self, "sdfac_"):
-            raise ParameterError("error_model cannot warm-start from a fit made without it; refit from scratch.")
+        table_start = isinstance(self.posterior_init, (pd.DataFrame, Path))
+        if self.freeze is not None and not warm and not (self.freeze == "posterior" and table_start):
+            raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit"
+                                 + (" (or a posterior_init table)." if self.freeze == "posterior" else "."))
+        if warm:
+            self._check_warm_start()
         check_table(X)
         if warm:
             check_compatible(X, self.reflections_)
@@ -347,7 +417,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     X_fit = reindex(X, operators, image_operator, image_ids, self.anomalous)
                 else:  # every image in one setting already: nothing to resolve, nothing to pay
                     operators = None
-        result = fit_model(self, X_fit, y, rng, seed, previous=previous)
+        if X_held_out is not None:
+            check_table(X_held_out)
+        result = fit_model(self, X_fit, y, rng, seed, previous=previous, X_held_out=X_held_out)
         settings = _no_reindexing(result.state.image_ids)
         if operators is not None:
             result, X_fit, settings = self._refine_settings(X, y, result, X_fit, operators, rng, seed,
@@ -576,6 +648,21 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
+
+    def _check_warm_start(self):
+        """ParameterError unless the previous fit's model has the shape the parameters
+        ask for, so that its weights can start this fit."""
+        if self.error_model and not hasattr(self, "sdfac_"):
+            raise ParameterError("error_model cannot warm-start from a fit made without it; refit from scratch.")
+        layers, width = (len(self.scale_weights_) - 3) // 2, self.scale_weights_[0].shape[1]
+        if (layers, width) != (self.mlp_layers, self.mlp_width):
+            raise ParameterError(f"the previous fit's scale network has mlp_layers={layers}, mlp_width={width}; a "
+                                 f"warm start needs the same, not {self.mlp_layers}, {self.mlp_width}.")
+        if isinstance(self.metadata, (list, tuple)):
+            fitted = [name for name, _, _ in self.metadata_transformer_.transformers_ if name != "remainder"]
+            if fitted != split_metadata(self.metadata)[0]:
+                raise ParameterError(f"the previous fit's scale model reads the metadata {fitted}; a warm start "
+                                     f"needs the same, not {list(self.metadata)}.")
 
     def _check_input(self, X):
         """The fit state, after checking that X is a table of the fit's kind."""

@@ -464,8 +464,9 @@ def merging_statistics(merged, halves=None, predictions=None, *, parent_halves=N
 
     n_repeats = 0
     if halves is not None:
-        halves, half_notes = standardise_columns(halves, "half-dataset")
-        notes += half_notes
+        # Half-dataset files have careless's layout (Friedel halves without their means)
+        # whoever wrote them, so rebuilding the means is no news worth a note.
+        halves, _ = standardise_columns(halves, "half-dataset")
         column = "I" if "I" in halves.columns else "F"
         if column == "F":
             notes.append("CC1/2 is computed on F: the half-dataset table has no I column.")

@@ -7,6 +7,7 @@ output prefix, writes the command line's files; :func:`statistics_from_outputs` 
 """
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -128,10 +129,11 @@ class MergeResult:
         halves = self.halves or [None] * len(self.merged)
         for i, (merged, predictions, half) in enumerate(zip(self.merged, self.predictions, halves)):
             paths.append(writers.write_mtz(merged, f"{out}_{i}.mtz"))
-            paths.append(writers.write_mtz(predictions, f"{out}_predictions_{i}.mtz"))
+            # The analysis files in careless's layout, so that careless's tools read them.
+            paths.append(writers.write_mtz(writers.careless_layout(predictions), f"{out}_predictions_{i}.mtz"))
             if half is not None:
-                paths.append(writers.write_mtz(half, f"{out}_xval_{i}.mtz"))
-        history = writers.history_table(self.merger.loss_curve_)
+                paths.append(writers.write_mtz(writers.careless_layout(half), f"{out}_xval_{i}.mtz"))
+        history = writers.history_table(self.merger.loss_curve_, getattr(self.merger, "held_out_loss_curve_", None))
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
         if len(self.merger.reindexing_operators_) > 1:
             paths.append(writers.write_csv(self.merger.image_reindexing().reset_index(), f"{out}_reindexing.csv"))
@@ -180,7 +182,8 @@ class MergeResult:
 
 def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None,
               intensity_key=None, sigma_key=None, image_key=None, drop_invalid=None, half_datasets=0, test_fraction=0.0,
-              shells=10, binning="equal-count", method="pearson", log=None, command=None, **params):
+              track_test_loss=False, shells=10, binning="equal-count", method="pearson", log=None, command=None,
+              **params):
     """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
     what ``skmerge mono`` and ``skmerge poly`` do.
 
@@ -193,7 +196,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
         files when given.
     merger : VariationalMerger, optional
-        The estimator to fit (a clone of it is fitted). None builds one from ``params``.
+        The estimator to fit (a clone of it is fitted; a copy, with its fitted state, when
+        it is to be warm-started). None builds one from ``params``.
     spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key, drop_invalid : optional
         Read options of :func:`skmerge.read_unmerged` (only with files); ``anomalous``
         is the merger's.
@@ -204,6 +208,10 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Fraction of the observations held out of the fit (seeded by the merger's
         ``random_state``); CCpred and the calibration of the predictive σ are computed
         on them.
+    track_test_loss : bool, default=False
+        Record the test observations' loss every ``validation_frequency`` steps of the
+        fit (the merger's ``held_out_loss_curve_``, the ``test_loss`` column of
+        ``OUT_history.csv``); it does not steer the fit.
     shells, binning, method
         The statistics table's, see :func:`skmerge.merging_statistics`.
     log : callable, optional
@@ -283,7 +291,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
 
     with _caught(ConvergenceWarning):  # the status line says when max_iter stopped the fit
-        merger.fit(X_train)
+        merger.fit(X_train, X_held_out=X.iloc[np.flatnonzero(test)] if track_test_loss and test.any() else None)
     merged = merger.transform(X_train)
     error_model = _fitted_error_model(merger)
     report("info", f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else
@@ -363,7 +371,9 @@ def make_merger(merger=None, **params):
     Parameters
     ----------
     merger : VariationalMerger, optional
-        Cloned, then ``params`` are set on the clone; None starts from the defaults.
+        Cloned, then ``params`` are set on the clone; None starts from the defaults. A
+        fitted merger that is to be warm-started (``warm_start``) is copied with its
+        fitted state instead.
     **params
         VariationalMerger parameters.
 
@@ -383,7 +393,13 @@ def make_merger(merger=None, **params):
 
     from .merger import VariationalMerger
 
-    merger = VariationalMerger() if merger is None else clone(merger)
+    if merger is None:
+        merger = VariationalMerger()
+    elif params.get("warm_start", merger.warm_start) and hasattr(merger, "reflections_"):
+        # A warm start continues from the fitted state, which a clone would drop.
+        merger = copy.deepcopy(merger)
+    else:
+        merger = clone(merger)
     try:
         merger.set_params(**params)
     except ValueError as exc:  # a name VariationalMerger does not have

@@ -182,7 +182,7 @@ def test_predictions_file_has_z_and_weight(run, simulated):
     z = predictions["Z"].to_numpy(np.float64)
     ipred = predictions["Ipred"].to_numpy(np.float64)
     sigma = refined_sigma(result.merger, X["SIGIobs"].to_numpy(np.float64), ipred)
-    residual = predictive_z(X["Iobs"], ipred, sigma, predictions["SIGIpred"])
+    residual = predictive_z(X["Iobs"], ipred, sigma, predictions["SigIpred"])
     law = likelihood_law(result.merger)
     assert law == {"dof": pytest.approx(result.merger.likelihood_dof_)}  # the default likelihood's own ν
     np.testing.assert_allclose(z, normal_score(residual, law), rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ import reciprocalspaceship as rs
 import skmerge
 
 from skmerge.cli import ESTIMATOR_DESTS, LAUE_DESTS, build_parser, main, merger_parameters
+from skmerge.cli_flags import ESTIMATOR_DESTS as CARELESS_DESTS
 from skmerge.datasets import make_unmerged
 
 TINY = ["--iterations", "100", "--mlp-layers", "2", "--mlp-width", "8"]
@@ -32,7 +33,7 @@ ANOMALOUS_TYPES = {
     "SIGI(-)": "M", "N(+)": "I", "N(-)": "I", "DANO": "D", "SIGDANO": "Q",
 }
 PREDICTION_TYPES = {
-    "M/ISYM": "Y", "Iobs": "J", "SIGIobs": "Q", "Ipred": "J", "SIGIpred": "Q", "Z": "R", "Weight": "W",
+    "M/ISYM": "Y", "Iobs": "J", "SigIobs": "Q", "Ipred": "J", "SigIpred": "Q", "Z": "R", "Weight": "W",
     "Scale": "R", "SIGScale": "Q", "image_id": "B", "file_id": "I", "test": "I",
 }
 
@@ -95,7 +96,8 @@ def test_mono_help_is_grouped_and_lists_careless_flags(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")  # the help wraps to the terminal's width
     assert main(["mono", "--help"]) == 0
     text = capsys.readouterr().out
-    for group in ("data:", "model:", "optimisation:", "validation:", "output:", "careless compatibility:"):
+    for group in ("data:", "model:", "optimisation:", "validation:", "output:", "transfer from an earlier run:",
+                  "careless model options:", "careless optimiser options:", "TensorFlow:", "inspection:"):
         assert f"\n{group}" in text
     for flag in ("--anomalous", "--dmin", "-d DMIN", "--isigi-cutoff", "-c ISIGI", "--spacegroups", "--intensity-key",
                  "--uncertainty-key", "--image-key", "--separate-files", "--studentt-likelihood-dof", "--iterations",
@@ -115,14 +117,16 @@ def test_parser_defaults_are_the_estimators():
     poly = build_parser().parse_args(["poly", "dHKL", "in.mtz", "out/x"])
     # --seed defaults to 0 so that runs repeat; --likelihood to None, so that a conflict with
     # --studentt-likelihood-dof shows (its help quotes the estimator's default).
-    own = {"random_state", "likelihood"}
-    assert {k: getattr(mono, k) for k in ESTIMATOR_DESTS if k not in own} == {
-        k: params[k] for k in ESTIMATOR_DESTS if k not in own}
+    # careless's flags of values that are off unless given (--clipnorm, --validation-frequency, ...)
+    # default to None.
+    own = {"random_state", "likelihood"} | {k for k in CARELESS_DESTS if getattr(mono, k) is None}
+    dests = ESTIMATOR_DESTS + CARELESS_DESTS
+    assert {k: getattr(mono, k) for k in dests if k not in own} == {k: params[k] for k in dests if k not in own}
     assert {k: getattr(poly, k) for k in LAUE_DESTS} == {k: params[k] for k in LAUE_DESTS}
     # A flag left out passes the estimator's default on.
     passed = merger_parameters(mono, ["dHKL"])
     assert {k: v for k, v in passed.items() if k not in own | {"metadata", "verbose"}} == {
-        k: params[k] for k in ESTIMATOR_DESTS if k not in own and params[k] is not None}
+        k: params[k] for k in (*dests, "standardize_metadata") if k not in own and params[k] is not None}
     assert "likelihood" not in passed
 
 
@@ -153,6 +157,9 @@ def test_flags_map_to_estimator_parameters():
         "random_state": 5, "verbose": 0, "separate_files": True,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
         "positional_encoding": 2, "batch_size": 16,
+        # careless's flags not given: the estimator's defaults
+        "kl_weight": 1.0, "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-4, "scale_bijector": "softplus",
+        "jit_compile": False, "standardize_metadata": True,
     }
     assert type(likelihood).__name__ == "StudentTLikelihood" and likelihood.dof == 8.0 and not likelihood.learn_dof
     assert error_model is None and prior == "wilson"
@@ -367,7 +374,10 @@ def test_fitted_merger_is_saved(anomalous_run):
 def test_half_dataset_file(anomalous_run):
     out, _ = anomalous_run
     path = f"{out}_xval_0.mtz"
-    assert _mtz_types(path) == {"H": "H", "K": "H", "L": "H", **ANOMALOUS_TYPES, "repeat": "I", "half": "I"}
+    # careless's layout: its σ names, and no Friedel means that would collide when stacked
+    friedel = {name.replace("SIG", "Sig") if "(" in name else name: kind for name, kind in ANOMALOUS_TYPES.items()
+               if name not in MERGED_TYPES}
+    assert _mtz_types(path) == {"H": "H", "K": "H", "L": "H", **friedel, "repeat": "I", "half": "I"}
     halves = rs.read_mtz(path)
     counts = halves.groupby(["repeat", "half"]).size()
     assert list(counts.index) == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -469,7 +479,7 @@ def test_input_error_while_fitting_is_one_line(sim_mtz, tmp_path, capsys, monkey
     from skmerge.errors import InputError
     from skmerge.merger import VariationalMerger
 
-    def fail(self, X, y=None):
+    def fail(self, X, y=None, X_held_out=None):
         raise InputError("something about\nthe data")
 
     monkeypatch.setattr(VariationalMerger, "fit", fail)
@@ -532,14 +542,14 @@ def test_careless_hewl_examples_run(dials_small, tmp_path, example, capsys):
             str(dials_small), str(out), *TINY]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    if example == "normal":
-        assert "--beta-1 is accepted for careless compatibility and ignored" in captured.err
+    assert "ignored" not in captured.err
     assert os.path.exists(f"{out}_0.mtz")
     assert os.path.exists(f"{out}_xval_0.mtz") == (example == "studentt")
     # The CC plot needs half-dataset merges or a test set.
     assert os.path.exists(f"{out}_cchalf.png") == (example == "studentt")
     merger = joblib.load(f"{out}.joblib")
     assert merger.image_scales is False and merger.anomalous
+    assert (merger.beta_1, merger.beta_2) == ((0.9, 0.9) if example == "normal" else (0.9, 0.99))
     if example == "normal":  # careless's command without a likelihood flag gets skmerge's default
         assert merger.likelihood == type(merger)().likelihood
     else:

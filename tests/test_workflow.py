@@ -73,7 +73,7 @@ def test_run_merge_reproduces_the_merge_and_statistics_of_skmerge_mono(both_runs
     for name in ("sim_0.mtz", "sim_xval_0.mtz", "sim_predictions_0.mtz"):
         cli, py = rs.read_mtz(str(cli_dir / name)), rs.read_mtz(str(py_dir / name))
         assert list(cli.columns) == list(py.columns) and cli.index.equals(py.index)
-        for column in ("F", "SIGF", "DANO") if name == "sim_0.mtz" else ("I",) if "xval" in name else ("Ipred",):
+        for column in ("F", "SIGF", "DANO") if name == "sim_0.mtz" else ("I(+)",) if "xval" in name else ("Ipred",):
             np.testing.assert_allclose(py[column].to_numpy(float), cli[column].to_numpy(float), rtol=1e-5,
                                        err_msg=f"{name}:{column}")
     py_document, cli_document = (json.loads((d / "sim_stats.json").read_text()) for d in (py_dir, cli_dir))

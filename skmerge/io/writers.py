@@ -174,12 +174,19 @@ def write_figure(figure, path, dpi=120):
     return Path(path)
 
 
-def history_table(loss_curve):
-    """The per-step loss terms of a fit as a DataFrame: step, loss, nll, kl."""
+def history_table(loss_curve, held_out_loss=None):
+    """The per-step loss terms of a fit as a DataFrame: step, loss, nll, kl, and with
+    ``held_out_loss`` (rows of step and value) a ``test_loss`` column, empty at the
+    steps where it was not evaluated."""
     curve = np.asarray(loss_curve, dtype=np.float64).reshape(len(loss_curve), -1)
     names = ["loss", "nll", "kl"][: curve.shape[1]]
     table = pd.DataFrame(curve, columns=names)
     table.insert(0, "step", np.arange(1, len(table) + 1))
+    if held_out_loss is not None:
+        test_loss = np.full(len(table), np.nan)
+        steps, values = np.asarray(held_out_loss, dtype=np.float64).reshape(-1, 2).T
+        test_loss[steps.astype(np.int64) - 1] = values
+        table["test_loss"] = test_loss
     return table
 
 
@@ -226,6 +233,34 @@ def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None)
     table = table.astype({"H": "HKL", "K": "HKL", "L": "HKL", **PREDICTION_TYPES}).set_index(["H", "K", "L"])
     table = table.hkl_to_asu()
     return table[["M/ISYM", *PREDICTION_TYPES]]
+
+
+# careless's names of the σ columns its analysis tools read (skmerge's merged files keep
+# the CCP4 names SIGF, SIGI, which refinement programs expect).
+_CARELESS_NAMES = {f"SIG{name}{half}": f"Sig{name}{half}" for name in ("F", "I", "Iobs", "Ipred")
+                   for half in ("", "(+)", "(-)")}
+_FRIEDEL_MEANS = ("F", "SIGF", "I", "SIGI", "N")
+
+
+def careless_layout(table):
+    """A half-dataset or predictions table in the layout careless's analysis tools read
+    (``careless.cchalf``, ``careless.ccanom``, ``careless.ccpred``): σ columns named as
+    careless names them (``SigF``, ``SigI(+)``, ``SigIobs``, ...) and, when the table has
+    Friedel halves, without the Friedel means F, SIGF, I, SIGI and N, which would collide
+    with the halves when reciprocalspaceship's ``stack_anomalous`` stacks them
+    (:func:`skmerge.stats.standardise_columns` rebuilds them when skmerge reads the file).
+
+    Examples
+    --------
+    >>> import reciprocalspaceship as rs
+    >>> table = rs.DataSet({"F": [1.0], "SIGF": [0.1], "F(+)": [1.1], "SIGF(+)": [0.2], "F(-)": [0.9],
+    ...                     "SIGF(-)": [0.2], "DANO": [0.2]})
+    >>> list(careless_layout(table).columns)
+    ['F(+)', 'SigF(+)', 'F(-)', 'SigF(-)', 'DANO']
+    """
+    if "F(+)" in table.columns or "I(+)" in table.columns:
+        table = table.drop(columns=[c for c in _FRIEDEL_MEANS if c in table.columns])
+    return table.rename(columns=_CARELESS_NAMES)
 
 
 def split_by_file(table, n_files):

@@ -2,7 +2,11 @@
 fit state (:class:`~skmerge.model.fitted.FitState`), the starting values, the scale
 network, the posterior, and the prior, likelihood and error model around them."""
 
+from numbers import Real
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 from sklearn.base import clone
 
 from ..baseline import robust_mean
@@ -11,7 +15,8 @@ from ..features import check_metadata_columns, make_metadata_transformer, metada
 from ..symmetry import lookup_keys
 from .data import tensor_data
 from .fitted import FitState, prior_of
-from .initialisation import evaluate_curve, french_wilson, quick_image_scales, wilson_curve
+from .initialisation import (evaluate_curve, french_wilson, quick_image_scales, table_start, wilson_curve,
+                             wilson_moments)
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None):
@@ -81,7 +86,7 @@ def merging_model(params, state, posterior, network, weights=None):
     if weights is not None and weights.prior is not None and hasattr(prior, "set_weights"):
         prior.set_weights(weights.prior)
     likelihood = make_likelihood(params.likelihood).build(weights.likelihood if weights is not None else None)
-    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model)
+    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model, params.kl_weight)
 
 
 def restore_model(params, state, weights):
@@ -90,10 +95,10 @@ def restore_model(params, state, weights):
     from .scaling import ScaleNetwork
 
     n = len(state.reflections)
-    posterior = TruncatedNormalPosterior(np.ones(n), np.ones(n))
+    posterior = TruncatedNormalPosterior(np.ones(n), np.ones(n), params.epsilon)
     posterior.set_weights(weights.posterior)
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
-                           np.random.RandomState(0))
+                           np.random.RandomState(0), spread_bijector=params.scale_bijector)
     network.set_weights(weights.scale)
     return merging_model(params, state, posterior, network, weights)
 
@@ -117,7 +122,11 @@ def _metadata_transformer(params, X):
         return clone(params.metadata)
     columns, _ = split_metadata(params.metadata)
     check_metadata_columns(X, columns)
-    return make_metadata_transformer(columns, params.positional_encoding)
+    encoded = params.positional_encoding_keys
+    missing = sorted(set(encoded or ()) - set(columns))
+    if missing:
+        raise InputError(f"positional_encoding_keys {missing} are not among the metadata columns {columns}.")
+    return make_metadata_transformer(columns, params.positional_encoding, encoded, params.standardize_metadata)
 
 
 def _scale_network(params, state, rng, previous, image_scale):
@@ -125,7 +134,8 @@ def _scale_network(params, state, rng, previous, image_scale):
 
     n_images = len(state.image_ids) if uses_image_offsets(params) else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
-    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets)
+    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
+                           params.scale_bijector)
     if previous is not None:
         old_state, old_weights = previous
         weights = list(old_weights.scale)
@@ -142,14 +152,19 @@ def _scale_network(params, state, rng, previous, image_scale):
 def _posterior(params, state, network, data, previous):
     """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
     a robust merge (:func:`~skmerge.baseline.robust_mean`) scaled by the (starting) scale
-    network, or the prior; a warm start keeps the
-    posterior of reflections seen before."""
+    network, the prior, Wilson's mean with a multiple of Wilson's standard deviation (a
+    number), or a merged table's amplitudes; a warm start keeps the posterior of
+    reflections seen before."""
     from .posterior import TruncatedNormalPosterior
 
     reflections = state.reflections
     prior_mean = np.sqrt(reflections.epsilon.astype(np.float64))
-    if params.posterior_init == "prior" and previous is None:
+    init = params.posterior_init
+    if isinstance(init, str) and init == "prior" and previous is None:
         loc, scale = 0.8 * prior_mean, 0.5 * prior_mean
+    elif isinstance(init, Real) and previous is None:
+        loc, scale = wilson_moments(reflections)
+        scale = init * scale
     else:
         mu, spread = (t.numpy().astype(np.float64) for t in network(data["features"], data["image"]))
         scale_mean = np.exp(mu + spread**2 / 2)
@@ -165,7 +180,9 @@ def _posterior(params, state, network, data, previous):
         bad = ~np.isfinite(loc) | ~np.isfinite(scale) | (scale <= 0)
         loc = np.where(bad, 0.8 * prior_mean, np.maximum(loc, 1e-3))
         scale = np.where(bad, 0.5 * prior_mean, scale)
-    posterior = TruncatedNormalPosterior(loc, scale)
+    if isinstance(init, (pd.DataFrame, Path)):
+        loc, scale = table_start(init, reflections, loc, scale)
+    posterior = TruncatedNormalPosterior(loc, scale, params.epsilon)
     if previous is not None and params.warm_start is True:
         old_state, old_weights = previous
         rows = lookup_keys(old_state.reflections.keys, reflections.keys)

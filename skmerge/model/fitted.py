@@ -96,7 +96,10 @@ class FitState:
     def merged(self, params, model, X):
         """The merged table of the reflections observed in X (see
         ``VariationalMerger.transform``)."""
-        keys = np.unique(self.encode(params, X, np.zeros(len(X))).keys)
+        return self.table(params, model, np.unique(self.encode(params, X, np.zeros(len(X))).keys))
+
+    def table(self, params, model, keys):
+        """The merged table of the reflections with the given sorted keys."""
         refl, extra = self.locate(params, keys)
         m1, m2, _, m4 = (m.numpy().astype(np.float64)[refl] for m in model.amplitude_moments(extra))
         counts = np.append(self.reflection_counts, 0)[np.minimum(refl, len(self.reflections))]

@@ -15,7 +15,7 @@ from .fitted import LIKELIHOOD_ATTRIBUTES, Weights, likelihood_attributes
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
 OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", *LIKELIHOOD_ATTRIBUTES, "validation_scores_",
-                       "best_validation_score_", "wavelength_bands_", "dmin_")
+                       "best_validation_score_", "wavelength_bands_", "dmin_", "held_out_loss_curve_")
 
 
 @dataclass
@@ -29,7 +29,10 @@ class Training:
     kept_step: int
     validation_scores: np.ndarray = None
     """Held-out mean log predictive density per observation (in the input's units)
-    after every chunk of steps, when a validation set was watched."""
+    after every chunk of steps, when a validation set steered early stopping."""
+    held_out_loss: np.ndarray = None
+    """(step, held-out observations' ``nll`` loss term) every ``validation_frequency``
+    steps, when a held-out table was watched."""
 
     def attributes(self):
         """The estimator's fitted attributes that hold this outcome: the fit state, the
@@ -44,15 +47,18 @@ class Training:
             attributes["prior_r_"] = weights.prior
         if weights.likelihood is not None:
             attributes.update(likelihood_attributes(weights.likelihood))
+        if self.held_out_loss is not None:
+            attributes["held_out_loss_curve_"] = self.held_out_loss
         if self.validation_scores is not None:
             attributes["validation_scores_"] = self.validation_scores
             attributes["best_validation_score_"] = float(np.max(self.validation_scores))
         return attributes
 
 
-def fit_model(params, X, y, rng, seed, *, previous=None):
+def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None):
     """Fit a model to the table X as the estimator's parameters say, from scratch or
-    from ``previous`` (the FitState and Weights of a fit to warm-start from).
+    from ``previous`` (the FitState and Weights of a fit to warm-start from), watching
+    the loss of the table ``X_held_out`` every ``validation_frequency`` steps.
 
     Laue data are expanded into harmonics in the band of the data (or of the previous
     fit, so that a warm start keeps its reflections).
@@ -69,7 +75,7 @@ def fit_model(params, X, y, rng, seed, *, previous=None):
     encoding = {"anomalous": params.anomalous, "separate_files": params.separate_files, "harmonics": harmonics}
     if not params.early_stopping:
         return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, previous=previous,
-                     harmonics=harmonics)
+                     harmonics=harmonics, held_out=X_held_out)
     rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
     first = train(params, encode(_take(X, rows), None if y is None else np.asarray(y)[rows], **encoding), rng,
                   seed, params.max_iter, previous=previous, harmonics=harmonics, validation=_take(X, ~rows))
@@ -77,17 +83,18 @@ def fit_model(params, X, y, rng, seed, *, previous=None):
     del first
     gc.collect()  # the first model's TensorFlow functions sit in reference cycles
     result = train(params, encode(X, y, **encoding), rng, seed, steps, previous=previous, harmonics=harmonics,
-                   stop=False)
+                   stop=False, held_out=X_held_out)
     result.converged, result.validation_scores = converged, scores
     return result
 
 
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
-          stop=True):
+          stop=True, held_out=None):
     """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
-    ``stop=False``, for exactly ``max_iter`` steps."""
+    ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
+    is recorded every ``validation_frequency`` steps without steering training."""
     from .._tf import tf
     from .training import ImageBatches, Trainer
 
@@ -108,31 +115,32 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
         data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
                             params.batch_size, spot=observations.spot)
     trainer = Trainer(model, variables, data, learning_rate=params.learning_rate, seed=seed,
-                      jit_compile=params.jit_compile)
+                      jit_compile=params.jit_compile, beta_1=params.beta_1, beta_2=params.beta_2,
+                      clipnorm=params.clipnorm, clipvalue=params.clipvalue, global_clipnorm=params.global_clipnorm)
     scores = []
-    monitor = None
+    monitor = watch = None
     if validation is not None:
         monitor = _validation_monitor(params, model, state, validation, seed, scores)
+    if held_out is not None:
+        watch = _held_out_nll(params, model, state, held_out, seed)
     with _progress(max_iter, params.verbose) as progress:
         history, converged = trainer.run(
             max_iter, tol=params.tol, n_iter_no_change=params.n_iter_no_change if stop else max_iter,
-            progress=progress, monitor=monitor,
+            progress=progress, monitor=monitor, watch=watch, watch_every=params.validation_frequency,
         )
+    held_out_loss = None
+    if held_out is not None:
+        held_out_loss = np.array(trainer.watched, dtype=np.float64).reshape(-1, 2)
     return Training(model, state, history, converged, trainer.kept_step,
-                    np.asarray(scores) if validation is not None else None)
+                    np.asarray(scores) if validation is not None else None, held_out_loss)
 
 
 def _validation_monitor(params, model, state, X_val, seed, scores):
     """A function returning the current mean negative log predictive density of the
     held-out images (what early stopping watches); it records each value as a score in
     the input's units."""
-    from .._tf import tf
-
-    data, extra = state.evaluation_data(params, X_val)
-    seed = tf.constant([seed, 1])
-    evaluate = tf.function(
-        lambda: -tf.reduce_mean(model.log_predictive(data, 4, seed, extra)), jit_compile=params.jit_compile
-    )
+    evaluate = _mean_loss(params, state, X_val, lambda data, extra, seed: model.log_predictive(data, 4, seed, extra),
+                          seed)
 
     def monitor():
         loss = float(evaluate())
@@ -140,6 +148,25 @@ def _validation_monitor(params, model, state, X_val, seed, scores):
         return loss
 
     return monitor
+
+
+def _held_out_nll(params, model, state, X_held_out, seed):
+    """A function returning the held-out observations' expected negative log-likelihood
+    per observation under the current posterior: the ``nll`` term of the loss, on data
+    the fit does not see."""
+    evaluate = _mean_loss(params, state, X_held_out, lambda data, extra, seed: model.expected_log_likelihood(
+        data, params.mc_samples, seed, extra), seed)
+    return lambda: float(evaluate())
+
+
+def _mean_loss(params, state, X, log_density, seed):
+    """A compiled function of the model's current state: minus the mean over the
+    observations of the table X of ``log_density(data, extra_prior, seed)``."""
+    from .._tf import tf
+
+    data, extra = state.evaluation_data(params, X)
+    seed = tf.constant([seed, 1])
+    return tf.function(lambda: -tf.reduce_mean(log_density(data, extra, seed)), jit_compile=params.jit_compile)
 
 
 def _training_rows(image, fraction, rng):

@@ -6,16 +6,20 @@ started from the prior.
 import warnings
 
 import numpy as np
+import pandas as pd
+import reciprocalspaceship as rs
 from reciprocalspaceship.algorithms.scale_merged_intensities import _french_wilson_posterior_quad
 
 from ..baseline import inverse_variance_mean
 from ..shells import make_shells
+from ..symmetry import pack_hkl
 
 _SCALING_ROUNDS = 5
 # Reflections per French–Wilson quadrature call: 100 grid points each, ~10 arrays of
 # float64, so ~16 MB at a time (10,000 made the initialisation of a half-dataset merge
 # the peak of a whole hypf run).
 _FRENCH_WILSON_CHUNK = 2_000
+_HALF_NORMAL_MEAN_OVER_SD = np.sqrt(2 / (np.pi - 2))
 
 
 def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
@@ -93,3 +97,99 @@ def french_wilson(reflections, intensity, sigma):
                 intensity[chunk], sigma[chunk], wilson_sigma[chunk], reflections.centric[chunk]
             )
     return f, sigf
+
+
+def wilson_moments(reflections):
+    """Mean and standard deviation of every reflection's amplitude under Wilson's prior
+    (Rayleigh for acentric, half-normal for centric reflections) of mean intensity
+    ε·``mean_intensity``."""
+    sigma = reflections.epsilon.astype(np.float64) * reflections.mean_intensity
+    centric = reflections.centric
+    mean = np.where(centric, np.sqrt(2 * sigma / np.pi), np.sqrt(np.pi * sigma) / 2)
+    sd = np.sqrt(sigma * np.where(centric, 1 - 2 / np.pi, 1 - np.pi / 4))
+    return mean, sd
+
+
+def table_start(table, reflections, loc, scale):
+    """The posterior's start (``loc``, ``scale``, in standardised units, from the data)
+    with the reflections of a merged ``table`` (a DataFrame, or the path of an MTZ file)
+    started at its amplitudes instead.
+
+    The table's amplitudes (with Friedel mates apart when it has ``F(+)``/``F(-)`` and
+    the reflections are anomalous; else one value serves both mates) are brought to the
+    units of the data's start by one factor, matching their mean squares over the shared
+    reflections, and every one is turned into the truncated normal of that mean and
+    standard deviation (:func:`truncated_normal_parameters`). Raises InputError when the
+    table shares no reflection with the data.
+    """
+    from ..errors import InputError
+    from ..symmetry import lookup_hkl
+    from .priors import _reference_amplitudes
+
+    if not isinstance(table, pd.DataFrame):
+        try:
+            table = rs.read_mtz(str(table))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise InputError(f"{table}: cannot read the MTZ of posterior_init ({exc}).") from exc
+    hkl, f, sigf = _anomalous_amplitudes(table) if reflections.anomalous else (None, None, None)
+    if hkl is None:
+        hkl, f, sigf = _reference_amplitudes(table, reflections)
+    row = lookup_hkl(hkl, reflections.hkl)
+    found = row >= 0
+    if not found.any():
+        raise InputError("the posterior_init table shares no reflection with the data.")
+    start_mean_square = np.mean(loc[found] ** 2 + scale[found] ** 2)
+    norm = np.sqrt(np.mean(f[row[found]] ** 2) / start_mean_square)
+    loc, scale = loc.copy(), scale.copy()
+    loc[found], scale[found] = truncated_normal_parameters(f[row[found]] / norm, sigf[row[found]] / norm)
+    return loc, scale
+
+
+def _anomalous_amplitudes(table):
+    """(hkl, F, SIGF) of a merged table's Friedel halves, Friedel-minus indices negated
+    (reciprocalspaceship's ``stack_anomalous`` convention); None when it has no
+    ``F(+)``/``F(-)`` columns (skmerge's ``SIGF(±)`` or careless's ``SigF(±)``)."""
+    columns = set(table.columns)
+    sigma = next((s for s in ("SIGF", "SigF") if {f"{s}(+)", f"{s}(-)"} <= columns), None)
+    if not {"F(+)", "F(-)"} <= columns or sigma is None:
+        return None, None, None
+    halves = []
+    for sign, suffix in ((1, "(+)"), (-1, "(-)")):
+        half = table[[f"F{suffix}", f"{sigma}{suffix}"]].reset_index()
+        half.columns = ["H", "K", "L", "F", "SIGF"]
+        half[["H", "K", "L"]] = sign * half[["H", "K", "L"]].to_numpy(np.int32)
+        halves.append(half)
+    stacked = pd.concat(halves, ignore_index=True)
+    f, sigf = (stacked[c].to_numpy(np.float64, na_value=np.nan) for c in ("F", "SIGF"))
+    ok = np.isfinite(f) & np.isfinite(sigf) & (sigf > 0)
+    hkl = stacked[["H", "K", "L"]].to_numpy(np.int32)[ok]
+    _, first = np.unique(pack_hkl(hkl), return_index=True)
+    return hkl[first], f[ok][first], sigf[ok][first]
+
+
+def truncated_normal_parameters(mean, sd, n_iter=50):
+    """(loc, scale) of normals truncated to [0, ∞) with the given means and standard
+    deviations, by fixed-point iteration; where no such law exists (a mean less than
+    a half-normal's 1.32 standard deviations) the half-normal of that mean.
+
+    Examples
+    --------
+    >>> loc, scale = truncated_normal_parameters(np.array([10.0, 1.0]), np.array([1.0, 0.7]))
+    >>> bool(abs(loc[0] - 10.0) < 1e-6), bool(loc[1] < 1.0)
+    (True, True)
+    """
+    from scipy.special import log_ndtr
+
+    mean, sd = np.asarray(mean, np.float64), np.asarray(sd, np.float64)
+    loc, scale = mean.copy(), sd.copy()
+    for _ in range(n_iter):
+        alpha = -loc / scale
+        hazard = np.exp(-0.5 * alpha**2 - 0.5 * np.log(2 * np.pi) - log_ndtr(-alpha))
+        current_mean = loc + scale * hazard
+        current_sd = scale * np.sqrt(np.maximum(1 + alpha * hazard - hazard**2, 1e-12))
+        loc = np.maximum(loc + mean - current_mean, 1e-3 * mean)
+        scale = np.maximum(scale * sd / current_sd, 1e-6)
+    half_normal = mean < _HALF_NORMAL_MEAN_OVER_SD * sd
+    loc[half_normal] = 1e-3 * mean[half_normal]
+    scale[half_normal] = mean[half_normal] * np.sqrt(np.pi / 2)
+    return loc, scale

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._tf import tf, tfb, tfd, tfp
 
-_MIN_SCALE = 1e-4
+MIN_SCALE = 1e-4
 _SQRT_2PI_E = math.sqrt(2 * math.pi * math.e)
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -149,24 +149,26 @@ class TruncatedNormalPosterior(tf.Module):
     of every reflection h.
 
     The variables hold unconstrained values; ``loc = softplus(loc_raw)`` and
-    ``scale = softplus(scale_raw) + 1e-4`` (a floor that keeps the entropy finite) are
-    the bijectors' forward transforms.
+    ``scale = softplus(scale_raw) + min_scale`` (a floor that keeps the entropy finite)
+    are the bijectors' forward transforms.
 
     Parameters
     ----------
     loc, scale : ndarray of shape (n_reflections,)
         Initial location and scale (positive).
+    min_scale : float, default=1e-4
+        The floor of the scale, in the posterior's (standardised) units.
     """
 
-    def __init__(self, loc, scale, name="posterior"):
+    def __init__(self, loc, scale, min_scale=MIN_SCALE, name="posterior"):
         super().__init__(name=name)
         self.loc_raw = tf.Variable(softplus_inverse(loc).astype(np.float32), name="loc_raw")
         self.scale_raw = tf.Variable(
-            softplus_inverse(np.maximum(scale, 2 * _MIN_SCALE) - _MIN_SCALE).astype(np.float32),
+            softplus_inverse(np.maximum(scale, 2 * min_scale) - min_scale).astype(np.float32),
             name="scale_raw",
         )
         self.loc = tfp.util.DeferredTensor(self.loc_raw, tfb.Softplus())
-        self.scale = tfp.util.DeferredTensor(self.scale_raw, tfb.Chain([tfb.Shift(_MIN_SCALE), tfb.Softplus()]))
+        self.scale = tfp.util.DeferredTensor(self.scale_raw, tfb.Chain([tfb.Shift(min_scale), tfb.Softplus()]))
 
     def distribution(self):
         """The posterior of every reflection: a :class:`PositiveTruncatedNormal` with batch

@@ -32,9 +32,12 @@ class ScaleNetwork(tf.Module):
         Draws the initial weights, so that fits are repeatable.
     image_offsets : ndarray of shape (n_images,), optional
         Initial per-image log-scale offsets.
+    spread_bijector : {"softplus", "exp"}, default="softplus"
+        The function that keeps the spread s of log Σ positive.
     """
 
-    def __init__(self, n_features, n_layers, width, n_images, rng, image_offsets=None, name="scale"):
+    def __init__(self, n_features, n_layers, width, n_images, rng, image_offsets=None, spread_bijector="softplus",
+                 name="scale"):
         super().__init__(name=name)
         sizes = [max(n_features, 1)] + [width] * n_layers
         self.kernels, self.biases = [], []
@@ -46,7 +49,9 @@ class ScaleNetwork(tf.Module):
             self.biases.append(tf.Variable(np.zeros(fan_out, np.float32)))
         # The output layer starts at zero: scale 1 (or the per-image offsets), small spread.
         self.out_kernel = tf.Variable(np.zeros((sizes[-1], 2), np.float32))
-        self.out_bias = tf.Variable(np.array([0.0, softplus_inverse(_INITIAL_SPREAD)], np.float32))
+        self.spread_bijector = spread_bijector
+        raw_spread = np.log(_INITIAL_SPREAD) if spread_bijector == "exp" else softplus_inverse(_INITIAL_SPREAD)
+        self.out_bias = tf.Variable(np.array([0.0, raw_spread], np.float32))
         offsets = np.zeros(n_images) if image_offsets is None else image_offsets
         self.image_offsets = tf.Variable(np.asarray(offsets, np.float32))
         self.n_features = n_features
@@ -62,7 +67,8 @@ class ScaleNetwork(tf.Module):
             known = image >= 0
             offset = tf.gather(self.image_offsets, tf.maximum(image, 0))
             mu = mu + tf.where(known, offset, tf.reduce_mean(self.image_offsets))
-        return mu, tf.nn.softplus(out[:, 1]) + _MIN_SPREAD
+        positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
+        return mu, positive(out[:, 1]) + _MIN_SPREAD
 
     def _dense(self, h):
         """The dense stack on a chunk of rows held transposed, (features, rows) → (2, rows).

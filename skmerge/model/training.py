@@ -15,7 +15,7 @@ from ..errors import NumericalError
 
 LOSS_TERMS = ("loss", "nll", "kl")
 _CHUNK = 50
-_BETA_1, _BETA_2, _EPS = 0.9, 0.99, 1e-8
+_EPS = 1e-8
 _MAX_RECOVERIES = 6
 _WARMUP = 100.0
 
@@ -47,9 +47,11 @@ class MergingModel(tf.Module):
         Posterior samples per step for the expected log-likelihood.
     error_model : skmerge.model.error_model.ErrorModelModule, optional
         Refines every observation's σ before the likelihood sees it.
+    kl_weight : float, default=1.0
+        Weight of the KL term in the loss (1 is the ELBO).
     """
 
-    def __init__(self, posterior, prior, likelihood, scale_network, mc_samples, error_model=None):
+    def __init__(self, posterior, prior, likelihood, scale_network, mc_samples, error_model=None, kl_weight=1.0):
         super().__init__(name="merging_model")
         self.posterior = posterior
         self.prior = prior
@@ -57,6 +59,7 @@ class MergingModel(tf.Module):
         self.scale_network = scale_network
         self.mc_samples = int(mc_samples)
         self.error_model = error_model
+        self.kl_weight = float(kl_weight)
 
     def _log_likelihood(self, data, predicted):
         sigma = data["sigma"]
@@ -84,7 +87,8 @@ class MergingModel(tf.Module):
 
     def loss_terms(self, data, seed):
         """−ELBO per observation and its parts: the expected negative log-likelihood and
-        the KL divergence of the amplitudes, both divided by the number of observations.
+        the KL divergence of the amplitudes, both divided by the number of observations
+        (the loss weighs the KL by ``kl_weight``).
 
         A minibatch carries ``weight`` (of each observation: N/batch for the images drawn,
         0 for padding), ``kl_weight`` (of each row: the same factor over the number of
@@ -105,7 +109,7 @@ class MergingModel(tf.Module):
             n_total = tf.cast(tf.shape(data["intensity"])[0], tf.float32)
             nll = -tf.reduce_sum(log_lik) / n_total
             kl = tf.reduce_sum(kl) / n_total
-        return tf.stack([nll + kl, nll, kl])
+        return tf.stack([nll + self.kl_weight * kl, nll, kl])
 
     def amplitude_moments(self, extra_prior=None):
         """Raw moments of F: the posterior's, followed by ``extra_prior``'s (reflections
@@ -132,6 +136,12 @@ class MergingModel(tf.Module):
         sd = tf.sqrt(tf.maximum(scale_sq * m4 - tf.square(mean), 0.0))
         scale_sd = tf.sqrt(tf.maximum(scale_sq - tf.square(scale_mean), 0.0))
         return mean, sd, scale_mean, scale_sd
+
+    def expected_log_likelihood(self, data, n_samples, seed, extra_prior=None):
+        """E_q[log p(Iᵢ | F, Σ)] per observation from ``n_samples`` samples: the
+        likelihood term of the loss, also for observations the fit never saw."""
+        samples = self.amplitude_samples(n_samples, seed, extra_prior)
+        return tf.reduce_mean(self._log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
 
     def log_predictive(self, data, n_samples, seed, extra_prior=None):
         """log p(Iᵢ | data) per observation, averaging the likelihood over samples of
@@ -219,13 +229,21 @@ class Trainer:
     untouched; a chunk with such steps restores the state from its start and halves the
     learning rate, and after repeated consecutive failures training stops with
     :class:`NumericalError`.
+
+    ``beta_1`` and ``beta_2`` are Adam's decay rates. The gradients are clipped as Keras's
+    optimisers clip them: each variable's to norm ``clipnorm``, all of them together to
+    norm ``global_clipnorm``, then every element to [−``clipvalue``, ``clipvalue``] (None
+    leaves them).
     """
 
-    def __init__(self, model, variables, data, *, learning_rate, seed, jit_compile=True):
+    def __init__(self, model, variables, data, *, learning_rate, seed, jit_compile=True, beta_1=0.9, beta_2=0.99,
+                 clipnorm=None, clipvalue=None, global_clipnorm=None):
         self.model = model
         self.variables = list(variables)
         self.data = data
         self.seed = int(seed)
+        self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
+        self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
         self.learning_rate = tf.Variable(float(learning_rate), trainable=False)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
@@ -244,15 +262,17 @@ class Trainer:
             grads = tape.gradient(loss, self.variables)
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
             ok = tf.math.is_finite(terms[0]) & tf.math.is_finite(tf.linalg.global_norm(grads))
+            grads = self._clipped(grads)
             t = tf.cast(self.step + 1, tf.float32)
             # A linear warm-up keeps Adam's first, full-size steps from throwing the
             # scale network far from its starting point.
             warmup = tf.minimum(1.0, t / _WARMUP)
-            lr = warmup * self.learning_rate * tf.sqrt(1 - _BETA_2**t) / (1 - _BETA_1**t)
+            beta_1, beta_2 = self.beta_1, self.beta_2
+            lr = warmup * self.learning_rate * tf.sqrt(1 - beta_2**t) / (1 - beta_1**t)
             for var, g, m, v in zip(self.variables, grads, self.m, self.v):
                 g = tf.where(ok, g, 0.0)
-                m_new = _BETA_1 * m + (1 - _BETA_1) * g
-                v_new = _BETA_2 * v + (1 - _BETA_2) * tf.square(g)
+                m_new = beta_1 * m + (1 - beta_1) * g
+                v_new = beta_2 * v + (1 - beta_2) * tf.square(g)
                 m.assign(tf.where(ok, m_new, m))
                 v.assign(tf.where(ok, v_new, v))
                 var.assign(tf.where(ok, var - lr * m_new / (tf.sqrt(v_new) + _EPS), var))
@@ -264,10 +284,19 @@ class Trainer:
         _, n_bad, history = tf.while_loop(lambda i, n, h: i < n_steps, body, start)
         return history, n_bad
 
+    def _clipped(self, grads):
+        if self.clipnorm is not None:
+            grads = [tf.clip_by_norm(g, self.clipnorm) for g in grads]
+        if self.global_clipnorm is not None:
+            grads, _ = tf.clip_by_global_norm(grads, self.global_clipnorm)
+        if self.clipvalue is not None:
+            grads = [tf.clip_by_value(g, -self.clipvalue, self.clipvalue) for g in grads]
+        return grads
+
     def _state(self):
         return [*self.variables, *self.m, *self.v, self.step]
 
-    def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None):
+    def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None, watch=None, watch_every=None):
         """Optimise for up to ``max_iter`` steps.
 
         Without a monitor, training stops when the mean loss of the last
@@ -278,13 +307,19 @@ class Trainer:
         improved by ``tol`` for ``n_iter_no_change`` steps, and the best monitored state
         is restored. Returns the loss terms of every step and whether it converged;
         ``kept_step`` is then the number of steps that led to the final state.
+
+        ``watch`` (e.g. a held-out loss that does not steer training) is called after
+        every ``watch_every`` steps; ``watched`` holds its (step, value) pairs.
         """
         history, recoveries = [], 0
+        self.watched = []
         best, best_state, since_best = np.inf, None, 0
         self.kept_step = 0
         converged = False
         while len(history) < max_iter:
             n = min(_CHUNK, max_iter - len(history))
+            if watch is not None:
+                n = min(n, watch_every - len(history) % watch_every)
             saved = [v.numpy() for v in self._state()]
             if self._jit_compile and not history:
                 # The first XLA compilation of a process logs its start-up through absl.
@@ -307,6 +342,8 @@ class Trainer:
                 continue
             recoveries = 0
             history.extend(terms)
+            if watch is not None and len(history) % watch_every == 0:
+                self.watched.append((len(history), watch()))
             if progress is not None:
                 progress(len(history), terms[:, 0].mean())
             if monitor is None:
