@@ -180,9 +180,10 @@ def make_unmerged(
 
     if stills and laue:
         raise InputError("stills=True simulates monochromatic stills; laue=True already holds the crystal still.")
-    twin_laws = []
+    # Known for every monochromatic lattice, so that a simulation draws the same numbers
+    # (and the same noise) whatever its reindexed_fraction.
+    twin_laws = [] if laue else gemmi.find_twin_laws(uc, sg, 3.0, False)
     if reindexed_fraction:
-        twin_laws = gemmi.find_twin_laws(uc, sg, 3.0, False)
         if laue or not twin_laws or not 0.0 <= reindexed_fraction <= 1.0:
             raise InputError(f"reindexed_fraction={reindexed_fraction} needs a fraction in [0, 1], monochromatic data "
                              f"and a lattice with twin laws; {spacegroup} with cell {tuple(cell)} has "
@@ -545,8 +546,11 @@ def _image_operators(n_images, twin_laws, fraction, rng):
     chosen at random)."""
     choice = np.zeros(n_images, np.int64)
     if twin_laws:
-        chosen = rng.random_sample(n_images) < fraction
-        choice[chosen] = 1 + rng.randint(len(twin_laws), size=int(chosen.sum()))
+        # Drawn from a stream of their own: the rest of the simulation does not depend
+        # on the fraction.
+        own = np.random.RandomState(rng.randint(2**31 - 1))
+        chosen = own.random_sample(n_images) < fraction
+        choice[chosen] = 1 + own.randint(len(twin_laws), size=int(chosen.sum()))
     operators = [gemmi.Op("x,y,z"), *twin_laws]
     return np.array([op.as_hkl().triplet() for op in operators], dtype=object), choice, operators
 
