@@ -32,6 +32,7 @@ PUBLIC_MODULES = [
     "skmerge.stats",
     "skmerge.calibration",
     "skmerge.laue",
+    "skmerge.store",
     "skmerge.ambiguity",
     "skmerge.analysis",
     "skmerge.report",
