@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.base import clone
 
 from ..baseline import robust_mean
-from ..errors import InputError
+from ..errors import InputError, ParameterError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
 from .data import tensor_data
@@ -30,6 +30,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     data : dict of tensors
     state : FitState
     """
+    from .scaling import image_model
+
     reflections, refl = observations.reflections(params.anomalous, params.separate_files)
     image_ids, image_row = np.unique(observations.image_id, return_inverse=True)
     single = observations.single_rows()
@@ -57,11 +59,18 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
                      features.shape[1], curve, harmonics)
 
-    data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot)
+    encoder = image_model(params) == "encoder"
+    data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
+                       state.image_inputs(observations) if encoder else None)
     network = _scale_network(params, state, rng, previous, image_scale)
     start = tensor_data(refl[single], image_row[single], features[single],
                         *(v[observations.of_row(single)] for v in (intensity, sigma)))
-    posterior = _posterior(params, state, network, start, previous)
+    mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
+    if encoder and previous is None:
+        # The encoder has yet to learn what tells the images apart: the amplitudes
+        # start from the data under the quick scales instead.
+        mu = np.log(image_scale)[image_row[single]]
+    posterior = _posterior(params, state, start, mu, spread, previous)
     weights = previous[1] if previous is not None else None
     return merging_model(params, state, posterior, network, weights), data, state
 
@@ -87,22 +96,15 @@ def merging_model(params, state, posterior, network, weights=None):
 def restore_model(params, state, weights):
     """The TensorFlow model of a fit from its numpy weights (after unpickling)."""
     from .posterior import TruncatedNormalPosterior
-    from .scaling import ScaleNetwork
+    from .scaling import ScaleNetwork, image_model
 
     n = len(state.reflections)
     posterior = TruncatedNormalPosterior(np.ones(n), np.ones(n))
     posterior.set_weights(weights.posterior)
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
-                           np.random.RandomState(0))
+                           np.random.RandomState(0), encoder=image_model(params) == "encoder")
     network.set_weights(weights.scale)
     return merging_model(params, state, posterior, network, weights)
-
-
-def uses_image_offsets(params):
-    """Whether the scale model gives every image an offset of its own."""
-    if isinstance(params.metadata, (list, tuple)):
-        return params.image_scales or split_metadata(params.metadata)[1]
-    return params.image_scales
 
 
 def _intensity_scale(intensity, epsilon):
@@ -121,14 +123,19 @@ def _metadata_transformer(params, X):
 
 
 def _scale_network(params, state, rng, previous, image_scale):
-    from .scaling import ScaleNetwork
+    from .scaling import ScaleNetwork, image_model
 
-    n_images = len(state.image_ids) if uses_image_offsets(params) else 0
+    kind = image_model(params)
+    n_images = len(state.image_ids) if kind == "offsets" else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
-    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets)
+    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
+                           encoder=kind == "encoder")
     if previous is not None:
         old_state, old_weights = previous
         weights = list(old_weights.scale)
+        if [np.shape(w) for w in weights[:-1]] != [np.shape(w) for w in network.get_weights()[:-1]]:
+            raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
+                                 "changing metadata, mlp_layers, mlp_width or image_model.")
         if n_images:
             old = dict(zip(old_state.image_ids, weights[-1])) if len(weights[-1]) else {}
             fallback = float(np.mean(weights[-1])) if len(weights[-1]) else 0.0
@@ -139,11 +146,11 @@ def _scale_network(params, state, rng, previous, image_scale):
     return network
 
 
-def _posterior(params, state, network, data, previous):
+def _posterior(params, state, data, mu, spread, previous):
     """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
-    a robust merge (:func:`~skmerge.baseline.robust_mean`) scaled by the (starting) scale
-    network, or the prior; a warm start keeps the
-    posterior of reflections seen before."""
+    a robust merge (:func:`~skmerge.baseline.robust_mean`) of the rows of ``data`` scaled
+    by their starting scales (log Σ ~ Normal(``mu``, ``spread``)), or the prior; a warm
+    start keeps the posterior of reflections seen before."""
     from .posterior import TruncatedNormalPosterior
 
     reflections = state.reflections
@@ -151,7 +158,6 @@ def _posterior(params, state, network, data, previous):
     if params.posterior_init == "prior" and previous is None:
         loc, scale = 0.8 * prior_mean, 0.5 * prior_mean
     else:
-        mu, spread = (t.numpy().astype(np.float64) for t in network(data["features"], data["image"]))
         scale_mean = np.exp(mu + spread**2 / 2)
         # A prior that ties reflections together (double-Wilson) starts every family
         # from one estimate of all its observations: separate starts would hand each
