@@ -13,6 +13,12 @@ from .data import tensor_data
 from .fitted import FitState, prior_of
 from .initialisation import evaluate_curve, french_wilson, quick_image_scales, wilson_curve
 
+# An image encoder starts by learning the quick image scales of this many images (at
+# most) in this many steps of this step size.
+_START_IMAGES = 500
+_START_STEPS = 300
+_START_LEARNING_RATE = 0.01
+
 
 def build_model(params, observations, rng, previous=None, harmonics=None):
     """The model, its training data and the fit state for encoded observations.
@@ -65,11 +71,9 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     network = _scale_network(params, state, rng, previous, image_scale)
     start = tensor_data(refl[single], image_row[single], features[single],
                         *(v[observations.of_row(single)] for v in (intensity, sigma)))
-    mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
     if encoder and previous is None:
-        # The encoder has yet to learn what tells the images apart: the amplitudes
-        # start from the data under the quick scales instead.
-        mu = np.log(image_scale)[image_row[single]]
+        _learn_quick_scales(params, network, data, image_row, image_scale, rng)
+    mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
     posterior = _posterior(params, state, start, mu, spread, previous)
     weights = previous[1] if previous is not None else None
     return merging_model(params, state, posterior, network, weights), data, state
@@ -144,6 +148,37 @@ def _scale_network(params, state, rng, previous, image_scale):
             weights[-1] = np.zeros(0, np.float32)
         network.set_weights(weights)
     return network
+
+
+def _learn_quick_scales(params, network, data, image_row, image_scale, rng):
+    """Train the scale network and its image encoder to reproduce the quick image scales
+    (least squares on log Σ) on the rows of a random subset of the images: the start
+    that per-image offsets get by being set to them, at a cost that does not grow with
+    the data."""
+    from .._tf import tf
+    from .training import Trainer
+
+    chosen = rng.choice(len(image_scale), min(len(image_scale), _START_IMAGES), replace=False)
+    rows = np.flatnonzero(np.isin(image_row, chosen))
+    subset = {key: tf.gather(data[key], rows) for key in ("features", "image", "image_inputs")}
+    subset["target"] = tf.constant(np.log(image_scale)[image_row[rows]], tf.float32)
+    trainer = Trainer(_ScaleRegression(network), network.trainable_variables, subset,
+                      learning_rate=_START_LEARNING_RATE, seed=0, jit_compile=params.jit_compile)
+    trainer.run(_START_STEPS, tol=0.0, n_iter_no_change=_START_STEPS)
+
+
+class _ScaleRegression:
+    """The squared error of a scale network's log Σ against ``target``, in the shape of
+    the loss terms a :class:`~skmerge.model.training.Trainer` minimises."""
+
+    def __init__(self, network):
+        self.network = network
+
+    def loss_terms(self, data, seed):
+        from .._tf import tf
+
+        loss = tf.reduce_mean(tf.square(self.network.of(data)[0] - data["target"]))
+        return tf.stack([loss, loss, 0.0])
 
 
 def _posterior(params, state, data, mu, spread, previous):

@@ -140,7 +140,10 @@ class FitState:
         """Mean and standard deviation of each observation's predicted intensity (in the
         input's units), and of its scale. A Laue spot sums its harmonics (their
         variances added) and takes the scale of its first harmonic."""
-        data, extra = self.evaluation_data(params, X, np.zeros(len(X)))
+        from .scaling import image_model
+
+        # Only an image encoder reads the observed intensities (X may lack them otherwise).
+        data, extra = self.evaluation_data(params, X, None if image_model(params) == "encoder" else np.zeros(len(X)))
         outputs = [[] for _ in range(4)]
         for chunk in _evaluation_chunks(model, data):
             for out, value in zip(outputs, model.predict(chunk, extra)):
