@@ -130,7 +130,9 @@ class MergingModel(tf.Module):
         scale_sq = tf.exp(2 * mu + 2 * var)
         mean = scale_mean * m2
         sd = tf.sqrt(tf.maximum(scale_sq * m4 - tf.square(mean), 0.0))
-        scale_sd = tf.sqrt(tf.maximum(scale_sq - tf.square(scale_mean), 0.0))
+        # Var Σ = E[Σ]²·(exp(s²) − 1), not E[Σ²] − E[Σ]², which float32 cancellation
+        # swamps when the spread is small.
+        scale_sd = scale_mean * tf.sqrt(tf.math.expm1(var))
         return mean, sd, scale_mean, scale_sd
 
     def log_predictive(self, data, n_samples, seed, extra_prior=None):
