@@ -509,6 +509,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     def predict(self, X, return_std=False, return_scale=False):
         """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order and
         the input's units (for Laue data, of each spot: the sum over its harmonics).
+        With ``image_model="encoder"`` the scales come from the images' observed
+        intensities, which X must then hold.
 
         With ``return_std`` also its standard deviation (a Laue spot adds the variances
         of its harmonics); with ``return_scale`` also each observation's scale Σ and its
