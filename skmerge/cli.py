@@ -24,8 +24,8 @@ from .signals import interrupt_on_sigterm
 
 # Flags whose destination is the VariationalMerger parameter of that name.
 ESTIMATOR_DESTS = ("anomalous", "separate_files", "likelihood", "mlp_layers", "mlp_width", "image_scales",
-                   "image_model", "positional_encoding", "max_iter", "learning_rate", "mc_samples", "batch_size", "early_stopping",
-                   "random_state")
+                   "positional_encoding", "max_iter", "learning_rate", "mc_samples", "batch_size", "early_stopping",
+                   "random_state", "image_model")
 LAUE_DESTS = ("wavelength_key", "wavelength_range")
 # careless flags of its published examples that skmerge accepts but does not use.
 IGNORED_CARELESS_FLAGS = {
