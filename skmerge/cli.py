@@ -25,7 +25,7 @@ from .signals import interrupt_on_sigterm
 # Flags whose destination is the VariationalMerger parameter of that name.
 ESTIMATOR_DESTS = ("anomalous", "separate_files", "likelihood", "mlp_layers", "mlp_width", "image_scales",
                    "positional_encoding", "max_iter", "learning_rate", "mc_samples", "batch_size", "early_stopping",
-                   "random_state")
+                   "random_state", "image_model")
 LAUE_DESTS = ("wavelength_key", "wavelength_range")
 
 
@@ -126,7 +126,11 @@ def _add_mono_arguments(mono, defaults):
     model.add_argument("--mlp-width", type=int, metavar="N", default=defaults["mlp_width"],
                        help="width of the scale network (default: %(default)s)")
     model.add_argument("--disable-image-scales", action="store_false", dest="image_scales",
-                       default=defaults["image_scales"], help="no scale offset per image")
+                       default=defaults["image_scales"], help="no scale of its own per image")
+    model.add_argument("--image-model", choices=["offsets", "encoder"], default=defaults["image_model"],
+                       help="how images get their own scale: an offset per image, or an embedding computed from "
+                       "each image's own observations, which serves images the fit never saw (default: "
+                       "%(default)s)")
     model.add_argument("-L", "--positional-encoding-frequencies", type=int, metavar="N", dest="positional_encoding",
                        default=defaults["positional_encoding"], help="positional encoding of every metadata "
                        "column with N frequencies (default: %(default)s; 0 is none)")

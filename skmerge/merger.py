@@ -46,7 +46,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     The model (see ``docs/model.md``): one amplitude F_h per ASU reflection with a
     Wilson, double-Wilson or reference prior; one scale Σᵢ per observation from a neural
-    network on the observation's metadata (plus optional per-image offsets); and a
+    network on the observation's metadata (plus per-image offsets, or an embedding of
+    each image computed from its own observations); and a
     likelihood of each observed intensity around Σᵢ·F_h², with σ refined by an error
     model. The defaults need no choice per kind of data (rotation, stills, Laue): a
     Student-t likelihood whose degrees of freedom are learned (robust to outliers, normal
@@ -79,14 +80,23 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         Columns of X that drive the scale model, or a ready (unfitted) transformer such
         as a ``ColumnTransformer`` that maps X to numeric features. None uses ``["dHKL"]``.
         The default transformer turns dHKL into 1/d² and standardises every column;
-        ``"image_id"`` in the list switches on per-image offsets instead of being a number.
+        ``"image_id"`` in the list gives every image a scale of its own (as
+        ``image_scales``) instead of being a number.
     positional_encoding : int, default=0
         Frequencies of :class:`~skmerge.features.PositionalEncoding` applied to every
         metadata column by the default transformer (0: none).
     mlp_layers, mlp_width : int, default=20, 10
         Depth and width of the scale network (careless's defaults).
     image_scales : bool, default=True
-        Give every image its own scale offset.
+        Give every image a scale of its own, of the kind ``image_model`` says.
+    image_model : {"offsets", "encoder"}, default="offsets"
+        How images get their own scale. "offsets": a learned log-scale offset per image
+        of the fit (images the fit never saw get the mean offset). "encoder": an
+        embedding of each image, appended to the scale network's input, that a set
+        encoder computes from the image's own observations (their metadata features,
+        asinh(I/⟨I⟩) and log(σ/⟨I⟩), ⟨I⟩ the mean intensity at their resolution), so
+        that the model's size does not depend on the number of images and images the
+        fit never saw (``predict``, ``score``, a validation set) get scales of their own.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
     batch_size : int, default=None
@@ -213,7 +223,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         Laue only: the band (per file_id when taken from the data) and the resolution
         limit of the harmonic expansion.
     posterior_weights_, scale_weights_ : dict, list
-        The weights of the posterior and of the scale network.
+        The weights of the posterior and of the scale network (the dense layers, then
+        the image encoder's, then the per-image offsets: empty without them).
     sdfac_, sdadd_ : float
         The fitted error model (with ``error_model`` only).
     prior_r_ : ndarray of shape (n_files, n_shells)
@@ -287,6 +298,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "mlp_layers": [Interval(Integral, 1, None, closed="left")],
         "mlp_width": [Interval(Integral, 1, None, closed="left")],
         "image_scales": ["boolean"],
+        "image_model": [StrOptions({"offsets", "encoder"})],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -323,7 +335,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, mc_samples=1, batch_size=None, max_iter=2000,
+        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", mc_samples=1, batch_size=None,
+        max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
         posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0, beta_1=0.9, beta_2=0.99, clipnorm=None,
@@ -339,6 +352,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.mlp_layers = mlp_layers
         self.mlp_width = mlp_width
         self.image_scales = image_scales
+        self.image_model = image_model
         self.mc_samples = mc_samples
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -567,6 +581,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     def predict(self, X, return_std=False, return_scale=False):
         """Predicted intensity E[Σ]·E[F²] of each observation of X, in X's row order and
         the input's units (for Laue data, of each spot: the sum over its harmonics).
+        With ``image_model="encoder"`` the scales come from the images' observed
+        intensities, which X must then hold.
 
         With ``return_std`` also its standard deviation (a Laue spot adds the variances
         of its harmonics); with ``return_scale`` also each observation's scale Σ and its
@@ -588,8 +604,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         """Mean log predictive density per observation of X (higher is better).
 
         Each observation's likelihood is averaged over the posterior of its reflection
-        (the prior for reflections the fit never saw) and over its scale (images without
-        an offset of their own use the mean offset); the log of that average is then
+        (the prior for reflections the fit never saw) and over its scale (with offsets,
+        images the fit never saw use the mean offset; with the image encoder, every image
+        gets the scale of its own observations); the log of that average is then
         averaged over observations. Densities are per unit of the input intensities, so
         scores of different models on the same data compare directly.
         """

@@ -10,13 +10,19 @@ import pandas as pd
 from sklearn.base import clone
 
 from ..baseline import robust_mean
-from ..errors import InputError
+from ..errors import InputError, ParameterError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
 from .data import tensor_data
 from .fitted import FitState, prior_of
 from .initialisation import (evaluate_curve, french_wilson, quick_image_scales, table_start, wilson_curve,
                              wilson_moments)
+
+# An image encoder starts by learning the quick image scales of this many images (at
+# most) in this many steps of this step size.
+_START_IMAGES = 500
+_START_STEPS = 300
+_START_LEARNING_RATE = 0.01
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None):
@@ -35,6 +41,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     data : dict of tensors
     state : FitState
     """
+    from .scaling import image_model
+
     reflections, refl = observations.reflections(params.anomalous, params.separate_files)
     image_ids, image_row = np.unique(observations.image_id, return_inverse=True)
     single = observations.single_rows()
@@ -62,11 +70,16 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
                      features.shape[1], curve, harmonics)
 
-    data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot)
+    encoder = image_model(params) == "encoder"
+    data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
+                       state.image_inputs(observations) if encoder else None)
     network = _scale_network(params, state, rng, previous, image_scale)
     start = tensor_data(refl[single], image_row[single], features[single],
                         *(v[observations.of_row(single)] for v in (intensity, sigma)))
-    posterior = _posterior(params, state, network, start, previous)
+    if encoder and previous is None:
+        _learn_quick_scales(params, network, data, image_row, image_scale, rng)
+    mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
+    posterior = _posterior(params, state, start, mu, spread, previous)
     weights = previous[1] if previous is not None else None
     return merging_model(params, state, posterior, network, weights), data, state
 
@@ -92,22 +105,16 @@ def merging_model(params, state, posterior, network, weights=None):
 def restore_model(params, state, weights):
     """The TensorFlow model of a fit from its numpy weights (after unpickling)."""
     from .posterior import TruncatedNormalPosterior
-    from .scaling import ScaleNetwork
+    from .scaling import ScaleNetwork, image_model
 
     n = len(state.reflections)
     posterior = TruncatedNormalPosterior(np.ones(n), np.ones(n), params.epsilon)
     posterior.set_weights(weights.posterior)
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
-                           np.random.RandomState(0), spread_bijector=params.scale_bijector)
+                           np.random.RandomState(0), spread_bijector=params.scale_bijector,
+                           encoder=image_model(params) == "encoder")
     network.set_weights(weights.scale)
     return merging_model(params, state, posterior, network, weights)
-
-
-def uses_image_offsets(params):
-    """Whether the scale model gives every image an offset of its own."""
-    if isinstance(params.metadata, (list, tuple)):
-        return params.image_scales or split_metadata(params.metadata)[1]
-    return params.image_scales
 
 
 def _intensity_scale(intensity, epsilon):
@@ -130,15 +137,19 @@ def _metadata_transformer(params, X):
 
 
 def _scale_network(params, state, rng, previous, image_scale):
-    from .scaling import ScaleNetwork
+    from .scaling import ScaleNetwork, image_model
 
-    n_images = len(state.image_ids) if uses_image_offsets(params) else 0
+    kind = image_model(params)
+    n_images = len(state.image_ids) if kind == "offsets" else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
-                           params.scale_bijector)
+                           params.scale_bijector, encoder=kind == "encoder")
     if previous is not None:
         old_state, old_weights = previous
         weights = list(old_weights.scale)
+        if [np.shape(w) for w in weights[:-1]] != [np.shape(w) for w in network.get_weights()[:-1]]:
+            raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
+                                 "changing metadata, mlp_layers, mlp_width or image_model.")
         if n_images:
             old = dict(zip(old_state.image_ids, weights[-1])) if len(weights[-1]) else {}
             fallback = float(np.mean(weights[-1])) if len(weights[-1]) else 0.0
@@ -149,12 +160,43 @@ def _scale_network(params, state, rng, previous, image_scale):
     return network
 
 
-def _posterior(params, state, network, data, previous):
+def _learn_quick_scales(params, network, data, image_row, image_scale, rng):
+    """Train the scale network and its image encoder to reproduce the quick image scales
+    (least squares on log Σ) on the rows of a random subset of the images: the start
+    that per-image offsets get by being set to them, at a cost that does not grow with
+    the data."""
+    from .._tf import tf
+    from .training import Trainer
+
+    chosen = rng.choice(len(image_scale), min(len(image_scale), _START_IMAGES), replace=False)
+    rows = np.flatnonzero(np.isin(image_row, chosen))
+    subset = {key: tf.gather(data[key], rows) for key in ("features", "image", "image_inputs")}
+    subset["target"] = tf.constant(np.log(image_scale)[image_row[rows]], tf.float32)
+    trainer = Trainer(_ScaleRegression(network), network.trainable_variables, subset,
+                      learning_rate=_START_LEARNING_RATE, seed=0, jit_compile=params.jit_compile)
+    trainer.run(_START_STEPS, tol=0.0, n_iter_no_change=_START_STEPS)
+
+
+class _ScaleRegression:
+    """The squared error of a scale network's log Σ against ``target``, in the shape of
+    the loss terms a :class:`~skmerge.model.training.Trainer` minimises."""
+
+    def __init__(self, network):
+        self.network = network
+
+    def loss_terms(self, data, seed):
+        from .._tf import tf
+
+        loss = tf.reduce_mean(tf.square(self.network.of(data)[0] - data["target"]))
+        return tf.stack([loss, loss, 0.0])
+
+
+def _posterior(params, state, data, mu, spread, previous):
     """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
-    a robust merge (:func:`~skmerge.baseline.robust_mean`) scaled by the (starting) scale
-    network, the prior, Wilson's mean with a multiple of Wilson's standard deviation (a
-    number), or a merged table's amplitudes; a warm start keeps the posterior of
-    reflections seen before."""
+    a robust merge (:func:`~skmerge.baseline.robust_mean`) of the rows of ``data`` scaled
+    by their starting scales (log Σ ~ Normal(``mu``, ``spread``)), the prior, Wilson's mean
+    with a multiple of Wilson's standard deviation (a number), or a merged table's
+    amplitudes; a warm start keeps the posterior of reflections seen before."""
     from .posterior import TruncatedNormalPosterior
 
     reflections = state.reflections
@@ -166,7 +208,6 @@ def _posterior(params, state, network, data, previous):
         loc, scale = wilson_moments(reflections)
         scale = init * scale
     else:
-        mu, spread = (t.numpy().astype(np.float64) for t in network(data["features"], data["image"]))
         scale_mean = np.exp(mu + spread**2 / 2)
         # A prior that ties reflections together (double-Wilson) starts every family
         # from one estimate of all its observations: separate starts would hand each

@@ -237,8 +237,9 @@ def laue_band(X, wavelength_key, wavelength_range):
     return bands, float(X["dHKL"].min())
 
 
-def tensor_data(refl, image, features, intensity, sigma, spot=None):
-    """The dict of tensors a :class:`~skmerge.model.training.MergingModel` reads."""
+def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs=None):
+    """The dict of tensors a :class:`~skmerge.model.training.MergingModel` reads
+    (``image_inputs``: what an image encoder reads of each row besides its features)."""
     from .._tf import tf
 
     data = {
@@ -250,16 +251,19 @@ def tensor_data(refl, image, features, intensity, sigma, spot=None):
     }
     if spot is not None:
         data["spot"] = tf.constant(spot, tf.int32)
+    if image_inputs is not None:
+        data["image_inputs"] = tf.constant(image_inputs, tf.float32)
     return data
 
 
 def chunks(data):
-    """Pieces of evaluation data of about EVAL_CHUNK rows, never splitting a spot."""
+    """Pieces of evaluation data of about EVAL_CHUNK rows, never splitting a spot; a
+    table of every image's embedding (``image_embedding``) goes whole with each."""
     n_rows = int(data["refl"].shape[0])
     if n_rows <= EVAL_CHUNK:
         yield data
         return
-    row_keys = [k for k in data if k not in ("intensity", "sigma")]
+    row_keys = [k for k in data if k not in ("intensity", "sigma", "image_embedding")]
     spot = data["spot"].numpy() if "spot" in data else np.arange(n_rows)
     start = 0
     while start < n_rows:
@@ -271,5 +275,7 @@ def chunks(data):
         chunk["intensity"], chunk["sigma"] = data["intensity"][first:last], data["sigma"][first:last]
         if "spot" in data:
             chunk["spot"] = chunk["spot"] - first
+        if "image_embedding" in data:
+            chunk["image_embedding"] = data["image_embedding"]
         yield chunk
         start = stop

@@ -3,7 +3,7 @@ evaluation of tables with them.
 
 A fit learns TensorFlow weights (the posterior, the scale network, the error model) and
 everything around them that turns a table into the model's inputs: the reflections, the
-images with offsets, the intensity unit, the fitted metadata transformer, the Wilson
+images of the fit, the intensity unit, the fitted metadata transformer, the Wilson
 curve and, for Laue data, the band of the harmonic expansion. The second kind is a
 :class:`FitState`. The estimator copies both into its fitted attributes only once
 training has succeeded, and rebuilds them from those attributes to evaluate.
@@ -16,7 +16,7 @@ import numpy as np
 
 from ..features import metadata_features
 from ..merged import anomalous_table, merged_table
-from ..symmetry import lookup_keys, unpack_group, unpack_hkl
+from ..symmetry import lookup_keys, resolution, unpack_group, unpack_hkl
 from .data import Reflections, chunks, encode, tensor_data
 from .initialisation import evaluate_curve
 
@@ -81,16 +81,40 @@ class FitState:
         prior = prior_of(params).build(union).take(np.arange(len(known), len(union)))
         return refl, prior
 
+    def image_inputs(self, observations):
+        """What an image encoder reads of each row of encoded observations besides its
+        metadata (:func:`~skmerge.model.scaling.observation_inputs`), the expected
+        intensity being the Wilson curve's at the row's resolution."""
+        from .scaling import observation_inputs
+
+        keys, inverse = np.unique(observations.keys, return_inverse=True)
+        expected = evaluate_curve(self.wilson_curve, resolution(unpack_hkl(keys), self.reflections.cell))
+        obs = observations.of_row(np.arange(len(observations.keys)))
+        c = self.intensity_scale
+        return observation_inputs(observations.intensity[obs] / c, observations.sigma[obs] / c,
+                                  expected[inverse.ravel()])
+
     def evaluation_data(self, params, X, y=None):
-        """Tensors for evaluating X, and the prior of reflections the fit never saw."""
+        """Tensors for evaluating X, and the prior of reflections the fit never saw.
+
+        With per-image offsets, the images of X are numbered as in the fit (−1 for those
+        it never saw); with the image encoder, among X's own images, with the inputs the
+        encoder reads of every row."""
+        from .scaling import image_model
+
         observations = self.encode(params, X, y)
         refl, extra = self.locate(params, observations.keys)
-        found = np.minimum(np.searchsorted(self.image_ids, observations.image_id), len(self.image_ids) - 1)
-        image = np.where(self.image_ids[found] == observations.image_id, found, -1)
+        image_inputs = None
+        if image_model(params) == "encoder":
+            image = np.unique(observations.image_id, return_inverse=True)[1].ravel()
+            image_inputs = self.image_inputs(observations)
+        else:
+            found = np.minimum(np.searchsorted(self.image_ids, observations.image_id), len(self.image_ids) - 1)
+            image = np.where(self.image_ids[found] == observations.image_id, found, -1)
         c = self.intensity_scale
         features = metadata_features(self.metadata_transformer, observations.rows, params.metadata)
         data = tensor_data(refl, image, features, observations.intensity / c, observations.sigma / c,
-                           observations.spot)
+                           observations.spot, image_inputs)
         return data, extra
 
     def merged(self, params, model, X):
@@ -119,9 +143,12 @@ class FitState:
         """Mean and standard deviation of each observation's predicted intensity (in the
         input's units), and of its scale. A Laue spot sums its harmonics (their
         variances added) and takes the scale of its first harmonic."""
-        data, extra = self.evaluation_data(params, X, np.zeros(len(X)))
+        from .scaling import image_model
+
+        # Only an image encoder reads the observed intensities (X may lack them otherwise).
+        data, extra = self.evaluation_data(params, X, None if image_model(params) == "encoder" else np.zeros(len(X)))
         outputs = [[] for _ in range(4)]
-        for chunk in chunks(data):
+        for chunk in _evaluation_chunks(model, data):
             for out, value in zip(outputs, model.predict(chunk, extra)):
                 out.append(value.numpy().astype(np.float64))
         mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
@@ -141,8 +168,19 @@ class FitState:
 
         data, extra = self.evaluation_data(params, X, y)
         seed = tf.constant([seed, 2])
-        values = [model.log_predictive(chunk, n_samples, seed, extra).numpy() for chunk in chunks(data)]
+        values = [model.log_predictive(chunk, n_samples, seed, extra).numpy()
+                  for chunk in _evaluation_chunks(model, data)]
         return np.concatenate(values).astype(np.float64) - math.log(self.intensity_scale)
+
+
+def _evaluation_chunks(model, data):
+    """The pieces of evaluation data (:func:`~skmerge.model.data.chunks`), with the
+    encoder's embedding of every image computed once from all its rows, which the pieces
+    may split."""
+    network = model.scale_network
+    if network.encoder is not None:
+        data = dict(data, image_embedding=network.image_embeddings(chunks(data), int(data["image"].numpy().max()) + 1))
+    return chunks(data)
 
 
 @dataclass

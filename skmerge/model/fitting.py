@@ -110,7 +110,7 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
             if isinstance(noise, tf.Module):
                 variables += list(noise.trainable_variables)
     else:
-        data["mu"], data["spread"] = model.scale_network(data["features"], data["image"])
+        data["mu"], data["spread"] = model.scale_network.of(data)
     if params.batch_size is not None and params.batch_size < len(state.image_ids):
         data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
                             params.batch_size, spot=observations.spot)

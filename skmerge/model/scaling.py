@@ -1,13 +1,16 @@
 """The scale model: a neural network from an observation's metadata to the distribution
-of its scale, plus optional per-image offsets.
+of its scale, and what tells images apart: per-image offsets, or an image encoder.
 
 log Σᵢ ~ Normal(μᵢ, sᵢ) with (μᵢ, sᵢ) = network(metadataᵢ) (+ bᵢₘₐ₉ₑ on μ), so Σ is
-always positive (careless uses a normal law for Σ, which allows negative scales).
+always positive (careless uses a normal law for Σ, which allows negative scales). With
+the image encoder, (μᵢ, sᵢ) = network(metadataᵢ, eᵢₘₐ₉ₑ) instead, where the image's
+embedding e is computed from the image's own observations (:class:`ImageEncoder`).
 """
 
 import numpy as np
 
 from .._tf import tf
+from ..features import split_metadata
 from .posterior import softplus_inverse
 
 _LEAK = 0.01
@@ -15,10 +18,107 @@ _INITIAL_SPREAD = 0.05
 _MIN_SPREAD = 1e-3
 _CHUNK_ROWS = 4096
 _PARALLEL_CHUNKS = 2
+# The image encoder: hidden width of both its perceptrons, and the size of an embedding.
+_ENCODER_WIDTH = 16
+_EMBEDDING_SIZE = 4
+# What the encoder reads of an observation besides its metadata features.
+N_OBSERVATION_INPUTS = 2
+
+
+def image_model(params):
+    """How an estimator's scale model tells images apart: "offsets", "encoder", or None
+    when images get no scale of their own (``image_scales=False`` and no ``"image_id"``
+    among the metadata)."""
+    own = params.image_scales
+    if isinstance(params.metadata, (list, tuple)):
+        own = own or split_metadata(params.metadata)[1]
+    return params.image_model if own else None
+
+
+def observation_inputs(intensity, sigma, expected):
+    """What the image encoder reads of each observation besides its metadata: asinh(I/⟨I⟩)
+    and log(σ/⟨I⟩), with ⟨I⟩ the mean intensity expected at the observation's resolution.
+
+    Dividing by ⟨I⟩ takes the fall-off with resolution out, so that what is left of an
+    image's intensities is its scale (and partialities, and the amplitudes' spread);
+    asinh grows like a logarithm for strong spots and keeps the sign of negative ones,
+    so that no single spot dominates an image's mean.
+
+    Returns
+    -------
+    ndarray of shape (n, N_OBSERVATION_INPUTS), float32
+    """
+    return np.stack([np.arcsinh(intensity / expected), np.log(sigma / expected)], axis=1).astype(np.float32)
+
+
+class ImageEncoder(tf.Module):
+    """A set encoder: each image's embedding, computed from its own observations.
+
+    A perceptron maps each observation's inputs to a summary; the summaries of an image
+    are averaged, and a second perceptron maps the average to the image's embedding.
+    The average makes the embedding independent of the order of the observations, and
+    the weights are shared by all images, so that the model's size does not grow with
+    their number and an image the fit never saw gets an embedding all the same.
+
+    Parameters
+    ----------
+    n_inputs : int
+        Inputs per observation.
+    rng : numpy.random.RandomState
+        Draws the initial weights.
+    """
+
+    def __init__(self, n_inputs, rng, name="image_encoder"):
+        super().__init__(name=name)
+        self.observation_layers = _dense_layers([n_inputs, _ENCODER_WIDTH, _ENCODER_WIDTH], rng)
+        self.image_layers = _dense_layers([_ENCODER_WIDTH, _ENCODER_WIDTH, _EMBEDDING_SIZE], rng)
+
+    def __call__(self, inputs, image):
+        """The embedding of every row's image, pooling the rows given: every row of an
+        image must be among them (whole data, or a batch of whole images). Rows of image
+        −1 (padding) are pooled among themselves."""
+        images, local = tf.unique(image)
+        pooled = tf.math.unsorted_segment_mean(self.summaries(inputs), local, tf.size(images))
+        return tf.gather(self.embedding(pooled), local)
+
+    def table(self, pieces, n_images):
+        """The embedding of each of ``n_images`` images, shape (n_images, size), from
+        ``pieces`` of rows, (inputs, image) pairs that may split an image's rows: the
+        summaries are summed per image across the pieces before the average."""
+        total = tf.zeros([n_images, _ENCODER_WIDTH])
+        count = tf.zeros([n_images])
+        for inputs, image in pieces:
+            total += tf.math.unsorted_segment_sum(self.summaries(inputs), image, n_images)
+            count += tf.math.unsorted_segment_sum(tf.ones(tf.shape(image)), image, n_images)
+        return self.embedding(total / tf.maximum(count, 1.0)[:, None])
+
+    def summaries(self, inputs):
+        return _perceptron(self.observation_layers, inputs, activate_last=True)
+
+    def embedding(self, pooled):
+        return _perceptron(self.image_layers, pooled, activate_last=False)
+
+    def variables_in_order(self):
+        return [v for layer in (*self.observation_layers, *self.image_layers) for v in layer]
+
+
+def _dense_layers(sizes, rng):
+    """(kernel, bias) of each layer of a perceptron, He-initialised."""
+    return [(tf.Variable(rng.normal(0, np.sqrt(2.0 / fan_in), (fan_in, fan_out)).astype(np.float32)),
+             tf.Variable(np.zeros(fan_out, np.float32)))
+            for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
+
+
+def _perceptron(layers, h, activate_last):
+    for i, (kernel, bias) in enumerate(layers):
+        h = tf.matmul(h, kernel) + bias
+        if activate_last or i < len(layers) - 1:
+            h = tf.nn.leaky_relu(h, _LEAK)
+    return h
 
 
 class ScaleNetwork(tf.Module):
-    """A residual multilayer perceptron with per-image offsets.
+    """A residual multilayer perceptron with per-image offsets or an image encoder.
 
     Parameters
     ----------
@@ -34,12 +134,16 @@ class ScaleNetwork(tf.Module):
         Initial per-image log-scale offsets.
     spread_bijector : {"softplus", "exp"}, default="softplus"
         The function that keeps the spread s of log Σ positive.
+    encoder : bool, default=False
+        Append to every observation's features the embedding of its image by an
+        :class:`ImageEncoder` (which reads the features and the
+        :func:`observation_inputs`).
     """
 
     def __init__(self, n_features, n_layers, width, n_images, rng, image_offsets=None, spread_bijector="softplus",
-                 name="scale"):
+                 encoder=False, name="scale"):
         super().__init__(name=name)
-        sizes = [max(n_features, 1)] + [width] * n_layers
+        sizes = [max(n_features + (_EMBEDDING_SIZE if encoder else 0), 1)] + [width] * n_layers
         self.kernels, self.biases = [], []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             # He initialisation; residual layers start smaller so that the sum of 20
@@ -55,11 +159,26 @@ class ScaleNetwork(tf.Module):
         offsets = np.zeros(n_images) if image_offsets is None else image_offsets
         self.image_offsets = tf.Variable(np.asarray(offsets, np.float32))
         self.n_features = n_features
+        # Made after the network so that its weights draw as without an encoder.
+        self.encoder = ImageEncoder(n_features + N_OBSERVATION_INPUTS, rng) if encoder else None
 
-    def __call__(self, features, image):
-        """(μ, s) of log Σ for each observation. ``image`` is −1 for images without an
-        offset of their own (held-out images), which get the mean offset."""
-        if self.n_features == 0:
+    def __call__(self, features, image, image_inputs=None, image_embedding=None):
+        """(μ, s) of log Σ for each observation.
+
+        With offsets, ``image`` is −1 for images without an offset of their own
+        (held-out images), which get the mean offset. With the encoder, ``image`` numbers
+        the images of the rows and ``image_inputs`` are the rows'
+        :func:`observation_inputs`: each image's embedding pools its rows among those
+        given, unless ``image_embedding`` (the table of every image's, from
+        :meth:`image_embeddings`) is given.
+        """
+        if self.encoder is not None:
+            if image_embedding is None:
+                embedding = self.encoder(tf.concat([features, image_inputs], 1), image)
+            else:
+                embedding = tf.gather(image_embedding, image)
+            features = tf.concat([features, embedding], 1)
+        elif self.n_features == 0:
             features = tf.zeros([tf.shape(image)[0], 1])
         out = self._stack(features)
         mu = out[:, 0]
@@ -69,6 +188,17 @@ class ScaleNetwork(tf.Module):
             mu = mu + tf.where(known, offset, tf.reduce_mean(self.image_offsets))
         positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
         return mu, positive(out[:, 1]) + _MIN_SPREAD
+
+    def of(self, data):
+        """(μ, s) of log Σ for the rows of a dict of tensors
+        (:func:`~skmerge.model.data.tensor_data`)."""
+        return self(data["features"], data["image"], data.get("image_inputs"), data.get("image_embedding"))
+
+    def image_embeddings(self, pieces, n_images):
+        """The encoder's embedding of each image from all of its rows, which the
+        ``pieces`` (dicts of tensors) may split."""
+        return self.encoder.table(((tf.concat([p["features"], p["image_inputs"]], 1), p["image"]) for p in pieces),
+                                  n_images)
 
     def _dense(self, h):
         """The dense stack on a chunk of rows held transposed, (features, rows) → (2, rows).
@@ -127,4 +257,5 @@ class ScaleNetwork(tf.Module):
         return [*self.kernels, *self.biases, self.out_kernel, self.out_bias]
 
     def _ordered(self):
-        return [*self._dense_variables(), self.image_offsets]
+        encoder = self.encoder.variables_in_order() if self.encoder is not None else []
+        return [*self._dense_variables(), *encoder, self.image_offsets]

@@ -71,7 +71,7 @@ class MergingModel(tf.Module):
         """(μ, s) of log Σ per row; frozen scales are looked up instead of recomputed."""
         if "mu" in data:
             return data["mu"], data["spread"]
-        return self.scale_network(data["features"], data["image"])
+        return self.scale_network.of(data)
 
     def _predicted(self, samples, data, seed):
         """Samples of each observation's predicted intensity, shape (n_samples, n_obs)."""
@@ -134,7 +134,9 @@ class MergingModel(tf.Module):
         scale_sq = tf.exp(2 * mu + 2 * var)
         mean = scale_mean * m2
         sd = tf.sqrt(tf.maximum(scale_sq * m4 - tf.square(mean), 0.0))
-        scale_sd = tf.sqrt(tf.maximum(scale_sq - tf.square(scale_mean), 0.0))
+        # Var Σ = E[Σ]²·(exp(s²) − 1), not E[Σ²] − E[Σ]², which float32 cancellation
+        # swamps when the spread is small.
+        scale_sd = scale_mean * tf.sqrt(tf.math.expm1(var))
         return mean, sd, scale_mean, scale_sd
 
     def expected_log_likelihood(self, data, n_samples, seed, extra_prior=None):
@@ -155,7 +157,8 @@ class ImageBatches:
     """Random batches of whole images, drawn inside the compiled training loop.
 
     The rows (and observations) of every image are listed in padded tables so that a
-    batch of ``batch_size`` images has a fixed shape; padding gets zero weight. Drawing
+    batch of ``batch_size`` images has a fixed shape; padding gets zero weight and image
+    −1 (so that an image encoder pools only the rows of each image). Drawing
     ``batch_size`` of the n images uniformly makes each image's terms count n/batch_size
     times, which keeps the loss an unbiased estimate of the full-data loss.
     """
@@ -185,6 +188,7 @@ class ImageBatches:
         row_ok = tf.cast(rows >= 0, tf.float32)
         rows = tf.maximum(rows, 0)
         batch = {k: tf.gather(v, rows) for k, v in self.data.items() if k not in ("intensity", "sigma", "spot")}
+        batch["image"] = tf.where(row_ok > 0, batch["image"], -1)
         batch["kl_weight"] = factor * row_ok * tf.gather(self.kl_per_row, rows)
         batch["n_total"] = tf.constant(self.n_total, tf.float32)
         if self.spot_table is None:
