@@ -186,9 +186,9 @@ def test_a_signal_during_the_fit_leaves_no_outputs(tmp_path, monkeypatch, capsys
     (tmp_path / "out").mkdir()
     fit = VariationalMerger.fit
 
-    def interrupted(self, X, y=None):
+    def interrupted(self, X, y=None, **options):
         os.kill(os.getpid(), getattr(signal, sig))
-        return fit(self, X, y)
+        return fit(self, X, y, **options)
 
     monkeypatch.setattr(VariationalMerger, "fit", interrupted)
     assert main(["mono", *FLAGS, "dHKL", str(path), str(tmp_path / "out" / "x")]) == 130
