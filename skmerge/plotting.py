@@ -228,13 +228,13 @@ def plot_signal(statistics, labels=None):
     return figure
 
 
-def plot_wilson(tables):
-    """Wilson plots: ln⟨I⟩ against 1/d² with the fitted line of each data set.
+def plot_wilson(fits):
+    """Wilson plots: ln⟨I/ε⟩ against 1/d² with the fitted line of each data set.
 
     Parameters
     ----------
-    tables : dict of str → (DataFrame, float)
-        Per data set, :func:`skmerge.report.wilson_table`'s bins and B.
+    fits : dict of str → WilsonFit
+        Per data set, :func:`skmerge.analysis.wilson_b`.
 
     Returns
     -------
@@ -242,24 +242,16 @@ def plot_wilson(tables):
     """
     from matplotlib.figure import Figure
 
-    from .report import WILSON_FIT_D
-
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
-    for index, (name, (table, b_factor)) in enumerate(tables.items()):
-        positive = table[table["mean_i"] > 0]
-        x, y = positive["inv_d2"].to_numpy(float), np.log(positive["mean_i"].to_numpy(float))
-        label = name if len(tables) > 1 else "ln⟨I⟩"
-        axes.plot(x, y, "o", ms=4, color=f"C{index}", label=label)
-        fitted = x > WILSON_FIT_D**-2.0
-        if np.isfinite(b_factor) and fitted.sum() >= 2:
-            # The line through the fitted bins' centroid with the slope −B/2.
-            slope = -b_factor / 2.0
-            intercept = np.mean(y[fitted]) - slope * np.mean(x[fitted])
-            line = np.array([x[fitted].min(), x.max()])
-            axes.plot(line, intercept + slope * line, "-", color=f"C{index}", lw=1, label=f"B = {b_factor:.1f} Å²")
+    for index, (name, fit) in enumerate(fits.items()):
+        shells = fit.shells
+        label = name if len(fits) > 1 else "ln⟨I/ε⟩"
+        axes.plot(shells["inv_d2"], shells["log_intensity"], "o", ms=4, color=f"C{index}", label=label)
+        used = shells[shells["used"]]
+        axes.plot(used["inv_d2"], used["fitted"], "-", color=f"C{index}", lw=1, label=f"B = {fit.b:.1f} Å²")
     axes.set_xlabel("1/d² (Å⁻²)")
-    axes.set_ylabel("ln⟨I⟩")
+    axes.set_ylabel("ln⟨I/ε⟩")
     secondary = axes.secondary_xaxis("top", functions=(_inverse_root, _inverse_root))
     secondary.set_xlabel("resolution (Å)")
     axes.grid(alpha=0.3)

@@ -30,14 +30,7 @@ import pandas as pd
 from . import __version__
 from .errors import InputError
 
-__all__ = ["RunOutputs", "anomalous_signal", "image_table", "register", "report_html", "run_info", "wilson_table",
-           "write_report"]
-
-WILSON_BINS = 20
-"""Equal-count resolution bins of the Wilson plot."""
-WILSON_FIT_D = 4.5
-"""The Wilson B is fitted to the bins at higher resolution than this (Å), where the
-intensities fall off as a Gaussian in 1/d."""
+__all__ = ["RunOutputs", "anomalous_signal", "image_table", "register", "report_html", "run_info", "write_report"]
 _FIGURE_DPI = 90
 # Distributions whose versions the report gives; the first installed name of each entry.
 _PACKAGES = {
@@ -396,77 +389,23 @@ def _signal_section(outputs):
     return _figure(plot_signal(outputs.statistics, _labels(outputs)), "I/sigma and completeness against resolution")
 
 
-def wilson_table(merged, n_bins=WILSON_BINS):
-    """Mean intensity in equal-count resolution bins of a merged data set, and the
-    apparent Wilson B fitted to the bins beyond :data:`WILSON_FIT_D`.
-
-    Parameters
-    ----------
-    merged : rs.DataSet
-        A merged data set with I (or careless's columns) and a unit cell.
-    n_bins : int, default=20
-
-    Returns
-    -------
-    table : DataFrame
-        One row per bin: inv_d2 (mean 1/d² of its reflections, Å⁻²), mean_i, n.
-    b_factor : float
-        B (Å²) from ln⟨I⟩ = ln k − B/(2d²) by least squares over the bins with
-        d < 4.5 Å (all bins when fewer than three are); NaN when no bin has ⟨I⟩ > 0.
-
-    Examples
-    --------
-    >>> import gemmi
-    >>> import numpy as np
-    >>> import reciprocalspaceship as rs
-    >>> from skmerge.report import wilson_table
-    >>> cell = gemmi.UnitCell(40, 40, 40, 90, 90, 90)
-    >>> hkl = rs.utils.generate_reciprocal_asu(cell, gemmi.SpaceGroup("P 1"), 2.0)
-    >>> d = cell.calculate_d_array(hkl)
-    >>> intensity = np.random.default_rng(0).exponential(np.exp(-20.0 / (2 * d**2)))
-    >>> merged = rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "I": intensity},
-    ...                     cell=cell, spacegroup=gemmi.SpaceGroup("P 1")).set_index(["H", "K", "L"])
-    >>> table, b = wilson_table(merged)
-    >>> len(table), round(b / 10)
-    (20, 2)
-    """
-    from .shells import make_shells
-    from .stats import standardise_columns
-
-    merged, _ = standardise_columns(merged, "merged")
-    if "I" not in merged.columns or merged.cell is None:
-        raise InputError("the Wilson plot needs merged intensities (I) and a unit cell")
-    intensity = merged["I"].to_numpy(np.float64, na_value=np.nan)
-    hkl = merged.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
-    d = merged.cell.calculate_d_array(hkl)
-    keep = np.isfinite(intensity)
-    intensity, d = intensity[keep], d[keep]
-    shells = make_shells(d, min(n_bins, max(1, len(np.unique(d)) // 10)))
-    shell = shells.assign(d)
-    rows = [{"inv_d2": float(np.mean(d[shell == i] ** -2.0)), "mean_i": float(np.mean(intensity[shell == i])),
-             "n": int(np.sum(shell == i))} for i in range(shells.n) if np.any(shell == i)]
-    table = pd.DataFrame(rows)
-    usable = table[table["mean_i"] > 0]
-    fitted = usable[usable["inv_d2"] > WILSON_FIT_D**-2.0]
-    fitted = fitted if len(fitted) >= 3 else usable
-    if len(fitted) < 2:
-        return table, float("nan")
-    slope = np.polyfit(fitted["inv_d2"], np.log(fitted["mean_i"]), 1)[0]
-    return table, float(-2.0 * slope)
-
-
 def _wilson_section(outputs):
+    from .analysis import WILSON_D_MAX, wilson_b
     from .plotting import plot_wilson
 
-    tables = {}
+    fits, notes = {}, []
     for name, merged in zip(outputs.names, outputs.merged):
-        if merged is not None:
-            tables[name] = wilson_table(merged)
-    if not tables:
-        return _note("No merged data set (OUT_<i>.mtz): no Wilson plot.")
-    text = ("<p>ln⟨I⟩ against 1/d² in equal-count bins; the line is fitted at d &lt; "
-            f"{WILSON_FIT_D:g} Å and gives the apparent B (Å²) on the merged, unscaled-to-absolute intensities.</p>")
-    return text + _figure(plot_wilson(tables), "Wilson plot")
+        if merged is None:
+            continue
+        try:
+            fits[name] = wilson_b(merged)
+        except InputError as exc:
+            notes.append(f"{name}: {exc}")
+    if not fits:
+        return _note("No Wilson plot: " + ("; ".join(notes) or "no merged data set (OUT_<i>.mtz)") + ".")
+    text = ("<p>ln⟨I/ε⟩ against 1/d² in equal-count shells (skmerge bfactor); the line is fitted at d &lt; "
+            f"{WILSON_D_MAX:g} Å and gives the apparent B (Å²) on the merged, unscaled-to-absolute intensities.</p>")
+    return text + "".join(_note(n) for n in notes) + _figure(plot_wilson(fits), "Wilson plot")
 
 
 def image_table(predictions, calibration=None):

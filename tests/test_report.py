@@ -17,7 +17,7 @@ import reciprocalspaceship as rs
 from skmerge.cli import main
 from skmerge.datasets import make_unmerged
 from skmerge.errors import InputError
-from skmerge.report import RunOutputs, image_table, report_html, wilson_table
+from skmerge.report import RunOutputs, image_table, report_html
 
 SECTIONS = ("run", "statistics", "correlations", "signal", "wilson", "images", "history", "calibration", "anomalous")
 FIGURES = SECTIONS[2:]
@@ -192,8 +192,10 @@ def test_image_table_and_wilson_b(run):
     assert table["n_obs"].sum() == len(predictions) and (table["cc_pred"] > 0.5).all()
     assert np.allclose(table["scale"], pd.Series(predictions["Scale"].to_numpy(float)).groupby(
         predictions["image_id"].to_numpy()).median())
-    bins, b_factor = wilson_table(rs.read_mtz(f"{run}_0.mtz"))
-    assert bins["n"].sum() > 0 and 0 < b_factor < 60, "the simulated B is 15 Å²"
+    from skmerge.analysis import wilson_b
+
+    fit = wilson_b(rs.read_mtz(f"{run}_0.mtz"))
+    assert fit.shells["n"].sum() > 0 and 0 < fit.b < 60, "the simulated B is 15 Å²"
 
 
 @pytest.mark.realdata
