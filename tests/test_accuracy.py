@@ -69,7 +69,7 @@ def test_sigf_is_calibrated(rotation):
 
 @pytest.fixture(scope="module")
 def outliers():
-    return make_unmerged(n_images=180, outlier_fraction=0.02, random_state=12)
+    return make_unmerged(n_images=90, outlier_fraction=0.02, random_state=12)
 
 
 def test_studentt_beats_normal_with_outliers(outliers):
