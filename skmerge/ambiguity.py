@@ -249,11 +249,11 @@ def assign_operators(X, operators, reference=None, random_state=None):
     image_ids, image = np.unique(X["image_id"].to_numpy(np.int64), return_inverse=True)
     image = image.ravel()
     n_images = len(image_ids)
+    if n_images == 1 or len(operators) == 1:
+        return image_ids, np.zeros(n_images, dtype=np.int64)
     keys = _setting_keys(X, operators)
     x = _normalised_intensities(X, image, n_images)
     neighbours = _neighbours(X, image, n_images)
-    if n_images == 1 or len(operators) == 1:
-        return image_ids, np.zeros(n_images, dtype=np.int64)
     if len(operators) == 2:
         starts = [_spectral_start(image, keys, x, n_images, rng)]
     else:
@@ -273,7 +273,7 @@ def assign_operators(X, operators, reference=None, random_state=None):
             + "; the settings cannot be told apart, so the images are merged as indexed. The crystal may have "
             "higher symmetry than its space group, or be twinned.", DataWarning, stacklevel=2)
         return image_ids, np.zeros(n_images, dtype=np.int64)
-    return image_ids, _global_setting(best, X, operators, keys, x, image, reference)
+    return image_ids, _global_setting(best, X, operators, image, reference)
 
 
 def _symmetric_settings(assignment, image, keys, x, operators, block):
@@ -446,7 +446,7 @@ def _coordinate_ascent(assignment, image, keys, x, n_images, operators, neighbou
     return assignment, value
 
 
-def _global_setting(assignment, X, operators, keys, x, image, reference):
+def _global_setting(assignment, X, operators, image, reference):
     """The assignment composed with the global operator that agrees best with the
     reference, or that leaves most images in their own setting."""
     if reference is None:
@@ -454,32 +454,33 @@ def _global_setting(assignment, X, operators, keys, x, image, reference):
         # Ties keep the identity (the order of the operators).
         majority = int(np.argmax(counts))
         return operators.product[assignment, operators.inverse[majority]]
-    scores = [_reference_agreement(operators.product[assignment, g], X, operators, reference)
-              for g in range(len(operators))]
-    return operators.product[assignment, int(np.nanargmax(scores))]
-
-
-def _reference_agreement(assignment, X, operators, reference):
-    """Correlation of the mean intensity per reflection, with every image reindexed by
-    its operator, with the reference's intensities."""
     from types import SimpleNamespace
 
     from .model.priors import _reference_amplitudes
 
-    image = np.unique(X["image_id"].to_numpy(np.int64), return_inverse=True)[1].ravel()
-    hkl = operators.apply(X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int64), assignment[image])
-    asu, _ = map_to_asu(hkl, X.spacegroup, anomalous=False)
+    # Read once; each global operator is then scored against it.
+    ref_hkl, ref_f, _ = _reference_amplitudes(reference, SimpleNamespace(spacegroup=X.spacegroup, anomalous=False))
+    ref_keys, ref_i = pack_hkl(ref_hkl), ref_f**2
+    hkl = X[["Hobs", "Kobs", "Lobs"]].to_numpy(np.int64)
+    intensity = X["Iobs"].to_numpy(np.float64)
+    scores = [_reference_agreement(operators.apply(hkl, operators.product[assignment, g][image]), intensity,
+                                   X.spacegroup, ref_keys, ref_i) for g in range(len(operators))]
+    return operators.product[assignment, int(np.nanargmax(scores))]
+
+
+def _reference_agreement(hkl, intensity, spacegroup, ref_keys, ref_i):
+    """Correlation of the mean intensity per reflection of the reindexed ``hkl`` with
+    the reference's intensities."""
+    asu, _ = map_to_asu(hkl, spacegroup, anomalous=False)
     keys, where = np.unique(pack_hkl(asu), return_inverse=True)
     where = where.ravel()
-    mean = np.bincount(where, X["Iobs"].to_numpy(np.float64)) / np.bincount(where)
-    ref_hkl, ref_f, _ = _reference_amplitudes(reference, SimpleNamespace(spacegroup=X.spacegroup, anomalous=False))
-    ref_keys = pack_hkl(ref_hkl)
+    mean = np.bincount(where, intensity) / np.bincount(where)
     at = np.minimum(np.searchsorted(ref_keys, keys), len(ref_keys) - 1)
     shared = ref_keys[at] == keys
     if shared.sum() < 3:
         raise InputError("the reindexing reference shares fewer than 3 reflections with the data; give a merged "
                          "data set of the same crystal form.")
-    return float(np.corrcoef(mean[shared], ref_f[at[shared]] ** 2)[0, 1])
+    return float(np.corrcoef(mean[shared], ref_i[at[shared]])[0, 1])
 
 
 def setting_probabilities(state, params, model, X, operators, seed, n_samples=8):
