@@ -107,7 +107,7 @@ def friedel_halves(hkl, columns, spacegroup, fill_value=np.nan, group=None):
     return unique, out
 
 
-def anomalous_table(hkl, columns, spacegroup, cell, group=None):
+def anomalous_table(hkl, columns, spacegroup, cell, group=None, mate_correlation=None):
     """A merged table with Friedel columns from per-half values of anomalous ASU
     reflections.
 
@@ -122,6 +122,9 @@ def anomalous_table(hkl, columns, spacegroup, cell, group=None):
     group : ndarray of shape (n,), optional
         File ids: reflections of different groups stay apart and a ``file_id`` column is
         added.
+    mate_correlation : ndarray of shape (n,), optional
+        Posterior correlation of every row's amplitude with its Friedel mate's (0 where
+        they are independent): enters SIGF, SIGI and SIGDANO (:func:`combine_friedel`).
 
     Returns
     -------
@@ -143,6 +146,8 @@ def anomalous_table(hkl, columns, spacegroup, cell, group=None):
     >>> table[["F", "I", "N", "DANO"]].reset_index().values.tolist()
     [[1, 2, 3, 3.0, 11.0, 3, 2.0], [2, 0, 0, 3.0, 10.0, 3, nan]]
     """
+    if mate_correlation is not None:
+        columns = {**columns, "correlation": np.asarray(mate_correlation, np.float64)}
     if group is None:
         plus_hkl, halves = friedel_halves(hkl, columns, spacegroup)
     else:
@@ -150,7 +155,9 @@ def anomalous_table(hkl, columns, spacegroup, cell, group=None):
     centric, _ = reflection_flags(plus_hkl, spacegroup)
     halves["N(+)"] = np.nan_to_num(halves["N(+)"]).astype(np.int32)
     halves["N(-)"] = np.nan_to_num(halves["N(-)"]).astype(np.int32)
-    combined = combine_friedel(halves, centric)
+    correlation = halves.pop("correlation(+)", None)
+    halves.pop("correlation(-)", None)
+    combined = combine_friedel(halves, centric, correlation)
     out = {name: combined[name] for name in ("F", "SIGF", "I", "SIGI", "N")}
     for quantity in ("F", "I"):
         for sign in ("(+)", "(-)"):
@@ -163,14 +170,16 @@ def anomalous_table(hkl, columns, spacegroup, cell, group=None):
     return merged_table(plus_hkl, out, spacegroup, cell)
 
 
-def combine_friedel(halves, centric):
+def combine_friedel(halves, centric, correlation=None):
     """Friedel-mean columns and anomalous differences from Friedel-half columns.
 
     For X in F and I: X is the mean of the measured halves (finite X(±)) and SIGX the
-    standard deviation of that mean, √(ΣSIGX(±)²) / n_halves. N = N(+) + N(−). DANO =
-    F(+) − F(−) and SIGDANO = √(SIGF(+)² + SIGF(−)²) where both halves are measured. A
-    centric reflection has one value, which its Friedel columns may both hold or only one
-    of them: it is counted once, and has no DANO.
+    standard deviation of that mean, √(SIGX(+)² + SIGX(−)² + 2ρ·SIGX(+)·SIGX(−)) / n_halves.
+    N = N(+) + N(−). DANO = F(+) − F(−) and SIGDANO = √(SIGF(+)² + SIGF(−)² −
+    2ρ·SIGF(+)·SIGF(−)) where both halves are measured. ρ is the halves' posterior
+    correlation (``correlation``; 0 when not given: independent halves). A centric
+    reflection has one value, which its Friedel columns may both hold or only one of them:
+    it is counted once, and has no DANO.
 
     Parameters
     ----------
@@ -179,6 +188,8 @@ def combine_friedel(halves, centric):
         half holds NaN (N: 0 or NaN).
     centric : ndarray of bool
         Centric flag of every reflection.
+    correlation : ndarray, optional
+        Posterior correlation of each reflection's two halves (NaN or 0: independent).
 
     Returns
     -------
@@ -197,6 +208,7 @@ def combine_friedel(halves, centric):
     ([8.0, 4.0, 7.0], [2.5, 1.0, 2.0])
     """
     centric = np.asarray(centric, dtype=bool)
+    rho = np.zeros(len(centric)) if correlation is None else np.nan_to_num(np.asarray(correlation, np.float64))
     out = {}
     for name in ("F", "I"):
         if name + "(+)" not in halves:
@@ -208,7 +220,8 @@ def combine_friedel(halves, centric):
             sigma = "SIG" + name
             if sigma + "(+)" in halves:
                 sig_plus, sig_minus = _one_centric_value(halves[sigma + "(+)"], halves[sigma + "(-)"], centric)
-                out[sigma] = np.sqrt(np.nansum([sig_plus**2, sig_minus**2], axis=0)) / n_halves
+                shared = np.nan_to_num(2 * rho * sig_plus * sig_minus)
+                out[sigma] = np.sqrt(np.nansum([sig_plus**2, sig_minus**2], axis=0) + shared) / n_halves
     if "N(+)" in halves:
         n_plus = np.nan_to_num(np.asarray(halves["N(+)"], dtype=np.float64))
         n_minus = np.nan_to_num(np.asarray(halves["N(-)"], dtype=np.float64))
@@ -217,8 +230,9 @@ def combine_friedel(halves, centric):
         dano = np.asarray(halves["F(+)"], dtype=np.float64) - np.asarray(halves["F(-)"], dtype=np.float64)
         out["DANO"] = np.where(centric, np.nan, dano)
         if "SIGF(+)" in halves:
-            sigdano = np.sqrt(np.asarray(halves["SIGF(+)"], dtype=np.float64) ** 2
-                              + np.asarray(halves["SIGF(-)"], dtype=np.float64) ** 2)
+            sig_plus = np.asarray(halves["SIGF(+)"], dtype=np.float64)
+            sig_minus = np.asarray(halves["SIGF(-)"], dtype=np.float64)
+            sigdano = np.sqrt(np.maximum(sig_plus**2 + sig_minus**2 - 2 * rho * sig_plus * sig_minus, 0.0))
             out["SIGDANO"] = np.where(np.isnan(out["DANO"]), np.nan, sigdano)
     return out
 

@@ -123,6 +123,31 @@ def test_expected_log_prob_is_unbiased_for_the_mean_field_expectation():
     np.testing.assert_allclose(estimates, brute, atol=0.02)
 
 
+
+def test_coupling_is_the_cross_curvature_of_the_log_prior():
+    prior, centric, n = _pairs(n=4, r=0.8, v=2.0)
+    f = np.array([1.0, 0.5, 2.0, 1.5, 1.2, 0.3, 1.9, 1.1])
+    coupling = prior.coupling(tf.constant(f[None], tf.float32)).numpy()
+    assert (coupling[:n] == 0).all()  # roots
+    k, w = 0.8, 2.0 * (1 - 0.8**2)  # v = 2: k = r, centric w = v(1 − r²), acentric half of it
+
+    def log_p(child, parent_value, centric_pair):
+        if centric_pair:
+            return scipy.stats.foldnorm(k * parent_value / math.sqrt(w), scale=math.sqrt(w)).logpdf(child)
+        return scipy.stats.rice(k * parent_value / math.sqrt(w / 2), scale=math.sqrt(w / 2)).logpdf(child)
+
+    h = 1e-4
+    for i in range(n, 2 * n):
+        c, p = f[i], f[i - n]
+        numeric = (log_p(c + h, p + h, centric[i]) - log_p(c + h, p - h, centric[i])
+                   - log_p(c - h, p + h, centric[i]) + log_p(c - h, p - h, centric[i])) / (4 * h * h)
+        assert coupling[i] == pytest.approx(numeric, rel=1e-3, abs=1e-4)
+    # Strong acentric pairs: the Rice law is a normal in F_child around k·F_parent, curvature k/w.
+    strong = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    strong[[0, 4]] = 20.0, 16.0
+    assert prior.coupling(tf.constant(strong[None], tf.float32)).numpy()[4] == pytest.approx(k / (w / 2), rel=0.01)
+
+
 # ----------------------------------------------------------- parents
 def _reflections(hkl, group=None, anomalous=True, spacegroup="P 1 21 1"):
     sg = gemmi.SpaceGroup(spacegroup)

@@ -219,6 +219,30 @@ class DoubleWilsonDistribution(tfd.Distribution):
             samples = tf.where(level, drawn, samples)
         return samples
 
+    @property
+    def parent(self):
+        """Row of every reflection's parent, −1 for roots."""
+        return np.where(self._root.numpy(), -1, self._parent.numpy())
+
+    def coupling(self, samples):
+        """E_q[∂² log p(F_i | F_parent(i)) / ∂F_i ∂F_parent(i)] per reflection, 0 for roots:
+        how strongly the prior ties each child to its parent, averaged over posterior
+        ``samples`` of shape (n_samples, n_reflections). About k/w (the quadratic's
+        weight) for strong reflections; what the linear-response covariance of a family
+        (:mod:`skmerge.model.linear_response`) adds to the mean-field posterior."""
+        parent_f = tf.gather(samples, self._parent, axis=-1)
+        with tf.GradientTape() as outer:
+            outer.watch(parent_f)
+            with tf.GradientTape() as inner:
+                inner.watch(samples)
+                centric_law, acentric_law = self._conditional(parent_f)
+                log_p = tf.where(self.centric, centric_law.log_prob(samples), acentric_law.log_prob(samples))
+            # log p_i depends on F_i and F_parent(i) only, so both gradients are elementwise.
+            slope = inner.gradient(log_p, samples)
+        cross = outer.gradient(slope, parent_f)
+        cross = tf.reduce_mean(tf.where(tf.math.is_finite(cross), cross, 0.0), axis=0)
+        return tf.where(self._root, 0.0, cross)
+
     def get_weights(self):
         """The correlations r, shape (n_files, n_shells), NaN where no child uses them."""
         return self.r.get_weights()

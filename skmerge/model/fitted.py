@@ -16,9 +16,12 @@ import numpy as np
 
 from ..features import metadata_features
 from ..merged import anomalous_table, merged_table
-from ..symmetry import lookup_keys, resolution, unpack_group, unpack_hkl
+from ..symmetry import lookup_keys, pack_hkl, resolution, unpack_group, unpack_hkl
 from .data import Reflections, chunks, encode, tensor_data
 from .initialisation import evaluate_curve
+
+# Posterior samples of the expected prior curvature behind the linear-response SIGF.
+_COVARIANCE_SAMPLES = 32
 
 
 @dataclass
@@ -128,13 +131,27 @@ class FitState:
         m1, m2, _, m4 = (m.numpy().astype(np.float64)[refl] for m in model.amplitude_moments(extra))
         counts = np.append(self.reflection_counts, 0)[np.minimum(refl, len(self.reflections))]
         root, c = math.sqrt(self.intensity_scale), self.intensity_scale
-        columns = {"F": m1 * root, "SIGF": np.sqrt(np.maximum(m2 - m1**2, 0.0)) * root, "I": m2 * c,
-                   "SIGI": np.sqrt(np.maximum(m4 - m2**2, 0.0)) * c, "N": counts.astype(np.int32)}
+        sigf, sigi = np.sqrt(np.maximum(m2 - m1**2, 0.0)), np.sqrt(np.maximum(m4 - m2**2, 0.0))
         hkl = unpack_hkl(keys)
         group = unpack_group(keys) if params.separate_files else None
+        covariance = model.amplitude_covariance(_COVARIANCE_SAMPLES, getattr(params, "seed_", 0))
+        mate_correlation = None
+        if covariance is not None:
+            fitted = refl < len(self.reflections)
+            widened = np.sqrt(covariance.variance[refl[fitted]])
+            # SIGI follows SIGF's correction: Var I ≈ 4F²·Var F for the reflections it matters for.
+            sigi[fitted] *= np.divide(widened, sigf[fitted], out=np.ones_like(widened), where=sigf[fitted] > 0)
+            sigf[fitted] = widened
+            if params.anomalous:
+                mate = lookup_keys(self.reflections.keys, pack_hkl(-hkl, group))
+                both = fitted & (mate >= 0)
+                mate_correlation = np.zeros(len(refl))
+                mate_correlation[both] = covariance.covariance(refl[both], mate[both]) / np.sqrt(
+                    covariance.variance[refl[both]] * covariance.variance[mate[both]])
+        columns = {"F": m1 * root, "SIGF": sigf * root, "I": m2 * c, "SIGI": sigi * c, "N": counts.astype(np.int32)}
         spacegroup, cell = self.reflections.spacegroup, self.reflections.cell
         if params.anomalous:
-            return anomalous_table(hkl, columns, spacegroup, cell, group)
+            return anomalous_table(hkl, columns, spacegroup, cell, group, mate_correlation)
         if group is not None:
             columns["file_id"] = group
         return merged_table(hkl, columns, spacegroup, cell)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._tf import quiet_stderr, tf
 from ..errors import NumericalError
+from .linear_response import FamilyCovariance
 
 LOSS_TERMS = ("loss", "nll", "kl")
 _CHUNK = 50
@@ -118,6 +119,18 @@ class MergingModel(tf.Module):
         if extra_prior is None:
             return moments
         return tuple(tf.concat([a, b], 0) for a, b in zip(moments, extra_prior.raw_moments()))
+
+    def amplitude_covariance(self, n_samples, seed):
+        """The linear-response covariance of the posterior's amplitudes
+        (:class:`~skmerge.model.linear_response.FamilyCovariance`) where the prior ties
+        them together, from ``n_samples`` posterior samples drawn with ``seed`` (an int);
+        None for a prior that does not."""
+        if not hasattr(self.prior, "coupling"):
+            return None
+        q = self.posterior.distribution()
+        m1, m2, _, _ = (m.numpy().astype(np.float64) for m in q.raw_moments())
+        coupling = self.prior.coupling(q.sample(n_samples, seed=tf.constant([seed, 5]))).numpy()
+        return FamilyCovariance(m2 - m1**2, self.prior.parent, coupling)
 
     def amplitude_samples(self, n_samples, seed, extra_prior=None):
         samples = self.posterior.distribution().sample(n_samples, seed=seed)
