@@ -413,9 +413,6 @@ def _mono(args):
     params = merger_parameters(args, keys)
     check_values(args, params)
     log = _logger(args.quiet)
-    for attr, (flag, _, reason) in cli_flags.IGNORED_CARELESS_FLAGS.items():
-        if getattr(args, attr) is not None:
-            log("warning", f"{flag} is accepted for careless compatibility and ignored: {reason}")
     cli_flags.configure_tensorflow(args)
     merger, params = cli_flags.transfer(args, params, UsageError)
 

@@ -97,6 +97,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         asinh(I/⟨I⟩) and log(σ/⟨I⟩), ⟨I⟩ the mean intensity at their resolution), so
         that the model's size does not depend on the number of images and images the
         fit never saw (``predict``, ``score``, a validation set) get scales of their own.
+    image_layers : int, default=0
+        Residual layers of ``mlp_width`` units after the shared scale network whose
+        weights belong to each image (careless's ``--image-layers``): every image can
+        then bend the metadata's effect on its scale its own way (e.g. its own
+        absorption or detector response), at the cost of ``mlp_width² + mlp_width``
+        weights per image and layer. Images the fit never saw get the mean image's.
+        Needs ``image_model="offsets"``.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
     batch_size : int, default=None
@@ -299,6 +306,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "mlp_width": [Interval(Integral, 1, None, closed="left")],
         "image_scales": ["boolean"],
         "image_model": [StrOptions({"offsets", "encoder"})],
+        "image_layers": [Interval(Integral, 0, None, closed="left")],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -335,8 +343,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", mc_samples=1, batch_size=None,
-        max_iter=2000,
+        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, mc_samples=1,
+        batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
         posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0, beta_1=0.9, beta_2=0.99, clipnorm=None,
@@ -353,6 +361,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.mlp_width = mlp_width
         self.image_scales = image_scales
         self.image_model = image_model
+        self.image_layers = image_layers
         self.mc_samples = mc_samples
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -665,13 +674,18 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
+        if self.image_layers and self.image_model != "offsets":
+            raise ParameterError(f"image_layers={self.image_layers} gives each image of the fit weights of its own; "
+                                 "the image encoder has none (use image_model=\"offsets\" or image_layers=0).")
 
     def _check_warm_start(self):
         """ParameterError unless the previous fit's model has the shape the parameters
         ask for, so that its weights can start this fit."""
         if self.error_model and not hasattr(self, "sdfac_"):
             raise ParameterError("error_model cannot warm-start from a fit made without it; refit from scratch.")
-        layers, width = (len(self.scale_weights_) - 3) // 2, self.scale_weights_[0].shape[1]
+        # The shared stack's kernels come first, then its biases (one axis).
+        layers = next(i for i, w in enumerate(self.scale_weights_) if np.ndim(w) == 1)
+        width = self.scale_weights_[0].shape[1]
         if (layers, width) != (self.mlp_layers, self.mlp_width):
             raise ParameterError(f"the previous fit's scale network has mlp_layers={layers}, mlp_width={width}; a "
                                  f"warm start needs the same, not {self.mlp_layers}, {self.mlp_width}.")

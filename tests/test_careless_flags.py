@@ -13,7 +13,6 @@ import reciprocalspaceship as rs
 import skmerge
 from skmerge import VariationalMerger
 from skmerge.cli import build_parser, main, merger_parameters
-from skmerge.cli_flags import IGNORED_CARELESS_FLAGS
 from skmerge.datasets import make_unmerged
 from skmerge._tf import tf
 from skmerge.errors import ParameterError
@@ -66,7 +65,9 @@ def test_careless_flags_reach_the_estimator():
         "positional_encoding_keys": ["XDET", "YDET"], "posterior_init": 0.3, "jit_compile": True}
     assert params["prior"].b_factor == 0
     VariationalMerger(**{k: v for k, v in params.items() if k != "verbose"})._check_params()
-    assert set(IGNORED_CARELESS_FLAGS) == {"image_layers"}
+    assert params["image_layers"] == 0
+    assert merger_parameters(build_parser().parse_args(["mono", "--image-layers", "2", KEYS, "x.mtz", "out"]),
+                             KEYS.split(","))["image_layers"] == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -241,3 +242,37 @@ def test_hypf_scales_frozen_reproduce_the_merge(data_dir, tmp_path):
     assert _cc(first.transform(X)["F"], again.transform(X)["F"]) > 0.97
     # the refit under the first fit's scales fits the data at least as well
     assert again.loss_curve_[-1, 0] <= first.loss_curve_[-1, 0]
+
+
+def test_image_layers_change_the_model_fit_and_persist(tmp_path):
+    """careless's --image-layers: per-image residual layers after the shared network,
+    which start as the identity (same first loss) and then let each image's scales bend
+    on their own; saved and loaded, and warm-started on a subset of the images."""
+    X, _ = make_unmerged(n_images=6, random_state=0)
+    common = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, mlp_width=6, max_iter=80, random_state=0)
+    plain = VariationalMerger(**common).fit(X)
+    layered = VariationalMerger(**common, image_layers=2).fit(X)
+    assert [w.shape for w in layered.scale_weights_[-5:-1]] == [(6, 6, 6), (6, 6, 6), (6, 6), (6, 6)]
+    assert layered.loss_curve_[0, 0] == pytest.approx(plain.loss_curve_[0, 0], rel=1e-5)
+    assert np.abs(layered.scale_weights_[-5]).max() > 1e-3, "the per-image kernels were trained"
+    assert not np.allclose(layered.predict(X), plain.predict(X), rtol=1e-3)
+    assert np.isfinite(layered.loss_curve_).all() and layered.loss_curve_[-1, 0] < layered.loss_curve_[0, 0]
+    loaded = skmerge.load(layered.save(tmp_path / "m.npz"))
+    assert loaded.image_layers == 2
+    np.testing.assert_array_equal(loaded.predict(X), layered.predict(X))
+    # An image the fit never saw gets the mean image's layers (and offset).
+    unseen = X[X["image_id"] == 0].copy()
+    unseen["image_id"] = 99
+    assert np.isfinite(layered.predict(unseen)).all()
+    layered.set_params(warm_start=True, max_iter=5).fit(X[X["image_id"] < 4])
+    assert layered.scale_weights_[-5].shape == (4, 6, 6)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(image_layers=-1), "image_layers"),
+    (dict(image_layers=1, image_model="encoder"), "image encoder has none"),
+])
+def test_bad_image_layers(params, message):
+    X, _ = make_unmerged(n_images=3, random_state=0)
+    with pytest.raises(ParameterError, match=message):
+        VariationalMerger(max_iter=1, **params).fit(X)

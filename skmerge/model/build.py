@@ -112,7 +112,8 @@ def restore_model(params, state, weights):
     posterior.set_weights(weights.posterior)
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
                            np.random.RandomState(0), spread_bijector=params.scale_bijector,
-                           encoder=image_model(params) == "encoder")
+                           encoder=image_model(params) == "encoder", image_layers=params.image_layers,
+                           n_layer_images=len(state.image_ids))
     network.set_weights(weights.scale)
     return merging_model(params, state, posterior, network, weights)
 
@@ -143,21 +144,34 @@ def _scale_network(params, state, rng, previous, image_scale):
     n_images = len(state.image_ids) if kind == "offsets" else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
-                           params.scale_bijector, encoder=kind == "encoder")
+                           params.scale_bijector, encoder=kind == "encoder", image_layers=params.image_layers,
+                           n_layer_images=len(state.image_ids))
     if previous is not None:
-        old_state, old_weights = previous
-        weights = list(old_weights.scale)
-        if [np.shape(w) for w in weights[:-1]] != [np.shape(w) for w in network.get_weights()[:-1]]:
-            raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
-                                 "changing metadata, mlp_layers, mlp_width or image_model.")
-        if n_images:
-            old = dict(zip(old_state.image_ids, weights[-1])) if len(weights[-1]) else {}
-            fallback = float(np.mean(weights[-1])) if len(weights[-1]) else 0.0
-            weights[-1] = np.array([old.get(i, fallback) for i in state.image_ids], np.float32)
-        else:
-            weights[-1] = np.zeros(0, np.float32)
-        network.set_weights(weights)
+        network.set_weights(_per_image_weights_for(network, state, *previous))
     return network
+
+
+def _per_image_weights_for(network, state, old_state, old_weights):
+    """The previous fit's scale weights for this fit's images: the per-image weights
+    (offsets, image layers) of the images seen before kept, the mean image's for the
+    others."""
+    weights = list(old_weights.scale)
+    per_image = network.per_image_weights()
+    current = network.get_weights()
+    shared = [i for i in range(len(current)) if i not in per_image]
+    if len(weights) != len(current) or any(np.shape(weights[i]) != np.shape(current[i]) for i in shared):
+        raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
+                             "changing metadata, mlp_layers, mlp_width, image_layers or image_model.")
+    rows = lookup_keys(old_state.image_ids, state.image_ids)
+    known = rows >= 0
+    for i in per_image:
+        old = np.asarray(weights[i], np.float32)
+        fallback = old.mean(axis=0) if len(old) else np.zeros(current[i].shape[1:], np.float32)
+        fresh = np.array(np.broadcast_to(fallback, current[i].shape), np.float32)
+        if len(old) and len(fresh):
+            fresh[known] = old[rows[known]]
+        weights[i] = fresh
+    return weights
 
 
 def _learn_quick_scales(params, network, data, image_row, image_scale, rng):
