@@ -12,8 +12,8 @@ from pathlib import Path
 from .errors import InputError
 
 # Flags whose destination is the VariationalMerger parameter of that name.
-ESTIMATOR_DESTS = ("image_layers", "kl_weight", "beta_1", "beta_2", "clipnorm", "clipvalue", "global_clipnorm", "epsilon",
-                   "scale_bijector", "validation_frequency", "jit_compile")
+ESTIMATOR_DESTS = ("image_layers", "kl_weight", "beta_1", "beta_2", "clipnorm", "clipvalue", "global_clipnorm",
+                   "epsilon", "scale_bijector", "validation_frequency", "jit_compile")
 
 # How a saved merger of an earlier run is named: careless's OUT_scale / OUT_structure_factor
 # name the run OUT, whose skmerge merger is OUT.npz (safe format) or OUT.joblib.
