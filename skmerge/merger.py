@@ -25,6 +25,7 @@ from .ambiguity import (REINDEX_COLUMN, Operators, assign_operators, candidate_o
                         setting_probabilities)
 from .errors import InputError, ParameterError
 from .features import split_metadata
+from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
@@ -144,6 +145,14 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         The wavelength column of Laue data (also usable as metadata).
     wavelength_range : (float, float), optional
         The beam's band in Å; by default each file's smallest and largest wavelength.
+    spectrum : array-like of shape (n, 2), optional
+        The incident spectrum of Laue data, rows of wavelength (Å) and relative flux
+        (careless's ``--spectral-file``, read by :func:`skmerge.laue.read_spectrum`):
+        every harmonic's scale is the flux at its wavelength times the scale model's,
+        which then learns only what the spectrum leaves.
+    lorentz_correction : bool, default=False
+        Multiply every Laue harmonic's scale by its Lorentz factor λ⁴/sin²θ (careless's
+        ``--lorentz-correction``).
     posterior_init : {"data", "prior"}, float, DataFrame or Path, default="data"
         Start the posterior from a quick scaled merge (French–Wilson amplitudes), from
         the prior, from Wilson's mean amplitude with this number times Wilson's standard
@@ -320,6 +329,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "laue": ["boolean"],
         "wavelength_key": [str],
         "wavelength_range": [None, tuple, list],
+        "spectrum": [None, "array-like"],
+        "lorentz_correction": ["boolean"],
         "posterior_init": [StrOptions({"data", "prior"}), pd.DataFrame, Path, Interval(Real, 0, None, closed="neither")],
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
@@ -347,8 +358,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
-        posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0, beta_1=0.9, beta_2=0.99, clipnorm=None,
-        clipvalue=None, global_clipnorm=None, epsilon=1e-4, scale_bijector="softplus", standardize_metadata=True,
+        spectrum=None, lorentz_correction=False, posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0,
+        beta_1=0.9, beta_2=0.99, clipnorm=None, clipvalue=None, global_clipnorm=None, epsilon=1e-4,
+        scale_bijector="softplus", standardize_metadata=True,
         positional_encoding_keys=None, validation_frequency=10, reindexing="auto", reindexing_reference=None,
         jit_compile=False, random_state=None, verbose=0,
     ):
@@ -375,6 +387,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.laue = laue
         self.wavelength_key = wavelength_key
         self.wavelength_range = wavelength_range
+        self.spectrum = spectrum
+        self.lorentz_correction = lorentz_correction
         self.posterior_init = posterior_init
         self.warm_start = warm_start
         self.freeze = freeze
@@ -677,6 +691,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         if self.image_layers and self.image_model != "offsets":
             raise ParameterError(f"image_layers={self.image_layers} gives each image of the fit weights of its own; "
                                  "the image encoder has none (use image_model=\"offsets\" or image_layers=0).")
+        if (self.spectrum is not None or self.lorentz_correction) and not self.laue:
+            raise ParameterError("spectrum and lorentz_correction describe polychromatic data; set laue=True.")
+        if self.spectrum is not None:
+            try:
+                check_spectrum(self.spectrum)
+            except InputError as exc:
+                raise ParameterError(str(exc)) from None
 
     def _check_warm_start(self):
         """ParameterError unless the previous fit's model has the shape the parameters

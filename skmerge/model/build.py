@@ -47,8 +47,12 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     image_ids, image_row = np.unique(observations.image_id, return_inverse=True)
     single = observations.single_rows()
     rows = observations.rows
+    known_scale = known_log_scale(params, rows)
+    # The starting values divide the known factor out of the observations that hold one
+    # reflection, so that the scale model and the amplitudes start without it.
+    single_factor = 1.0 if known_scale is None else np.exp(known_scale[single])
     if previous is None:
-        intensity_scale = _intensity_scale(observations.intensity[observations.of_row(single)],
+        intensity_scale = _intensity_scale(observations.intensity[observations.of_row(single)] / single_factor,
                                            reflections.epsilon[refl[single]])
         transformer = _metadata_transformer(params, rows).fit(rows)
     else:
@@ -60,7 +64,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     if previous is None:
         obs = observations.of_row(single)
         image_scale, merged, _ = quick_image_scales(
-            refl[single], image_row[single], intensity[obs], sigma[obs], len(reflections), len(image_ids)
+            refl[single], image_row[single], intensity[obs] / single_factor, sigma[obs] / single_factor,
+            len(reflections), len(image_ids)
         )
         seen = np.isfinite(merged)
         curve = wilson_curve(reflections.dhkl[seen], merged[seen] / reflections.epsilon[seen])
@@ -72,10 +77,11 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
 
     encoder = image_model(params) == "encoder"
     data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
-                       state.image_inputs(observations) if encoder else None)
+                       state.image_inputs(observations) if encoder else None, known_scale)
     network = _scale_network(params, state, rng, previous, image_scale)
     start = tensor_data(refl[single], image_row[single], features[single],
-                        *(v[observations.of_row(single)] for v in (intensity, sigma)))
+                        *(v[observations.of_row(single)] for v in (intensity, sigma)),
+                        log_known_scale=None if known_scale is None else known_scale[single])
     if encoder and previous is None:
         _learn_quick_scales(params, network, data, image_row, image_scale, rng)
     mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
@@ -116,6 +122,16 @@ def restore_model(params, state, weights):
                            n_layer_images=len(state.image_ids))
     network.set_weights(weights.scale)
     return merging_model(params, state, posterior, network, weights)
+
+
+def known_log_scale(params, rows):
+    """The log of the known factor of each row's scale (:func:`skmerge.laue.log_known_scale`),
+    or None."""
+    if not params.laue:
+        return None
+    from ..laue import log_known_scale
+
+    return log_known_scale(rows, params.wavelength_key, params.spectrum, params.lorentz_correction)
 
 
 def _intensity_scale(intensity, epsilon):
