@@ -12,7 +12,7 @@ import reciprocalspaceship as rs
 
 import skmerge
 from skmerge import VariationalMerger
-from skmerge.cli import build_parser, main, merger_parameters
+from skmerge.cli import UsageError, build_parser, main, merger_parameters
 from skmerge.datasets import make_unmerged
 from skmerge._tf import tf
 from skmerge.errors import ParameterError
@@ -276,3 +276,19 @@ def test_bad_image_layers(params, message):
     X, _ = make_unmerged(n_images=3, random_state=0)
     with pytest.raises(ParameterError, match=message):
         VariationalMerger(max_iter=1, **params).fit(X)
+
+
+def test_laue_flags_added_after_careless_054(tmp_path, capsys):
+    spectrum = tmp_path / "spectrum.txt"
+    spectrum.write_text("1.2 1.0\n1.0 0.5\n")
+    argv = ["poly", "--spectral-file", str(spectrum), "--lorentz-correction", KEYS, "x.mtz", "out"]
+    params = merger_parameters(build_parser().parse_args(argv), KEYS.split(","))
+    assert params["lorentz_correction"] is True
+    np.testing.assert_array_equal(params["spectrum"], [[1.0, 0.5], [1.2, 1.0]])
+    plain = merger_parameters(build_parser().parse_args(["poly", KEYS, "x.mtz", "out"]), KEYS.split(","))
+    assert plain["lorentz_correction"] is False and "spectrum" not in plain
+    spectrum.write_text("1.0 0.5\n")
+    assert main(["poly", "--spectral-file", str(spectrum), KEYS, str(tmp_path / "x.mtz"), str(tmp_path / "o")]) == 2
+    assert f"spectral file {spectrum}: give at least two rows" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="unrecognized arguments: --lorentz-correction"):
+        build_parser().parse_args(["mono", "--lorentz-correction", KEYS, "x.mtz", "out"])
