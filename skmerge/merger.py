@@ -166,8 +166,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     warm_start : bool or "scales", default=False
         Start from the previous fit: True reuses the scale model and the posterior of
         reflections seen before; "scales" reuses only the scale model (the posterior is
-        started as ``posterior_init`` says under those scales). The scale network's shape
-        and metadata must be the previous fit's.
+        started as ``posterior_init`` says under those scales; with the default "data" on
+        the very observations of the previous fit — same images, same reflections, each
+        as often — the previous posterior, the answer to the same question). The scale
+        network's shape and metadata must be the previous fit's.
     freeze : {None, "scales", "posterior"}, default=None
         Keep that part of the model fixed during the fit: "scales" (with a warm start)
         the scale model and the noise model; "posterior" the amplitudes of a warm start

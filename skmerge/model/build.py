@@ -226,7 +226,9 @@ def _posterior(params, state, data, mu, spread, previous):
     a robust merge (:func:`~skmerge.baseline.robust_mean`) of the rows of ``data`` scaled
     by their starting scales (log Σ ~ Normal(``mu``, ``spread``)), the prior, Wilson's mean
     with a multiple of Wilson's standard deviation (a number), or a merged table's
-    amplitudes; a warm start keeps the posterior of reflections seen before."""
+    amplitudes; a warm start keeps the posterior of reflections seen before (a warm start
+    of the scales only, when the observations are those of the previous fit: see
+    :func:`_same_observations`)."""
     from .posterior import TruncatedNormalPosterior
 
     reflections = state.reflections
@@ -254,7 +256,8 @@ def _posterior(params, state, data, mu, spread, previous):
     if isinstance(init, (pd.DataFrame, Path)):
         loc, scale = table_start(init, reflections, loc, scale)
     posterior = TruncatedNormalPosterior(loc, scale, params.epsilon)
-    if previous is not None and params.warm_start is True:
+    from_data = isinstance(init, str) and init == "data"
+    if previous is not None and (params.warm_start is True or from_data and _same_observations(state, previous[0])):
         old_state, old_weights = previous
         rows = lookup_keys(old_state.reflections.keys, reflections.keys)
         known = rows >= 0
@@ -263,3 +266,14 @@ def _posterior(params, state, data, mu, spread, previous):
             weights[key][known] = old_weights.posterior[key][rows[known]]
         posterior.set_weights(weights)
     return posterior
+
+
+def _same_observations(state, old_state):
+    """Whether a fit sees the reflections and images of the previous fit, each reflection
+    as many times: the data it was fitted on. Its posterior is then the previous fit's
+    answer to the very question the new fit asks, and the start to keep even when only
+    the scales are reused; a start from the data would leave both fits, each stopped
+    along the slow directions of the posterior's widths, at different points."""
+    return (np.array_equal(state.image_ids, old_state.image_ids)
+            and np.array_equal(state.reflections.keys, old_state.reflections.keys)
+            and np.array_equal(state.reflection_counts, old_state.reflection_counts))

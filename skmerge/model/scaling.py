@@ -268,8 +268,8 @@ class ScaleNetwork(tf.Module):
         padded = tf.pad(features, [[0, n_chunks * _CHUNK_ROWS - n], [0, 0]])
         chunks = tf.transpose(tf.reshape(padded, [n_chunks, _CHUNK_ROWS, -1]), [0, 2, 1])
 
-        def each_chunk(fn, elems, signature):
-            return tf.map_fn(fn, elems, parallel_iterations=_PARALLEL_CHUNKS, fn_output_signature=signature)
+        def each_chunk(body, elems, signature):
+            return tf.map_fn(body, elems, parallel_iterations=_PARALLEL_CHUNKS, fn_output_signature=signature)
 
         @tf.custom_gradient
         def stack(chunks):
