@@ -1,15 +1,19 @@
 """Scale transfer on hypf: merge, then merge again under the first run's frozen scales,
 and compare the two merges.
 
-Runs ``skmerge mono --anomalous KEYS hypf_unmerged.mtz OUT/A`` and the same command with
-``--scale-file OUT/A --freeze-scales`` (OUT/B), unless their merged files exist, and
-prints CC(F), CC(I) and CC(F(+) − F(−)) between the two merges over every reflection of
-both, with the wall time and peak memory of each run (GNU time) and the loss of the last
-step of each fit.
+Merges ``hypf_unmerged.mtz`` anomalously with the metadata KEYS into OUT/A (what
+``skmerge mono --anomalous KEYS hypf_unmerged.mtz OUT/A`` does, through
+:func:`skmerge.workflow.run_merge` so that ``--a-steps``/``--a-tol`` can run the first fit
+longer than the command line's defaults), then runs ``skmerge mono --anomalous
+--scale-file OUT/A --freeze-scales KEYS hypf_unmerged.mtz OUT/B``, unless their merged
+files exist, and prints CC(F), CC(I) and CC(F(+) − F(−)) between the two merges over
+every reflection of both, the median ratio of B's F to A's, the wall time and peak
+memory of each run (GNU time), and the last loss and number of steps of each fit.
 
 Usage::
 
-    python bench/scale_transfer.py --out bench/out/transfer
+    python bench/scale_transfer.py --out bench/out/transfer               # A with the defaults
+    python bench/scale_transfer.py --out bench/out/transfer6k --a-steps 6000 --a-tol 0
 """
 
 import argparse
@@ -26,12 +30,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hypf_hg_sad" /
 KEYS = "dHKL,Hobs,Kobs,Lobs,XDET,YDET,BATCH"
 
 
-def run(prefix, extra):
+def run(prefix, command):
     if Path(f"{prefix}_0.mtz").is_file():
         return None
-    command = ["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "skmerge", "mono", "--quiet", "--anomalous",
-               *extra, KEYS, str(DATA), str(prefix)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, *command], capture_output=True, text=True,
+                          check=True)
     seconds, kilobytes = done.stderr.strip().splitlines()[-1].split()
     return float(seconds), int(kilobytes) / 1024
 
@@ -63,10 +66,16 @@ def last_loss(prefix):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/out/transfer"))
+    parser.add_argument("--a-steps", type=int, default=2000, help="max_iter of the first fit (default: skmerge's)")
+    parser.add_argument("--a-tol", type=float, default=1e-3, help="tol of the first fit (default: skmerge's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     first, second = args.out / "A", args.out / "B"
-    times = {"A": run(first, []), "B": run(second, ["--scale-file", str(first), "--freeze-scales"])}
+    merge_a = (f"from skmerge.workflow import run_merge; run_merge([{str(DATA)!r}], {str(first)!r}, anomalous=True, "
+               f"metadata={KEYS.split(',')!r}, max_iter={args.a_steps}, tol={args.a_tol})")
+    times = {"A": run(first, ["-c", merge_a]),
+             "B": run(second, ["-m", "skmerge", "mono", "--quiet", "--anomalous", "--scale-file", str(first),
+                               "--freeze-scales", KEYS, str(DATA), str(second)])}
     result = {"times_s_mb": times, "loss_steps": {"A": last_loss(first), "B": last_loss(second)},
               **compare(first, second)}
     print(json.dumps(result, indent=1))
