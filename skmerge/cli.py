@@ -219,6 +219,12 @@ def _add_poly_arguments(poly, defaults):
     laue.add_argument("-l", "--wavelength-range", type=float, nargs=2, metavar=("LAMBDA_MIN", "LAMBDA_MAX"),
                       default=defaults["wavelength_range"], help="band of the beam in Å for the harmonic expansion "
                       "(default: each file's smallest and largest recorded wavelength)")
+    laue.add_argument("--spectral-file", metavar="FILE", help="the incident spectrum: a text file of two columns, "
+                      "wavelength (Å) and relative flux; every harmonic's scale is the flux at its wavelength times "
+                      "the scale model's, which learns what the spectrum leaves (careless replaces its network by "
+                      "the spectrum; give fewer metadata keys for the same)")
+    laue.add_argument("--lorentz-correction", action="store_true", default=defaults["lorentz_correction"],
+                      help="multiply every harmonic's scale by its Lorentz factor λ⁴/sin²θ")
 
 
 def _add_table_arguments(group):
@@ -284,6 +290,11 @@ def merger_parameters(args, keys):
         params["laue"] = True
         if args.wavelength_range is not None:
             params["wavelength_range"] = tuple(args.wavelength_range)
+        params["lorentz_correction"] = args.lorentz_correction
+        if args.spectral_file is not None:
+            from .laue import read_spectrum
+
+            params["spectrum"] = read_spectrum(args.spectral_file)
     if args.dof is not None:
         from .model.likelihoods import StudentTLikelihood
 
@@ -413,9 +424,6 @@ def _mono(args):
     params = merger_parameters(args, keys)
     check_values(args, params)
     log = _logger(args.quiet)
-    for attr, (flag, _, reason) in cli_flags.IGNORED_CARELESS_FLAGS.items():
-        if getattr(args, attr) is not None:
-            log("warning", f"{flag} is accepted for careless compatibility and ignored: {reason}")
     cli_flags.configure_tensorflow(args)
     merger, params = cli_flags.transfer(args, params, UsageError)
 

@@ -11,15 +11,9 @@ from pathlib import Path
 
 from .errors import InputError
 
-# careless flags whose behaviour skmerge has no counterpart for; accepted, with a warning.
-IGNORED_CARELESS_FLAGS = {
-    "image_layers": ("--image-layers", int, "skmerge's scale model has one offset per image (see "
-                     "--disable-image-scales), not layers of per-image weights"),
-}
-
 # Flags whose destination is the VariationalMerger parameter of that name.
-ESTIMATOR_DESTS = ("kl_weight", "beta_1", "beta_2", "clipnorm", "clipvalue", "global_clipnorm", "epsilon",
-                   "scale_bijector", "validation_frequency", "jit_compile")
+ESTIMATOR_DESTS = ("image_layers", "kl_weight", "beta_1", "beta_2", "clipnorm", "clipvalue", "global_clipnorm",
+                   "epsilon", "scale_bijector", "validation_frequency", "jit_compile")
 
 # How a saved merger of an earlier run is named: careless's OUT_scale / OUT_structure_factor
 # name the run OUT, whose skmerge merger is OUT.npz (safe format) or OUT.joblib.
@@ -61,8 +55,9 @@ def add_arguments(parser, defaults):
                        "the scale network as they are (dHKL as 1/d²) instead of as z-scores")
     model.add_argument("--positional-encoding-keys", metavar="KEYS", help="comma-separated metadata keys that "
                        "-L encodes (default: every key)")
-    for flag, kind, reason in IGNORED_CARELESS_FLAGS.values():
-        model.add_argument(flag, type=kind, metavar="N", help=f"accepted and ignored: {reason}")
+    model.add_argument("--image-layers", type=int, metavar="N", default=defaults["image_layers"], help="add N "
+                       "layers whose weights belong to each image after the scale network, so that every image "
+                       "can bend the metadata's effect on its scale its own way (default: %(default)s)")
 
     optimiser = parser.add_argument_group("careless optimiser options")
     optimiser.add_argument("--beta-1", type=float, metavar="B1", default=defaults["beta_1"],
@@ -213,7 +208,7 @@ def transfer(args, params, usage_error):
     if args.scale_file is not None:
         _, path = transfer_source(args.scale_file, "--scale-file", usage_error)
         merger = load(path)
-        for name in ("mlp_layers", "mlp_width", "positional_encoding", "image_scales", "scale_bijector",
+        for name in ("mlp_layers", "mlp_width", "image_layers", "positional_encoding", "image_scales", "scale_bijector",
                      "standardize_metadata", "positional_encoding_keys", "error_model", "likelihood"):
             if name not in params or params[name] == args.estimator_defaults[name]:
                 params[name] = merger.get_params()[name]

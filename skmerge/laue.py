@@ -112,3 +112,83 @@ def _band(wavelength, file_id, wavelength_range):
     highs = np.array([bands[int(f)][1] for f in files])
     row = np.searchsorted(files, file_id)
     return lows[row], highs[row]
+
+
+def read_spectrum(path):
+    """The incident spectrum of a text file of two columns, wavelength in Å and relative
+    flux (careless's ``--spectral-file``), separated by spaces, tabs or commas; lines
+    starting with ``#`` are comments.
+
+    Returns
+    -------
+    ndarray of shape (n, 2)
+        Wavelength and flux, sorted by wavelength.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "spectrum.txt"
+    >>> _ = path.write_text("# wavelength flux\\n1.2, 0.5\\n1.0, 1.0\\n")
+    >>> read_spectrum(path)
+    array([[1. , 1. ],
+           [1.2, 0.5]])
+    """
+    try:
+        with open(path) as handle:
+            lines = [line.replace(",", " ").split() for line in handle if line.strip() and not line.lstrip()
+                     .startswith("#")]
+        table = np.array(lines, dtype=np.float64)
+    except OSError as exc:
+        raise InputError(f"spectral file {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise InputError(f"spectral file {path}: every line must hold two numbers, wavelength (Å) and flux") from None
+    check_spectrum(table, f"spectral file {path}")
+    return table[np.argsort(table[:, 0], kind="stable")]
+
+
+def check_spectrum(spectrum, where="spectrum"):
+    """InputError unless ``spectrum`` is a table of (wavelength > 0, flux ≥ 0) rows, at
+    least two, with distinct wavelengths and some flux."""
+    table = np.asarray(spectrum, dtype=np.float64) if np.size(spectrum) else np.zeros((0, 2))
+    if table.ndim != 2 or table.shape[1] != 2 or len(table) < 2:
+        raise InputError(f"{where}: give at least two rows of two numbers, wavelength (Å) and flux "
+                         f"(got shape {table.shape})")
+    if not np.isfinite(table).all() or (table[:, 0] <= 0).any() or (table[:, 1] < 0).any():
+        raise InputError(f"{where}: wavelengths must be positive and fluxes finite and not negative")
+    if len(np.unique(table[:, 0])) < len(table) or not (table[:, 1] > 0).any():
+        raise InputError(f"{where}: wavelengths must be distinct, and some flux positive")
+    return table
+
+
+def log_known_scale(rows, wavelength_key, spectrum=None, lorentz_correction=False):
+    """The log of the factors a Laue harmonic's intensity is known to carry: the flux of
+    the incident spectrum at its wavelength (interpolated linearly, the edge values
+    beyond the table), and the Lorentz factor λ⁴/sin²θ = 4λ²d² of a stationary crystal
+    in a polychromatic beam. None when neither is asked for.
+
+    Raises InputError when the spectrum has no flux at a harmonic's wavelength.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> rows = pd.DataFrame({"Wavelength": [1.0, 1.5], "dHKL": [2.0, 2.0]})
+    >>> np.exp(log_known_scale(rows, "Wavelength", [[1.0, 2.0], [2.0, 1.0]], lorentz_correction=True))
+    array([32., 54.])
+    """
+    if spectrum is None and not lorentz_correction:
+        return None
+    wavelength = rows[wavelength_key].to_numpy(np.float64)
+    log_scale = np.zeros(len(rows))
+    if spectrum is not None:
+        table = np.asarray(spectrum, dtype=np.float64)
+        order = np.argsort(table[:, 0])
+        flux = np.interp(wavelength, table[order, 0], table[order, 1])
+        dark = flux <= 0
+        if dark.any():
+            raise InputError(f"the spectrum has no flux at {int(dark.sum())} harmonic(s) between "
+                             f"{wavelength[dark].min():.3f} and {wavelength[dark].max():.3f} Å; give a positive flux "
+                             "over the whole band (--wavelength-range)")
+        log_scale += np.log(flux)
+    if lorentz_correction:
+        log_scale += np.log(4.0 * wavelength**2 * rows["dHKL"].to_numpy(np.float64) ** 2)
+    return log_scale

@@ -25,6 +25,7 @@ from .ambiguity import (REINDEX_COLUMN, Operators, assign_operators, candidate_o
                         setting_probabilities)
 from .errors import InputError, ParameterError
 from .features import split_metadata
+from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
@@ -97,6 +98,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         asinh(I/⟨I⟩) and log(σ/⟨I⟩), ⟨I⟩ the mean intensity at their resolution), so
         that the model's size does not depend on the number of images and images the
         fit never saw (``predict``, ``score``, a validation set) get scales of their own.
+    image_layers : int, default=0
+        Residual layers of ``mlp_width`` units after the shared scale network whose
+        weights belong to each image (careless's ``--image-layers``): every image can
+        then bend the metadata's effect on its scale its own way (e.g. its own
+        absorption or detector response), at the cost of ``mlp_width² + mlp_width``
+        weights per image and layer. Images the fit never saw get the mean image's.
+        Needs ``image_model="offsets"``.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
     batch_size : int, default=None
@@ -137,6 +145,14 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         The wavelength column of Laue data (also usable as metadata).
     wavelength_range : (float, float), optional
         The beam's band in Å; by default each file's smallest and largest wavelength.
+    spectrum : array-like of shape (n, 2), optional
+        The incident spectrum of Laue data, rows of wavelength (Å) and relative flux
+        (careless's ``--spectral-file``, read by :func:`skmerge.laue.read_spectrum`):
+        every harmonic's scale is the flux at its wavelength times the scale model's,
+        which then learns only what the spectrum leaves.
+    lorentz_correction : bool, default=False
+        Multiply every Laue harmonic's scale by its Lorentz factor λ⁴/sin²θ (careless's
+        ``--lorentz-correction``).
     posterior_init : {"data", "prior"}, float, DataFrame or Path, default="data"
         Start the posterior from a quick scaled merge (French–Wilson amplitudes), from
         the prior, from Wilson's mean amplitude with this number times Wilson's standard
@@ -150,8 +166,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     warm_start : bool or "scales", default=False
         Start from the previous fit: True reuses the scale model and the posterior of
         reflections seen before; "scales" reuses only the scale model (the posterior is
-        started as ``posterior_init`` says under those scales). The scale network's shape
-        and metadata must be the previous fit's.
+        started as ``posterior_init`` says under those scales; with the default "data" on
+        the very observations of the previous fit — same images, same reflections, each
+        as often — the previous posterior, the answer to the same question). The scale
+        network's shape and metadata must be the previous fit's.
     freeze : {None, "scales", "posterior"}, default=None
         Keep that part of the model fixed during the fit: "scales" (with a warm start)
         the scale model and the noise model; "posterior" the amplitudes of a warm start
@@ -299,6 +317,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "mlp_width": [Interval(Integral, 1, None, closed="left")],
         "image_scales": ["boolean"],
         "image_model": [StrOptions({"offsets", "encoder"})],
+        "image_layers": [Interval(Integral, 0, None, closed="left")],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -312,6 +331,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "laue": ["boolean"],
         "wavelength_key": [str],
         "wavelength_range": [None, tuple, list],
+        "spectrum": [None, "array-like"],
+        "lorentz_correction": ["boolean"],
         "posterior_init": [StrOptions({"data", "prior"}), pd.DataFrame, Path, Interval(Real, 0, None, closed="neither")],
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
@@ -335,12 +356,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", mc_samples=1, batch_size=None,
-        max_iter=2000,
+        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, mc_samples=1,
+        batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
-        posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0, beta_1=0.9, beta_2=0.99, clipnorm=None,
-        clipvalue=None, global_clipnorm=None, epsilon=1e-4, scale_bijector="softplus", standardize_metadata=True,
+        spectrum=None, lorentz_correction=False, posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0,
+        beta_1=0.9, beta_2=0.99, clipnorm=None, clipvalue=None, global_clipnorm=None, epsilon=1e-4,
+        scale_bijector="softplus", standardize_metadata=True,
         positional_encoding_keys=None, validation_frequency=10, reindexing="auto", reindexing_reference=None,
         jit_compile=False, random_state=None, verbose=0,
     ):
@@ -353,6 +375,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.mlp_width = mlp_width
         self.image_scales = image_scales
         self.image_model = image_model
+        self.image_layers = image_layers
         self.mc_samples = mc_samples
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -366,6 +389,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.laue = laue
         self.wavelength_key = wavelength_key
         self.wavelength_range = wavelength_range
+        self.spectrum = spectrum
+        self.lorentz_correction = lorentz_correction
         self.posterior_init = posterior_init
         self.warm_start = warm_start
         self.freeze = freeze
@@ -665,13 +690,25 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
+        if self.image_layers and self.image_model != "offsets":
+            raise ParameterError(f"image_layers={self.image_layers} gives each image of the fit weights of its own; "
+                                 "the image encoder has none (use image_model=\"offsets\" or image_layers=0).")
+        if (self.spectrum is not None or self.lorentz_correction) and not self.laue:
+            raise ParameterError("spectrum and lorentz_correction describe polychromatic data; set laue=True.")
+        if self.spectrum is not None:
+            try:
+                check_spectrum(self.spectrum)
+            except InputError as exc:
+                raise ParameterError(str(exc)) from None
 
     def _check_warm_start(self):
         """ParameterError unless the previous fit's model has the shape the parameters
         ask for, so that its weights can start this fit."""
         if self.error_model and not hasattr(self, "sdfac_"):
             raise ParameterError("error_model cannot warm-start from a fit made without it; refit from scratch.")
-        layers, width = (len(self.scale_weights_) - 3) // 2, self.scale_weights_[0].shape[1]
+        # The shared stack's kernels come first, then its biases (one axis).
+        layers = next(i for i, w in enumerate(self.scale_weights_) if np.ndim(w) == 1)
+        width = self.scale_weights_[0].shape[1]
         if (layers, width) != (self.mlp_layers, self.mlp_width):
             raise ParameterError(f"the previous fit's scale network has mlp_layers={layers}, mlp_width={width}; a "
                                  f"warm start needs the same, not {self.mlp_layers}, {self.mlp_width}.")

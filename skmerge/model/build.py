@@ -47,8 +47,12 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     image_ids, image_row = np.unique(observations.image_id, return_inverse=True)
     single = observations.single_rows()
     rows = observations.rows
+    known_scale = known_log_scale(params, rows)
+    # The starting values divide the known factor out of the observations that hold one
+    # reflection, so that the scale model and the amplitudes start without it.
+    single_factor = 1.0 if known_scale is None else np.exp(known_scale[single])
     if previous is None:
-        intensity_scale = _intensity_scale(observations.intensity[observations.of_row(single)],
+        intensity_scale = _intensity_scale(observations.intensity[observations.of_row(single)] / single_factor,
                                            reflections.epsilon[refl[single]])
         transformer = _metadata_transformer(params, rows).fit(rows)
     else:
@@ -60,7 +64,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     if previous is None:
         obs = observations.of_row(single)
         image_scale, merged, _ = quick_image_scales(
-            refl[single], image_row[single], intensity[obs], sigma[obs], len(reflections), len(image_ids)
+            refl[single], image_row[single], intensity[obs] / single_factor, sigma[obs] / single_factor,
+            len(reflections), len(image_ids)
         )
         seen = np.isfinite(merged)
         curve = wilson_curve(reflections.dhkl[seen], merged[seen] / reflections.epsilon[seen])
@@ -72,10 +77,11 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
 
     encoder = image_model(params) == "encoder"
     data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
-                       state.image_inputs(observations) if encoder else None)
+                       state.image_inputs(observations) if encoder else None, known_scale)
     network = _scale_network(params, state, rng, previous, image_scale)
     start = tensor_data(refl[single], image_row[single], features[single],
-                        *(v[observations.of_row(single)] for v in (intensity, sigma)))
+                        *(v[observations.of_row(single)] for v in (intensity, sigma)),
+                        log_known_scale=None if known_scale is None else known_scale[single])
     if encoder and previous is None:
         _learn_quick_scales(params, network, data, image_row, image_scale, rng)
     mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
@@ -112,9 +118,20 @@ def restore_model(params, state, weights):
     posterior.set_weights(weights.posterior)
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
                            np.random.RandomState(0), spread_bijector=params.scale_bijector,
-                           encoder=image_model(params) == "encoder")
+                           encoder=image_model(params) == "encoder", image_layers=params.image_layers,
+                           n_layer_images=len(state.image_ids))
     network.set_weights(weights.scale)
     return merging_model(params, state, posterior, network, weights)
+
+
+def known_log_scale(params, rows):
+    """The log of the known factor of each row's scale (:func:`skmerge.laue.log_known_scale`),
+    or None."""
+    if not params.laue:
+        return None
+    from ..laue import log_known_scale
+
+    return log_known_scale(rows, params.wavelength_key, params.spectrum, params.lorentz_correction)
 
 
 def _intensity_scale(intensity, epsilon):
@@ -143,21 +160,34 @@ def _scale_network(params, state, rng, previous, image_scale):
     n_images = len(state.image_ids) if kind == "offsets" else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
-                           params.scale_bijector, encoder=kind == "encoder")
+                           params.scale_bijector, encoder=kind == "encoder", image_layers=params.image_layers,
+                           n_layer_images=len(state.image_ids))
     if previous is not None:
-        old_state, old_weights = previous
-        weights = list(old_weights.scale)
-        if [np.shape(w) for w in weights[:-1]] != [np.shape(w) for w in network.get_weights()[:-1]]:
-            raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
-                                 "changing metadata, mlp_layers, mlp_width or image_model.")
-        if n_images:
-            old = dict(zip(old_state.image_ids, weights[-1])) if len(weights[-1]) else {}
-            fallback = float(np.mean(weights[-1])) if len(weights[-1]) else 0.0
-            weights[-1] = np.array([old.get(i, fallback) for i in state.image_ids], np.float32)
-        else:
-            weights[-1] = np.zeros(0, np.float32)
-        network.set_weights(weights)
+        network.set_weights(_per_image_weights_for(network, state, *previous))
     return network
+
+
+def _per_image_weights_for(network, state, old_state, old_weights):
+    """The previous fit's scale weights for this fit's images: the per-image weights
+    (offsets, image layers) of the images seen before kept, the mean image's for the
+    others."""
+    weights = list(old_weights.scale)
+    per_image = network.per_image_weights()
+    current = network.get_weights()
+    shared = [i for i in range(len(current)) if i not in per_image]
+    if len(weights) != len(current) or any(np.shape(weights[i]) != np.shape(current[i]) for i in shared):
+        raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
+                             "changing metadata, mlp_layers, mlp_width, image_layers or image_model.")
+    rows = lookup_keys(old_state.image_ids, state.image_ids)
+    known = rows >= 0
+    for i in per_image:
+        old = np.asarray(weights[i], np.float32)
+        fallback = old.mean(axis=0) if len(old) else np.zeros(current[i].shape[1:], np.float32)
+        fresh = np.array(np.broadcast_to(fallback, current[i].shape), np.float32)
+        if len(old) and len(fresh):
+            fresh[known] = old[rows[known]]
+        weights[i] = fresh
+    return weights
 
 
 def _learn_quick_scales(params, network, data, image_row, image_scale, rng):
@@ -196,7 +226,9 @@ def _posterior(params, state, data, mu, spread, previous):
     a robust merge (:func:`~skmerge.baseline.robust_mean`) of the rows of ``data`` scaled
     by their starting scales (log Σ ~ Normal(``mu``, ``spread``)), the prior, Wilson's mean
     with a multiple of Wilson's standard deviation (a number), or a merged table's
-    amplitudes; a warm start keeps the posterior of reflections seen before."""
+    amplitudes; a warm start keeps the posterior of reflections seen before (a warm start
+    of the scales only, when the observations are those of the previous fit: see
+    :func:`_same_observations`)."""
     from .posterior import TruncatedNormalPosterior
 
     reflections = state.reflections
@@ -224,7 +256,8 @@ def _posterior(params, state, data, mu, spread, previous):
     if isinstance(init, (pd.DataFrame, Path)):
         loc, scale = table_start(init, reflections, loc, scale)
     posterior = TruncatedNormalPosterior(loc, scale, params.epsilon)
-    if previous is not None and params.warm_start is True:
+    from_data = isinstance(init, str) and init == "data"
+    if previous is not None and (params.warm_start is True or from_data and _same_observations(state, previous[0])):
         old_state, old_weights = previous
         rows = lookup_keys(old_state.reflections.keys, reflections.keys)
         known = rows >= 0
@@ -233,3 +266,14 @@ def _posterior(params, state, data, mu, spread, previous):
             weights[key][known] = old_weights.posterior[key][rows[known]]
         posterior.set_weights(weights)
     return posterior
+
+
+def _same_observations(state, old_state):
+    """Whether a fit sees the reflections and images of the previous fit, each reflection
+    as many times: the data it was fitted on. Its posterior is then the previous fit's
+    answer to the very question the new fit asks, and the start to keep even when only
+    the scales are reused; a start from the data would leave both fits, each stopped
+    along the slow directions of the posterior's widths, at different points."""
+    return (np.array_equal(state.image_ids, old_state.image_ids)
+            and np.array_equal(state.reflections.keys, old_state.reflections.keys)
+            and np.array_equal(state.reflection_counts, old_state.reflection_counts))

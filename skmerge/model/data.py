@@ -237,9 +237,10 @@ def laue_band(X, wavelength_key, wavelength_range):
     return bands, float(X["dHKL"].min())
 
 
-def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs=None):
+def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs=None, log_known_scale=None):
     """The dict of tensors a :class:`~skmerge.model.training.MergingModel` reads
-    (``image_inputs``: what an image encoder reads of each row besides its features)."""
+    (``image_inputs``: what an image encoder reads of each row besides its features;
+    ``log_known_scale``: the log of a factor each row's scale is known to carry)."""
     from .._tf import tf
 
     data = {
@@ -253,6 +254,8 @@ def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs
         data["spot"] = tf.constant(spot, tf.int32)
     if image_inputs is not None:
         data["image_inputs"] = tf.constant(image_inputs, tf.float32)
+    if log_known_scale is not None:
+        data["log_known_scale"] = tf.constant(log_known_scale, tf.float32)
     return data
 
 

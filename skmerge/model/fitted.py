@@ -103,6 +103,7 @@ class FitState:
         With per-image offsets, the images of X are numbered as in the fit (−1 for those
         it never saw); with the image encoder, among X's own images, with the inputs the
         encoder reads of every row."""
+        from .build import known_log_scale
         from .scaling import image_model
 
         observations = self.encode(params, X, y)
@@ -117,7 +118,7 @@ class FitState:
         c = self.intensity_scale
         features = metadata_features(self.metadata_transformer, observations.rows, params.metadata)
         data = tensor_data(refl, image, features, observations.intensity / c, observations.sigma / c,
-                           observations.spot, image_inputs)
+                           observations.spot, image_inputs, known_log_scale(params, observations.rows))
         return data, extra
 
     def merged(self, params, model, X):

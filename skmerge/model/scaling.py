@@ -1,10 +1,15 @@
 """The scale model: a neural network from an observation's metadata to the distribution
-of its scale, and what tells images apart: per-image offsets, or an image encoder.
+of its scale, and what tells images apart: per-image offsets, per-image layers, or an
+image encoder.
 
 log Σᵢ ~ Normal(μᵢ, sᵢ) with (μᵢ, sᵢ) = network(metadataᵢ) (+ bᵢₘₐ₉ₑ on μ), so Σ is
 always positive (careless uses a normal law for Σ, which allows negative scales). With
 the image encoder, (μᵢ, sᵢ) = network(metadataᵢ, eᵢₘₐ₉ₑ) instead, where the image's
 embedding e is computed from the image's own observations (:class:`ImageEncoder`).
+Image layers (careless's ``--image-layers``) are residual layers between the shared
+stack and the output whose weights belong to each image, so that every image can bend
+the metadata's effect on its scale its own way. A known factor of the rows (a Laue
+spectrum and Lorentz factor, ``log_known_scale``) adds to μ.
 """
 
 import numpy as np
@@ -138,10 +143,16 @@ class ScaleNetwork(tf.Module):
         Append to every observation's features the embedding of its image by an
         :class:`ImageEncoder` (which reads the features and the
         :func:`observation_inputs`).
+    image_layers : int, default=0
+        Residual layers with a width × width kernel and a bias per image, after the
+        shared stack. They start at zero, so that the network starts as without them.
+    n_layer_images : int, default=0
+        Number of images with layers of their own (rows of image −1 get the mean
+        image's layers).
     """
 
     def __init__(self, n_features, n_layers, width, n_images, rng, image_offsets=None, spread_bijector="softplus",
-                 encoder=False, name="scale"):
+                 encoder=False, image_layers=0, n_layer_images=0, name="scale"):
         super().__init__(name=name)
         sizes = [max(n_features + (_EMBEDDING_SIZE if encoder else 0), 1)] + [width] * n_layers
         self.kernels, self.biases = [], []
@@ -161,6 +172,9 @@ class ScaleNetwork(tf.Module):
         self.n_features = n_features
         # Made after the network so that its weights draw as without an encoder.
         self.encoder = ImageEncoder(n_features + N_OBSERVATION_INPUTS, rng) if encoder else None
+        self.image_kernels = [tf.Variable(np.zeros((n_layer_images, width, width), np.float32))
+                              for _ in range(image_layers)]
+        self.image_biases = [tf.Variable(np.zeros((n_layer_images, width), np.float32)) for _ in range(image_layers)]
 
     def __call__(self, features, image, image_inputs=None, image_embedding=None):
         """(μ, s) of log Σ for each observation.
@@ -180,7 +194,12 @@ class ScaleNetwork(tf.Module):
             features = tf.concat([features, embedding], 1)
         elif self.n_features == 0:
             features = tf.zeros([tf.shape(image)[0], 1])
-        out = self._stack(features)
+        if self.image_kernels:
+            hidden = self._checkpointed(features, self._hidden, [*self.kernels, *self.biases],
+                                        self.out_kernel.shape[0])
+            out = self._output(self._image_stack(hidden, image))
+        else:
+            out = self._checkpointed(features, self._dense, self._dense_variables(), 2)
         mu = out[:, 0]
         if self.image_offsets.shape[0] > 0:
             known = image >= 0
@@ -191,8 +210,12 @@ class ScaleNetwork(tf.Module):
 
     def of(self, data):
         """(μ, s) of log Σ for the rows of a dict of tensors
-        (:func:`~skmerge.model.data.tensor_data`)."""
-        return self(data["features"], data["image"], data.get("image_inputs"), data.get("image_embedding"))
+        (:func:`~skmerge.model.data.tensor_data`), with the rows' known log scale
+        (``log_known_scale``) added to μ."""
+        mu, spread = self(data["features"], data["image"], data.get("image_inputs"), data.get("image_embedding"))
+        if "log_known_scale" in data:
+            mu = mu + data["log_known_scale"]
+        return mu, spread
 
     def image_embeddings(self, pieces, n_images):
         """The encoder's embedding of each image from all of its rows, which the
@@ -200,8 +223,8 @@ class ScaleNetwork(tf.Module):
         return self.encoder.table(((tf.concat([p["features"], p["image_inputs"]], 1), p["image"]) for p in pieces),
                                   n_images)
 
-    def _dense(self, h):
-        """The dense stack on a chunk of rows held transposed, (features, rows) → (2, rows).
+    def _hidden(self, h):
+        """The shared stack on a chunk of rows held transposed, (features, rows) → (width, rows).
 
         With rows along the last axis each 10 × 10 layer is one wide matrix product,
         which the CPU kernels run faster than a tall (rows, 10) @ (10, 10) one.
@@ -209,10 +232,30 @@ class ScaleNetwork(tf.Module):
         h = tf.nn.leaky_relu(tf.matmul(self.kernels[0], h, transpose_a=True) + self.biases[0][:, None], _LEAK)
         for kernel, bias in zip(self.kernels[1:], self.biases[1:]):
             h = h + tf.nn.leaky_relu(tf.matmul(kernel, h, transpose_a=True) + bias[:, None], _LEAK)
-        return tf.matmul(self.out_kernel, h, transpose_a=True) + self.out_bias[:, None]
+        return h
 
-    def _stack(self, features):
-        """The dense stack on every row, (rows, features) → (rows, 2), in chunks of rows.
+    def _dense(self, h):
+        """The shared stack and the output layer, (features, rows) → (2, rows)."""
+        return tf.matmul(self.out_kernel, self._hidden(h), transpose_a=True) + self.out_bias[:, None]
+
+    def _output(self, hidden):
+        return tf.matmul(hidden, self.out_kernel) + self.out_bias
+
+    def _image_stack(self, hidden, image):
+        """The image layers on rows (rows, width) → (rows, width): each row through its
+        image's kernels and biases, the mean image's for rows of image −1."""
+        known = image >= 0
+        index = tf.maximum(image, 0)
+        for kernel, bias in zip(self.image_kernels, self.image_biases):
+            row_kernel = tf.where(known[:, None, None], tf.gather(kernel, index), tf.reduce_mean(kernel, 0))
+            row_bias = tf.where(known[:, None], tf.gather(bias, index), tf.reduce_mean(bias, 0))
+            hidden = hidden + tf.nn.leaky_relu(tf.einsum("ri,rij->rj", hidden, row_kernel) + row_bias, _LEAK)
+        return hidden
+
+    def _checkpointed(self, features, fn, variables, n_out):
+        """``fn`` (a stack on a chunk of rows held transposed, (features, rows) →
+        (n_out, rows), whose weights are ``variables``) on every row, (rows, features) →
+        (rows, n_out), in chunks of rows.
 
         The stack is bound by memory traffic: kept for the backward pass, twenty
         activations of every row fall out of the CPU cache. So the gradient recomputes
@@ -224,10 +267,9 @@ class ScaleNetwork(tf.Module):
         n_chunks = (n + _CHUNK_ROWS - 1) // _CHUNK_ROWS
         padded = tf.pad(features, [[0, n_chunks * _CHUNK_ROWS - n], [0, 0]])
         chunks = tf.transpose(tf.reshape(padded, [n_chunks, _CHUNK_ROWS, -1]), [0, 2, 1])
-        variables = self._dense_variables()
 
-        def each_chunk(fn, elems, signature):
-            return tf.map_fn(fn, elems, parallel_iterations=_PARALLEL_CHUNKS, fn_output_signature=signature)
+        def each_chunk(body, elems, signature):
+            return tf.map_fn(body, elems, parallel_iterations=_PARALLEL_CHUNKS, fn_output_signature=signature)
 
         @tf.custom_gradient
         def stack(chunks):
@@ -236,15 +278,15 @@ class ScaleNetwork(tf.Module):
                     x, dy = args
                     with tf.GradientTape() as tape:
                         tape.watch(x)
-                        y = self._dense(x)
+                        y = fn(x)
                     return tape.gradient(y, [x, *variables], output_gradients=dy)
 
                 per_chunk = each_chunk(chunk_grad, (chunks, d_out), [tf.float32] * (len(variables) + 1))
                 return per_chunk[0], [tf.reduce_sum(g, 0) for g in per_chunk[1:]]
 
-            return each_chunk(self._dense, chunks, tf.float32), grad
+            return each_chunk(fn, chunks, tf.float32), grad
 
-        return tf.reshape(tf.transpose(stack(chunks), [0, 2, 1]), [-1, 2])[:n]
+        return tf.reshape(tf.transpose(stack(chunks), [0, 2, 1]), [-1, n_out])[:n]
 
     def get_weights(self):
         return [v.numpy() for v in self._ordered()]
@@ -258,4 +300,10 @@ class ScaleNetwork(tf.Module):
 
     def _ordered(self):
         encoder = self.encoder.variables_in_order() if self.encoder is not None else []
-        return [*self._dense_variables(), *encoder, self.image_offsets]
+        return [*self._dense_variables(), *encoder, *self.image_kernels, *self.image_biases, self.image_offsets]
+
+    def per_image_weights(self):
+        """Positions in :meth:`get_weights` of the weights whose first axis runs over
+        the images (the image layers' and the offsets)."""
+        n = len(self._ordered())
+        return list(range(n - 1 - 2 * len(self.image_kernels), n))
