@@ -1,6 +1,7 @@
 """skmerge on simulated data with known truth: the small signals and the honesty of σ.
 
-Three data sets from ``skmerge.datasets.make_unmerged`` (P 2₁2₁2₁, 2 Å):
+Three data sets from ``skmerge.datasets.make_unmerged`` (P 2₁2₁2₁, 2 Å, 1° images; a full
+180° sweep unless ``--images`` says otherwise):
 
 - **anomalous**: 1 % gross outliers (×3–10 zingers and shadowed spots), two images at a
   third of their scale, honest σ;
@@ -20,6 +21,7 @@ Usage::
 
     python bench/simulated.py                      # every data set, the default variants
     python bench/simulated.py --variants old,default --seeds 0,1
+    python bench/simulated.py --images 60          # the 60° sweep of the earlier tables
 
 Prints one table (markdown) and writes it to bench/out/simulated.json.
 """
@@ -54,12 +56,14 @@ def variants():
     }
 
 
-def simulate(name, seed):
+def simulate(name, seed, n_images=180):
+    """A data set of ``n_images`` 1° images (a third of them per state of the time-resolved
+    pair), with its truth."""
     from skmerge.datasets import make_unmerged
 
-    options = dict(n_images=60, outlier_fraction=0.01, random_state=seed)
+    options = dict(n_images=n_images, outlier_fraction=0.01, random_state=seed)
     if name == "time-resolved":
-        X, truth = make_unmerged(time_points=2, **{**options, "n_images": 40})
+        X, truth = make_unmerged(time_points=2, **{**options, "n_images": n_images // 3})
     else:
         X, truth = make_unmerged(anomalous=True, anomalous_signal=0.05, **options)
     # Two images at a third of their scale (the truth's scale knows it).
@@ -151,6 +155,8 @@ def main(argv=None):
     parser.add_argument("--datasets", default="anomalous,understated,time-resolved")
     parser.add_argument("--variants", default="old,default")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--images", type=int, default=180, help="1° images of the anomalous sets (a full "
+                        "180° sweep by default; the time-resolved states get a third each)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     from skmerge import VariationalMerger
@@ -158,7 +164,7 @@ def main(argv=None):
     table = []
     for name in args.datasets.split(","):
         for seed in map(int, args.seeds.split(",")):
-            X, truth = simulate(name, seed)
+            X, truth = simulate(name, seed, args.images)
             separate = name == "time-resolved"
             ref = reference(X, truth, separate)
             for variant in args.variants.split(","):
@@ -170,7 +176,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 merger = VariationalMerger(metadata=["dHKL", "BATCH", "XDET", "YDET"], anomalous=not separate,
                                            separate_files=separate, random_state=seed, **params).fit(X)
-                row = {"data": name, "seed": seed, "variant": variant, "steps": int(merger.n_iter_),
+                row = {"data": name, "images": args.images, "seed": seed, "variant": variant, "steps": int(merger.n_iter_),
                        "fit s": round(time.perf_counter() - t0, 1),
                        **{k: round(float(v), 3) for k, v in score(merger.transform(X), X, truth, name, ref).items()}}
                 table.append(row)
