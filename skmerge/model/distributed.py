@@ -284,26 +284,39 @@ def _agreed(strategy, function):
     return evaluate
 
 
+def replicated_trainer(model, variables, data, **options):
+    """A trainer for data that every worker holds whole (``options`` are the
+    :class:`~skmerge.model.training.Trainer`'s): inside a multi-worker strategy's scope
+    a :class:`DataParallelTrainer` that averages the workers' equal gradients, which
+    keeps the mirrored variables equal; else a plain Trainer."""
+    strategy = active_strategy()
+    if strategy is None:
+        return Trainer(model, variables, data, **options)
+    return DataParallelTrainer(strategy, model, variables, data, reduce=tf.distribute.ReduceOp.MEAN, **options)
+
+
 class DataParallelTrainer(Trainer):
     """A :class:`~skmerge.model.training.Trainer` whose steps run on every worker of a
-    multi-worker strategy: each worker's gradients of its share of the loss are summed
-    over the workers before the update.
+    multi-worker strategy: the loss terms and gradients of each worker's data are
+    combined over the workers by ``reduce`` (summed, when each worker holds a share of
+    the data) before the update.
 
     The chunk of steps runs as a TensorFlow graph: XLA cannot compile the collective
     all-reduce on CPUs, so ``jit_compile`` compiles the gradient of each worker's share
     alone.
     """
 
-    def __init__(self, strategy, model, variables, data, *, jit_compile=True, **options):
+    def __init__(self, strategy, model, variables, data, *, jit_compile=True, reduce=tf.distribute.ReduceOp.SUM,
+                 **options):
         super().__init__(model, variables, data, jit_compile=False, **options)
-        self.strategy = strategy
+        self.strategy, self.reduce = strategy, reduce
         self._jit_compile = jit_compile
         own_gradients = super()._gradients
         self._own_gradients = tf.function(own_gradients, jit_compile=True) if jit_compile else own_gradients
 
     def _gradients(self, seed):
         terms, grads = self._own_gradients(seed)
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, (terms, grads))
+        return tf.distribute.get_replica_context().all_reduce(self.reduce, (terms, grads))
 
     def _step(self):
         taken = self.strategy.run(super()._step)
