@@ -152,3 +152,30 @@ def test_bad_worker_flags_exit_2(flags, message, tmp_path, capsys):
     assert main(["mono", *flags, "dHKL", str(mtz), str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("laue", [False, True])
+def test_shares_of_the_images_add_up_to_the_full_loss(laue):
+    """The loss terms of the workers' shares sum to the full-data loss: each reflection's
+    KL once, each observation's likelihood once, over the observations of all shares."""
+    from skmerge.model.build import build_model
+    from skmerge.model.data import encode, laue_band
+    from skmerge.model.distributed import _shard
+    from skmerge._tf import tf
+
+    X, _ = make_unmerged(n_images=6 if laue else 9, laue=laue, random_state=1)
+    merger = VariationalMerger(mlp_layers=2, mc_samples=400, laue=laue, metadata=["dHKL"])
+    harmonics = None
+    if laue:
+        bands, dmin = laue_band(X, "Wavelength", None)
+        harmonics = {"wavelength_key": "Wavelength", "wavelength_range": bands, "dmin": dmin}
+    observations = encode(X, None, anomalous=False, separate_files=False, harmonics=harmonics)
+    model, data, state = build_model(merger, observations, np.random.RandomState(0), harmonics=harmonics)
+    seed = tf.constant([3, 4])
+    full = model.loss_terms(data, seed).numpy()
+    order = np.random.default_rng(0).permutation(len(state.image_ids))
+    shares = [_shard(data, np.sort(order[k::3]), state.reflection_counts).full_batch() for k in range(3)]
+    assert sum(int(s["intensity"].shape[0]) for s in shares) == int(data["intensity"].shape[0])
+    summed = sum(model.loss_terms(share, seed).numpy() for share in shares)
+    np.testing.assert_allclose(summed[2], full[2], rtol=1e-4)  # the KL, for the same samples of F
+    np.testing.assert_allclose(summed[1], full[1], rtol=0.02)  # the likelihood, up to the scales' noise
