@@ -35,6 +35,8 @@ from .._tf import tf
 from ..errors import InputError, ParameterError
 from .training import ImageBatches, Trainer
 
+__all__ = ["multi_worker_strategy", "is_chief", "parse_workers", "tf_config_workers"]
+
 _RING = tf.distribute.experimental.CommunicationImplementation.RING
 
 
