@@ -21,7 +21,6 @@ Usage::
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -71,19 +70,12 @@ def worker(workers, index, n_images, steps, batch_size, jit_compile):
     os._exit(0)
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def measure(n_workers, args, batch_size):
     """Run n worker processes (one plain process for n = 1); the chief's measurements."""
-    workers = ",".join(f"localhost:{p}" for p in _free_ports(n_workers)) if n_workers > 1 else ""
+    sys.path.insert(0, str(ROOT))
+    from skmerge.model.distributed import local_workers
+
+    workers = local_workers(n_workers) if n_workers > 1 else ""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(max(1, os.cpu_count() // n_workers)))
     env.pop("TF_CONFIG", None)

@@ -8,7 +8,6 @@ the test takes tens of seconds. ``-m 'not distributed'`` deselects it.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from skmerge import VariationalMerger
 from skmerge.cli import main
 from skmerge.datasets import make_unmerged
 from skmerge.errors import ParameterError
-from skmerge.model.distributed import active_strategy, is_chief, parse_workers, tf_config_workers
+from skmerge.model.distributed import active_strategy, is_chief, local_workers, parse_workers, tf_config_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"n_images": 24, "random_state": 0}
@@ -51,20 +50,10 @@ os._exit(0)
 """
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(tmp_path, params):
     """Start two workers; the processes and the files they would write (the chief's
     only)."""
-    workers = ",".join(f"localhost:{port}" for port in _free_ports(2))
+    workers = local_workers(2)
     # One thread each: the two workers share the machine's cores with the test.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")

@@ -27,6 +27,7 @@ outputs (see docs/cli.md).
 
 import json
 import os
+import socket
 from numbers import Integral
 
 import numpy as np
@@ -35,7 +36,7 @@ from .._tf import tf
 from ..errors import InputError, ParameterError
 from .training import ImageBatches, Trainer
 
-__all__ = ["multi_worker_strategy", "is_chief", "parse_workers", "tf_config_workers"]
+__all__ = ["multi_worker_strategy", "is_chief", "parse_workers", "tf_config_workers", "local_workers"]
 
 _RING = tf.distribute.experimental.CommunicationImplementation.RING
 
@@ -117,6 +118,25 @@ def parse_workers(workers):
     if len(listed) < 2:
         raise ParameterError(f"workers {','.join(listed)}: a data-parallel fit needs at least two workers.")
     return listed
+
+
+def local_workers(n_workers):
+    """A worker list of ``n_workers`` on this machine, on ports that are free now (to try
+    data-parallel fits, or to test them, on one machine).
+
+    Examples
+    --------
+    >>> len(parse_workers(local_workers(2)))
+    2
+    """
+    sockets = [socket.socket() for _ in range(n_workers)]
+    try:
+        for s in sockets:
+            s.bind(("localhost", 0))
+        return ",".join(f"localhost:{s.getsockname()[1]}" for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _check_tf_config():
