@@ -201,23 +201,33 @@ def active_strategy():
     return strategy
 
 
-def data_parallel_trainer(strategy, params, model, variables, data, state, seed, options):
-    """A :class:`DataParallelTrainer` on this worker's share of the images of ``data``.
+def check_workers(strategy, params, observations, seed):
+    """Raise on every worker at once unless all hold the same data and seed, before the
+    model is built: workers that read different data would otherwise build variables of
+    different shapes and wait for each other forever, or fit nonsense.
 
-    ``options`` are the :class:`~skmerge.model.training.Trainer`'s keyword arguments.
-    The images are dealt out at random (seeded by the fit's ``random_state``, which
-    must be an integer so that every worker deals the same hands); with ``batch_size``
-    each worker draws its share of the batch from its images in every step.
+    ``random_state`` must be an integer, the same on every worker, so that the workers
+    deal out the images and split the data alike.
     """
     if not isinstance(params.random_state, Integral):
         raise ParameterError(f"random_state={params.random_state!r}: a data-parallel fit needs an integer "
                              "random_state, the same on every worker, so that the workers share out the images "
                              "and start the same way.")
+    _check_same(strategy, {"observations": len(observations.intensity), "rows": len(observations.rows),
+                           "images": len(np.unique(observations.image_id)), "fit seed": seed})
+
+
+def data_parallel_trainer(strategy, params, model, variables, data, state, seed, options):
+    """A :class:`DataParallelTrainer` on this worker's share of the images of ``data``
+    (after :func:`check_workers`).
+
+    ``options`` are the :class:`~skmerge.model.training.Trainer`'s keyword arguments.
+    The images are dealt out at random, seeded by the fit's seed; with ``batch_size``
+    each worker draws its share of the batch from its images in every step.
+    """
     n_workers = strategy.num_replicas_in_sync
     worker = _replica_id(strategy)
     n_images = len(state.image_ids)
-    _check_same(strategy, {"observations": len(data["intensity"]), "images": n_images,
-                           "reflections": len(state.reflections), "fit seed": seed})
     if n_images < n_workers:
         raise ParameterError(f"the data hold {n_images} image(s): a data-parallel fit over {n_workers} workers "
                              "needs at least one image per worker.")
@@ -280,8 +290,7 @@ def _replica_id(strategy):
 
 def _check_same(strategy, values):
     """InputError, raised on every worker at once, unless all workers hold the same
-    ``values`` (named numbers): workers that read different data or parameters would
-    otherwise fit nonsense, or wait for each other forever."""
+    ``values`` (named numbers)."""
     local = tf.constant([list(values.values())], tf.int64)
     every = strategy.gather(strategy.run(lambda: tf.identity(local)), axis=0).numpy()
     differ = [name for name, column in zip(values, every.T) if len(set(column)) > 1]

@@ -96,9 +96,12 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
     is recorded every ``validation_frequency`` steps without steering training."""
     from .._tf import tf
-    from .distributed import active_strategy, data_parallel_trainer
+    from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
+    strategy = active_strategy()
+    if strategy is not None:
+        check_workers(strategy, params, observations, seed)
     model, data, state = build_model(params, observations, rng, previous, harmonics)
     variables = []
     if params.freeze != "posterior":
@@ -115,7 +118,6 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     options = dict(learning_rate=params.learning_rate, jit_compile=params.jit_compile, beta_1=params.beta_1,
                    beta_2=params.beta_2, clipnorm=params.clipnorm, clipvalue=params.clipvalue,
                    global_clipnorm=params.global_clipnorm)
-    strategy = active_strategy()
     if strategy is not None:
         trainer = data_parallel_trainer(strategy, params, model, variables, data, state, seed, options)
     else:
