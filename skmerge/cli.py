@@ -8,6 +8,7 @@ TensorFlow for ``--help`` and ``--version``.
 """
 
 import argparse
+import contextlib
 import re
 import shlex
 import shutil
@@ -152,6 +153,15 @@ def _add_mono_arguments(mono, defaults):
                      "without --error-model)")
     fit.add_argument("--seed", type=int, default=0, dest="random_state", metavar="SEED",
                      help="random seed of the fit and of all splits (default: %(default)s)")
+
+    parallel = mono.add_argument_group("data-parallel training", "run the same command in every worker process "
+                                       "(tf.distribute.MultiWorkerMirroredStrategy); worker 0 writes the outputs. "
+                                       "Without --workers, TF_CONFIG in the environment (2 or more tasks) does the "
+                                       "same")
+    parallel.add_argument("--workers", metavar="HOST:PORT,...", help="the host:port of every worker, the same "
+                          "list in each")
+    parallel.add_argument("--worker-index", type=int, metavar="I", help="this worker's position in --workers "
+                          "(0 … number of workers − 1)")
 
     validation = mono.add_argument_group("validation")
     validation.add_argument("--test-fraction", type=float, default=0.0, metavar="F", help="hold out this fraction "
@@ -396,6 +406,9 @@ def check_mono_arguments(args):
         if len(set(groups)) > 1:
             raise UsageError(f"--spacegroups {args.spacegroups!r}: skmerge merges files of one space group; "
                              "give one space group for all files")
+    if (args.workers is None) != (args.worker_index is None):
+        raise UsageError("--workers and --worker-index go together: give the list of every worker and this one's "
+                         "position in it")
     if args.command == "poly" and args.wavelength_range and not args.wavelength_range[0] < args.wavelength_range[1]:
         raise UsageError(f"--wavelength-range {args.wavelength_range[0]:g} {args.wavelength_range[1]:g}: "
                          "give the smaller wavelength first")
@@ -425,16 +438,39 @@ def _mono(args):
     check_values(args, params)
     log = _logger(args.quiet)
     cli_flags.configure_tensorflow(args)
-    merger, params = cli_flags.transfer(args, params, UsageError)
+    scope, chief = _data_parallel(args, log)
+    with scope:
+        merger, params = cli_flags.transfer(args, params, UsageError)
 
-    from .workflow import format_statistics, run_merge
+        from .workflow import format_statistics, run_merge
 
-    result = run_merge(args.reflection_files, args.out, merger=merger, log=log, command=args.command_line,
-                       **workflow_options(args), **params)
+        result = run_merge(args.reflection_files, args.out if chief else None, merger=merger, log=log,
+                           command=args.command_line, **workflow_options(args), **params)
+    if not chief:
+        return 0
     if not args.quiet:
         print(format_statistics(result.statistics, result.names, result.calibration))
     cli_flags.after_run(args, result, log)
     return 0
+
+
+def _data_parallel(args, log):
+    """The scope the run's fits train in (the multi-worker strategy's of --workers or
+    TF_CONFIG, or none) and whether this process writes the outputs."""
+    from .errors import ParameterError
+    from .model import distributed
+
+    if args.workers is None and distributed.tf_config_workers() < 2:
+        return contextlib.nullcontext(), True
+    try:
+        strategy = distributed.multi_worker_strategy(args.workers, args.worker_index)
+    except ParameterError as exc:
+        flags = f"--workers {args.workers} --worker-index {args.worker_index}" if args.workers else "TF_CONFIG"
+        raise UsageError(f"{flags}: {_one_line(exc)}") from None
+    chief = distributed.is_chief(strategy)
+    log("info", f"data-parallel fit over {strategy.num_replicas_in_sync} workers"
+        + ("; this one writes the outputs" if chief else "; the chief writes the outputs"))
+    return strategy.scope(), chief
 
 
 def _stats(args):

@@ -37,6 +37,7 @@ PUBLIC_MODULES = [
     "skmerge.analysis",
     "skmerge.report",
     "skmerge.workflow",
+    "skmerge.model.distributed",
     "skmerge.half_datasets",
     "skmerge.baseline",
     "skmerge.diagnostics",

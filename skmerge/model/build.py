@@ -196,14 +196,14 @@ def _learn_quick_scales(params, network, data, image_row, image_scale, rng):
     that per-image offsets get by being set to them, at a cost that does not grow with
     the data."""
     from .._tf import tf
-    from .training import Trainer
+    from .distributed import replicated_trainer
 
     chosen = rng.choice(len(image_scale), min(len(image_scale), _START_IMAGES), replace=False)
     rows = np.flatnonzero(np.isin(image_row, chosen))
     subset = {key: tf.gather(data[key], rows) for key in ("features", "image", "image_inputs")}
     subset["target"] = tf.constant(np.log(image_scale)[image_row[rows]], tf.float32)
-    trainer = Trainer(_ScaleRegression(network), network.trainable_variables, subset,
-                      learning_rate=_START_LEARNING_RATE, seed=0, jit_compile=params.jit_compile)
+    trainer = replicated_trainer(_ScaleRegression(network), network.trainable_variables, subset,
+                                 learning_rate=_START_LEARNING_RATE, seed=0, jit_compile=params.jit_compile)
     trainer.run(_START_STEPS, tol=0.0, n_iter_no_change=_START_STEPS)
 
 

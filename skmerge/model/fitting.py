@@ -96,8 +96,12 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
     is recorded every ``validation_frequency`` steps without steering training."""
     from .._tf import tf
+    from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
+    strategy = active_strategy()
+    if strategy is not None:
+        check_workers(strategy, params, observations, seed)
     model, data, state = build_model(params, observations, rng, previous, harmonics)
     variables = []
     if params.freeze != "posterior":
@@ -111,12 +115,16 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
                 variables += list(noise.trainable_variables)
     else:
         data["mu"], data["spread"] = model.scale_network.of(data)
-    if params.batch_size is not None and params.batch_size < len(state.image_ids):
-        data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
-                            params.batch_size, spot=observations.spot)
-    trainer = Trainer(model, variables, data, learning_rate=params.learning_rate, seed=seed,
-                      jit_compile=params.jit_compile, beta_1=params.beta_1, beta_2=params.beta_2,
-                      clipnorm=params.clipnorm, clipvalue=params.clipvalue, global_clipnorm=params.global_clipnorm)
+    options = dict(learning_rate=params.learning_rate, jit_compile=params.jit_compile, beta_1=params.beta_1,
+                   beta_2=params.beta_2, clipnorm=params.clipnorm, clipvalue=params.clipvalue,
+                   global_clipnorm=params.global_clipnorm)
+    if strategy is not None:
+        trainer = data_parallel_trainer(strategy, params, model, variables, data, state, seed, options)
+    else:
+        if params.batch_size is not None and params.batch_size < len(state.image_ids):
+            data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
+                                params.batch_size, spot=observations.spot)
+        trainer = Trainer(model, variables, data, seed=seed, **options)
     scores = []
     monitor = watch = None
     if validation is not None:

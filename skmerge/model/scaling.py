@@ -167,8 +167,11 @@ class ScaleNetwork(tf.Module):
         self.spread_bijector = spread_bijector
         raw_spread = np.log(_INITIAL_SPREAD) if spread_bijector == "exp" else softplus_inverse(_INITIAL_SPREAD)
         self.out_bias = tf.Variable(np.array([0.0, raw_spread], np.float32))
-        offsets = np.zeros(n_images) if image_offsets is None else image_offsets
-        self.image_offsets = tf.Variable(np.asarray(offsets, np.float32))
+        offsets = np.asarray(np.zeros(n_images) if image_offsets is None else image_offsets, np.float32)
+        # Without offsets the empty table is a constant: a data-parallel fit broadcasts
+        # every variable's first value to its workers, and TensorFlow's collectives crash
+        # on an empty tensor.
+        self.image_offsets = tf.Variable(offsets) if len(offsets) else tf.constant(offsets)
         self.n_features = n_features
         # Made after the network so that its weights draw as without an encoder.
         self.encoder = ImageEncoder(n_features + N_OBSERVATION_INPUTS, rng) if encoder else None
@@ -293,7 +296,8 @@ class ScaleNetwork(tf.Module):
 
     def set_weights(self, weights):
         for v, value in zip(self._ordered(), weights):
-            v.assign(value)
+            if isinstance(v, tf.Variable):
+                v.assign(value)
 
     def _dense_variables(self):
         return [*self.kernels, *self.biases, self.out_kernel, self.out_bias]

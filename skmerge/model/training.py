@@ -174,13 +174,18 @@ class ImageBatches:
     −1 (so that an image encoder pools only the rows of each image). Drawing
     ``batch_size`` of the n images uniformly makes each image's terms count n/batch_size
     times, which keeps the loss an unbiased estimate of the full-data loss.
+
+    ``image`` numbers the images of the rows 0 … n−1 (``data["image"]``, what the scale
+    model reads, may number them otherwise); ``n_total``, the number of observations
+    the loss is divided by, defaults to those of ``data`` (a shard of a data-parallel
+    fit divides by those of all shards).
     """
 
-    def __init__(self, data, image, n_rows_per_reflection, batch_size, spot=None):
+    def __init__(self, data, image, n_rows_per_reflection, batch_size, spot=None, n_total=None):
         self.data = data
         self.batch_size = int(batch_size)
         self.n_images = int(image.max()) + 1
-        self.n_total = float(len(data["intensity"]))
+        self.n_total = float(len(data["intensity"]) if n_total is None else n_total)
         row_table, local = _padded_table(image)
         self.row_table = tf.constant(row_table, tf.int32)
         self.kl_per_row = tf.constant(1.0 / n_rows_per_reflection, tf.float32)
@@ -268,32 +273,41 @@ class Trainer:
         self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile)
         self._jit_compile = jit_compile
 
+    def _gradients(self, seed):
+        """The loss terms of one step and the gradient of the loss for every variable."""
+        with tf.GradientTape() as tape:
+            batch = self.data.draw(seed) if isinstance(self.data, ImageBatches) else self.data
+            terms = self.model.loss_terms(batch, seed)
+            loss = terms[0]
+        grads = tape.gradient(loss, self.variables)
+        return terms, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
+
+    def _step(self):
+        """One Adam step, left out when its loss or gradient is not finite: the step's
+        loss terms and whether it was taken."""
+        seed = tf.cast(tf.stack([tf.constant(self.seed, tf.int64), self.step]), tf.int32)
+        terms, grads = self._gradients(seed)
+        ok = tf.math.is_finite(terms[0]) & tf.math.is_finite(tf.linalg.global_norm(grads))
+        grads = self._clipped(grads)
+        t = tf.cast(self.step + 1, tf.float32)
+        # A linear warm-up keeps Adam's first, full-size steps from throwing the
+        # scale network far from its starting point.
+        warmup = tf.minimum(1.0, t / _WARMUP)
+        beta_1, beta_2 = self.beta_1, self.beta_2
+        lr = warmup * self.learning_rate * tf.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        for var, g, m, v in zip(self.variables, grads, self.m, self.v):
+            g = tf.where(ok, g, 0.0)
+            m_new = beta_1 * m + (1 - beta_1) * g
+            v_new = beta_2 * v + (1 - beta_2) * tf.square(g)
+            m.assign(tf.where(ok, m_new, m))
+            v.assign(tf.where(ok, v_new, v))
+            var.assign(tf.where(ok, var - lr * m_new / (tf.sqrt(v_new) + _EPS), var))
+        self.step.assign_add(tf.cast(ok, tf.int64))
+        return terms, ok
+
     def _run_chunk(self, n_steps):
         def body(i, n_bad, history):
-            seed = tf.stack([tf.constant(self.seed, tf.int64), self.step])
-            with tf.GradientTape() as tape:
-                seed = tf.cast(seed, tf.int32)
-                batch = self.data.draw(seed) if isinstance(self.data, ImageBatches) else self.data
-                terms = self.model.loss_terms(batch, seed)
-                loss = terms[0]
-            grads = tape.gradient(loss, self.variables)
-            grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, self.variables)]
-            ok = tf.math.is_finite(terms[0]) & tf.math.is_finite(tf.linalg.global_norm(grads))
-            grads = self._clipped(grads)
-            t = tf.cast(self.step + 1, tf.float32)
-            # A linear warm-up keeps Adam's first, full-size steps from throwing the
-            # scale network far from its starting point.
-            warmup = tf.minimum(1.0, t / _WARMUP)
-            beta_1, beta_2 = self.beta_1, self.beta_2
-            lr = warmup * self.learning_rate * tf.sqrt(1 - beta_2**t) / (1 - beta_1**t)
-            for var, g, m, v in zip(self.variables, grads, self.m, self.v):
-                g = tf.where(ok, g, 0.0)
-                m_new = beta_1 * m + (1 - beta_1) * g
-                v_new = beta_2 * v + (1 - beta_2) * tf.square(g)
-                m.assign(tf.where(ok, m_new, m))
-                v.assign(tf.where(ok, v_new, v))
-                var.assign(tf.where(ok, var - lr * m_new / (tf.sqrt(v_new) + _EPS), var))
-            self.step.assign_add(tf.cast(ok, tf.int64))
+            terms, ok = self._step()
             history = tf.tensor_scatter_nd_update(history, [[i]], [terms])
             return i + 1, n_bad + tf.cast(~ok, tf.int32), history
 
