@@ -77,10 +77,16 @@ def inverse_variance_mean(group, values, sigma, n_groups):
     reciprocalspaceship's extension dtypes.
     """
     weight = sigma**-2.0
-    total = np.bincount(group, weights=weight, minlength=n_groups)
+    return means_of_sums(np.bincount(group, weights=weight, minlength=n_groups),
+                         np.bincount(group, weights=weight * values, minlength=n_groups))
+
+
+def means_of_sums(total_weight, weighted_sum):
+    """Inverse-variance means and their standard errors from each group's sum of weights
+    1/σ² and of weighted values (sums that can be accumulated piece by piece); NaN for
+    groups without weight."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.bincount(group, weights=weight * values, minlength=n_groups) / total
-        return mean, np.where(total > 0, total, np.nan) ** -0.5
+        return weighted_sum / total_weight, np.where(total_weight > 0, total_weight, np.nan) ** -0.5
 
 
 def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
@@ -107,19 +113,36 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
     >>> round(float(robust_mean(group, values, sigma, 1)[0][0]), 3)
     1.01
     """
-    mean, error = _group_median(group, values, n_groups), None
+    mean, error = group_median(group, values, n_groups), None
     for _ in range(rounds):
         residual = np.abs(values - mean[group]) / sigma
         finite = np.isfinite(residual)
         if not finite.any():
             return inverse_variance_mean(group, values, sigma, n_groups)
-        spread = max(1.0, 1.4826 * float(np.median(residual[finite])))
-        excess = np.maximum(np.nan_to_num(residual, nan=0.0) / (cutoff * spread), 1.0)
-        mean, error = inverse_variance_mean(group, values, sigma * excess, n_groups)
+        spread = residual_spread(residual[finite])
+        mean, error = inverse_variance_mean(group, values, sigma * outlier_excess(residual, spread, cutoff), n_groups)
     return mean, error
 
 
-def _group_median(group, values, n_groups):
+def residual_spread(residual, weights=None):
+    """The typical scatter of normalised residuals |v − mean|/σ for :func:`robust_mean`:
+    1.4826 times their median (weighted by ``weights`` when given), at least 1."""
+    if weights is None:
+        median = float(np.median(residual))
+    else:
+        order = np.argsort(residual)
+        cumulative = np.cumsum(weights[order])
+        median = float(residual[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+    return max(1.0, 1.4826 * median)
+
+
+def outlier_excess(residual, spread, cutoff):
+    """How many times further than ``cutoff`` × ``spread`` each normalised residual lies
+    (at least 1; NaN counts as 1): :func:`robust_mean` divides weights by its square."""
+    return np.maximum(np.nan_to_num(residual, nan=0.0) / (cutoff * spread), 1.0)
+
+
+def group_median(group, values, n_groups):
     """The median of the values of each group (NaN for empty groups), by one sort."""
     order = np.lexsort((values, group))
     count = np.bincount(group, minlength=n_groups)
