@@ -48,9 +48,11 @@ from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors
 # Rows of the store (at most) on which the metadata transformer is fitted.
 SAMPLE_ROWS = 1 << 19
 # Observations of each reflection kept for the medians of the robust start.
-RESERVOIR = 32
-# Images held for shuffling minibatches (beside one row group).
-BUFFER_IMAGES = 1024
+RESERVOIR = 64
+# Observations held for shuffling minibatches (beside one row group), and the fewest
+# batches' worth of images held however large the images.
+BUFFER_ROWS = 1 << 18
+BUFFER_BATCHES = 4
 _ROBUST_ROUNDS = 3
 _ROBUST_CUTOFF = 3.0
 
@@ -230,16 +232,19 @@ def _robust_start_merge(params, source, state, network, family):
     scale, per ``family`` of reflections, in passes (see the module docstring)."""
     from .._tf import tf
 
+    # Compiled once for pieces of any length: eagerly, the network's chunked map runs op by op.
+    scales = tf.function(network, reduce_retracing=True)
+
     def scaled():
         for X, _ in source.chunks():
             arrays, _ = state.evaluation_arrays(params, X)
-            mu, spread = (t.numpy().astype(np.float64) for t in network(
+            mu, spread = (t.numpy().astype(np.float64) for t in scales(
                 tf.constant(arrays["features"]), tf.constant(arrays["image"], tf.int32)))
             scale_mean = np.exp(mu + spread**2 / 2)
             yield family[arrays["refl"]], arrays["intensity"] / scale_mean, arrays["sigma"] / scale_mean
 
     n_groups = len(family)
-    kept = np.full((2, n_groups, RESERVOIR), np.nan)  # values, σ
+    kept = np.full((2, n_groups, RESERVOIR), np.nan, np.float32)  # values, σ
     filled, counts = np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64)
     for group, values, sigma in scaled():
         order = np.argsort(group, kind="stable")
@@ -278,8 +283,9 @@ class StoreBatches:
 
     A background thread of ``tf.data`` draws ``batch_size`` images at a time from the
     store (:func:`skmerge.store.iter_image_batches`, a new order for every pass over
-    it), encodes them as the fit state says and pads them to the rows of the
-    ``batch_size`` largest images, so that every batch has one shape. As
+    it, holding about ``BUFFER_ROWS`` observations for shuffling), encodes them as the
+    fit state says and pads them to the rows of the ``batch_size`` largest images, so
+    that every batch has one shape. As
     :class:`~skmerge.model.training.ImageBatches`, a batch's terms count
     n_images/images_in_batch times and padding counts for nothing.
 
@@ -301,6 +307,7 @@ class StoreBatches:
         self.n_rows = int(np.sort(image_counts)[::-1][:self.batch_size].sum())
         self.n_images = len(image_counts)
         self.n_total = float(image_counts.sum())
+        self.buffer_images = max(BUFFER_BATCHES * self.batch_size, int(BUFFER_ROWS * self.n_images / self.n_total))
         self.rows_per_reflection = np.maximum(state.reflection_counts, 1).astype(np.float64)
         n_features = state.n_metadata_features
         rows = tf.TensorSpec([self.n_rows], tf.float32)
@@ -314,7 +321,7 @@ class StoreBatches:
     def _batches(self):
         epoch = 0
         while True:
-            for X in iter_image_batches(self.source.path, self.batch_size, buffer_images=BUFFER_IMAGES,
+            for X in iter_image_batches(self.source.path, self.batch_size, buffer_images=self.buffer_images,
                                         random_state=self.seed + epoch):
                 yield self.padded(X)
             epoch += 1
