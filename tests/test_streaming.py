@@ -34,7 +34,7 @@ def start_fits(store):
     path, X, _ = store
     with pytest.MonkeyPatch.context() as patch:
         # Small pieces: several per pass, so that sums are carried from piece to piece.
-        patch.setattr(streaming.StoreSource, "chunks", lambda self: streaming.iter_store_chunks(self.path, 5000))
+        patch.setattr(streaming.StoreSource, "chunks", lambda self: streaming.iter_store_chunks(self.path, 5000, False))
         return _fit(X, max_iter=1, learning_rate=1e-12), _fit(path, max_iter=1, learning_rate=1e-12)
 
 

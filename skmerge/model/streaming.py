@@ -92,10 +92,11 @@ class StoreSource:
         self.n_observations = int(self.manifest["observations"])
 
     def chunks(self):
-        """(table, rows) of every piece, as :func:`skmerge.store.iter_store_chunks`."""
+        """(table, rows) of every piece, as :func:`skmerge.store.iter_store_chunks`
+        gives them with numpy dtypes."""
         if self.chunk_rows is None:
-            return iter_store_chunks(self.path)
-        return iter_store_chunks(self.path, self.chunk_rows)
+            return iter_store_chunks(self.path, mtz_dtypes=False)
+        return iter_store_chunks(self.path, self.chunk_rows, mtz_dtypes=False)
 
     def head(self):
         """The first piece's table: the store's columns, symmetry and cell."""
