@@ -4,6 +4,7 @@ in-memory fit of the store's table, and refuse what they cannot stream."""
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import skmerge
@@ -103,3 +104,19 @@ def test_ambiguous_store_needs_reindexing_none(tmp_path):
     path = write_store(X, tmp_path / "tetragonal.parquet")
     with pytest.raises(ParameterError, match="reindexing='none'"):
         skmerge.VariationalMerger(batch_size=1).fit(path)
+
+
+def test_run_merge_streams_a_store_with_batch_size(store, tmp_path):
+    """skmerge mono STORE --batch-size: the merge streams from the store and writes the
+    merged MTZ and every observation's prediction; half datasets are refused."""
+    path, X, _ = store
+    options = dict(batch_size=6, max_iter=10, mlp_layers=2, metadata=["dHKL", "XDET"], random_state=0,
+                   log=lambda level, message: None)
+    with pytest.raises(ParameterError, match="half_datasets"):
+        skmerge.run_merge(path, half_datasets=1, **options)
+    result = skmerge.run_merge(path, tmp_path / "out", **options)
+    assert result.merger.n_iter_ == 10
+    assert result.statistics[0].table.loc["overall", "n_obs"] == len(X)
+    predictions = pd.read_parquet(tmp_path / "out_predictions.parquet")
+    assert len(predictions) == len(X) and np.isfinite(predictions["Ipred"]).all()
+    assert (tmp_path / "out_0.mtz").is_file() and (tmp_path / "out.npz").is_file()
