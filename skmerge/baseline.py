@@ -84,7 +84,14 @@ def inverse_variance_mean(group, values, sigma, n_groups):
 def means_of_sums(total_weight, weighted_sum):
     """Inverse-variance means and their standard errors from each group's sum of weights
     1/σ² and of weighted values (sums that can be accumulated piece by piece); NaN for
-    groups without weight."""
+    groups without weight.
+
+    Examples
+    --------
+    >>> mean, error = means_of_sums(np.array([4.0, 0.0]), np.array([8.0, 0.0]))
+    >>> float(mean[0]), float(error[0]), bool(np.isnan(mean[1]))
+    (2.0, 0.5, True)
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
         return weighted_sum / total_weight, np.where(total_weight > 0, total_weight, np.nan) ** -0.5
 
@@ -126,7 +133,13 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
 
 def residual_spread(residual, weights=None):
     """The typical scatter of normalised residuals |v − mean|/σ for :func:`robust_mean`:
-    1.4826 times their median (weighted by ``weights`` when given), at least 1."""
+    1.4826 times their median (weighted by ``weights`` when given), at least 1.
+
+    Examples
+    --------
+    >>> residual_spread(np.array([0.5, 2.0, 4.0])), residual_spread(np.array([2.0, 4.0]), np.array([3.0, 1.0]))
+    (2.9652, 2.9652)
+    """
     if weights is None:
         median = float(np.median(residual))
     else:
@@ -138,12 +151,24 @@ def residual_spread(residual, weights=None):
 
 def outlier_excess(residual, spread, cutoff):
     """How many times further than ``cutoff`` × ``spread`` each normalised residual lies
-    (at least 1; NaN counts as 1): :func:`robust_mean` divides weights by its square."""
+    (at least 1; NaN counts as 1): :func:`robust_mean` divides weights by its square.
+
+    Examples
+    --------
+    >>> outlier_excess(np.array([1.0, 12.0, np.nan]), 2.0, 3.0).tolist()
+    [1.0, 2.0, 1.0]
+    """
     return np.maximum(np.nan_to_num(residual, nan=0.0) / (cutoff * spread), 1.0)
 
 
 def group_median(group, values, n_groups):
-    """The median of the values of each group (NaN for empty groups), by one sort."""
+    """The median of the values of each group (NaN for empty groups), by one sort.
+
+    Examples
+    --------
+    >>> group_median(np.array([0, 0, 0, 2]), np.array([3.0, 1.0, 2.0, 5.0]), 3).tolist()
+    [2.0, nan, 5.0]
+    """
     order = np.lexsort((values, group))
     count = np.bincount(group, minlength=n_groups)
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
