@@ -278,18 +278,27 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
     index = _StoreIndex(store)
     rng = check_random_state(random_state)
     pending = [index.groups[i] for i in rng.permutation(len(index.groups))]
-    pool = None
-    while pending or (pool is not None and len(pool)):
-        while pending and (pool is None or pool["image_id"].nunique() < max(buffer_images, batch_images)):
+    # Rows taken into batches are marked dead rather than removed, so that a batch does
+    # not copy the whole buffer; the buffer sheds them when it next takes a row group.
+    pool, keys, alive, n_held = None, None, None, 0
+    while pending or n_held:
+        while pending and n_held < max(buffer_images, batch_images):
             entry, group, _ = pending.pop()
             frame = read_part(index.store, entry, [group])
-            pool = frame if pool is None else pd.concat([pool, frame], ignore_index=True)
-        keys = _image_keys(pool["file_id"], pool["image_id"])
-        held = np.unique(keys)
-        chosen = np.isin(keys, rng.choice(held, min(int(batch_images), len(held)), replace=False))
-        batch = pool[chosen].reset_index(drop=True)
-        pool = pool[~chosen].reset_index(drop=True)
-        yield index.table(batch)
+            frame_keys = _image_keys(frame["file_id"], frame["image_id"])
+            if pool is None:
+                pool, keys = frame, frame_keys
+            else:
+                pool = pd.concat([pool[alive], frame], ignore_index=True)
+                keys = np.concatenate([keys[alive], frame_keys])
+            alive = np.ones(len(pool), bool)
+            n_held += len(np.unique(frame_keys))
+        held = np.unique(keys[alive])
+        chosen_keys = rng.choice(held, min(int(batch_images), len(held)), replace=False)
+        chosen = alive & np.isin(keys, chosen_keys)
+        alive &= ~chosen
+        n_held -= len(chosen_keys)
+        yield index.table(pool[chosen].reset_index(drop=True))
 
 
 def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True):
