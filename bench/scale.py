@@ -79,6 +79,26 @@ def _data_paths(size):
     return folder / f"sim_{size}_seed{SEED}.pkl", folder / f"sim_{size}_seed{SEED}_truth.npz"
 
 
+def _truth_comparison(merged, truth_path):
+    """CC of the merged F with the true F (saved by a simulation child): in 10 equal-count
+    resolution shells, their mean, and overall."""
+    import pandas as pd
+
+    from skmerge.stats import resolution_shells
+
+    truth = np.load(truth_path)
+    true_f = pd.Series(truth["F"], index=pd.MultiIndex.from_arrays(truth["hkl"].T.astype(np.int64),
+                                                                   names=["H", "K", "L"]))
+    index = merged.index.to_frame(index=False).astype(np.int64)
+    f_true = true_f.reindex(pd.MultiIndex.from_frame(index)).to_numpy()
+    f = merged["F"].to_numpy(np.float64)
+    shell, limits = resolution_shells(merged.cell.calculate_d_array(index.to_numpy(np.int32)), 10)
+    shell_cc = [float(np.corrcoef(f[shell == i], f_true[shell == i])[0, 1]) for i in range(len(limits))]
+    return {"cc_truth_shells": shell_cc, "cc_truth_shell_mean": float(np.mean(shell_cc)),
+            "cc_truth_overall": float(np.corrcoef(f, f_true)[0, 1]),
+            "shell_limits": [[float(a), float(b)] for a, b in limits]}
+
+
 # ---------------------------------------------------------------------- children
 def child_simulate(size):
     """Simulate ``size`` observations (about) and pickle the table and the true F."""
@@ -105,7 +125,6 @@ def child_fit(spec_path):
     spec = json.loads(Path(spec_path).read_text())
     t0 = time.perf_counter()
     import skmerge
-    from skmerge.stats import resolution_shells
 
     with open(spec["table"], "rb") as handle:
         X = pickle.load(handle)
@@ -118,16 +137,6 @@ def child_fit(spec_path):
     merged = merger.transform(X)
     t_transform = time.perf_counter()
 
-    truth = np.load(spec["truth"])
-    import pandas as pd
-
-    true_f = pd.Series(truth["F"], index=pd.MultiIndex.from_arrays(truth["hkl"].T.astype(np.int64), names=["H", "K", "L"]))
-    index = merged.index.to_frame(index=False).astype(np.int64)
-    f_true = true_f.reindex(pd.MultiIndex.from_frame(index)).to_numpy()
-    f = merged["F"].to_numpy(np.float64)
-    dhkl = merged.cell.calculate_d_array(index.to_numpy(np.int32))
-    shell, limits = resolution_shells(dhkl, 10)
-    shell_cc = [float(np.corrcoef(f[shell == i], f_true[shell == i])[0, 1]) for i in range(len(limits))]
     result = {
         "n_obs": len(X), "n_reflections": len(merger.reflections_), "n_images": int(X["image_id"].nunique()),
         "batch_size": spec["batch_size"], "n_iter": int(merger.n_iter_), "converged": bool(merger.converged_),
@@ -135,9 +144,7 @@ def child_fit(spec_path):
         "transform_s": t_transform - t_fit, "fit_s_per_step": (t_fit - t_load) / merger.n_iter_,
         "final_loss": float(merger.loss_curve_[-1, 0]),
         "maxrss_after_load_mib": rss_loaded, "maxrss_after_fit_mib": rss_fit,
-        "cc_truth_shells": shell_cc, "cc_truth_shell_mean": float(np.mean(shell_cc)),
-        "cc_truth_overall": float(np.corrcoef(f, f_true)[0, 1]),
-        "shell_limits": [[float(a), float(b)] for a, b in limits],
+        **_truth_comparison(merged, spec["truth"]),
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
 
@@ -193,24 +200,12 @@ def child_fit_store(spec_path):
     rss_fit = _maxrss_mib()
     merged = merger.transform(X)
     t_transform = time.perf_counter()
-    truth = np.load(spec["truth"])
-    import pandas as pd
-
-    true_f = pd.Series(truth["F"], index=pd.MultiIndex.from_arrays(truth["hkl"].T.astype(np.int64),
-                                                                   names=["H", "K", "L"]))
-    index = merged.index.to_frame(index=False).astype(np.int64)
-    f_true = true_f.reindex(pd.MultiIndex.from_frame(index)).to_numpy()
-    f = merged["F"].to_numpy(np.float64)
-    from skmerge.stats import resolution_shells
-
-    shell, limits = resolution_shells(merged.cell.calculate_d_array(index.to_numpy(np.int32)), 10)
-    shell_cc = [float(np.corrcoef(f[shell == i], f_true[shell == i])[0, 1]) for i in range(len(limits))]
     Path(spec["result"]).write_text(json.dumps({
         "in_memory": spec["in_memory"], "read_s": t_read - t0, "fit_s": t_fit - t_read,
         "start_s": t_fit - t_read - trained["train_s"], "train_s": trained["train_s"], "steps": trained["steps"],
         "s_per_step": trained["train_s"] / trained["steps"], "transform_s": t_transform - t_fit,
         "maxrss_after_fit_mib": rss_fit, "n_reflections": len(merger.reflections_),
-        "cc_truth_shell_mean": float(np.mean(shell_cc)), "cc_truth_overall": float(np.corrcoef(f, f_true)[0, 1]),
+        **_truth_comparison(merged, spec["truth"]),
     }, indent=1))
 
 
