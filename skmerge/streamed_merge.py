@@ -10,11 +10,10 @@ calibration report and the HTML report, which read every prediction at once.
 """
 
 import os
-import warnings as python_warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import NotSerializableError, ParameterError
+from .errors import ParameterError
 from .io import writers
 from .store import iter_store_chunks, read_manifest
 
@@ -55,7 +54,7 @@ class StreamedMergeResult:
         ``OUT.joblib``, ``OUT.npz``, ``OUT_stats.csv`` and ``OUT_history.png`` as a set
         (:func:`skmerge.io.writers.output_set`). Returns the paths written."""
         from .plotting import plot_history
-        from .workflow import statistics_table
+        from .workflow import statistics_table, write_merger
 
         writers.check_output_prefix(out)
         with writers.output_set(out) as staged:
@@ -63,11 +62,7 @@ class StreamedMergeResult:
             paths.append(write_predictions(self.merger, self.observations, f"{staged}_predictions.parquet"))
             history = writers.history_table(self.merger.loss_curve_)
             paths.append(writers.write_csv(history, f"{staged}_history.csv"))
-            paths.append(writers.write_joblib(self.merger, f"{staged}.joblib"))
-            try:
-                paths.append(self.merger.save(f"{staged}.npz"))
-            except NotSerializableError as exc:  # a transformer of the user's: joblib only
-                python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=2)
+            paths += write_merger(self.merger, staged)
             paths.append(writers.write_csv(statistics_table(self.statistics), f"{staged}_stats.csv"))
             paths.append(writers.write_figure(plot_history(history), f"{staged}_history.png"))
         return [Path(out).parent / Path(path).name for path in paths]

@@ -137,11 +137,7 @@ class MergeResult:
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
         if len(self.merger.reindexing_operators_) > 1:
             paths.append(writers.write_csv(self.merger.image_reindexing().reset_index(), f"{out}_reindexing.csv"))
-        paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
-        try:
-            paths.append(self.merger.save(f"{out}.npz"))
-        except NotSerializableError as exc:  # a transformer of the user's: joblib only
-            python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=3)
+        paths += write_merger(self.merger, out)
         paths.append(writers.write_csv(statistics_table(self.statistics), f"{out}_stats.csv"))
         paths.append(writers.write_json(self._statistics_document(), f"{out}_stats.json"))
         paths.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
@@ -354,6 +350,18 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
+
+
+def write_merger(merger, out):
+    """Write a fitted merger as ``OUT.joblib`` and, unless it holds what only joblib
+    stores (a transformer of the user's: a warning says so), ``OUT.npz``; returns the
+    paths written."""
+    paths = [writers.write_joblib(merger, f"{out}.joblib")]
+    try:
+        paths.append(merger.save(f"{out}.npz"))
+    except NotSerializableError as exc:
+        python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=4)
+    return paths
 
 
 def reindexing_summary(merger):
