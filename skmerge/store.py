@@ -244,7 +244,7 @@ def read_part(store, entry, row_groups=None, with_source_rows=False):
     return (frame, source_row) if with_source_rows else frame
 
 
-def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None):
+def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None, mtz_dtypes=True):
     """Random minibatches of whole images from an observation store, in bounded memory.
 
     The store's row groups (whole images) are read in random order into a buffer of at
@@ -260,6 +260,9 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
     buffer_images : int, default=1024
         Images held for shuffling (plus one row group).
     random_state : int, RandomState instance or None
+    mtz_dtypes : bool, default=True
+        Give the tables MTZ dtypes, as :func:`read_store` does; False leaves numpy's,
+        which is several times faster.
 
     Yields
     ------
@@ -298,7 +301,7 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
         chosen = alive & np.isin(keys, chosen_keys)
         alive &= ~chosen
         n_held -= len(chosen_keys)
-        yield index.table(pool[chosen].reset_index(drop=True))
+        yield index.table(pool[chosen].reset_index(drop=True), mtz_dtypes)
 
 
 def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True):

@@ -323,7 +323,7 @@ class StoreBatches:
         epoch = 0
         while True:
             for X in iter_image_batches(self.source.path, self.batch_size, buffer_images=self.buffer_images,
-                                        random_state=self.seed + epoch):
+                                        random_state=self.seed + epoch, mtz_dtypes=False):
                 yield self.padded(X)
             epoch += 1
 
