@@ -6,6 +6,7 @@ The estimator holds the parameters and the fitted state; encoding tables
 """
 
 import copy
+import os
 import warnings
 from numbers import Integral, Real
 
@@ -30,11 +31,16 @@ from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
 from .model.streaming import evaluate_store, store_keys
-from .store import is_store
 
 _SCORE_SAMPLES = 32
 # Rounds of moving images to their most probable setting and refitting.
 _MAX_SETTING_ROUNDS = 2
+
+
+def _is_path(X):
+    """Whether X names a file or folder (an observation store, or an error) rather than
+    being a table."""
+    return isinstance(X, (str, os.PathLike))
 
 
 def _no_reindexing(image_ids):
@@ -413,7 +419,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             Fitted. A fit that raises leaves the estimator as it was.
         """
         self._check_params()
-        if is_store(X):
+        if _is_path(X):
             return self._fit_store(X, y, X_held_out)
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
         table_start = isinstance(self.posterior_init, (pd.DataFrame, Path))
@@ -603,7 +609,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             index repeats across files). Reflections the fit never saw carry their
             prior's moments and N = 0.
         """
-        if is_store(X):
+        if _is_path(X):
             state, source = self._check_store(X)
             return state.table(self, self._get_model(), store_keys(self, state, source))
         state = self._check_input(X)
@@ -620,7 +626,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         standard deviation (a Laue spot's are its first harmonic's). Returns ``mean``,
         or the tuple ``(mean[, std][, scale, scale_std])``.
         """
-        if is_store(X):
+        if _is_path(X):
             state, source = self._check_store(X)
             mean, std, scale, scale_std = evaluate_store(
                 source, lambda chunk: state.predict(self, self._get_model(), self.reindex(chunk)))
@@ -633,7 +639,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     def score_samples(self, X, y=None):
         """Log predictive density log p(Iᵢ | training data) of each observation of X, in
         the units of the input intensities, estimated with 32 Monte Carlo samples."""
-        if is_store(X):
+        if _is_path(X):
             if y is not None:
                 raise InputError("y cannot replace the intensities of an observation store.")
             state, source = self._check_store(X)

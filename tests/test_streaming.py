@@ -90,6 +90,8 @@ def test_bad_store_inputs(store, start_fits, tmp_path):
     (tmp_path / "folder.parquet").mkdir()
     with pytest.raises(InputError, match="not an skmerge observation store"):
         skmerge.VariationalMerger(batch_size=4).fit(tmp_path / "folder.parquet")
+    with pytest.raises(InputError, match="not an observation store.*read_unmerged"):
+        skmerge.VariationalMerger(batch_size=4).fit(str(tmp_path / "data.mtz"))
     with pytest.raises(ParameterError, match="set batch_size"):
         skmerge.VariationalMerger().fit(path)
     with pytest.raises(ParameterError, match="early_stopping"):

@@ -30,6 +30,7 @@ Not streamed: reindexing of ambiguous settings, early stopping, Laue data, the i
 encoder, warm starts and held-out tables (:func:`check_streamable` says so).
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ class StoreSource:
     def __init__(self, store, chunk_rows=None):
         if not is_store(store):
             raise InputError(f"{store}: not an observation store (a directory written by 'skmerge convert' or "
-                             "skmerge.store.write_store).")
+                             f"skmerge.store.write_store); fit reflection files as a table: "
+                             f"skmerge.read_unmerged({os.fspath(store)!r}).")
         self.path = Path(store)
         self.manifest = read_manifest(self.path)
         self.chunk_rows = chunk_rows
