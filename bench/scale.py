@@ -21,9 +21,10 @@ the time per step.
 **Streamed** (``--streamed``): simulated serial stills (``make_unmerged(stills=True)``:
 cell 40 × 50 × 60 Å, P 21 21 21, 2 Å, about 1,120 observations per image) written
 straight into an observation store under ``--store-dir`` (``make_unmerged(store=...)``,
-never a table in memory), then ``VariationalMerger.fit(store)`` for a fixed number of
-steps (``--steps``; ``--batch-images`` images per step, metadata dHKL, XDET, YDET), in a
-process of its own: its peak RSS from the OS, the time of the passes that start the fit,
+never a table in memory), then ``VariationalMerger.fit(store)`` for at most ``--steps``
+steps (fewer when the loss converges first; ``--batch-images`` images per step, metadata
+dHKL, XDET, YDET), in a process of its own: its peak RSS from the OS, the time of the
+passes that start the fit,
 the time per training step, and CC(F, truth) of ``transform(store)``. At the sizes in
 ``--compare-sizes`` the same store is also read into memory and fitted with the same
 parameters (``fit(table)``), for the accuracy and the speed of the in-memory fit beside
@@ -203,7 +204,8 @@ def child_fit_store(spec_path):
     Path(spec["result"]).write_text(json.dumps({
         "in_memory": spec["in_memory"], "read_s": t_read - t0, "fit_s": t_fit - t_read,
         "start_s": t_fit - t_read - trained["train_s"], "train_s": trained["train_s"], "steps": trained["steps"],
-        "s_per_step": trained["train_s"] / trained["steps"], "transform_s": t_transform - t_fit,
+        "s_per_step": trained["train_s"] / trained["steps"], "converged": bool(merger.converged_),
+        "transform_s": t_transform - t_fit,
         "maxrss_after_fit_mib": rss_fit, "n_reflections": len(merger.reflections_),
         **_truth_comparison(merged, spec["truth"]),
     }, indent=1))
@@ -218,7 +220,7 @@ def streamed(args):
     folder = Path(args.store_dir)
     folder.mkdir(parents=True, exist_ok=True)
     runs = []
-    json_path = HERE / "out" / "scale_streamed.json"
+    json_path = HERE / "out" / args.output
     for size in sizes:
         store = folder / f"stills_{size}.parquet"
         work = OUT / f"streamed_{size}"
@@ -417,12 +419,15 @@ def main(argv=None):
                         help="seconds to wait for other processes to finish before each run (default 1800)")
     parser.add_argument("--timeout", type=float, help="seconds after which a fit is killed")
     parser.add_argument("--streamed", action="store_true", help="the streamed-fit benchmark (stills in a store)")
-    parser.add_argument("--steps", type=int, default=300, help="streamed: training steps per fit (default 300)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="streamed: at most this many training steps per fit, fewer when the loss converges "
+                             "(default 300)")
     parser.add_argument("--store-dir", default="/tmp/skmerge_scale_stores",
                         help="streamed: folder for the simulated stores (default /tmp/skmerge_scale_stores)")
     parser.add_argument("--compare-sizes", default="1000000",
                         help="streamed: sizes also fitted in memory (default 1000000)")
     parser.add_argument("--keep-stores", action="store_true", help="streamed: keep the stores afterwards")
+    parser.add_argument("--output", default="scale_streamed.json", help="streamed: results file under bench/out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-store", help=argparse.SUPPRESS)
     parser.add_argument("--simulate", type=int, help=argparse.SUPPRESS)
