@@ -157,7 +157,7 @@ class _Survey:
             chunk_sums = np.stack([np.bincount(inverse, weights=w, minlength=len(chunk_keys)) for w in (
                 np.ones(len(inverse)), observations.intensity, weight * observations.intensity, weight)])
             chunk_flags = np.stack([X["CENTRIC"].to_numpy(bool)[first], X["EPSILON"].to_numpy(np.float64)[first]])
-            keys, (sums, flags) = _union(keys, (sums, flags), chunk_keys, (chunk_sums, chunk_flags))
+            keys, sums, flags = _union(keys, sums, flags, chunk_keys, chunk_sums, chunk_flags)
             image_counts += np.bincount(observations.image_id, minlength=len(image_counts))
             sample.append(X if keep == 1.0 else X.iloc[np.flatnonzero(sample_rng.random(len(X)) < keep)])
         sample = pd.concat(sample)
@@ -175,22 +175,17 @@ class _Survey:
         self.first_merge = means_of_sums(weight * c * c, weighted * c)[0]
 
 
-def _union(keys, columns, new_keys, new_columns):
-    """Sorted keys with per-key arrays (rows of 2-D arrays), joined with another such
-    set: sums of the first array's rows are added, the other arrays' values are taken
-    from either."""
+def _union(keys, sums, flags, new_keys, new_sums, new_flags):
+    """Sorted keys with per-key sums and flags (rows of 2-D arrays), joined with another
+    such set: the sums of keys in both are added, their flags taken from either."""
     union = np.union1d(keys, new_keys)
     old, new = np.searchsorted(union, keys), np.searchsorted(union, new_keys)
-    joined = []
-    for n, (a, b) in enumerate(zip(columns, new_columns)):
-        out = np.zeros((len(a), len(union)))
-        out[:, new] = b
-        if n == 0:
-            out[:, old] += a
-        else:
-            out[:, old] = a
-        joined.append(out)
-    return union, joined
+    joined_sums, joined_flags = np.zeros((len(sums), len(union))), np.zeros((len(flags), len(union)))
+    joined_sums[:, new] = new_sums
+    joined_sums[:, old] += sums
+    joined_flags[:, new] = new_flags
+    joined_flags[:, old] = flags
+    return union, joined_sums, joined_flags
 
 
 def _rows(params, state, X):
