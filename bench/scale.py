@@ -18,11 +18,25 @@ bought with accuracy. Finally, the growth exponent b of time ∝ size^b is fitte
 squares on log(time) against log(size), for each mode, for the time to convergence and
 the time per step.
 
+**Streamed** (``--streamed``): simulated serial stills (``make_unmerged(stills=True)``:
+cell 40 × 50 × 60 Å, P 21 21 21, 2 Å, about 1,120 observations per image) written
+straight into an observation store under ``--store-dir`` (``make_unmerged(store=...)``,
+never a table in memory), then ``VariationalMerger.fit(store)`` for at most ``--steps``
+steps (fewer when the loss converges first; ``--batch-images`` images per step, metadata
+dHKL, XDET, YDET), in a process of its own: its peak RSS from the OS, the time of the
+passes that start the fit,
+the time per training step, and CC(F, truth) of ``transform(store)``. At the sizes in
+``--compare-sizes`` the same store is also read into memory and fitted with the same
+parameters (``fit(table)``), for the accuracy and the speed of the in-memory fit beside
+it. The growth exponent of the time per step with the number of observations is fitted
+as above. Stores are deleted after their fits unless ``--keep-stores``.
+
 Usage::
 
     python bench/scale.py --quick                      # 100k and 300k: a few minutes
     python bench/scale.py                              # 100k, 300k, 1M (both modes), 3M (minibatch)
     python bench/scale.py --sizes 100000,1000000 --modes full
+    python bench/scale.py --streamed --sizes 1e6,1e7,1e8 --steps 300 --store-dir /tmp/stores
 """
 
 import argparse
@@ -66,6 +80,26 @@ def _data_paths(size):
     return folder / f"sim_{size}_seed{SEED}.pkl", folder / f"sim_{size}_seed{SEED}_truth.npz"
 
 
+def _truth_comparison(merged, truth_path):
+    """CC of the merged F with the true F (saved by a simulation child): in 10 equal-count
+    resolution shells, their mean, and overall."""
+    import pandas as pd
+
+    from skmerge.stats import resolution_shells
+
+    truth = np.load(truth_path)
+    true_f = pd.Series(truth["F"], index=pd.MultiIndex.from_arrays(truth["hkl"].T.astype(np.int64),
+                                                                   names=["H", "K", "L"]))
+    index = merged.index.to_frame(index=False).astype(np.int64)
+    f_true = true_f.reindex(pd.MultiIndex.from_frame(index)).to_numpy()
+    f = merged["F"].to_numpy(np.float64)
+    shell, limits = resolution_shells(merged.cell.calculate_d_array(index.to_numpy(np.int32)), 10)
+    shell_cc = [float(np.corrcoef(f[shell == i], f_true[shell == i])[0, 1]) for i in range(len(limits))]
+    return {"cc_truth_shells": shell_cc, "cc_truth_shell_mean": float(np.mean(shell_cc)),
+            "cc_truth_overall": float(np.corrcoef(f, f_true)[0, 1]),
+            "shell_limits": [[float(a), float(b)] for a, b in limits]}
+
+
 # ---------------------------------------------------------------------- children
 def child_simulate(size):
     """Simulate ``size`` observations (about) and pickle the table and the true F."""
@@ -92,7 +126,6 @@ def child_fit(spec_path):
     spec = json.loads(Path(spec_path).read_text())
     t0 = time.perf_counter()
     import skmerge
-    from skmerge.stats import resolution_shells
 
     with open(spec["table"], "rb") as handle:
         X = pickle.load(handle)
@@ -105,16 +138,6 @@ def child_fit(spec_path):
     merged = merger.transform(X)
     t_transform = time.perf_counter()
 
-    truth = np.load(spec["truth"])
-    import pandas as pd
-
-    true_f = pd.Series(truth["F"], index=pd.MultiIndex.from_arrays(truth["hkl"].T.astype(np.int64), names=["H", "K", "L"]))
-    index = merged.index.to_frame(index=False).astype(np.int64)
-    f_true = true_f.reindex(pd.MultiIndex.from_frame(index)).to_numpy()
-    f = merged["F"].to_numpy(np.float64)
-    dhkl = merged.cell.calculate_d_array(index.to_numpy(np.int32))
-    shell, limits = resolution_shells(dhkl, 10)
-    shell_cc = [float(np.corrcoef(f[shell == i], f_true[shell == i])[0, 1]) for i in range(len(limits))]
     result = {
         "n_obs": len(X), "n_reflections": len(merger.reflections_), "n_images": int(X["image_id"].nunique()),
         "batch_size": spec["batch_size"], "n_iter": int(merger.n_iter_), "converged": bool(merger.converged_),
@@ -122,11 +145,143 @@ def child_fit(spec_path):
         "transform_s": t_transform - t_fit, "fit_s_per_step": (t_fit - t_load) / merger.n_iter_,
         "final_loss": float(merger.loss_curve_[-1, 0]),
         "maxrss_after_load_mib": rss_loaded, "maxrss_after_fit_mib": rss_fit,
-        "cc_truth_shells": shell_cc, "cc_truth_shell_mean": float(np.mean(shell_cc)),
-        "cc_truth_overall": float(np.corrcoef(f, f_true)[0, 1]),
-        "shell_limits": [[float(a), float(b)] for a, b in limits],
+        **_truth_comparison(merged, spec["truth"]),
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
+
+
+STILLS_ROWS_PER_IMAGE = 1_125  # measured for make_unmerged(stills=True)'s default crystal
+STREAM_METADATA = ["dHKL", "XDET", "YDET"]
+
+
+def child_simulate_store(spec_path):
+    """Simulate stills straight into an observation store; save the true F beside it."""
+    from skmerge.datasets import make_unmerged
+
+    spec = json.loads(Path(spec_path).read_text())
+    start = time.perf_counter()
+    store, truth = make_unmerged(n_images=spec["n_images"], stills=True, random_state=SEED, store=spec["store"],
+                                 chunk_images=500)
+    seconds = time.perf_counter() - start
+    hkl = truth.merged.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
+    np.savez(spec["truth"], hkl=hkl, F=truth.merged["F"].to_numpy(np.float64))
+    from skmerge.store import read_manifest
+
+    manifest = read_manifest(store)
+    size = sum(f.stat().st_size for f in Path(store).iterdir())
+    Path(spec["result"]).write_text(json.dumps({"n_obs": manifest["observations"], "n_images": manifest["images"],
+                                                "n_reflections": manifest["reflections"], "simulate_s": seconds,
+                                                "store_bytes": size, "child_maxrss_mib": _maxrss_mib()}))
+
+
+def child_fit_store(spec_path):
+    """Fit a store streamed (or, with ``in_memory``, its table read into memory) for a
+    fixed number of steps; time the start and the steps; compare with the truth."""
+    spec = json.loads(Path(spec_path).read_text())
+    import skmerge
+    from skmerge.model import training
+
+    trained = {}
+    run = training.Trainer.run
+
+    def timed_run(self, max_iter, **kwargs):  # the steps alone, apart from the passes that start the fit
+        start = time.perf_counter()
+        out = run(self, max_iter, **kwargs)
+        trained["train_s"], trained["steps"] = time.perf_counter() - start, len(out[0])
+        return out
+
+    training.Trainer.run = timed_run
+    t0 = time.perf_counter()
+    X = skmerge.read_unmerged(spec["store"]) if spec["in_memory"] else spec["store"]
+    t_read = time.perf_counter()
+    merger = skmerge.VariationalMerger(metadata=STREAM_METADATA, batch_size=spec["batch_size"],
+                                       max_iter=spec["steps"], random_state=SEED)
+    merger.fit(X)
+    t_fit = time.perf_counter()
+    rss_fit = _maxrss_mib()
+    merged = merger.transform(X)
+    t_transform = time.perf_counter()
+    Path(spec["result"]).write_text(json.dumps({
+        "in_memory": spec["in_memory"], "read_s": t_read - t0, "fit_s": t_fit - t_read,
+        "start_s": t_fit - t_read - trained["train_s"], "train_s": trained["train_s"], "steps": trained["steps"],
+        "s_per_step": trained["train_s"] / trained["steps"], "converged": bool(merger.converged_),
+        "transform_s": t_transform - t_fit,
+        "maxrss_after_fit_mib": rss_fit, "n_reflections": len(merger.reflections_),
+        **_truth_comparison(merged, spec["truth"]),
+    }, indent=1))
+
+
+def streamed(args):
+    """The streamed-fit benchmark (see the module docstring): simulate, fit, report."""
+    import shutil
+
+    sizes = [int(float(v)) for v in (args.sizes or "1e6,1e7").split(",")]
+    compare = {int(float(v)) for v in args.compare_sizes.split(",") if v}
+    folder = Path(args.store_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = []
+    json_path = HERE / "out" / args.output
+    for size in sizes:
+        store = folder / f"stills_{size}.parquet"
+        work = OUT / f"streamed_{size}"
+        work.mkdir(parents=True, exist_ok=True)
+        spec = {"n_images": max(1, round(size / STILLS_ROWS_PER_IMAGE)), "store": str(store),
+                "truth": str(work / "truth.npz"), "result": str(work / "simulated.json")}
+        (work / "simulate.json").write_text(json.dumps(spec))
+        log(f"simulating ~{size:,} observations of stills into {store}")
+        measured = _run([sys.executable, str(Path(__file__).resolve()), "--simulate-store", str(work / "simulate.json")],
+                        work / "simulate.log", args)
+        if measured["returncode"] != 0:
+            raise SystemExit(f"simulation failed; see {measured['log']}")
+        simulated = json.loads(Path(spec["result"]).read_text())
+        log(f"  {simulated['n_obs']:,} observations on {simulated['n_images']:,} images, "
+            f"{simulated['n_reflections']:,} reflections, {simulated['store_bytes'] / 2**30:.2f} GiB on disk, "
+            f"{simulated['simulate_s']:.0f} s, peak {measured['peak_rss_bytes'] / 2**30:.2f} GiB")
+        for in_memory in ([False, True] if size in compare else [False]):
+            label = "in memory" if in_memory else "streamed"
+            fit_spec = {"store": str(store), "truth": spec["truth"], "in_memory": in_memory,
+                        "batch_size": args.batch_images, "steps": args.steps,
+                        "result": str(work / f"fit_{'memory' if in_memory else 'stream'}.json")}
+            spec_path = work / f"fit_{'memory' if in_memory else 'stream'}_spec.json"
+            spec_path.write_text(json.dumps(fit_spec))
+            log(f"fitting {size:,} observations {label}, {args.batch_images} images per step, {args.steps} steps")
+            measured = _run([sys.executable, str(Path(__file__).resolve()), "--child-store", str(spec_path)],
+                            work / f"fit_{'memory' if in_memory else 'stream'}.log", args)
+            run = {"size": size, "mode": label, "simulated": simulated, "process": measured}
+            if measured["returncode"] == 0:
+                run.update(json.loads(Path(fit_spec["result"]).read_text()))
+                log(f"  start {run['start_s']:.0f} s, {run['steps']} steps at {run['s_per_step'] * 1000:.0f} ms, "
+                    f"peak {measured['peak_rss_bytes'] / 2**30:.2f} GiB, CC(F, truth) {run['cc_truth_overall']:.4f} "
+                    f"(shells {run['cc_truth_shell_mean']:.4f}), others {measured['others_cpu_cores']} cores")
+            else:
+                run["error"] = f"exit status {measured['returncode']}; see {measured['log']}"
+                log(f"  FAILED: {run['error']}")
+            runs.append(run)
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"runs": runs}, indent=1, default=str))
+        if not args.keep_stores:
+            shutil.rmtree(store, ignore_errors=True)
+    ok = [r for r in runs if r["mode"] == "streamed" and "error" not in r]
+    exponent = growth_exponent([r["simulated"]["n_obs"] for r in ok], [r["s_per_step"] for r in ok])
+    rss_exponent = growth_exponent([r["simulated"]["n_obs"] for r in ok],
+                                   [r["process"]["peak_rss_bytes"] for r in ok])
+    head = f"{'mode':<11}{'obs':>13}{'images':>8}{'store GiB':>10}{'start s':>9}{'ms/step':>9}{'RSS GiB':>9}{'CC all':>8}"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"{r['mode']:<11}{r['size']:>13,}  {r['error']}")
+            continue
+        lines.append(f"{r['mode']:<11}{r['simulated']['n_obs']:>13,}{r['simulated']['n_images']:>8,}"
+                     f"{r['simulated']['store_bytes'] / 2**30:>10.2f}{r['start_s']:>9.0f}{1000 * r['s_per_step']:>9.0f}"
+                     f"{r['process']['peak_rss_bytes'] / 2**30:>9.2f}{r['cc_truth_overall']:>8.4f}")
+    if exponent is not None:
+        lines.append(f"growth exponent of the streamed fit: time per step ~ n^{exponent:.2f}, "
+                     f"peak RSS ~ n^{rss_exponent:.2f}")
+    log("\n".join(lines))
+    json_path.write_text(json.dumps({"runs": runs, "time_per_step_exponent": exponent,
+                                     "peak_rss_exponent": rss_exponent}, indent=1, default=str))
+    log(f"wrote {json_path}")
+    return 0
 
 
 # ------------------------------------------------------------------------ parent
@@ -263,15 +418,35 @@ def main(argv=None):
     parser.add_argument("--max-wait", type=float, default=1800.0,
                         help="seconds to wait for other processes to finish before each run (default 1800)")
     parser.add_argument("--timeout", type=float, help="seconds after which a fit is killed")
+    parser.add_argument("--streamed", action="store_true", help="the streamed-fit benchmark (stills in a store)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="streamed: at most this many training steps per fit, fewer when the loss converges "
+                             "(default 300)")
+    parser.add_argument("--store-dir", default="/tmp/skmerge_scale_stores",
+                        help="streamed: folder for the simulated stores (default /tmp/skmerge_scale_stores)")
+    parser.add_argument("--compare-sizes", default="1000000",
+                        help="streamed: sizes also fitted in memory (default 1000000)")
+    parser.add_argument("--keep-stores", action="store_true", help="streamed: keep the stores afterwards")
+    parser.add_argument("--output", default="scale_streamed.json", help="streamed: results file under bench/out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-store", help=argparse.SUPPRESS)
     parser.add_argument("--simulate", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--simulate-store", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_fit(args.child)
         return 0
+    if args.child_store:
+        child_fit_store(args.child_store)
+        return 0
     if args.simulate:
         child_simulate(args.simulate)
         return 0
+    if args.simulate_store:
+        child_simulate_store(args.simulate_store)
+        return 0
+    if args.streamed:
+        return streamed(args)
 
     if args.sizes:
         sizes = [int(float(s)) for s in args.sizes.split(",")]

@@ -77,10 +77,23 @@ def inverse_variance_mean(group, values, sigma, n_groups):
     reciprocalspaceship's extension dtypes.
     """
     weight = sigma**-2.0
-    total = np.bincount(group, weights=weight, minlength=n_groups)
+    return means_of_sums(np.bincount(group, weights=weight, minlength=n_groups),
+                         np.bincount(group, weights=weight * values, minlength=n_groups))
+
+
+def means_of_sums(total_weight, weighted_sum):
+    """Inverse-variance means and their standard errors from each group's sum of weights
+    1/σ² and of weighted values (sums that can be accumulated piece by piece); NaN for
+    groups without weight.
+
+    Examples
+    --------
+    >>> mean, error = means_of_sums(np.array([4.0, 0.0]), np.array([8.0, 0.0]))
+    >>> float(mean[0]), float(error[0]), bool(np.isnan(mean[1]))
+    (2.0, 0.5, True)
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.bincount(group, weights=weight * values, minlength=n_groups) / total
-        return mean, np.where(total > 0, total, np.nan) ** -0.5
+        return weighted_sum / total_weight, np.where(total_weight > 0, total_weight, np.nan) ** -0.5
 
 
 def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
@@ -107,20 +120,55 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
     >>> round(float(robust_mean(group, values, sigma, 1)[0][0]), 3)
     1.01
     """
-    mean, error = _group_median(group, values, n_groups), None
+    mean, error = group_median(group, values, n_groups), None
     for _ in range(rounds):
         residual = np.abs(values - mean[group]) / sigma
         finite = np.isfinite(residual)
         if not finite.any():
             return inverse_variance_mean(group, values, sigma, n_groups)
-        spread = max(1.0, 1.4826 * float(np.median(residual[finite])))
-        excess = np.maximum(np.nan_to_num(residual, nan=0.0) / (cutoff * spread), 1.0)
-        mean, error = inverse_variance_mean(group, values, sigma * excess, n_groups)
+        spread = residual_spread(residual[finite])
+        mean, error = inverse_variance_mean(group, values, sigma * outlier_excess(residual, spread, cutoff), n_groups)
     return mean, error
 
 
-def _group_median(group, values, n_groups):
-    """The median of the values of each group (NaN for empty groups), by one sort."""
+def residual_spread(residual, weights=None):
+    """The typical scatter of normalised residuals |v − mean|/σ for :func:`robust_mean`:
+    1.4826 times their median (weighted by ``weights`` when given), at least 1.
+
+    Examples
+    --------
+    >>> residual_spread(np.array([0.5, 2.0, 4.0])), residual_spread(np.array([2.0, 4.0]), np.array([3.0, 1.0]))
+    (2.9652, 2.9652)
+    """
+    if weights is None:
+        median = float(np.median(residual))
+    else:
+        order = np.argsort(residual)
+        cumulative = np.cumsum(weights[order])
+        median = float(residual[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+    return max(1.0, 1.4826 * median)
+
+
+def outlier_excess(residual, spread, cutoff):
+    """How many times further than ``cutoff`` × ``spread`` each normalised residual lies
+    (at least 1; NaN counts as 1): :func:`robust_mean` divides weights by its square.
+
+    Examples
+    --------
+    >>> outlier_excess(np.array([1.0, 12.0, np.nan]), 2.0, 3.0).tolist()
+    [1.0, 2.0, 1.0]
+    """
+    return np.maximum(np.nan_to_num(residual, nan=0.0) / (cutoff * spread), 1.0)
+
+
+def group_median(group, values, n_groups):
+    """The median of the values of each group (NaN for empty groups), by one sort.
+
+    Examples
+    --------
+    >>> group_median(np.array([0, 0, 0, 2]), np.array([3.0, 1.0, 2.0, 5.0]), 3).tolist()
+    [2.0, nan, 5.0]
+    """
     order = np.lexsort((values, group))
     count = np.bincount(group, minlength=n_groups)
     start = np.concatenate([[0], np.cumsum(count)[:-1]])

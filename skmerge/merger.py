@@ -6,6 +6,7 @@ The estimator holds the parameters and the fitted state; encoding tables
 """
 
 import copy
+import os
 import warnings
 from numbers import Integral, Real
 
@@ -30,10 +31,17 @@ from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
+from .model.streaming import evaluate_store, store_keys
 
 _SCORE_SAMPLES = 32
 # Rounds of moving images to their most probable setting and refitting.
 _MAX_SETTING_ROUNDS = 2
+
+
+def _is_path(X):
+    """Whether X names a file or folder (an observation store, or an error) rather than
+    being a table."""
+    return isinstance(X, (str, os.PathLike))
 
 
 def _no_reindexing(image_ids):
@@ -416,9 +424,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : rs.DataSet
+        X : rs.DataSet or path
             Observation table from :func:`skmerge.read_unmerged` (or any DataFrame with
-            its columns and ``spacegroup``/``cell``).
+            its columns and ``spacegroup``/``cell``), or an observation store
+            (:func:`skmerge.store.write_store`), which is fitted in minibatches of
+            ``batch_size`` images read from it in bounded memory
+            (:mod:`skmerge.model.streaming`; without reindexing, early stopping, Laue
+            data, the image encoder and warm starts).
         y : array-like of shape (n_observations,), optional
             Intensities to use instead of ``X["Iobs"]``.
         X_held_out : rs.DataSet, optional
@@ -432,6 +444,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             Fitted. A fit that raises leaves the estimator as it was.
         """
         self._check_params()
+        if _is_path(X):
+            return self._fit_store(X, y, X_held_out)
         warm = bool(self.warm_start) and hasattr(self, "reflections_")
         table_start = isinstance(self.posterior_init, (pd.DataFrame, Path))
         if self.freeze is not None and not warm and not (self.freeze == "posterior" and table_start):
@@ -464,6 +478,26 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             result, X_fit, settings = self._refine_settings(X, y, result, X_fit, operators, rng, seed,
                                                             0 if warm else _MAX_SETTING_ROUNDS)
         self._set_fitted(X, result, seed, settings)
+        return self
+
+    def _fit_store(self, store, y, X_held_out):
+        """Fit to an observation store in minibatches read from it (see
+        :mod:`skmerge.model.streaming`)."""
+        import gemmi
+
+        from .model.streaming import StoreSource, check_streamable, fit_store
+
+        check_streamable(self, y, X_held_out)
+        manifest = StoreSource(store).manifest
+        if candidate_operators(self.reindexing, gemmi.SpaceGroup(manifest["spacegroup"]),
+                               gemmi.UnitCell(*manifest["cell"])) is not None:
+            raise ParameterError(f"{store}: its lattice allows other indexing settings, which a fit on an observation "
+                                 "store does not resolve; set reindexing='none' (--disable-index-disambiguation) "
+                                 "for data indexed in one setting, or read the store into memory.")
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(2**31 - 1))
+        result, head = fit_store(self, store, rng, seed)
+        self._set_fitted(head, result, seed, _no_reindexing(result.state.image_ids))
         return self
 
     def _refine_settings(self, X, y, result, X_fit, operators, rng, seed, rounds):
@@ -600,6 +634,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             index repeats across files). Reflections the fit never saw carry their
             prior's moments and N = 0.
         """
+        if _is_path(X):
+            state, source = self._check_store(X)
+            return state.table(self, self._get_model(), store_keys(self, state, source))
         state = self._check_input(X)
         return state.merged(self, self._get_model(), self.reindex(X))
 
@@ -614,14 +651,25 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         standard deviation (a Laue spot's are its first harmonic's). Returns ``mean``,
         or the tuple ``(mean[, std][, scale, scale_std])``.
         """
-        state = self._check_input(X)
-        mean, std, scale, scale_std = state.predict(self, self._get_model(), self.reindex(X))
+        if _is_path(X):
+            state, source = self._check_store(X)
+            mean, std, scale, scale_std = evaluate_store(
+                source, lambda chunk: state.predict(self, self._get_model(), self.reindex(chunk)))
+        else:
+            state = self._check_input(X)
+            mean, std, scale, scale_std = state.predict(self, self._get_model(), self.reindex(X))
         result = (mean,) + ((std,) if return_std else ()) + ((scale, scale_std) if return_scale else ())
         return result if len(result) > 1 else result[0]
 
     def score_samples(self, X, y=None):
         """Log predictive density log p(Iᵢ | training data) of each observation of X, in
         the units of the input intensities, estimated with 32 Monte Carlo samples."""
+        if _is_path(X):
+            if y is not None:
+                raise InputError("y cannot replace the intensities of an observation store.")
+            state, source = self._check_store(X)
+            return evaluate_store(source, lambda chunk: (state.log_predictive(
+                self, self._get_model(), self.reindex(chunk), None, _SCORE_SAMPLES, self.seed_),))[0]
         state = self._check_input(X)
         return state.log_predictive(self, self._get_model(), self.reindex(X), y, _SCORE_SAMPLES, self.seed_)
 
@@ -727,6 +775,14 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             raise InputError(f"X lacks column(s) {', '.join(missing)} that the fit's table had.")
         check_compatible(X, self.reflections_)
         return FitState.from_attributes(self)
+
+    def _check_store(self, store):
+        """The fit state and the store as a source of pieces, after checking that the
+        store holds tables of the fit's kind."""
+        from .model.streaming import StoreSource
+
+        source = StoreSource(store)
+        return self._check_input(source.head()), source
 
     def _get_model(self):
         """The TensorFlow model, rebuilt from the stored weights when needed (after

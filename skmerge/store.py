@@ -43,7 +43,7 @@ from .symmetry import lookup_hkl, lookup_keys, pack_hkl, unpack_hkl
 from .table import (INDEX_COLUMNS, OBSERVED_INDEX_COLUMNS, PartReader, ReadOptions, assemble_table,
                     with_symmetry)
 
-__all__ = ["StoreWriter", "is_store", "iter_image_batches", "read_store", "write_store"]
+__all__ = ["StoreWriter", "is_store", "iter_image_batches", "iter_store_chunks", "read_store", "write_store"]
 
 FORMAT = "skmerge observation store"
 VERSION = 1
@@ -217,10 +217,11 @@ def read_manifest(store):
     return manifest
 
 
-def read_part(store, entry, row_groups=None):
+def read_part(store, entry, row_groups=None, with_source_rows=False):
     """The observations of one input file of a store, as the observation table's parts
     hold them (see :class:`skmerge.table.Part`): all of them in the file's order, or
-    those of some row groups in image order."""
+    those of some row groups in image order. ``with_source_rows`` also returns each
+    row's position in the file's order, or None when the store kept that order."""
     _, pq = _pyarrow()
     path = Path(store) / entry["part"]
     try:
@@ -236,14 +237,14 @@ def read_part(store, entry, row_groups=None):
     if row_groups is None and len(frame) != entry["observations"]:
         raise DamagedFileError(f"{path}: holds {len(frame):,} observations, the store's description "
                                f"{entry['observations']:,}; convert the reflection files again.")
-    if SOURCE_ROW in frame.columns:
-        source_row = frame.pop(SOURCE_ROW).to_numpy()
-        if row_groups is None:
-            frame = frame.take(np.argsort(source_row)).reset_index(drop=True)
-    return frame.astype({c: d for c, d in dtypes.items() if c in frame.columns and str(frame[c].dtype) != d})
+    source_row = frame.pop(SOURCE_ROW).to_numpy() if SOURCE_ROW in frame.columns else None
+    if source_row is not None and row_groups is None:
+        frame = frame.take(np.argsort(source_row)).reset_index(drop=True)
+    frame = frame.astype({c: d for c, d in dtypes.items() if c in frame.columns and str(frame[c].dtype) != d})
+    return (frame, source_row) if with_source_rows else frame
 
 
-def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None):
+def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None, mtz_dtypes=True):
     """Random minibatches of whole images from an observation store, in bounded memory.
 
     The store's row groups (whole images) are read in random order into a buffer of at
@@ -259,6 +260,9 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
     buffer_images : int, default=1024
         Images held for shuffling (plus one row group).
     random_state : int, RandomState instance or None
+    mtz_dtypes : bool, default=True
+        Give the tables MTZ dtypes, as :func:`read_store` does; False leaves numpy's,
+        which is several times faster.
 
     Yields
     ------
@@ -272,36 +276,108 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
     >>> for batch in iter_image_batches("runs.parquet", 32, random_state=0):  # doctest: +SKIP
     ...     print(batch["image_id"].nunique())
     """
-    _, pq = _pyarrow()
     if int(batch_images) < 1 or int(buffer_images) < 1:
         raise InputError(f"batch_images={batch_images!r} and buffer_images={buffer_images!r} must be positive.")
-    store = Path(store)
-    manifest = read_manifest(store)
-    spacegroup, cell = gemmi.SpaceGroup(manifest["spacegroup"]), gemmi.UnitCell(*manifest["cell"])
-    try:
-        reflections = pq.read_table(store / REFLECTIONS).to_pandas()[list(INDEX_COLUMNS)].to_numpy(np.int32)
-        images = pq.read_table(store / IMAGES).to_pandas()
-        groups = [(entry, g) for entry in manifest["files"]
-                  for g in range(pq.ParquetFile(store / entry["part"]).num_row_groups)]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DamagedFileError(f"{store}: missing or unreadable part of the observation store ({exc}); convert the "
-                               "reflection files again.") from exc
-    image_keys = _image_keys(images["file_id"], images["image"])
+    index = _StoreIndex(store)
     rng = check_random_state(random_state)
-    pending = [groups[i] for i in rng.permutation(len(groups))]
-    pool = None
-    while pending or (pool is not None and len(pool)):
-        while pending and (pool is None or pool["image_id"].nunique() < max(buffer_images, batch_images)):
-            entry, group = pending.pop()
-            frame = read_part(store, entry, [group])
-            pool = frame if pool is None else pd.concat([pool, frame], ignore_index=True)
-        keys = _image_keys(pool["file_id"], pool["image_id"])
-        held = np.unique(keys)
-        chosen = np.isin(keys, rng.choice(held, min(int(batch_images), len(held)), replace=False))
-        batch = pool[chosen].reset_index(drop=True)
-        pool = pool[~chosen].reset_index(drop=True)
-        yield assemble_table(batch, spacegroup, cell, asu_index=lookup_hkl(reflections, batch[list(INDEX_COLUMNS)]),
-                             image_id=lookup_keys(image_keys, _image_keys(batch["file_id"], batch["image_id"])))
+    pending = [index.groups[i] for i in rng.permutation(len(index.groups))]
+    # Rows taken into batches are marked dead rather than removed, so that a batch does
+    # not copy the whole buffer; the buffer sheds them when it next takes a row group.
+    pool, keys, alive, n_held = None, None, None, 0
+    while pending or n_held:
+        while pending and n_held < max(buffer_images, batch_images):
+            entry, group, _ = pending.pop()
+            frame = read_part(index.store, entry, [group])
+            frame_keys = _image_keys(frame["file_id"], frame["image_id"])
+            if pool is None:
+                pool, keys = frame, frame_keys
+            else:
+                pool = pd.concat([pool[alive], frame], ignore_index=True)
+                keys = np.concatenate([keys[alive], frame_keys])
+            alive = np.ones(len(pool), bool)
+            n_held += len(np.unique(frame_keys))
+        held = np.unique(keys[alive])
+        chosen_keys = rng.choice(held, min(int(batch_images), len(held)), replace=False)
+        chosen = alive & np.isin(keys, chosen_keys)
+        alive &= ~chosen
+        n_held -= len(chosen_keys)
+        yield index.table(pool[chosen].reset_index(drop=True), mtz_dtypes)
+
+
+def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True):
+    """An observation store in order, in pieces of whole row groups (whole images).
+
+    Parameters
+    ----------
+    store : path
+    chunk_rows : int, default=262144
+        Observations per piece (at least one row group, whatever its size).
+    mtz_dtypes : bool, default=True
+        Give the tables MTZ dtypes, as :func:`read_store` does; False leaves numpy's,
+        which is several times faster for passes that only compute with them.
+
+    Yields
+    ------
+    table : rs.DataSet
+        Observations whose ``asu_index`` and ``image_id`` are those of the whole store's
+        table (:func:`read_store`), in image order.
+    rows : ndarray of int64
+        The position of each of them in that table.
+
+    Examples
+    --------
+    >>> from skmerge.store import iter_store_chunks
+    >>> n = sum(len(table) for table, _ in iter_store_chunks("runs.parquet"))  # doctest: +SKIP
+    """
+    index = _StoreIndex(store)
+    selected, size = [], 0
+    for n, (entry, group, n_rows) in enumerate(index.groups):
+        selected.append((entry, group))
+        size += n_rows
+        last = n + 1 == len(index.groups)
+        if size < chunk_rows and not last and index.groups[n + 1][0] is entry:
+            continue
+        groups = [g for _, g in selected]
+        frame, source_row = read_part(index.store, entry, groups, with_source_rows=True)
+        if source_row is None:
+            first = index.group_starts[entry["file_id"]][groups[0]]
+            source_row = np.arange(first, first + len(frame))
+        yield index.table(frame, mtz_dtypes), index.file_starts[entry["file_id"]] + source_row
+        selected, size = [], 0
+
+
+class _StoreIndex:
+    """What reading a store's row groups needs: its reflections and images, its row groups
+    (entry, group, rows) in file order, and where each file and group starts."""
+
+    def __init__(self, store):
+        _, pq = _pyarrow()
+        self.store = Path(store)
+        manifest = read_manifest(self.store)
+        self.spacegroup, self.cell = gemmi.SpaceGroup(manifest["spacegroup"]), gemmi.UnitCell(*manifest["cell"])
+        try:
+            self.reflections = pq.read_table(self.store / REFLECTIONS).to_pandas()[list(INDEX_COLUMNS)].to_numpy(
+                np.int32)
+            images = pq.read_table(self.store / IMAGES).to_pandas()
+            sizes = {entry["file_id"]: [pq.ParquetFile(self.store / entry["part"]).metadata.row_group(g).num_rows
+                                        for g in range(pq.ParquetFile(self.store / entry["part"]).num_row_groups)]
+                     for entry in manifest["files"]}
+        except (OSError, ValueError, KeyError) as exc:
+            raise DamagedFileError(f"{self.store}: missing or unreadable part of the observation store ({exc}); "
+                                   "convert the reflection files again.") from exc
+        self.image_keys = _image_keys(images["file_id"], images["image"])
+        self.groups = [(entry, g, n) for entry in manifest["files"] for g, n in enumerate(sizes[entry["file_id"]])]
+        self.group_starts = {f: np.concatenate([[0], np.cumsum(n)]).astype(np.int64) for f, n in sizes.items()}
+        counts = [entry["observations"] for entry in manifest["files"]]
+        self.file_starts = dict(zip((entry["file_id"] for entry in manifest["files"]),
+                                    np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)))
+
+    def table(self, frame, mtz_dtypes=True):
+        """Rows of a part as rows of the whole store's table."""
+        return assemble_table(frame, self.spacegroup, self.cell,
+                              asu_index=lookup_hkl(self.reflections, frame[list(INDEX_COLUMNS)]),
+                              image_id=lookup_keys(self.image_keys, _image_keys(frame["file_id"], frame["image_id"])),
+                              mtz_dtypes=mtz_dtypes)
 
 
 def _image_keys(file_id, image):

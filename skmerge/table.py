@@ -358,11 +358,12 @@ def with_symmetry(table, hkl_obs, spacegroup, anomalous):
     return pd.concat([symmetry, rest], axis=1)
 
 
-def assemble_table(table, spacegroup, cell, asu_index=None, image_id=None):
+def assemble_table(table, spacegroup, cell, asu_index=None, image_id=None, mtz_dtypes=True):
     """The observation table of rows with ASU columns (:func:`with_symmetry`): MTZ
-    dtypes, the table's columns first, and ``asu_index`` and ``image_id`` as given (for
-    rows of a larger table), else dense over the rows' reflections and over their images
-    numbered by file, then image."""
+    dtypes (unless ``mtz_dtypes`` is False: numpy's, several times faster to make), the
+    table's columns first, and ``asu_index`` and ``image_id`` as given (for rows of a
+    larger table), else dense over the rows' reflections and over their images numbered
+    by file, then image."""
     if asu_index is None:
         _, asu_index = unique_hkl(table[list(INDEX_COLUMNS)].to_numpy(np.int32))
     if image_id is None:
@@ -379,6 +380,11 @@ def assemble_table(table, spacegroup, cell, asu_index=None, image_id=None):
         "SIGIobs": table["SIGIobs"].to_numpy(np.float32),
     }
     out = rs.DataSet(columns, spacegroup=spacegroup, cell=cell, merged=False)
+    if not mtz_dtypes:
+        for column in table.columns:
+            if column not in TABLE_COLUMNS:
+                out[column] = table[column].to_numpy()
+        return out
     out = out.astype(
         {
             **{k: "HKL" for k in (*INDEX_COLUMNS, *OBSERVED_INDEX_COLUMNS)},

@@ -137,11 +137,7 @@ class MergeResult:
         paths.append(writers.write_csv(history, f"{out}_history.csv"))
         if len(self.merger.reindexing_operators_) > 1:
             paths.append(writers.write_csv(self.merger.image_reindexing().reset_index(), f"{out}_reindexing.csv"))
-        paths.append(writers.write_joblib(self.merger, f"{out}.joblib"))
-        try:
-            paths.append(self.merger.save(f"{out}.npz"))
-        except NotSerializableError as exc:  # a transformer of the user's: joblib only
-            python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=3)
+        paths += write_merger(self.merger, out)
         paths.append(writers.write_csv(statistics_table(self.statistics), f"{out}_stats.csv"))
         paths.append(writers.write_json(self._statistics_document(), f"{out}_stats.json"))
         paths.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
@@ -191,7 +187,10 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     ----------
     data : path, rs.DataSet, or list of them
         Reflection files or data sets for :func:`skmerge.read_unmerged`, or an
-        observation table it made.
+        observation table it made. An observation store merged with ``batch_size``
+        streams from disk without being read into memory
+        (:func:`skmerge.streamed_merge.run_streamed_merge`: no half datasets or test
+        set; the result is a :class:`~skmerge.streamed_merge.StreamedMergeResult`).
     out : str or Path, optional
         Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
         files when given.
@@ -261,6 +260,12 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     read_options = {name: value for name, value in zip(_READ_OPTIONS, (
         spacegroup, cell, dmin, isigi_cutoff, intensity_key, sigma_key, image_key, drop_invalid))
         if value is not None}
+    if merger.batch_size is not None and _store(data) is not None:
+        from .streamed_merge import run_streamed_merge
+
+        return run_streamed_merge(_store(data), out, merger, read_options=read_options, half_datasets=half_datasets,
+                                  test_fraction=test_fraction, shells=shells, binning=binning, method=method,
+                                  report=report, command=command)
     with _caught(DataWarning) as data_warnings:
         X, names = _observations(data, merger.anomalous, read_options)
     n_sets = len(names) if merger.separate_files else 1
@@ -345,6 +350,18 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
+
+
+def write_merger(merger, out):
+    """Write a fitted merger as ``OUT.joblib`` and, unless it holds what only joblib
+    stores (a transformer of the user's: a warning says so), ``OUT.npz``; returns the
+    paths written."""
+    paths = [writers.write_joblib(merger, f"{out}.joblib")]
+    try:
+        paths.append(merger.save(f"{out}.npz"))
+    except NotSerializableError as exc:
+        python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=4)
+    return paths
 
 
 def reindexing_summary(merger):
@@ -615,6 +632,16 @@ def parent_files(merger, n_sets):
         return [None] + [0] * (n_sets - 1)
     return [p if p is not None and p < n_sets else None for p in list(parents)[:n_sets]] + [None] * (
         n_sets - len(parents))
+
+
+def _store(data):
+    """The observation store ``data`` names, or None."""
+    from .store import store_input
+
+    if isinstance(data, pd.DataFrame) or (isinstance(data, (list, tuple)) and any(
+            isinstance(item, pd.DataFrame) for item in data)):
+        return None
+    return store_input(data)
 
 
 def _observations(data, anomalous, read_options):

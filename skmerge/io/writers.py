@@ -78,7 +78,7 @@ def atomic_path(path):
 
 
 # The files a run writes under its prefix OUT (OUT + one of these).
-OUTPUT_SUFFIXES = (r"_\d+\.mtz", r"_predictions_\d+\.mtz", r"_xval_\d+\.mtz", r"_history\.csv", r"\.joblib",
+OUTPUT_SUFFIXES = (r"_\d+\.mtz", r"_predictions_\d+\.mtz", r"_predictions\.parquet", r"_xval_\d+\.mtz", r"_history\.csv", r"\.joblib",
                    r"\.npz", r"_stats\.csv", r"_stats\.json", r"_history\.png", r"_cchalf\.png", r"_calibration\.png",
                    r"_report\.html", r"_reindexing\.csv")
 

@@ -52,8 +52,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     # reflection, so that the scale model and the amplitudes start without it.
     single_factor = 1.0 if known_scale is None else np.exp(known_scale[single])
     if previous is None:
-        intensity_scale = _intensity_scale(observations.intensity[observations.of_row(single)] / single_factor,
-                                           reflections.epsilon[refl[single]])
+        intensity_scale = checked_intensity_scale(np.mean(
+            observations.intensity[observations.of_row(single)] / single_factor / reflections.epsilon[refl[single]]))
         transformer = _metadata_transformer(params, rows).fit(rows)
     else:
         intensity_scale, transformer = previous[0].intensity_scale, previous[0].metadata_transformer
@@ -85,7 +85,7 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     if encoder and previous is None:
         _learn_quick_scales(params, network, data, image_row, image_scale, rng)
     mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
-    posterior = _posterior(params, state, start, mu, spread, previous)
+    posterior = start_posterior(params, state, previous, lambda family: _robust_start_merge(start, mu, spread, family))
     weights = previous[1] if previous is not None else None
     return merging_model(params, state, posterior, network, weights), data, state
 
@@ -134,8 +134,10 @@ def known_log_scale(params, rows):
     return log_known_scale(rows, params.wavelength_key, params.spectrum, params.lorentz_correction)
 
 
-def _intensity_scale(intensity, epsilon):
-    scale = float(np.mean(intensity / epsilon))
+def checked_intensity_scale(mean_intensity):
+    """The unit of the standardised intensities (the mean I/ε of the data), or InputError
+    when it is not positive."""
+    scale = float(mean_intensity)
     if not scale > 0:
         raise InputError("the mean intensity is not positive; these data hold no signal to merge.")
     return scale
@@ -221,13 +223,22 @@ class _ScaleRegression:
         return tf.stack([loss, loss, 0.0])
 
 
-def _posterior(params, state, data, mu, spread, previous):
+def _robust_start_merge(data, mu, spread, family):
+    """The robust merge (:func:`~skmerge.baseline.robust_mean`) of the rows of ``data``
+    scaled by their starting scales (log Σ ~ Normal(``mu``, ``spread``)), per ``family``
+    of each reflection."""
+    scale_mean = np.exp(mu + spread**2 / 2)
+    return robust_mean(family[data["refl"].numpy()], data["intensity"].numpy() / scale_mean,
+                       data["sigma"].numpy() / scale_mean, len(family))
+
+
+def start_posterior(params, state, previous, start_merge):
     """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
-    a robust merge (:func:`~skmerge.baseline.robust_mean`) of the rows of ``data`` scaled
-    by their starting scales (log Σ ~ Normal(``mu``, ``spread``)), the prior, Wilson's mean
-    with a multiple of Wilson's standard deviation (a number), or a merged table's
-    amplitudes; a warm start keeps the posterior of reflections seen before (a warm start
-    of the scales only, when the observations are those of the previous fit: see
+    ``start_merge(family)`` (a robust merge of the scaled starting data per family of
+    reflections: merged intensities and their σ), the prior, Wilson's mean with a
+    multiple of Wilson's standard deviation (a number), or a merged table's amplitudes; a
+    warm start keeps the posterior of reflections seen before (a warm start of the scales
+    only, when the observations are those of the previous fit: see
     :func:`_same_observations`)."""
     from .posterior import TruncatedNormalPosterior
 
@@ -240,15 +251,11 @@ def _posterior(params, state, data, mu, spread, previous):
         loc, scale = wilson_moments(reflections)
         scale = init * scale
     else:
-        scale_mean = np.exp(mu + spread**2 / 2)
         # A prior that ties reflections together (double-Wilson) starts every family
         # from one estimate of all its observations: separate starts would hand each
         # member its own noise as a difference the fit must then unlearn.
         family = getattr(prior_of(params), "families", lambda r: np.arange(len(r)))(reflections)
-        merged, merged_sigma = robust_mean(
-            family[data["refl"].numpy()], data["intensity"].numpy() / scale_mean,
-            data["sigma"].numpy() / scale_mean, len(reflections),
-        )
+        merged, merged_sigma = start_merge(family)
         loc, scale = french_wilson(reflections, merged[family], merged_sigma[family])
         bad = ~np.isfinite(loc) | ~np.isfinite(scale) | (scale <= 0)
         loc = np.where(bad, 0.8 * prior_mean, np.maximum(loc, 1e-3))

@@ -103,6 +103,13 @@ class FitState:
         With per-image offsets, the images of X are numbered as in the fit (−1 for those
         it never saw); with the image encoder, among X's own images, with the inputs the
         encoder reads of every row."""
+        arrays, extra = self.evaluation_arrays(params, X, y)
+        return tensor_data(**arrays), extra
+
+    def evaluation_arrays(self, params, X, y=None):
+        """The arrays of :meth:`evaluation_data` (the keywords of
+        :func:`~skmerge.model.data.tensor_data`), and the prior of reflections the fit
+        never saw."""
         from .build import known_log_scale
         from .scaling import image_model
 
@@ -117,9 +124,9 @@ class FitState:
             image = np.where(self.image_ids[found] == observations.image_id, found, -1)
         c = self.intensity_scale
         features = metadata_features(self.metadata_transformer, observations.rows, params.metadata)
-        data = tensor_data(refl, image, features, observations.intensity / c, observations.sigma / c,
-                           observations.spot, image_inputs, known_log_scale(params, observations.rows))
-        return data, extra
+        return {"refl": refl, "image": image, "features": features, "intensity": observations.intensity / c,
+                "sigma": observations.sigma / c, "spot": observations.spot, "image_inputs": image_inputs,
+                "log_known_scale": known_log_scale(params, observations.rows)}, extra
 
     def merged(self, params, model, X):
         """The merged table of the reflections observed in X (see

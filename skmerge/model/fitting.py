@@ -95,7 +95,6 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     images) until their loss stops improving (the best state is kept); or, with
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
     is recorded every ``validation_frequency`` steps without steering training."""
-    from .._tf import tf
     from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
@@ -103,17 +102,8 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     if strategy is not None:
         check_workers(strategy, params, observations, seed)
     model, data, state = build_model(params, observations, rng, previous, harmonics)
-    variables = []
-    if params.freeze != "posterior":
-        # The prior's learned parameters (a double-Wilson r) belong with the amplitudes.
-        variables += list(model.posterior.trainable_variables) + list(model.prior.trainable_variables)
-    if params.freeze != "scales":
-        variables += list(model.scale_network.trainable_variables)
-        # The noise model's parameters (error model, Student-t ν) train with the scales.
-        for noise in (model.error_model, model.likelihood):
-            if isinstance(noise, tf.Module):
-                variables += list(noise.trainable_variables)
-    else:
+    variables = trained_variables(params, model)
+    if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)
     options = dict(learning_rate=params.learning_rate, jit_compile=params.jit_compile, beta_1=params.beta_1,
                    beta_2=params.beta_2, clipnorm=params.clipnorm, clipvalue=params.clipvalue,
@@ -141,6 +131,23 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
         held_out_loss = np.array(trainer.watched, dtype=np.float64).reshape(-1, 2)
     return Training(model, state, history, converged, trainer.kept_step,
                     np.asarray(scores) if validation is not None else None, held_out_loss)
+
+
+def trained_variables(params, model):
+    """The variables of ``model`` that training changes (all but those ``freeze`` keeps)."""
+    from .._tf import tf
+
+    variables = []
+    if params.freeze != "posterior":
+        # The prior's learned parameters (a double-Wilson r) belong with the amplitudes.
+        variables += list(model.posterior.trainable_variables) + list(model.prior.trainable_variables)
+    if params.freeze != "scales":
+        variables += list(model.scale_network.trainable_variables)
+        # The noise model's parameters (error model, Student-t ν) train with the scales.
+        for noise in (model.error_model, model.likelihood):
+            if isinstance(noise, tf.Module):
+                variables += list(noise.trainable_variables)
+    return variables
 
 
 def _validation_monitor(params, model, state, X_val, seed, scores):

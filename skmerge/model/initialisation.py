@@ -14,7 +14,7 @@ from ..baseline import inverse_variance_mean
 from ..shells import make_shells
 from ..symmetry import pack_hkl
 
-_SCALING_ROUNDS = 5
+SCALING_ROUNDS = 5
 # Reflections per French–Wilson quadrature call: 100 grid points each, ~10 arrays of
 # float64, so ~16 MB at a time (10,000 made the initialisation of a half-dataset merge
 # the peak of a whole hypf run).
@@ -35,16 +35,28 @@ def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
     """
     k = np.ones(n_images)
     w = sigma**-2.0
-    for _ in range(_SCALING_ROUNDS):
+    for _ in range(SCALING_ROUNDS):
         merged, _ = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
         pred = merged[refl]
         num = np.bincount(image, weights=w * intensity * pred, minlength=n_images)
         den = np.bincount(image, weights=w * pred * pred, minlength=n_images)
-        k = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
-        k = np.clip(k, 1e-3 * np.median(k[k > 0]) if (k > 0).any() else 1e-3, None)
+        k = image_scale_factors(num, den)
+        k = np.maximum(k, scale_floor(k))
         k /= np.exp(np.mean(np.log(k)))
     merged, merged_sigma = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
     return k, merged, merged_sigma
+
+
+def image_scale_factors(num, den):
+    """Each image's least-squares scale k = Σ wIp / Σ wp² from those two sums (1 where
+    the second is 0)."""
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+def scale_floor(k):
+    """The smallest scale factor kept: 10⁻³ of the median positive k (k can come out
+    zero or negative for an image of noise)."""
+    return 1e-3 * np.median(k[k > 0]) if (k > 0).any() else 1e-3
 
 
 def wilson_curve(dhkl, intensity_over_epsilon, n_bins=20):

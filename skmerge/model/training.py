@@ -246,8 +246,9 @@ class Trainer:
     gradient is not finite and a warm-up on the step size, which a stock optimiser does
     not offer.
 
-    ``data`` is the whole data (full-batch steps) or an :class:`ImageBatches` that draws
-    a batch for every step. Steps whose loss or gradient is not finite leave the state
+    ``data`` is the whole data (full-batch steps) or an object whose ``draw(seed)`` gives
+    a batch for every step (:class:`ImageBatches`, or
+    :class:`~skmerge.model.streaming.StoreBatches` fed from an observation store). Steps whose loss or gradient is not finite leave the state
     untouched; a chunk with such steps restores the state from its start and halves the
     learning rate, and after repeated consecutive failures training stops with
     :class:`NumericalError`.
@@ -276,7 +277,7 @@ class Trainer:
     def _gradients(self, seed):
         """The loss terms of one step and the gradient of the loss for every variable."""
         with tf.GradientTape() as tape:
-            batch = self.data.draw(seed) if isinstance(self.data, ImageBatches) else self.data
+            batch = self.data.draw(seed) if hasattr(self.data, "draw") else self.data
             terms = self.model.loss_terms(batch, seed)
             loss = terms[0]
         grads = tape.gradient(loss, self.variables)

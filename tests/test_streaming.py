@@ -1,0 +1,124 @@
+"""Tests of fits on an observation store (:mod:`skmerge.model.streaming`): they equal the
+in-memory fit of the store's table, and refuse what they cannot stream."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import skmerge
+from skmerge.errors import InputError, ParameterError
+from skmerge.model import streaming
+from skmerge.store import read_store, write_store
+
+PARAMS = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, batch_size=6, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    X, truth = skmerge.datasets.make_unmerged(n_images=30, stills=True, random_state=0)
+    # Small row groups, so that the store has many and a fit's passes read it in pieces.
+    path = write_store(X, tmp_path_factory.mktemp("stream") / "stills.parquet", row_group_size=3000)
+    return path, read_store(path), truth
+
+
+def _fit(X, **params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return skmerge.VariationalMerger(**{**PARAMS, **params}).fit(X)
+
+
+@pytest.fixture(scope="module")
+def start_fits(store):
+    """In-memory and streamed fits of one step of no size: their starting values."""
+    path, X, _ = store
+    with pytest.MonkeyPatch.context() as patch:
+        # Small pieces: several per pass, so that sums are carried from piece to piece.
+        patch.setattr(streaming.StoreSource, "chunks", lambda self: streaming.iter_store_chunks(self.path, 5000, False))
+        return _fit(X, max_iter=1, learning_rate=1e-12), _fit(path, max_iter=1, learning_rate=1e-12)
+
+
+def test_streamed_start_is_the_in_memory_start(start_fits):
+    """With every observation of a reflection in the robust start's reservoir, the passes
+    over the store compute the in-memory start: same reflections, counts, unit, Wilson
+    curve, image scales and posterior."""
+    in_memory, streamed = start_fits
+    assert np.array_equal(in_memory.reflections_.hkl, streamed.reflections_.hkl)
+    assert np.array_equal(in_memory.reflection_counts_, streamed.reflection_counts_)
+    assert np.array_equal(in_memory.image_ids_, streamed.image_ids_)
+    assert in_memory.intensity_scale_ == pytest.approx(streamed.intensity_scale_, rel=1e-12)
+    np.testing.assert_allclose(in_memory.wilson_curve_[1], streamed.wilson_curve_[1], rtol=1e-9)
+    np.testing.assert_allclose(in_memory.scale_weights_[-1], streamed.scale_weights_[-1], rtol=1e-5, atol=1e-6)
+    assert in_memory.reflection_counts_.max() <= streaming.RESERVOIR
+    for name, values in in_memory.posterior_weights_.items():
+        np.testing.assert_allclose(values, streamed.posterior_weights_[name], rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_fit_equals_the_in_memory_fit(store):
+    path, X, truth = store
+    in_memory = _fit(X, max_iter=200)
+    streamed = _fit(path, max_iter=200)
+    merged, merged_streamed = in_memory.transform(X), streamed.transform(path)
+    assert merged.index.equals(merged_streamed.index)
+    assert np.corrcoef(merged["F"], merged_streamed["F"])[0, 1] > 0.999
+    true_f = truth.merged["F"].reindex(merged.index)
+    assert np.corrcoef(merged_streamed["F"], true_f)[0, 1] > np.corrcoef(merged["F"], true_f)[0, 1] - 0.005
+    _, scale, _ = in_memory.predict(X, return_scale=True)
+    _, scale_streamed, _ = streamed.predict(path, return_scale=True)
+    assert np.corrcoef(np.log(scale), np.log(scale_streamed))[0, 1] > 0.99
+    assert np.median(np.abs(np.log(scale / scale_streamed))) < 0.02
+    assert streamed.score(path) == pytest.approx(in_memory.score(X), abs=0.01)
+
+
+def test_store_evaluation_equals_table_evaluation(store, start_fits):
+    """transform, predict and score_samples of a store give what they give for its table,
+    in the table's row order."""
+    path, X, _ = store
+    merger = start_fits[1]
+    assert merger.transform(path).equals(merger.transform(X))
+    for a, b in zip(merger.predict(path, return_std=True, return_scale=True),
+                    merger.predict(X, return_std=True, return_scale=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(merger.score_samples(path), merger.score_samples(X), rtol=1e-6)
+
+
+def test_bad_store_inputs(store, start_fits, tmp_path):
+    path, _, _ = store
+    with pytest.raises(InputError, match="no such observation store"):
+        skmerge.VariationalMerger(batch_size=4).fit(tmp_path / "missing.parquet")
+    (tmp_path / "folder.parquet").mkdir()
+    with pytest.raises(InputError, match="not an skmerge observation store"):
+        skmerge.VariationalMerger(batch_size=4).fit(tmp_path / "folder.parquet")
+    with pytest.raises(InputError, match="not an observation store.*read_unmerged"):
+        skmerge.VariationalMerger(batch_size=4).fit(str(tmp_path / "data.mtz"))
+    with pytest.raises(ParameterError, match="set batch_size"):
+        skmerge.VariationalMerger().fit(path)
+    with pytest.raises(ParameterError, match="early_stopping"):
+        skmerge.VariationalMerger(batch_size=4, early_stopping=True).fit(path)
+    with pytest.raises(InputError, match="y cannot"):
+        start_fits[1].score_samples(path, y=np.zeros(3))
+
+
+def test_ambiguous_store_needs_reindexing_none(tmp_path):
+    X, _ = skmerge.datasets.make_unmerged(n_images=2, spacegroup="P 43", cell=(55, 55, 80, 90, 90, 90),
+                                          random_state=0)
+    path = write_store(X, tmp_path / "tetragonal.parquet")
+    with pytest.raises(ParameterError, match="reindexing='none'"):
+        skmerge.VariationalMerger(batch_size=1).fit(path)
+
+
+def test_run_merge_streams_a_store_with_batch_size(store, tmp_path):
+    """skmerge mono STORE --batch-size: the merge streams from the store and writes the
+    merged MTZ and every observation's prediction; half datasets are refused."""
+    path, X, _ = store
+    options = dict(batch_size=6, max_iter=10, mlp_layers=2, metadata=["dHKL", "XDET"], random_state=0,
+                   log=lambda level, message: None)
+    with pytest.raises(ParameterError, match="half_datasets"):
+        skmerge.run_merge(path, half_datasets=1, **options)
+    result = skmerge.run_merge(path, tmp_path / "out", **options)
+    assert result.merger.n_iter_ == 10
+    assert result.statistics[0].table.loc["overall", "n_obs"] == len(X)
+    predictions = pd.read_parquet(tmp_path / "out_predictions.parquet")
+    assert len(predictions) == len(X) and np.isfinite(predictions["Ipred"]).all()
+    assert (tmp_path / "out_0.mtz").is_file() and (tmp_path / "out.npz").is_file()
