@@ -132,7 +132,7 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
 
 
 def residual_spread(residual, weights=None):
-    """The typical scatter of normalised residuals |v − mean|/σ for :func:`robust_mean`:
+    """The typical scatter of the absolute normalised residuals (v − mean)/σ for :func:`robust_mean`:
     1.4826 times their median (weighted by ``weights`` when given), at least 1.
 
     Examples
