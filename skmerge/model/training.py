@@ -271,7 +271,9 @@ class Trainer:
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
-        self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile)
+        # Traced without AutoGraph: the chunk is written in graph ops (tf.while_loop) and
+        # Python loops that unroll, so AutoGraph's source conversion only costs tracing time.
+        self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile, autograph=False)
         self._jit_compile = jit_compile
 
     def _gradients(self, seed):
