@@ -164,6 +164,7 @@ class DoubleWilsonDistribution(tfd.Distribution):
     def __init__(self, centric, mean_square, parent, r_index, r, name="DoubleWilsonDistribution"):
         parameters = dict(locals())
         parent = np.asarray(parent, np.int64)
+        self.parent = parent  # row of every reflection's parent, −1 for roots
         with tf.name_scope(name) as name:
             self.wilson = WilsonDistribution(centric, mean_square)
             self.centric = self.wilson.centric
@@ -218,11 +219,6 @@ class DoubleWilsonDistribution(tfd.Distribution):
                              acentric_law.sample(seed=draw_seeds[1]))
             samples = tf.where(level, drawn, samples)
         return samples
-
-    @property
-    def parent(self):
-        """Row of every reflection's parent, −1 for roots."""
-        return np.where(self._root.numpy(), -1, self._parent.numpy())
 
     def coupling(self, samples):
         """E_q[∂² log p(F_i | F_parent(i)) / ∂F_i ∂F_parent(i)] per reflection, 0 for roots:

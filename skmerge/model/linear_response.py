@@ -74,6 +74,8 @@ class FamilyCovariance:
         self._position = np.empty(n, np.int64)
         self._position[order] = np.arange(n) - np.repeat(starts, sizes)
         self._slot = np.empty(n, np.int64)
+        self._size = np.empty(n, np.int64)
+        self._size[order] = np.repeat(sizes, sizes)
         self._blocks = {}
         for size in np.unique(sizes[sizes > 1]):
             first = starts[sizes == size]
@@ -81,7 +83,7 @@ class FamilyCovariance:
             self._slot[rows] = np.arange(len(first))[:, None]
             lam = np.zeros((len(first), size, size))
             lam[:, np.arange(size), np.arange(size)] = precision[rows]
-            in_size = np.isin(self._family[child], self._family[rows[:, 0]])
+            in_size = self._size[child] == size
             c, p, value = child[in_size], parent[child][in_size], off[in_size]
             lam[self._slot[c], self._position[c], self._position[p]] = value
             lam[self._slot[c], self._position[p], self._position[c]] = value
@@ -93,8 +95,6 @@ class FamilyCovariance:
             sigma[fallback[:, None], diagonal, diagonal] = variance[rows[fallback]]
             self._blocks[int(size)] = sigma
             self.variance[rows] = sigma[:, np.arange(size), np.arange(size)]
-        self._size = np.empty(n, np.int64)
-        self._size[order] = np.repeat(sizes, sizes)
 
     def covariance(self, rows_a, rows_b):
         """Covariance of the amplitudes of ``rows_a`` and ``rows_b`` (pairwise), 0 for
