@@ -52,6 +52,8 @@ def variants():
                                error_model=ErrorModel()),
         "mixture+em": dict(likelihood=MixtureLikelihood(), prior="wilson", error_model=ErrorModel()),
         "mixture+em+dw": dict(likelihood=MixtureLikelihood(), prior=DoubleWilsonPrior(), error_model=ErrorModel()),
+        "tmixture+em+dw": dict(likelihood=MixtureLikelihood(core_dof=16.0), prior=DoubleWilsonPrior(),
+                               error_model=ErrorModel()),
         "default": {},
     }
 

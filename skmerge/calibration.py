@@ -97,8 +97,8 @@ def normal_score(z, likelihood):
         (Iobs − Ipred)/σpred (:func:`predictive_z`).
     likelihood : dict
         The law: ``{"dof": ν}`` (Student-t), ``{"outlier_fraction": π,
-        "outlier_scale": κ}`` (normal mixture), ``{"laplace": True}``, or empty (normal:
-        z is returned as it is).
+        "outlier_scale": κ}`` (normal mixture; with ``"dof"`` too, a mixture of
+        Student-t's), ``{"laplace": True}``, or empty (normal: z is returned as it is).
 
     Examples
     --------
@@ -110,11 +110,12 @@ def normal_score(z, likelihood):
     """
     z = np.asarray(z, dtype=np.float64)
     size = np.abs(z)
-    if "dof" in likelihood:
-        tail = scipy_stats.t.sf(size, likelihood["dof"])
-    elif "outlier_fraction" in likelihood:
+    core = scipy_stats.t(likelihood["dof"]) if "dof" in likelihood else scipy_stats.norm
+    if "outlier_fraction" in likelihood:
         fraction, scale = likelihood["outlier_fraction"], likelihood["outlier_scale"]
-        tail = (1 - fraction) * scipy_stats.norm.sf(size) + fraction * scipy_stats.norm.sf(size / scale)
+        tail = (1 - fraction) * core.sf(size) + fraction * core.sf(size / scale)
+    elif "dof" in likelihood:
+        tail = core.sf(size)
     elif likelihood.get("laplace"):
         tail = 0.5 * np.exp(-np.sqrt(2.0) * size)
     else:
@@ -132,8 +133,9 @@ def likelihood_law(merger):
     if isinstance(likelihood, StudentTLikelihood):
         return {"dof": float(likelihood.dof), **learned_likelihood(merger)}
     if isinstance(likelihood, MixtureLikelihood):
+        core = {} if likelihood.core_dof is None else {"dof": float(likelihood.core_dof)}
         return {"outlier_fraction": float(likelihood.outlier_fraction),
-                "outlier_scale": float(likelihood.outlier_scale), **learned_likelihood(merger)}
+                "outlier_scale": float(likelihood.outlier_scale), **core, **learned_likelihood(merger)}
     return {"laplace": True} if isinstance(likelihood, LaplaceLikelihood) else {}
 
 

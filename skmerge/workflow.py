@@ -304,11 +304,13 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
               if error_model else ""))
     learned = learned_likelihood(merger)
-    if "dof" in learned:
-        report("info", f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
-    elif learned:
+    if "outlier_fraction" in learned:
         report("info", f"mixture likelihood: {learned['outlier_fraction']:.2%} of the observations as outliers, "
-               f"{learned['outlier_scale']:.3g} times as wide (learned)")
+               f"{learned['outlier_scale']:.3g} times as wide"
+               + (f", Student-t core with {learned['dof']:.3g} degrees of freedom" if "dof" in learned else "")
+               + " (learned)")
+    elif learned:
+        report("info", f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         report("info", "double-Wilson prior: r " + "; ".join(

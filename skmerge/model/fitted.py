@@ -238,20 +238,22 @@ class Weights:
         return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood)
 
 
-# The fitted attributes of a likelihood's learned parameters, by how many it has: a
-# Student-t's ν, or a normal mixture's outlier fraction and width.
-LIKELIHOOD_ATTRIBUTES = ("likelihood_dof_", "likelihood_outlier_fraction_", "likelihood_outlier_scale_")
+# The fitted attributes of a likelihood's learned parameters, in the order its weights
+# hold them: a Student-t's ν alone, or a mixture's outlier fraction and width (and the ν
+# of a Student-t core).
+LIKELIHOOD_ATTRIBUTES = ("likelihood_outlier_fraction_", "likelihood_outlier_scale_", "likelihood_dof_")
 
 
 def likelihood_attributes(values):
     """The fitted attributes holding a likelihood's learned ``values``."""
-    names = LIKELIHOOD_ATTRIBUTES[:1] if len(values) == 1 else LIKELIHOOD_ATTRIBUTES[1:]
+    names = LIKELIHOOD_ATTRIBUTES[2:] if len(values) == 1 else LIKELIHOOD_ATTRIBUTES
     return {name: float(v) for name, v in zip(names, values)}
 
 
 def learned_likelihood(estimator):
     """A fitted estimator's learned likelihood parameters by name (``dof``, or
-    ``outlier_fraction`` and ``outlier_scale``); empty when its likelihood learned none."""
+    ``outlier_fraction`` and ``outlier_scale``, and ``dof`` of a Student-t core), in the
+    order of the likelihood's weights; empty when its likelihood learned none."""
     return {name[len("likelihood_"):-1]: float(getattr(estimator, name))
             for name in LIKELIHOOD_ATTRIBUTES if hasattr(estimator, name)}
 

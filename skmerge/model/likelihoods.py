@@ -102,15 +102,18 @@ class LearnedStudentT(_Law, tf.Module):
 
 
 class MixtureLikelihood(_Likelihood):
-    """I ~ (1 − π)·Normal(Ipred, σ) + π·Normal(Ipred, κσ): most observations as their σ
-    say, a fraction π of gross outliers (zingers, overlaps, ice) κ times as wide.
+    """I ~ (1 − π)·core(Ipred, σ) + π·core(Ipred, κσ): most observations as their σ say,
+    a fraction π of gross outliers (zingers, overlaps, ice) κ times as wide.
 
-    Unlike a Student-t, whose tails and core share one shape parameter, the mixture keeps
-    a normal core of width σ however many outliers the data hold, so the precision the
-    bulk of the observations lends the amplitudes (and so SIGF) stays what their σ say.
-    π and κ are learned with the rest of the model unless ``learn`` is False; the fitted
-    values are the merger's ``likelihood_outlier_fraction_`` and
-    ``likelihood_outlier_scale_``.
+    Unlike a Student-t alone, whose tails and core share one shape parameter, the mixture
+    keeps the core of width σ however many gross outliers the data hold, so the precision
+    the bulk of the observations lends the amplitudes (and so SIGF) stays what their σ
+    say. The core is normal (``core_dof=None``) or a Student-t with ν degrees of freedom,
+    for data whose bulk errors are themselves heavier-tailed than normal (partiality,
+    overlaps); both components then share ν. π, κ and ν are learned with the rest of the
+    model unless ``learn`` is False; the fitted values are the merger's
+    ``likelihood_outlier_fraction_``, ``likelihood_outlier_scale_`` and (with a
+    Student-t core) ``likelihood_dof_``.
 
     Parameters
     ----------
@@ -118,61 +121,82 @@ class MixtureLikelihood(_Likelihood):
         π (the starting value when learned).
     outlier_scale : float, default=10.0
         κ > 1 (the starting value when learned).
+    core_dof : float or None, default=None
+        ν of a Student-t core (the starting value when learned); None: a normal core.
     learn : bool, default=True
+
+    Examples
+    --------
+    >>> from skmerge import MixtureLikelihood
+    >>> law = MixtureLikelihood(core_dof=8.0).distribution([0.0], [1.0])
+    >>> round(float(law.prob([0.0])[0]), 4)  # 0.98 × t₈(0) + 0.02 × t₈(0)/10
+    0.3797
     """
 
     _parameter_constraints = {
         "outlier_fraction": [Interval(Real, 0, 1, closed="neither")],
         "outlier_scale": [Interval(Real, 1, None, closed="neither")],
+        "core_dof": [Interval(Real, 0, None, closed="neither"), None],
         "learn": ["boolean"],
     }
 
-    def __init__(self, outlier_fraction=0.02, outlier_scale=10.0, learn=True):
+    def __init__(self, outlier_fraction=0.02, outlier_scale=10.0, core_dof=None, learn=True):
         self.outlier_fraction = outlier_fraction
         self.outlier_scale = outlier_scale
+        self.core_dof = core_dof
         self.learn = learn
 
     def distribution(self, predicted, sigma):
-        """The two-component normal mixture (``tfd.MixtureSameFamily``)."""
-        return _normal_mixture(predicted, sigma, float(self.outlier_fraction), float(self.outlier_scale))
+        """The two-component mixture (``tfd.MixtureSameFamily`` of normals or Student-t's)."""
+        dof = None if self.core_dof is None else float(self.core_dof)
+        return _mixture(predicted, sigma, float(self.outlier_fraction), float(self.outlier_scale), dof)
 
     def build(self, fitted=None):
         """This object, or with ``learn`` a :class:`LearnedMixture` started at its values
-        (or at ``fitted`` [π, κ])."""
+        (or at ``fitted`` [π, κ] or [π, κ, ν])."""
         if not self.learn:
             return self
-        start = (self.outlier_fraction, self.outlier_scale) if fitted is None else np.ravel(fitted)[:2]
+        if fitted is None:
+            start = [self.outlier_fraction, self.outlier_scale] + ([] if self.core_dof is None else [self.core_dof])
+        else:
+            start = np.ravel(fitted)
         return LearnedMixture(*(float(v) for v in start))
 
 
-def _normal_mixture(predicted, sigma, fraction, scale):
+def _mixture(predicted, sigma, fraction, scale, dof=None):
     fraction = tf.convert_to_tensor(fraction, tf.float32)
     weights = tf.stack([1.0 - fraction, fraction])
+    predicted, sigma = (tf.convert_to_tensor(v, tf.float32) for v in (predicted, sigma))
     widths = tf.stack([sigma, sigma * scale], axis=-1)
-    return tfd.MixtureSameFamily(tfd.Categorical(probs=weights),
-                                 tfd.Normal(predicted[..., None], widths))
+    components = (tfd.Normal(predicted[..., None], widths) if dof is None
+                  else tfd.StudentT(dof, predicted[..., None], widths))
+    return tfd.MixtureSameFamily(tfd.Categorical(probs=weights), components)
 
 
 class LearnedMixture(_Law, tf.Module):
     """The TensorFlow side of ``MixtureLikelihood(learn=True)``: π through a sigmoid, κ
-    as 1 + exp(·)."""
+    as 1 + exp(·), a Student-t core's ν through an exponential (as :class:`LearnedStudentT`)."""
 
-    def __init__(self, fraction, scale, name="normal_mixture"):
+    def __init__(self, fraction, scale, dof=None, name="mixture"):
         super().__init__(name=name)
         self.fraction_raw = tf.Variable(np.log(fraction / (1 - fraction)), dtype=tf.float32, name="fraction_raw")
         self.scale_raw = tf.Variable(np.log(scale - 1.0), dtype=tf.float32, name="scale_raw")
         self.fraction = tfp.util.DeferredTensor(self.fraction_raw, tfb.Sigmoid())
         self.scale = tfp.util.DeferredTensor(self.scale_raw, tfb.Chain([tfb.Shift(1.0), tfb.Exp()]))
+        self.log_dof = None if dof is None else tf.Variable(np.log(dof), dtype=tf.float32, name="log_dof")
 
     def distribution(self, predicted, sigma):
-        return _normal_mixture(predicted, sigma, tf.convert_to_tensor(self.fraction),
-                               tf.convert_to_tensor(self.scale))
+        dof = None if self.log_dof is None else tf.exp(self.log_dof)
+        return _mixture(predicted, sigma, tf.convert_to_tensor(self.fraction), tf.convert_to_tensor(self.scale), dof)
 
     def get_weights(self):
-        """np.array([π, κ]), computed in double precision from the variables (so that
-        rebuilding from them restores the variables exactly)."""
+        """np.array([π, κ]) or [π, κ, ν], computed in double precision from the variables
+        (so that rebuilding from them restores the variables exactly)."""
         fraction_raw, scale_raw = (float(v.numpy()) for v in (self.fraction_raw, self.scale_raw))
-        return np.array([1 / (1 + np.exp(-fraction_raw)), 1 + np.exp(scale_raw)], np.float64)
+        weights = [1 / (1 + np.exp(-fraction_raw)), 1 + np.exp(scale_raw)]
+        if self.log_dof is not None:
+            weights.append(np.exp(float(self.log_dof.numpy())))
+        return np.array(weights, np.float64)
 
 
 LIKELIHOODS = {
