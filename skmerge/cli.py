@@ -100,7 +100,7 @@ def _add_mono_arguments(mono, defaults):
 
     model = mono.add_argument_group("model")
     # No default here, so that --studentt-likelihood-dof can tell a conflicting --likelihood.
-    model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture"), help="error model of the "
+    model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture", "t-mixture"), help="error model of the "
                        f"intensities (default: {defaults['likelihood']}; studentt learns its degrees of freedom unless "
                        "--studentt-likelihood-dof fixes them)")
     model.add_argument("--studentt-likelihood-dof", type=float, metavar="DOF", dest="dof", help="Student-t "

@@ -317,7 +317,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     _parameter_constraints = {
         "prior": [StrOptions({"wilson", "double-wilson"}), HasMethods(["build"])],
-        "likelihood": [StrOptions({"normal", "laplace", "studentt", "mixture"}), HasMethods(["log_prob"])],
+        "likelihood": [StrOptions({"normal", "laplace", "studentt", "mixture", "t-mixture"}), HasMethods(["log_prob"])],
         "error_model": [None, "boolean", HasMethods(["build"])],
         "metadata": [None, list, tuple, HasMethods(["fit", "transform"])],
         "positional_encoding": [Interval(Integral, 0, None, closed="left")],

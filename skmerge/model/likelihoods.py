@@ -204,13 +204,15 @@ LIKELIHOODS = {
     "laplace": LaplaceLikelihood,
     "studentt": lambda: StudentTLikelihood(learn_dof=True),
     "mixture": MixtureLikelihood,
+    "t-mixture": lambda: MixtureLikelihood(core_dof=16.0),
 }
 
 
 def make_likelihood(likelihood):
     """The likelihood object for an estimator's ``likelihood`` parameter: one of
-    "normal", "laplace" and "studentt" (ν learned, from 16), or a likelihood object,
-    returned as is."""
+    "normal", "laplace", "studentt" (ν learned, from 16), "mixture" (a normal core and
+    a broad component) and "t-mixture" (the same with a Student-t core, ν learned from
+    16), or a likelihood object, returned as is."""
     if isinstance(likelihood, str):
         return LIKELIHOODS[likelihood]()
     return likelihood
