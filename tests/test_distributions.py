@@ -337,6 +337,30 @@ def test_mixture_likelihood_is_a_normal_core_plus_a_broad_component():
     np.testing.assert_allclose(restored.get_weights(), [0.05, 8.0], rtol=1e-5)
 
 
+def test_mixture_likelihood_with_a_student_t_core():
+    from skmerge.calibration import normal_score
+    from skmerge.model.likelihoods import MixtureLikelihood, make_likelihood
+
+    intensity = np.array([1.0, 1.5, 9.0, -4.0], np.float32)
+    predicted = np.array([1.1, 1.0, 1.0, 0.5], np.float32)
+    sigma = np.array([0.2, 0.4, 0.5, 1.0], np.float32)
+    expected = np.log(0.95 * stats.t(5.0, predicted, sigma).pdf(intensity)
+                      + 0.05 * stats.t(5.0, predicted, 8 * sigma).pdf(intensity))
+    fixed = MixtureLikelihood(outlier_fraction=0.05, outlier_scale=8.0, core_dof=5.0, learn=False)
+    np.testing.assert_allclose(fixed.log_prob(intensity, predicted, sigma).numpy(), expected, rtol=1e-5)
+    learned = MixtureLikelihood(outlier_fraction=0.05, outlier_scale=8.0, core_dof=5.0).build()
+    np.testing.assert_allclose(learned.get_weights(), [0.05, 8.0, 5.0], rtol=1e-5)
+    np.testing.assert_allclose(learned.log_prob(intensity, predicted, sigma).numpy(), expected, rtol=1e-5)
+    assert len(learned.trainable_variables) == 3
+    restored = MixtureLikelihood(core_dof=16.0).build(fitted=learned.get_weights())
+    np.testing.assert_allclose(restored.get_weights(), [0.05, 8.0, 5.0], rtol=1e-5)
+    assert make_likelihood("t-mixture").get_params() == MixtureLikelihood(core_dof=16.0).get_params()
+    # The normal score of a residual is the normal quantile of the mixture's own tail.
+    law = {"outlier_fraction": 0.05, "outlier_scale": 8.0, "dof": 5.0}
+    tail = 0.95 * stats.t(5.0).sf(3.0) + 0.05 * stats.t(5.0).sf(3.0 / 8.0)
+    np.testing.assert_allclose(normal_score([3.0, -3.0], law), [stats.norm.isf(tail), -stats.norm.isf(tail)])
+
+
 def test_learned_student_t_starts_at_its_dof_and_is_trainable():
     learned = StudentTLikelihood(dof=6.0, learn_dof=True).build()
     np.testing.assert_allclose(learned.get_weights(), [6.0], rtol=1e-6)

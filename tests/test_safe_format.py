@@ -181,3 +181,14 @@ def test_another_version_is_refused_by_name(saved, tmp_path):
     np.savez(tmp_path / "future.npz", document=np.array(json.dumps(document)), **arrays)
     with pytest.raises(IncompatibleVersionError, match="future.npz: .*skmerge 9.9.0"):
         VariationalMerger.load(tmp_path / "future.npz")
+
+
+def test_a_student_t_core_mixture_keeps_its_three_learned_parameters(tmp_path):
+    X, _ = make_unmerged(n_images=6, outlier_fraction=0.02, random_state=3)
+    merger = VariationalMerger(likelihood="t-mixture", **FAST).fit(X)
+    learned = [merger.likelihood_outlier_fraction_, merger.likelihood_outlier_scale_, merger.likelihood_dof_]
+    assert 0 < learned[0] < 1 and learned[1] > 1 and learned[2] > 0
+    merger.save(tmp_path / "m.npz")
+    loaded = VariationalMerger.load(tmp_path / "m.npz")
+    assert [loaded.likelihood_outlier_fraction_, loaded.likelihood_outlier_scale_, loaded.likelihood_dof_] == learned
+    np.testing.assert_array_equal(loaded.predict(X), merger.predict(X))
