@@ -100,9 +100,10 @@ def _add_mono_arguments(mono, defaults):
 
     model = mono.add_argument_group("model")
     # No default here, so that --studentt-likelihood-dof can tell a conflicting --likelihood.
-    model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture", "t-mixture"), help="error model of the "
-                       f"intensities (default: {defaults['likelihood']}; studentt learns its degrees of freedom unless "
-                       "--studentt-likelihood-dof fixes them)")
+    model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture", "t-mixture"),
+                       help=f"error model of the intensities (default: {defaults['likelihood']}; studentt learns its "
+                       "degrees of freedom unless --studentt-likelihood-dof fixes them; mixture: a normal core and a "
+                       "learned fraction of gross outliers, t-mixture: the same with a Student-t core)")
     model.add_argument("--studentt-likelihood-dof", type=float, metavar="DOF", dest="dof", help="Student-t "
                        "likelihood with DOF degrees of freedom (with --likelihood studentt alone: its default)")
     model.add_argument("--error-model", "--refine-uncertainties", action="store_true", dest="error_model", help="refine the sigmas as SdFac*sqrt(sigma^2 + "

@@ -73,11 +73,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         drawn together; its correlations are learned: ``prior_r_``). "double-wilson" is
         ``DoubleWilsonPrior()``: Friedel mates tied when ``anomalous``, otherwise
         Wilson's prior (files are tied only with ``DoubleWilsonPrior(parents=...)``).
-    likelihood : {"normal", "laplace", "studentt"} or likelihood object, default="studentt"
-        :class:`~skmerge.NormalLikelihood`, :class:`~skmerge.LaplaceLikelihood` or
+    likelihood : {"normal", "laplace", "studentt", "mixture", "t-mixture"} or likelihood object, default="studentt"
+        :class:`~skmerge.NormalLikelihood`, :class:`~skmerge.LaplaceLikelihood`,
         :class:`~skmerge.StudentTLikelihood` (``"studentt"`` is
         ``StudentTLikelihood(learn_dof=True)``: its degrees of freedom are learned,
-        ``likelihood_dof_``, from 16).
+        ``likelihood_dof_``, from 16) or :class:`~skmerge.MixtureLikelihood` (a core and
+        a component of gross outliers κ times as wide; ``"mixture"`` has a normal core,
+        ``"t-mixture"`` a Student-t core whose ν is learned from 16).
     error_model : ErrorModel, bool or None, default=True
         Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
         learned with the rest of the model from the starting values of the
@@ -258,7 +260,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),
         per resolution shell; NaN where no reflection has a parent.
     likelihood_dof_ : float
-        With ``StudentTLikelihood(learn_dof=True)``: the learned degrees of freedom.
+        With ``StudentTLikelihood(learn_dof=True)`` or a learned Student-t core of a
+        :class:`~skmerge.MixtureLikelihood`: the learned degrees of freedom.
+    likelihood_outlier_fraction_, likelihood_outlier_scale_ : float
+        With a learned :class:`~skmerge.MixtureLikelihood`: the fraction π of gross
+        outliers and how many times κ wider their law is than the core.
     reindexing_operators_ : list of str
         The settings considered, as h,k,l triplets (the identity first; only it when
         there is no ambiguity).
