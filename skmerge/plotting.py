@@ -252,6 +252,10 @@ def plot_wilson(fits):
         axes.plot(used["inv_d2"], used["fitted"], "-", color=f"C{index}", lw=1, label=f"B = {fit.b:.1f} Å²")
     axes.set_xlabel("1/d² (Å⁻²)")
     axes.set_ylabel("ln⟨I/ε⟩")
+    # The autoscale margin can reach 1/d² ≤ 0 (a low-resolution shell near 30 Å), where
+    # the resolution axis above would be infinite and matplotlib refuses to draw it.
+    lowest = min(float(fit.shells["inv_d2"].min()) for fit in fits.values())
+    axes.set_xlim(left=max(axes.get_xlim()[0], 0.5 * lowest))
     secondary = axes.secondary_xaxis("top", functions=(_inverse_root, _inverse_root))
     secondary.set_xlabel("resolution (Å)")
     axes.grid(alpha=0.3)

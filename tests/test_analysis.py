@@ -3,6 +3,8 @@ apply-bfactor, filter-images, plot-history, xds2mtz, stream2mtz) on the outputs 
 short merge of simulated data with a scrambled image, in skmerge's layout and renamed to
 careless's; the converters on small generated files (and the real ones when present)."""
 
+import dataclasses
+import io
 import gemmi
 import numpy as np
 import pandas as pd
@@ -157,6 +159,20 @@ def _wilson_table(b, seed=0):
     table = rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "I": intensity, "SIGI": 1.0,
                         "F": np.sqrt(intensity), "SIGF": 0.1, "N": 2}, cell=cell, spacegroup=sg, merged=True)
     return table.set_index(["H", "K", "L"]).infer_mtz_dtypes()
+
+
+def test_wilson_plot_of_data_reaching_low_resolution_is_drawn():
+    from skmerge.plotting import plot_wilson
+
+    # The shells of a few serial stills (thermolysin): a first shell from 34 to 8 Å, at
+    # 1/d² = 0.007, where the autoscale margin alone puts 1/d² < 0 on the axis.
+    fit = analysis.wilson_b(_wilson_table(30.0))
+    shells = fit.shells.copy()
+    shells["inv_d2"] = np.linspace(0.3, 0.007, len(shells))[::-1]
+    figure = plot_wilson({"x": dataclasses.replace(fit, shells=shells)})
+    left, _ = figure.axes[0].get_xlim()
+    assert 0 < left < 0.007
+    figure.savefig(io.BytesIO(), format="png")
 
 
 def test_bfactor_recovers_b_and_apply_bfactor_adds_it(tmp_path, capsys):
