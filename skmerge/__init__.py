@@ -9,7 +9,7 @@ from importlib import import_module
 from .errors import (DamagedFileError, DataWarning, IncompatibleVersionError, InputError, NotSerializableError,
                      NumericalError, SkmergeError)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names that live in modules importing TensorFlow are loaded on first use.
 _LAZY = {

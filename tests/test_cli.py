@@ -77,7 +77,7 @@ def test_version_through_the_console_script():
     assert exe is not None, "the skmerge console script is installed"
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    assert done.stdout.strip() == "skmerge 0.1.0"
+    assert done.stdout.strip() == f"skmerge {skmerge.__version__}"
 
 
 def test_help_and_version_do_not_import_tensorflow():
