@@ -189,8 +189,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Reflection files or data sets for :func:`skmerge.read_unmerged`, or an
         observation table it made. An observation store merged with ``batch_size``
         streams from disk without being read into memory
-        (:func:`skmerge.streamed_merge.run_streamed_merge`: no half datasets or test
-        set; the result is a :class:`~skmerge.streamed_merge.StreamedMergeResult`).
+        (:func:`skmerge.streamed_merge.run_streamed_merge`; the result is a
+        :class:`~skmerge.streamed_merge.StreamedMergeResult`).
     out : str or Path, optional
         Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
         files when given.
