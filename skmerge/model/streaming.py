@@ -39,6 +39,8 @@ encoder and held-out tables (:func:`check_streamable` says so).
 """
 
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,8 @@ RESERVOIR = 64
 # batches' worth of images held however large the images.
 BUFFER_ROWS = 1 << 18
 BUFFER_BATCHES = 4
+# Batches each stage of the feed (reading, encoding) may run ahead of the next.
+PREFETCH_BATCHES = 2
 _ROBUST_ROUNDS = 3
 _ROBUST_CUTOFF = 3.0
 
@@ -171,9 +175,12 @@ def fit_store(params, store, rng, seed, previous=None):
     trainer = Trainer(model, trained_variables(params, model), batches, learning_rate=params.learning_rate,
                       seed=seed, jit_compile=False, beta_1=params.beta_1, beta_2=params.beta_2,
                       clipnorm=params.clipnorm, clipvalue=params.clipvalue, global_clipnorm=params.global_clipnorm)
-    with _progress(params.max_iter, params.verbose) as progress:
-        history, converged = trainer.run(params.max_iter, tol=params.tol, n_iter_no_change=params.n_iter_no_change,
-                                         progress=progress)
+    try:
+        with _progress(params.max_iter, params.verbose) as progress:
+            history, converged = trainer.run(params.max_iter, tol=params.tol,
+                                             n_iter_no_change=params.n_iter_no_change, progress=progress)
+    finally:
+        batches.close()
     return Training(model, state, history, converged, trainer.kept_step), survey.head
 
 
@@ -330,11 +337,15 @@ def _robust_start_merge(params, source, state, network, family):
 class StoreBatches:
     """Minibatches of whole images read from an observation store while training runs.
 
-    A background thread of ``tf.data`` draws ``batch_size`` images at a time from the
-    store (:func:`skmerge.store.iter_image_batches`, a new order for every pass over
-    it, holding about ``BUFFER_ROWS`` observations for shuffling), encodes them as the
-    fit state says and pads them to the rows of the ``batch_size`` largest images, so
-    that every batch has one shape. As
+    A pipeline of background threads feeds the steps: one draws ``batch_size`` images
+    at a time from the store (:func:`skmerge.store.iter_image_batches`, a new order for
+    every pass over it, holding about ``BUFFER_ROWS`` observations for shuffling), the
+    next encodes them as the fit state says and pads them to the rows of the
+    ``batch_size`` largest images, so that every batch has one shape, and ``tf.data``
+    turns them into tensors; each stage runs up to ``PREFETCH_BATCHES`` ahead of the
+    next, so that reading, encoding and the step overlap. Every stage is one thread
+    passing its batches on in order, so the batches follow each other as they would
+    drawn one by one: the fit depends on the seed, not on the threads' timing. As
     :class:`~skmerge.model.training.ImageBatches`, a batch's terms count
     n_images/images_in_batch times and padding counts for nothing.
 
@@ -363,17 +374,29 @@ class StoreBatches:
         signature = {"refl": tf.TensorSpec([self.n_rows], tf.int32), "image": tf.TensorSpec([self.n_rows], tf.int32),
                      "features": tf.TensorSpec([self.n_rows, n_features], tf.float32), "intensity": rows,
                      "sigma": rows, "weight": rows, "kl_weight": rows}
-        dataset = tf.data.Dataset.from_generator(self._batches, output_signature=signature).prefetch(2)
+        self._stop, self._threads = threading.Event(), []
+        dataset = tf.data.Dataset.from_generator(self._batches, output_signature=signature).prefetch(
+            PREFETCH_BATCHES)
         self._iterator = iter(dataset)
         self._n_total = tf.constant(self.n_total, tf.float32)
 
-    def _batches(self):
+    def _image_batches(self):
         epoch = 0
         while True:
-            for X in iter_image_batches(self.source.path, self.batch_size, buffer_images=self.buffer_images,
-                                        random_state=self.seed + epoch, mtz_dtypes=False, select=self.source.select):
-                yield self.padded(X)
+            yield from iter_image_batches(self.source.path, self.batch_size, buffer_images=self.buffer_images,
+                                          random_state=self.seed + epoch, mtz_dtypes=False, select=self.source.select)
             epoch += 1
+
+    def _batches(self):
+        read = _in_thread(self._image_batches(), PREFETCH_BATCHES, self._stop, self._threads)
+        yield from _in_thread(map(self.padded, read), PREFETCH_BATCHES, self._stop, self._threads)
+
+    def close(self):
+        """Stop the threads that read and encode batches, and wait for them: a thread
+        left inside pyarrow's reader when the interpreter exits hangs the exit."""
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join()
 
     def padded(self, X):
         """The arrays of a batch of whole images, padded to the batch shape."""
@@ -395,6 +418,47 @@ class StoreBatches:
         batch = dict(self._iterator.get_next())
         batch["n_total"] = self._n_total
         return batch
+
+
+def _in_thread(items, depth, stop, threads):
+    """The items of an iterable, computed in a background thread of their own (added to
+    the list ``threads``) at most ``depth`` ahead of the consumer, in order, until
+    ``stop`` is set; an exception of the thread is raised in the consumer."""
+    buffer, end = queue.Queue(depth), object()
+
+    def put(entry):
+        # Waits in short turns, so that a consumer that has stopped lets the thread end.
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        iterator = iter(items)
+        try:
+            while not stop.is_set():
+                item = next(iterator, end)
+                if not put((item, None)) or item is end:
+                    return
+        except Exception as exc:  # handed to the consumer
+            put((None, exc))
+
+    thread = threading.Thread(target=produce, name="skmerge-store-feed", daemon=True)
+    threads.append(thread)
+    thread.start()
+    while not stop.is_set():
+        try:
+            item, error = buffer.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if error is not None:
+            raise error
+        if item is end:
+            return
+        yield item
 
 
 def store_keys(params, state, source):
