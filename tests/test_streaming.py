@@ -84,6 +84,27 @@ def test_store_evaluation_equals_table_evaluation(store, start_fits):
     np.testing.assert_allclose(merger.score_samples(path), merger.score_samples(X), rtol=1e-6)
 
 
+def test_store_batches_come_in_the_sequential_order_and_stop(store, start_fits):
+    """The threads that read and encode batches ahead of the steps pass them on in the
+    order of drawing them one by one (so a fit depends on its seed, not on timing), and
+    close() ends them."""
+    from skmerge.model.fitted import FitState
+
+    path, X, _ = store
+    merger = start_fits[1]
+    state = FitState.from_attributes(merger)
+    counts = np.bincount(X["image_id"].to_numpy(np.int64))[state.image_ids]
+    batches = streaming.StoreBatches(merger, streaming.StoreSource(path), state, counts, seed=5)
+    fed = batches._batches()
+    drawn = (batches.padded(images) for images in batches._image_batches())
+    for _ in range(8):  # beyond the first pass over the 30 images, 6 at a time
+        threaded, sequential = next(fed), next(drawn)
+        for key, values in sequential.items():
+            np.testing.assert_array_equal(threaded[key], values)
+    batches.close()
+    assert len(batches._threads) >= 2 and not any(thread.is_alive() for thread in batches._threads)
+
+
 def test_bad_store_inputs(store, start_fits, tmp_path):
     path, _, _ = store
     with pytest.raises(InputError, match="no such observation store"):
