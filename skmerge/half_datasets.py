@@ -5,6 +5,7 @@ them (:mod:`skmerge.stats`) work on the plain tables they return.
 """
 
 import copy
+import os
 
 import numpy as np
 import pandas as pd
@@ -28,12 +29,18 @@ def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0)
     differences between files anti-correlated (on PYP, dark vs 2 ms, CCdiff was −0.54
     with pairs split).
 
+    Given an observation store, each half is fitted and merged streamed from the
+    store's observations of its images (:mod:`skmerge.model.streaming`), which are
+    split as the store's table would be, so that the halves of a store and of its table
+    (:func:`skmerge.store.read_store`) hold the same images.
+
     Parameters
     ----------
     merger : VariationalMerger
-        A fitted merger.
-    X : rs.DataSet
-        The observation table it was fitted on.
+        A fitted merger (with ``batch_size`` for a store).
+    X : rs.DataSet, path or StoreSource
+        The observation table it was fitted on, or the observation store (or a
+        :class:`~skmerge.model.streaming.StoreSource` of it).
     n_repeats : int, default=1
     random_state : int, RandomState instance or None
         Makes the splits repeatable.
@@ -62,8 +69,16 @@ def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0)
     """
     if int(n_repeats) < 1:
         raise InputError(f"n_repeats={n_repeats!r} must be at least 1.")
+    from .model.streaming import StoreSource, as_source
+
     rng = check_random_state(random_state)
-    image_id = _split_unit(X, merger.separate_files)
+    source = as_source(X) if isinstance(X, (str, os.PathLike, StoreSource)) else None
+    if source is None:
+        image_id = _split_unit(X, merger.separate_files)
+    else:  # the unit of each image of the store, whose image_id is its position
+        files = source.image_files()
+        image_id = _split_unit(pd.DataFrame({"image_id": np.arange(len(files)), "file_id": files}),
+                               merger.separate_files)
     images = np.unique(image_id)
     if len(images) < 2:
         raise InputError("half-dataset merging needs at least two images.")
@@ -77,7 +92,10 @@ def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0)
                 half_merger = copy.deepcopy(merger)
                 half_merger.set_params(warm_start="scales", freeze="scales", posterior_init="data", early_stopping=False,
                                        verbose=0, random_state=rng.randint(2**31 - 1))
-                X_half = X.iloc[np.flatnonzero(rows)]
+                if source is None:
+                    X_half = X.iloc[np.flatnonzero(rows)]
+                else:
+                    X_half = source.where(_of_images(np.flatnonzero(rows)))
                 merged = half_merger.fit(X_half).transform(X_half)
                 merged["repeat"] = np.int32(repeat)
                 merged["half"] = np.int32(half)
@@ -102,6 +120,12 @@ def _split_unit(X, separate_files):
     first = np.full(file_id.max() + 1, np.iinfo(np.int64).max)
     np.minimum.at(first, file_id, image_id)
     return image_id - first[file_id]
+
+
+def _of_images(images):
+    """A store selection (:class:`~skmerge.model.streaming.StoreSource`) of the
+    observations of the given sorted images."""
+    return lambda image_id, rows: np.isin(image_id, images)
 
 
 def _bar(total, description, verbose):

@@ -31,7 +31,7 @@ from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
-from .model.streaming import evaluate_store, store_keys
+from .model.streaming import StoreSource, as_source, evaluate_store, store_keys
 
 _SCORE_SAMPLES = 32
 # Rounds of moving images to their most probable setting and refitting.
@@ -39,9 +39,9 @@ _MAX_SETTING_ROUNDS = 2
 
 
 def _is_path(X):
-    """Whether X names a file or folder (an observation store, or an error) rather than
-    being a table."""
-    return isinstance(X, (str, os.PathLike))
+    """Whether X names a file or folder (an observation store, or an error), or is a
+    selection of a store, rather than being a table."""
+    return isinstance(X, (str, os.PathLike, StoreSource))
 
 
 def _no_reindexing(image_ids):
@@ -433,10 +433,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         X : rs.DataSet or path
             Observation table from :func:`skmerge.read_unmerged` (or any DataFrame with
             its columns and ``spacegroup``/``cell``), or an observation store
-            (:func:`skmerge.store.write_store`), which is fitted in minibatches of
-            ``batch_size`` images read from it in bounded memory
+            (:func:`skmerge.store.write_store`) or a selection of one
+            (:class:`~skmerge.model.streaming.StoreSource`), which is fitted in
+            minibatches of ``batch_size`` images read from it in bounded memory
             (:mod:`skmerge.model.streaming`; without reindexing, early stopping, Laue
-            data, the image encoder and warm starts).
+            data and the image encoder).
         y : array-like of shape (n_observations,), optional
             Intensities to use instead of ``X["Iobs"]``.
         X_held_out : rs.DataSet, optional
@@ -452,20 +453,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self._check_params()
         if _is_path(X):
             return self._fit_store(X, y, X_held_out)
-        warm = bool(self.warm_start) and hasattr(self, "reflections_")
-        table_start = isinstance(self.posterior_init, (pd.DataFrame, Path))
-        if self.freeze is not None and not warm and not (self.freeze == "posterior" and table_start):
-            raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit"
-                                 + (" (or a posterior_init table)." if self.freeze == "posterior" else "."))
-        if warm:
-            self._check_warm_start()
-        check_table(X)
-        if warm:
-            check_compatible(X, self.reflections_)
+        previous = self._previous_fit(X)
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
-        previous = (FitState.from_attributes(self), Weights.from_attributes(self)) if warm else None
-        if warm:
+        if previous is not None:
             operators, X_fit = self._operators(), self.reindex(X)
         else:
             operators = candidate_operators(self.reindexing, X.spacegroup, X.cell)
@@ -482,7 +473,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         settings = _no_reindexing(result.state.image_ids)
         if operators is not None:
             result, X_fit, settings = self._refine_settings(X, y, result, X_fit, operators, rng, seed,
-                                                            0 if warm else _MAX_SETTING_ROUNDS)
+                                                            0 if previous is not None else _MAX_SETTING_ROUNDS)
         self._set_fitted(X, result, seed, settings)
         return self
 
@@ -491,20 +482,38 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         :mod:`skmerge.model.streaming`)."""
         import gemmi
 
-        from .model.streaming import StoreSource, check_streamable, fit_store
+        from .model.streaming import check_streamable, fit_store
 
         check_streamable(self, y, X_held_out)
-        manifest = StoreSource(store).manifest
+        source = as_source(store)
+        manifest = source.manifest
         if candidate_operators(self.reindexing, gemmi.SpaceGroup(manifest["spacegroup"]),
                                gemmi.UnitCell(*manifest["cell"])) is not None:
             raise ParameterError(f"{store}: its lattice allows other indexing settings, which a fit on an observation "
                                  "store does not resolve; set reindexing='none' (--disable-index-disambiguation) "
                                  "for data indexed in one setting, or read the store into memory.")
+        previous = self._previous_fit(source.head())
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
-        result, head = fit_store(self, store, rng, seed)
+        result, head = fit_store(self, source, rng, seed, previous)
         self._set_fitted(head, result, seed, _no_reindexing(result.state.image_ids))
         return self
+
+    def _previous_fit(self, X):
+        """The (FitState, Weights) of the fit a warm start continues, or None, after
+        checking that X (a table) can continue it and that ``freeze`` has a fit to keep."""
+        warm = bool(self.warm_start) and hasattr(self, "reflections_")
+        table_start = isinstance(self.posterior_init, (pd.DataFrame, Path))
+        if self.freeze is not None and not warm and not (self.freeze == "posterior" and table_start):
+            raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit"
+                                 + (" (or a posterior_init table)." if self.freeze == "posterior" else "."))
+        if warm:
+            self._check_warm_start()
+        check_table(X)
+        if not warm:
+            return None
+        check_compatible(X, self.reflections_)
+        return FitState.from_attributes(self), Weights.from_attributes(self)
 
     def _refine_settings(self, X, y, result, X_fit, operators, rng, seed, rounds):
         """Check every image's setting against the trained model: move the images more
@@ -785,9 +794,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     def _check_store(self, store):
         """The fit state and the store as a source of pieces, after checking that the
         store holds tables of the fit's kind."""
-        from .model.streaming import StoreSource
-
-        source = StoreSource(store)
+        source = as_source(store)
         return self._check_input(source.head()), source
 
     def _get_model(self):

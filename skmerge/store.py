@@ -244,7 +244,8 @@ def read_part(store, entry, row_groups=None, with_source_rows=False):
     return (frame, source_row) if with_source_rows else frame
 
 
-def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None, mtz_dtypes=True):
+def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=None, mtz_dtypes=True,
+                       select=None):
     """Random minibatches of whole images from an observation store, in bounded memory.
 
     The store's row groups (whole images) are read in random order into a buffer of at
@@ -263,6 +264,11 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
     mtz_dtypes : bool, default=True
         Give the tables MTZ dtypes, as :func:`read_store` does; False leaves numpy's,
         which is several times faster.
+    select : callable, optional
+        Keep only some observations: called as ``select(image_id, rows)`` with the
+        ``image_id`` of a row group's observations and their positions in the whole
+        store's table, it returns a boolean mask of those to keep (images left without
+        an observation are not drawn).
 
     Yields
     ------
@@ -287,7 +293,7 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
     while pending or n_held:
         while pending and n_held < max(buffer_images, batch_images):
             entry, group, _ = pending.pop()
-            frame = read_part(index.store, entry, [group])
+            frame, _ = index.read(entry, [group], select)
             frame_keys = _image_keys(frame["file_id"], frame["image_id"])
             if pool is None:
                 pool, keys = frame, frame_keys
@@ -304,7 +310,7 @@ def iter_image_batches(store, batch_images, *, buffer_images=1024, random_state=
         yield index.table(pool[chosen].reset_index(drop=True), mtz_dtypes)
 
 
-def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True):
+def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True, select=None):
     """An observation store in order, in pieces of whole row groups (whole images).
 
     Parameters
@@ -315,6 +321,9 @@ def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True):
     mtz_dtypes : bool, default=True
         Give the tables MTZ dtypes, as :func:`read_store` does; False leaves numpy's,
         which is several times faster for passes that only compute with them.
+    select : callable, optional
+        Keep only some observations, as in :func:`iter_image_batches` (pieces left
+        empty are skipped).
 
     Yields
     ------
@@ -337,18 +346,16 @@ def iter_store_chunks(store, chunk_rows=4 * ROW_GROUP_SIZE, mtz_dtypes=True):
         last = n + 1 == len(index.groups)
         if size < chunk_rows and not last and index.groups[n + 1][0] is entry:
             continue
-        groups = [g for _, g in selected]
-        frame, source_row = read_part(index.store, entry, groups, with_source_rows=True)
-        if source_row is None:
-            first = index.group_starts[entry["file_id"]][groups[0]]
-            source_row = np.arange(first, first + len(frame))
-        yield index.table(frame, mtz_dtypes), index.file_starts[entry["file_id"]] + source_row
+        frame, rows = index.read(entry, [g for _, g in selected], select)
         selected, size = [], 0
+        if len(frame):
+            yield index.table(frame, mtz_dtypes), rows
 
 
 class _StoreIndex:
-    """What reading a store's row groups needs: its reflections and images, its row groups
-    (entry, group, rows) in file order, and where each file and group starts."""
+    """What reading a store's row groups needs: its reflections and images (and the file
+    of each image), its row groups (entry, group, rows) in file order, and where each
+    file and group starts."""
 
     def __init__(self, store):
         _, pq = _pyarrow()
@@ -366,18 +373,37 @@ class _StoreIndex:
             raise DamagedFileError(f"{self.store}: missing or unreadable part of the observation store ({exc}); "
                                    "convert the reflection files again.") from exc
         self.image_keys = _image_keys(images["file_id"], images["image"])
+        self.image_files = images["file_id"].to_numpy(np.int64)
         self.groups = [(entry, g, n) for entry in manifest["files"] for g, n in enumerate(sizes[entry["file_id"]])]
         self.group_starts = {f: np.concatenate([[0], np.cumsum(n)]).astype(np.int64) for f, n in sizes.items()}
         counts = [entry["observations"] for entry in manifest["files"]]
         self.file_starts = dict(zip((entry["file_id"] for entry in manifest["files"]),
                                     np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)))
 
+    def read(self, entry, groups, select=None):
+        """The observations of consecutive row groups of one part (see
+        :func:`read_part`) and their positions in the whole store's table, only those
+        that ``select`` keeps (see :func:`iter_image_batches`)."""
+        frame, source_row = read_part(self.store, entry, groups, with_source_rows=True)
+        if source_row is None:
+            first = self.group_starts[entry["file_id"]][groups[0]]
+            source_row = np.arange(first, first + len(frame))
+        rows = self.file_starts[entry["file_id"]] + source_row
+        if select is not None:
+            kept = np.asarray(select(self.image_ids(frame), rows), bool)
+            if not kept.all():
+                frame, rows = frame[kept].reset_index(drop=True), rows[kept]
+        return frame, rows
+
+    def image_ids(self, frame):
+        """The ``image_id`` in the whole store's table of rows of a part."""
+        return lookup_keys(self.image_keys, _image_keys(frame["file_id"], frame["image_id"]))
+
     def table(self, frame, mtz_dtypes=True):
         """Rows of a part as rows of the whole store's table."""
         return assemble_table(frame, self.spacegroup, self.cell,
                               asu_index=lookup_hkl(self.reflections, frame[list(INDEX_COLUMNS)]),
-                              image_id=lookup_keys(self.image_keys, _image_keys(frame["file_id"], frame["image_id"])),
-                              mtz_dtypes=mtz_dtypes)
+                              image_id=self.image_ids(frame), mtz_dtypes=mtz_dtypes)
 
 
 def _image_keys(file_id, image):

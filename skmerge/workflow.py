@@ -189,8 +189,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Reflection files or data sets for :func:`skmerge.read_unmerged`, or an
         observation table it made. An observation store merged with ``batch_size``
         streams from disk without being read into memory
-        (:func:`skmerge.streamed_merge.run_streamed_merge`: no half datasets or test
-        set; the result is a :class:`~skmerge.streamed_merge.StreamedMergeResult`).
+        (:func:`skmerge.streamed_merge.run_streamed_merge`; the result is a
+        :class:`~skmerge.streamed_merge.StreamedMergeResult`).
     out : str or Path, optional
         Output prefix (its directory must exist); writes :meth:`MergeResult.write`'s
         files when given.
@@ -286,7 +286,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     check_metadata_keys(keys, X)
     warn(partiality_warning(X, keys))
     seed = _split_seed(merger.random_state)
-    test = np.random.default_rng(seed).random(len(X)) < test_fraction
+    test = held_out_rows(np.arange(len(X)), test_fraction, seed)
     if test.all():
         raise ParameterError(f"test_fraction={test_fraction} leaves no observation to fit")
     X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
@@ -322,21 +322,10 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         X = merger.reindex(X)
         X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
         merged = merger.transform(X_train)
-    ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
-    predictions = writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd),
-                                            scale, scale_sd, test=test)
+    predictions = _observation_predictions(merger, X, test)
     if error_model is None:
         warn(sigma_scatter_warning(predictions))
-    halves = None
-    if half_datasets:
-        from .half_datasets import half_dataset_merges
-
-        with _caught(ConvergenceWarning) as stopped:
-            halves = half_dataset_merges(merger, X, n_repeats=half_datasets, random_state=seed,
-                                         verbose=merger.verbose)
-        if stopped:
-            warn(f"{len(stopped)} of {2 * half_datasets} half-dataset merges stopped at max_iter={merger.max_iter} "
-                 "before converging, so CC1/2 and CCanom describe unconverged merges: raise --iterations")
+    halves = _merged_halves(merger, X, half_datasets, seed, warn) if half_datasets else None
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
     statistics = _statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
@@ -352,6 +341,71 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
+
+
+def _observation_predictions(merger, X, test=None):
+    """The predictions table of the observations X by a fitted merger
+    (:func:`skmerge.io.writers.predictions_table`: Ipred, its σ, Z, Weight, the scale and
+    its σ), with ``test`` flagging those held out of the fit."""
+    ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
+    return writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd), scale,
+                                     scale_sd, test=test)
+
+
+def _merged_halves(merger, X, n_repeats, seed, warn):
+    """:func:`skmerge.half_datasets.half_dataset_merges` of the fitted merger's data X (a
+    table or a store), calling ``warn(message)`` when some stopped before converging."""
+    from .half_datasets import half_dataset_merges
+
+    with _caught(ConvergenceWarning) as stopped:
+        halves = half_dataset_merges(merger, X, n_repeats=n_repeats, random_state=seed, verbose=merger.verbose)
+    if stopped:
+        warn(f"{len(stopped)} of {2 * n_repeats} half-dataset merges stopped at max_iter={merger.max_iter} "
+             "before converging, so CC1/2 and CCanom describe unconverged merges: raise --iterations")
+    return halves
+
+
+def held_out_rows(rows, fraction, seed):
+    """Which observations a test set holds out, given their positions in the observation
+    table: row i is held out when the i-th number drawn by
+    ``numpy.random.default_rng(seed).random`` is below ``fraction``.
+
+    Only the draws of the rows asked for are made (the generator jumps to each run of
+    consecutive rows), so that a store read piece by piece is split as its whole table.
+
+    Parameters
+    ----------
+    rows : array-like of int
+        Positions in the observation table, in any order.
+    fraction : float
+        The fraction of the observations held out.
+    seed : int or None
+        None draws the split afresh at each call.
+
+    Returns
+    -------
+    ndarray of bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.workflow import held_out_rows
+    >>> whole = held_out_rows(np.arange(1000), 0.1, seed=0)
+    >>> bool(np.array_equal(held_out_rows([999, 5, 6], 0.1, seed=0), whole[[999, 5, 6]]))
+    True
+    """
+    rows = np.asarray(rows, np.int64).ravel()
+    start = np.random.PCG64(np.random.SeedSequence() if seed is None else seed).state
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    runs = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # rows are ≥ 0: the first starts a run
+    draws = np.empty(len(rows))
+    for begin, end in zip(runs, np.r_[runs[1:], len(rows)]):
+        generator = np.random.PCG64()
+        generator.state = start
+        generator.advance(int(ordered[begin]))
+        draws[order[begin:end]] = np.random.Generator(generator).random(end - begin)
+    return draws < fraction
 
 
 def write_merger(merger, out):

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import reciprocalspaceship as rs
 
 import skmerge
 from skmerge.errors import InputError, ParameterError
@@ -83,6 +84,27 @@ def test_store_evaluation_equals_table_evaluation(store, start_fits):
     np.testing.assert_allclose(merger.score_samples(path), merger.score_samples(X), rtol=1e-6)
 
 
+def test_store_batches_come_in_the_sequential_order_and_stop(store, start_fits):
+    """The threads that read and encode batches ahead of the steps pass them on in the
+    order of drawing them one by one (so a fit depends on its seed, not on timing), and
+    close() ends them."""
+    from skmerge.model.fitted import FitState
+
+    path, X, _ = store
+    merger = start_fits[1]
+    state = FitState.from_attributes(merger)
+    counts = np.bincount(X["image_id"].to_numpy(np.int64))[state.image_ids]
+    batches = streaming.StoreBatches(merger, streaming.StoreSource(path), state, counts, seed=5)
+    fed = batches._batches()
+    drawn = (batches.padded(images) for images in batches._image_batches())
+    for _ in range(8):  # beyond the first pass over the 30 images, 6 at a time
+        threaded, sequential = next(fed), next(drawn)
+        for key, values in sequential.items():
+            np.testing.assert_array_equal(threaded[key], values)
+    batches.close()
+    assert len(batches._threads) >= 2 and not any(thread.is_alive() for thread in batches._threads)
+
+
 def test_bad_store_inputs(store, start_fits, tmp_path):
     path, _, _ = store
     with pytest.raises(InputError, match="no such observation store"):
@@ -110,15 +132,58 @@ def test_ambiguous_store_needs_reindexing_none(tmp_path):
 
 def test_run_merge_streams_a_store_with_batch_size(store, tmp_path):
     """skmerge mono STORE --batch-size: the merge streams from the store and writes the
-    merged MTZ and every observation's prediction; half datasets are refused."""
+    merged MTZ and every observation's prediction."""
     path, X, _ = store
     options = dict(batch_size=6, max_iter=10, mlp_layers=2, metadata=["dHKL", "XDET"], random_state=0,
                    log=lambda level, message: None)
-    with pytest.raises(ParameterError, match="half_datasets"):
-        skmerge.run_merge(path, half_datasets=1, **options)
     result = skmerge.run_merge(path, tmp_path / "out", **options)
     assert result.merger.n_iter_ == 10
     assert result.statistics[0].table.loc["overall", "n_obs"] == len(X)
     predictions = pd.read_parquet(tmp_path / "out_predictions.parquet")
     assert len(predictions) == len(X) and np.isfinite(predictions["Ipred"]).all()
     assert (tmp_path / "out_0.mtz").is_file() and (tmp_path / "out.npz").is_file()
+
+
+def test_streamed_half_datasets_and_test_set_equal_the_in_memory_ones(tmp_path, monkeypatch):
+    """skmerge mono STORE --batch-size --merge-half-datasets --test-fraction: the same
+    image split, test set and statistics as the in-memory merge of the MTZ file the
+    store was converted from (within MC noise), without reading the store's table."""
+    from skmerge.cli import main
+    from skmerge import store as store_module, table as table_module
+
+    X, _ = skmerge.datasets.make_unmerged(n_images=12, stills=True, random_state=3)
+    mtz = tmp_path / "stills.mtz"
+    raw = X[["Hobs", "Kobs", "Lobs", "BATCH", "Iobs", "SIGIobs", "XDET", "YDET"]].rename(
+        columns={"Hobs": "H", "Kobs": "K", "Lobs": "L", "Iobs": "I", "SIGIobs": "SIGI"}).reset_index(drop=True)
+    raw.spacegroup, raw.cell = X.spacegroup, X.cell
+    raw.infer_mtz_dtypes().write_mtz(str(mtz))
+    # A small model: each of the six fits traces its training step anew.
+    flags = ["--quiet", "--batch-size", "4", "--iterations", "40", "--mlp-layers", "2", "--no-double-wilson",
+             "--likelihood", "normal", "--merge-half-datasets", "--test-fraction", "0.1", "--seed", "0"]
+    assert main(["mono", *flags, "dHKL,XDET,YDET", str(mtz), str(tmp_path / "memory")]) == 0
+    assert main(["convert", "--quiet", str(mtz), str(tmp_path / "stills.parquet")]) == 0
+
+    def full_read(*args, **kwargs):
+        raise AssertionError("the streamed merge read the whole observation table")
+
+    monkeypatch.setattr(store_module, "read_store", full_read)
+    monkeypatch.setattr(table_module, "read_unmerged", full_read)
+    monkeypatch.setattr(skmerge, "read_unmerged", full_read)
+    real_read_part = store_module.read_part
+    monkeypatch.setattr(store_module, "read_part", lambda store, entry, row_groups=None, **kwargs: real_read_part(
+        store, entry, full_read() if row_groups is None else row_groups, **kwargs))
+    assert main(["mono", *flags, "dHKL,XDET,YDET", str(tmp_path / "stills.parquet"), str(tmp_path / "streamed")]) == 0
+
+    memory, streamed = (pd.read_csv(tmp_path / f"{run}_stats.csv").set_index("shell") for run in ("memory", "streamed"))
+    assert memory["n_obs"].equals(streamed["n_obs"])
+    # The same observations held out, in the order of the store's table.
+    held_out = rs.read_mtz(str(tmp_path / "memory_predictions_0.mtz"))["test"].to_numpy()
+    assert 0 < held_out.sum() < len(X)
+    assert np.array_equal(pd.read_parquet(tmp_path / "streamed_predictions.parquet")["test"].to_numpy(), held_out)
+    # The same images in each half: the same observation count N of every reflection.
+    halves = [rs.read_mtz(str(tmp_path / f"{run}_xval_0.mtz")).reset_index().sort_values(["half", "H", "K", "L"])
+              for run in ("memory", "streamed")]
+    assert np.array_equal(halves[0]["N"].to_numpy(), halves[1]["N"].to_numpy())
+    for column in ("cc_half", "cc_pred"):
+        assert memory.loc["overall", column] > 0.1
+        np.testing.assert_allclose(streamed[column], memory[column], atol=0.02)

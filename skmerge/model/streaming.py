@@ -26,11 +26,21 @@ Training then draws minibatches of whole images from the store
 pass over the store in a new order, encodes them in a background thread of ``tf.data``
 and pads them to one shape, so that the compiled step never retraces (:class:`StoreBatches`).
 
+A warm start (the half-dataset merges' refit of the posteriors with the scales frozen,
+:func:`skmerge.half_datasets.half_dataset_merges`) keeps the previous fit's intensity
+unit, metadata transformer, Wilson curve and scale network, as in memory, and skips the
+passes that would compute them.
+
+A :class:`StoreSource` may select part of a store (some images, or the rows outside a
+test set): fits, merges and predictions then see only those observations.
+
 Not streamed: reindexing of ambiguous settings, early stopping, Laue data, the image
-encoder, warm starts and held-out tables (:func:`check_streamable` says so).
+encoder and held-out tables (:func:`check_streamable` says so).
 """
 
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +48,7 @@ import pandas as pd
 
 from ..baseline import group_median, means_of_sums, outlier_excess, residual_spread
 from ..errors import InputError, ParameterError
-from ..store import is_store, iter_image_batches, iter_store_chunks, read_manifest
+from ..store import _StoreIndex, is_store, iter_image_batches, iter_store_chunks, read_manifest
 from ..symmetry import lookup_keys
 from .build import _metadata_transformer, _scale_network, checked_intensity_scale, merging_model, start_posterior
 from .data import Reflections, encode
@@ -54,6 +64,8 @@ RESERVOIR = 64
 # batches' worth of images held however large the images.
 BUFFER_ROWS = 1 << 18
 BUFFER_BATCHES = 4
+# Batches each stage of the feed (reading, encoding) may run ahead of the next.
+PREFETCH_BATCHES = 2
 _ROBUST_ROUNDS = 3
 _ROBUST_CUTOFF = 3.0
 
@@ -63,7 +75,6 @@ def check_streamable(params, y=None, X_held_out=None):
     unsupported = [name for name, on in (
         ("early_stopping", params.early_stopping), ("laue", params.laue),
         ("image_model='encoder'", params.image_model == "encoder" and params.image_scales),
-        ("warm_start", params.warm_start), ("freeze", params.freeze is not None),
         ("jit_compile", params.jit_compile), ("y", y is not None), ("X_held_out", X_held_out is not None)) if on]
     if unsupported:
         raise ParameterError(f"a fit on an observation store does not stream {', '.join(unsupported)}; read the "
@@ -74,16 +85,28 @@ def check_streamable(params, y=None, X_held_out=None):
 
 
 class StoreSource:
-    """An observation store as a fit reads it: its description and its pieces in order.
+    """An observation store, or a selection of its observations, as a fit reads it: its
+    description and its pieces in order. The estimator's methods take one in place of
+    a store's path.
 
     Parameters
     ----------
     store : path
     chunk_rows : int, optional
         Observations per piece of a pass.
+    select : callable, optional
+        The observations to keep: ``select(image_id, rows)`` returns a boolean mask
+        (see :func:`skmerge.store.iter_image_batches`); None keeps every one.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.model.streaming import StoreSource
+    >>> first_ten = StoreSource("runs.parquet").where(lambda image_id, rows: image_id < 10)  # doctest: +SKIP
+    >>> merger.fit(first_ten)  # doctest: +SKIP
     """
 
-    def __init__(self, store, chunk_rows=None):
+    def __init__(self, store, chunk_rows=None, select=None):
         if not is_store(store):
             raise InputError(f"{store}: not an observation store (a directory written by 'skmerge convert' or "
                              f"skmerge.store.write_store); fit reflection files as a table: "
@@ -91,54 +114,82 @@ class StoreSource:
         self.path = Path(store)
         self.manifest = read_manifest(self.path)
         self.chunk_rows = chunk_rows
+        self.select = select
+        # Of the whole store: a selection's are counted as it is read.
         self.n_observations = int(self.manifest["observations"])
 
+    def where(self, select):
+        """This source with only the observations ``select`` keeps among its own."""
+        if self.select is None:
+            joined = select
+        else:
+            def joined(image_id, rows):
+                return np.asarray(self.select(image_id, rows), bool) & np.asarray(select(image_id, rows), bool)
+        return StoreSource(self.path, self.chunk_rows, joined)
+
+    def image_files(self):
+        """The ``file_id`` of every image of the store, in ``image_id`` order."""
+        return _StoreIndex(self.path).image_files
+
     def chunks(self):
-        """(table, rows) of every piece, as :func:`skmerge.store.iter_store_chunks`
+        """(table, rows) of every selected piece, as :func:`skmerge.store.iter_store_chunks`
         gives them with numpy dtypes."""
         if self.chunk_rows is None:
-            return iter_store_chunks(self.path, mtz_dtypes=False)
-        return iter_store_chunks(self.path, self.chunk_rows, mtz_dtypes=False)
+            return iter_store_chunks(self.path, mtz_dtypes=False, select=self.select)
+        return iter_store_chunks(self.path, self.chunk_rows, mtz_dtypes=False, select=self.select)
 
     def head(self):
         """The first piece's table: the store's columns, symmetry and cell."""
         return next(iter(self.chunks()))[0]
 
 
-def fit_store(params, store, rng, seed, chunk_rows=None):
-    """Fit a model to the observation store ``store`` as the estimator's parameters say
-    (see the module docstring); returns a :class:`~skmerge.model.fitting.Training` and
-    the store's first piece (its columns)."""
+def as_source(store):
+    """A :class:`StoreSource` of a store's path, or the source given."""
+    return store if isinstance(store, StoreSource) else StoreSource(store)
+
+
+def fit_store(params, store, rng, seed, previous=None):
+    """Fit a model to the observation store ``store`` (a path or a :class:`StoreSource`)
+    as the estimator's parameters say, from scratch or from ``previous`` (the FitState
+    and Weights of a fit to warm-start from; see the module docstring); returns a
+    :class:`~skmerge.model.fitting.Training` and the store's first piece (its columns)."""
     from .training import Trainer
 
     check_streamable(params)
-    source = StoreSource(store, chunk_rows)
-    survey = _Survey(params, source, seed)
+    source = as_source(store)
+    survey = _Survey(params, source, seed, previous)
     state = survey.state
-    image_scale, merged, _ = _quick_image_scales(params, source, state, survey.first_merge)
-    seen = np.isfinite(merged)
-    curve = wilson_curve(state.reflections.dhkl[seen], merged[seen] / state.reflections.epsilon[seen])
+    if previous is None:
+        image_scale, merged, _ = _quick_image_scales(params, source, state, survey.first_merge)
+        seen = np.isfinite(merged)
+        curve = wilson_curve(state.reflections.dhkl[seen], merged[seen] / state.reflections.epsilon[seen])
+    else:
+        image_scale, curve = None, previous[0].wilson_curve
     state.wilson_curve = curve
     state.reflections.mean_intensity = evaluate_curve(curve, state.reflections.dhkl)
-    network = _scale_network(params, state, rng, None, image_scale)
-    posterior = start_posterior(params, state, None,
+    network = _scale_network(params, state, rng, previous, image_scale)
+    posterior = start_posterior(params, state, previous,
                                 lambda family: _robust_start_merge(params, source, state, network, family))
-    model = merging_model(params, state, posterior, network)
+    model = merging_model(params, state, posterior, network, None if previous is None else previous[1])
     batches = StoreBatches(params, source, state, survey.image_counts, seed)
     trainer = Trainer(model, trained_variables(params, model), batches, learning_rate=params.learning_rate,
                       seed=seed, jit_compile=False, beta_1=params.beta_1, beta_2=params.beta_2,
                       clipnorm=params.clipnorm, clipvalue=params.clipvalue, global_clipnorm=params.global_clipnorm)
-    with _progress(params.max_iter, params.verbose) as progress:
-        history, converged = trainer.run(params.max_iter, tol=params.tol, n_iter_no_change=params.n_iter_no_change,
-                                         progress=progress)
+    try:
+        with _progress(params.max_iter, params.verbose) as progress:
+            history, converged = trainer.run(params.max_iter, tol=params.tol,
+                                             n_iter_no_change=params.n_iter_no_change, progress=progress)
+    finally:
+        batches.close()
     return Training(model, state, history, converged, trainer.kept_step), survey.head
 
 
 class _Survey:
     """The first pass: reflections, images, intensity unit, first merge, metadata
-    transformer (see the module docstring)."""
+    transformer (see the module docstring); a warm start keeps the ``previous`` fit's
+    unit and transformer."""
 
-    def __init__(self, params, source, seed):
+    def __init__(self, params, source, seed, previous=None):
         sample_rng = np.random.default_rng(seed)
         keep = min(1.0, SAMPLE_ROWS / max(source.n_observations, 1))
         keys = np.zeros(0, np.int64)
@@ -149,7 +200,7 @@ class _Survey:
         for X, _ in source.chunks():
             if self.head is None:
                 self.head = X.iloc[:0]
-                transformer = _metadata_transformer(params, X)
+                transformer = _metadata_transformer(params, X) if previous is None else None
             observations = encode(X, anomalous=params.anomalous, separate_files=params.separate_files)
             chunk_keys, first, inverse = np.unique(observations.keys, return_index=True, return_inverse=True)
             inverse = inverse.ravel()
@@ -159,15 +210,22 @@ class _Survey:
             chunk_flags = np.stack([X["CENTRIC"].to_numpy(bool)[first], X["EPSILON"].to_numpy(np.float64)[first]])
             keys, sums, flags = _union(keys, sums, flags, chunk_keys, chunk_sums, chunk_flags)
             image_counts += np.bincount(observations.image_id, minlength=len(image_counts))
-            sample.append(X if keep == 1.0 else X.iloc[np.flatnonzero(sample_rng.random(len(X)) < keep)])
-        sample = pd.concat(sample)
-        transformer.fit(sample)
-        n_features = transformer.transform(sample.iloc[:1]).shape[1]
-        del sample
+            if transformer is not None:
+                sample.append(X if keep == 1.0 else X.iloc[np.flatnonzero(sample_rng.random(len(X)) < keep)])
+        if self.head is None:
+            raise InputError(f"{source.path}: no observation is selected to fit.")
         reflections = Reflections.from_keys(keys, self.head.spacegroup, self.head.cell, params.anomalous,
                                             params.separate_files, flags[0].astype(bool), flags[1])
         count, total, weighted, weight = sums
-        c = checked_intensity_scale(np.sum(total / reflections.epsilon) / np.sum(count))
+        if previous is None:
+            sample = pd.concat(sample)
+            transformer.fit(sample)
+            n_features = transformer.transform(sample.iloc[:1]).shape[1]
+            del sample
+            c = checked_intensity_scale(np.sum(total / reflections.epsilon) / np.sum(count))
+        else:
+            transformer, n_features = previous[0].metadata_transformer, previous[0].n_metadata_features
+            c = previous[0].intensity_scale
         image_ids = np.flatnonzero(image_counts)
         self.image_counts = image_counts[image_ids]
         self.state = FitState(reflections, image_ids, count.astype(np.int64), c, transformer, n_features, None)
@@ -279,11 +337,15 @@ def _robust_start_merge(params, source, state, network, family):
 class StoreBatches:
     """Minibatches of whole images read from an observation store while training runs.
 
-    A background thread of ``tf.data`` draws ``batch_size`` images at a time from the
-    store (:func:`skmerge.store.iter_image_batches`, a new order for every pass over
-    it, holding about ``BUFFER_ROWS`` observations for shuffling), encodes them as the
-    fit state says and pads them to the rows of the ``batch_size`` largest images, so
-    that every batch has one shape. As
+    A pipeline of background threads feeds the steps: one draws ``batch_size`` images
+    at a time from the store (:func:`skmerge.store.iter_image_batches`, a new order for
+    every pass over it, holding about ``BUFFER_ROWS`` observations for shuffling), the
+    next encodes them as the fit state says and pads them to the rows of the
+    ``batch_size`` largest images, so that every batch has one shape, and ``tf.data``
+    turns them into tensors; each stage runs up to ``PREFETCH_BATCHES`` ahead of the
+    next, so that reading, encoding and the step overlap. Every stage is one thread
+    passing its batches on in order, so the batches follow each other as they would
+    drawn one by one: the fit depends on the seed, not on the threads' timing. As
     :class:`~skmerge.model.training.ImageBatches`, a batch's terms count
     n_images/images_in_batch times and padding counts for nothing.
 
@@ -312,17 +374,29 @@ class StoreBatches:
         signature = {"refl": tf.TensorSpec([self.n_rows], tf.int32), "image": tf.TensorSpec([self.n_rows], tf.int32),
                      "features": tf.TensorSpec([self.n_rows, n_features], tf.float32), "intensity": rows,
                      "sigma": rows, "weight": rows, "kl_weight": rows}
-        dataset = tf.data.Dataset.from_generator(self._batches, output_signature=signature).prefetch(2)
+        self._stop, self._threads = threading.Event(), []
+        dataset = tf.data.Dataset.from_generator(self._batches, output_signature=signature).prefetch(
+            PREFETCH_BATCHES)
         self._iterator = iter(dataset)
         self._n_total = tf.constant(self.n_total, tf.float32)
 
-    def _batches(self):
+    def _image_batches(self):
         epoch = 0
         while True:
-            for X in iter_image_batches(self.source.path, self.batch_size, buffer_images=self.buffer_images,
-                                        random_state=self.seed + epoch, mtz_dtypes=False):
-                yield self.padded(X)
+            yield from iter_image_batches(self.source.path, self.batch_size, buffer_images=self.buffer_images,
+                                          random_state=self.seed + epoch, mtz_dtypes=False, select=self.source.select)
             epoch += 1
+
+    def _batches(self):
+        read = _in_thread(self._image_batches(), PREFETCH_BATCHES, self._stop, self._threads)
+        yield from _in_thread(map(self.padded, read), PREFETCH_BATCHES, self._stop, self._threads)
+
+    def close(self):
+        """Stop the threads that read and encode batches, and wait for them: a thread
+        left inside pyarrow's reader when the interpreter exits hangs the exit."""
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join()
 
     def padded(self, X):
         """The arrays of a batch of whole images, padded to the batch shape."""
@@ -346,6 +420,47 @@ class StoreBatches:
         return batch
 
 
+def _in_thread(items, depth, stop, threads):
+    """The items of an iterable, computed in a background thread of their own (added to
+    the list ``threads``) at most ``depth`` ahead of the consumer, in order, until
+    ``stop`` is set; an exception of the thread is raised in the consumer."""
+    buffer, end = queue.Queue(depth), object()
+
+    def put(entry):
+        # Waits in short turns, so that a consumer that has stopped lets the thread end.
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        iterator = iter(items)
+        try:
+            while not stop.is_set():
+                item = next(iterator, end)
+                if not put((item, None)) or item is end:
+                    return
+        except Exception as exc:  # handed to the consumer
+            put((None, exc))
+
+    thread = threading.Thread(target=produce, name="skmerge-store-feed", daemon=True)
+    threads.append(thread)
+    thread.start()
+    while not stop.is_set():
+        try:
+            item, error = buffer.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if error is not None:
+            raise error
+        if item is end:
+            return
+        yield item
+
+
 def store_keys(params, state, source):
     """The sorted reflection keys of every observation of a store."""
     keys = np.zeros(0, np.int64)
@@ -355,13 +470,17 @@ def store_keys(params, state, source):
 
 
 def evaluate_store(source, evaluate):
-    """``evaluate(table)`` of every piece of a store (a tuple of per-row arrays), joined in
-    the order of the store's table (:func:`skmerge.store.read_store`)."""
+    """``evaluate(table)`` of every selected piece of a store (a tuple of per-row arrays),
+    joined in the order of the store's table (:func:`skmerge.store.read_store`)."""
     outputs = None
+    filled = np.zeros(source.n_observations, bool)
     for X, rows in source.chunks():
         values = evaluate(X)
         if outputs is None:
             outputs = [np.empty(source.n_observations, np.asarray(v).dtype) for v in values]
         for out, value in zip(outputs, values):
             out[rows] = value
-    return tuple(outputs)
+        filled[rows] = True
+    if outputs is None:
+        raise InputError(f"{source.path}: no observation is selected.")
+    return tuple(out if filled.all() else out[filled] for out in outputs)
