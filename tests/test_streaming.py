@@ -166,9 +166,11 @@ def test_streamed_half_datasets_and_test_set_equal_the_in_memory_ones(tmp_path, 
     def full_read(*args, **kwargs):
         raise AssertionError("the streamed merge read the whole observation table")
 
+    # The package's lazy attribute first: resolved after the table module's patch, it
+    # would record the patched function as the one to restore.
+    monkeypatch.setattr(skmerge, "read_unmerged", full_read)
     monkeypatch.setattr(store_module, "read_store", full_read)
     monkeypatch.setattr(table_module, "read_unmerged", full_read)
-    monkeypatch.setattr(skmerge, "read_unmerged", full_read)
     real_read_part = store_module.read_part
     monkeypatch.setattr(store_module, "read_part", lambda store, entry, row_groups=None, **kwargs: real_read_part(
         store, entry, full_read() if row_groups is None else row_groups, **kwargs))
