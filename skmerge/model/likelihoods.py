@@ -14,6 +14,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval
 
 from .._tf import tf, tfb, tfd, tfp
+from ..errors import ParameterError
 
 
 class _Law:
@@ -52,8 +53,13 @@ class StudentTLikelihood(_Likelihood):
 
     How heavy the tails should be depends on the data: gross outliers (zingers, ice
     rings, overlaps) want few degrees of freedom, clean data many. With ``learn_dof``
-    the model learns ν with the rest of the ELBO, starting from ``dof``; the fitted
-    value is the merger's ``likelihood_dof_``.
+    the model learns ν with the rest of the ELBO, starting from ``dof`` and kept above
+    ``min_dof``; the fitted value is the merger's ``likelihood_dof_``.
+
+    Below ν = 4 a Student-t has no finite fourth moment: fitted to a few gross outliers,
+    its core grows narrower than the bulk of the errors, so that strong reflections
+    claim more precision than they have and outliers keep enough weight to move their
+    reflections. The floor keeps the tails heavy enough for the outliers without that.
 
     Parameters
     ----------
@@ -62,13 +68,17 @@ class StudentTLikelihood(_Likelihood):
         normal likelihood.
     learn_dof : bool, default=False
         Learn ν.
+    min_dof : float, default=4.0
+        The lowest ν a learned ν can reach (0 for none); ``dof`` must lie above it.
     """
 
-    _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")], "learn_dof": ["boolean"]}
+    _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")], "learn_dof": ["boolean"],
+                              "min_dof": [Interval(Real, 0, None, closed="left")]}
 
-    def __init__(self, dof=16.0, learn_dof=False):
+    def __init__(self, dof=16.0, learn_dof=False, min_dof=4.0):
         self.dof = dof
         self.learn_dof = learn_dof
+        self.min_dof = min_dof
 
     def distribution(self, predicted, sigma):
         """``tfd.StudentT(dof, predicted, sigma)``."""
@@ -79,26 +89,31 @@ class StudentTLikelihood(_Likelihood):
         :class:`LearnedStudentT` started at ``dof`` (or at a ``fitted`` ν)."""
         if not self.learn_dof:
             return self
-        return LearnedStudentT(float(self.dof) if fitted is None else float(np.ravel(fitted)[0]))
+        start = float(self.dof) if fitted is None else float(np.ravel(fitted)[0])
+        if not start > self.min_dof:
+            raise ParameterError(f"StudentTLikelihood: dof={start:g} must lie above min_dof={self.min_dof:g} "
+                                 "when ν is learned; raise dof or lower min_dof")
+        return LearnedStudentT(start, float(self.min_dof))
 
 
 class LearnedStudentT(_Law, tf.Module):
-    """The TensorFlow side of ``StudentTLikelihood(learn_dof=True)``: ν a variable, kept
-    positive by an exponential bijector on its logarithm (a step of Adam then changes ν
-    by a constant factor, so ν moves from 16 to 4 or to 64 in a few hundred steps)."""
+    """The TensorFlow side of ``StudentTLikelihood(learn_dof=True)``: ν − ν_min a
+    variable's exponential (a step of Adam then changes ν − ν_min by a constant factor,
+    so ν moves from 16 to 5 or to 64 in a few hundred steps)."""
 
-    def __init__(self, dof, name="student_t"):
+    def __init__(self, dof, min_dof=0.0, name="student_t"):
         super().__init__(name=name)
-        self.log_dof = tf.Variable(np.log(dof), dtype=tf.float32, name="log_dof")
-        self.dof = tfp.util.DeferredTensor(self.log_dof, tfb.Exp())
+        self.min_dof = min_dof
+        self.log_dof = tf.Variable(np.log(dof - min_dof), dtype=tf.float32, name="log_dof")
+        self.dof = tfp.util.DeferredTensor(self.log_dof, tfb.Chain([tfb.Shift(min_dof), tfb.Exp()]))
 
     def distribution(self, predicted, sigma):
         """``tfd.StudentT(ν, predicted, sigma)`` at the current ν."""
         return tfd.StudentT(tf.convert_to_tensor(self.dof), predicted, sigma)
 
     def get_weights(self):
-        """np.array([ν]), exponentiated in double precision (an exact round trip)."""
-        return np.exp(np.array([self.log_dof.numpy()], np.float64))
+        """np.array([ν]), computed in double precision (an exact round trip)."""
+        return np.array([self.min_dof + np.exp(float(self.log_dof.numpy()))], np.float64)
 
 
 class MixtureLikelihood(_Likelihood):
