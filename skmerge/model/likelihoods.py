@@ -225,7 +225,7 @@ LIKELIHOODS = {
 
 def make_likelihood(likelihood):
     """The likelihood object for an estimator's ``likelihood`` parameter: one of
-    "normal", "laplace", "studentt" (ν learned, from 16), "mixture" (a normal core and
+    "normal", "laplace", "studentt" (ν learned from 16, above 4), "mixture" (a normal core and
     a broad component) and "t-mixture" (the same with a Student-t core, ν learned from
     16), or a likelihood object, returned as is."""
     if isinstance(likelihood, str):
