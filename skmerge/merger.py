@@ -77,7 +77,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         :class:`~skmerge.NormalLikelihood`, :class:`~skmerge.LaplaceLikelihood`,
         :class:`~skmerge.StudentTLikelihood` (``"studentt"`` is
         ``StudentTLikelihood(learn_dof=True)``: its degrees of freedom are learned,
-        ``likelihood_dof_``, from 16 and above 4) or :class:`~skmerge.MixtureLikelihood` (a core and
+        ``likelihood_dof_``, from 16) or :class:`~skmerge.MixtureLikelihood` (a core and
         a component of gross outliers κ times as wide; ``"mixture"`` has a normal core,
         ``"t-mixture"`` a Student-t core whose ν is learned from 16).
     error_model : ErrorModel, bool or None, default=True

@@ -374,16 +374,16 @@ def test_learned_student_t_starts_at_its_dof_and_is_trainable():
 def test_a_learned_student_t_stays_above_its_floor():
     from skmerge.errors import ParameterError
 
-    learned = StudentTLikelihood(dof=6.0, learn_dof=True).build()
+    learned = StudentTLikelihood(dof=6.0, learn_dof=True, min_dof=4.0).build()
     learned.log_dof.assign(-30.0)  # as far down as an optimiser could push it
     assert float(np.asarray(learned.dof)) == pytest.approx(4.0, abs=1e-6)
     x = np.array([0.3, 2.0], np.float32)
     np.testing.assert_allclose(learned.log_prob(x, np.zeros(2, np.float32), np.ones(2, np.float32)).numpy(),
                                stats.t(4.0).logpdf(x), rtol=1e-5)
-    unbounded = StudentTLikelihood(dof=6.0, learn_dof=True, min_dof=0.0).build()
+    unbounded = StudentTLikelihood(dof=6.0, learn_dof=True).build()  # no floor by default
     unbounded.log_dof.assign(np.log(2.5))
     np.testing.assert_allclose(unbounded.get_weights(), [2.5], rtol=1e-6)
-    restored = StudentTLikelihood(learn_dof=True).build(fitted=[7.25])
+    restored = StudentTLikelihood(learn_dof=True, min_dof=4.0).build(fitted=[7.25])
     np.testing.assert_allclose(restored.get_weights(), [7.25], rtol=1e-6)
     with pytest.raises(ParameterError, match="min_dof"):
-        StudentTLikelihood(dof=3.0, learn_dof=True).build()
+        StudentTLikelihood(dof=3.0, learn_dof=True, min_dof=4.0).build()

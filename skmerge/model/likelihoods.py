@@ -56,10 +56,10 @@ class StudentTLikelihood(_Likelihood):
     the model learns ν with the rest of the ELBO, starting from ``dof`` and kept above
     ``min_dof``; the fitted value is the merger's ``likelihood_dof_``.
 
-    Below ν = 4 a Student-t has no finite fourth moment: fitted to a few gross outliers,
-    its core grows narrower than the bulk of the errors, so that strong reflections
-    claim more precision than they have and outliers keep enough weight to move their
-    reflections. The floor keeps the tails heavy enough for the outliers without that.
+    A floor such as ``min_dof=4`` (below it a Student-t has no finite fourth moment)
+    keeps a few gross outliers from pulling ν, and with it the core's width, down to
+    where strong reflections claim more precision than they have; measured, it lifts
+    Laue data but not every simulated set (bench/RESULTS.md), so it is off by default.
 
     Parameters
     ----------
@@ -68,14 +68,14 @@ class StudentTLikelihood(_Likelihood):
         normal likelihood.
     learn_dof : bool, default=False
         Learn ν.
-    min_dof : float, default=4.0
-        The lowest ν a learned ν can reach (0 for none); ``dof`` must lie above it.
+    min_dof : float, default=0.0
+        The lowest ν a learned ν can reach; ``dof`` must lie above it.
     """
 
     _parameter_constraints = {"dof": [Interval(Real, 0, None, closed="neither")], "learn_dof": ["boolean"],
                               "min_dof": [Interval(Real, 0, None, closed="left")]}
 
-    def __init__(self, dof=16.0, learn_dof=False, min_dof=4.0):
+    def __init__(self, dof=16.0, learn_dof=False, min_dof=0.0):
         self.dof = dof
         self.learn_dof = learn_dof
         self.min_dof = min_dof
@@ -225,7 +225,7 @@ LIKELIHOODS = {
 
 def make_likelihood(likelihood):
     """The likelihood object for an estimator's ``likelihood`` parameter: one of
-    "normal", "laplace", "studentt" (ν learned from 16, above 4), "mixture" (a normal core and
+    "normal", "laplace", "studentt" (ν learned, from 16), "mixture" (a normal core and
     a broad component) and "t-mixture" (the same with a Student-t core, ν learned from
     16), or a likelihood object, returned as is."""
     if isinstance(likelihood, str):
