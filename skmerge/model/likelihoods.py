@@ -104,8 +104,7 @@ class LearnedStudentT(_Law, tf.Module):
     def __init__(self, dof, min_dof=0.0, name="student_t"):
         super().__init__(name=name)
         self.min_dof = min_dof
-        self.log_dof = tf.Variable(np.log(dof - min_dof), dtype=tf.float32, name="log_dof")
-        self.dof = tfp.util.DeferredTensor(self.log_dof, tfb.Chain([tfb.Shift(min_dof), tfb.Exp()]))
+        self.log_dof, self.dof = _learned_dof(dof, min_dof)
 
     def distribution(self, predicted, sigma):
         """``tfd.StudentT(ν, predicted, sigma)`` at the current ν."""
@@ -113,7 +112,19 @@ class LearnedStudentT(_Law, tf.Module):
 
     def get_weights(self):
         """np.array([ν]), computed in double precision (an exact round trip)."""
-        return np.array([self.min_dof + np.exp(float(self.log_dof.numpy()))], np.float64)
+        return np.array([_dof_value(self.log_dof, self.min_dof)], np.float64)
+
+
+def _learned_dof(dof, min_dof=0.0):
+    """A learned ν started at ``dof``: the variable log(ν − ν_min), and ν as a tensor
+    that follows it."""
+    log_dof = tf.Variable(np.log(dof - min_dof), dtype=tf.float32, name="log_dof")
+    return log_dof, tfp.util.DeferredTensor(log_dof, tfb.Chain([tfb.Shift(min_dof), tfb.Exp()]))
+
+
+def _dof_value(log_dof, min_dof=0.0):
+    """ν of a :func:`_learned_dof` variable, in double precision."""
+    return min_dof + np.exp(float(log_dof.numpy()))
 
 
 class MixtureLikelihood(_Likelihood):
@@ -198,10 +209,10 @@ class LearnedMixture(_Law, tf.Module):
         self.scale_raw = tf.Variable(np.log(scale - 1.0), dtype=tf.float32, name="scale_raw")
         self.fraction = tfp.util.DeferredTensor(self.fraction_raw, tfb.Sigmoid())
         self.scale = tfp.util.DeferredTensor(self.scale_raw, tfb.Chain([tfb.Shift(1.0), tfb.Exp()]))
-        self.log_dof = None if dof is None else tf.Variable(np.log(dof), dtype=tf.float32, name="log_dof")
+        self.log_dof, self.dof = (None, None) if dof is None else _learned_dof(dof)
 
     def distribution(self, predicted, sigma):
-        dof = None if self.log_dof is None else tf.exp(self.log_dof)
+        dof = None if self.dof is None else tf.convert_to_tensor(self.dof)
         return _mixture(predicted, sigma, tf.convert_to_tensor(self.fraction), tf.convert_to_tensor(self.scale), dof)
 
     def get_weights(self):
@@ -210,7 +221,7 @@ class LearnedMixture(_Law, tf.Module):
         fraction_raw, scale_raw = (float(v.numpy()) for v in (self.fraction_raw, self.scale_raw))
         weights = [1 / (1 + np.exp(-fraction_raw)), 1 + np.exp(scale_raw)]
         if self.log_dof is not None:
-            weights.append(np.exp(float(self.log_dof.numpy())))
+            weights.append(_dof_value(self.log_dof))
         return np.array(weights, np.float64)
 
 
