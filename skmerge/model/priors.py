@@ -18,6 +18,7 @@ from .._tf import tf, tfd, tfp
 from ..errors import InputError
 from ..symmetry import lookup_hkl, map_to_asu, pack_hkl
 from .likelihoods import StudentTLikelihood, make_likelihood
+from .posterior import PositiveTruncatedNormal
 
 
 class WilsonPrior(BaseEstimator):
@@ -314,6 +315,61 @@ class ReferenceDistribution(_PerReflection):
             tf.gather(self.found, rows), tf.gather(self.loc, rows), tf.gather(self.scale, rows),
             self.kind, self.wilson.take(rows),
         )
+
+
+class PreviousPosteriorDistribution(_PerReflection):
+    """The prior of an online update (assumed density filtering): where ``seen``, the
+    posterior of an earlier fit, ``PositiveTruncatedNormal(loc, scale)``; elsewhere
+    ``other`` (the merger's own prior, a distribution over the same reflections).
+
+    Conditioning on the images of a new chunk with the earlier posterior as the prior
+    is Bayes' rule applied one chunk at a time: the earlier images' evidence enters
+    through that posterior, so they need not be kept.
+
+    Parameters
+    ----------
+    seen : bool array of shape (n_reflections,)
+        Reflections the earlier fit has a posterior of.
+    loc, scale : float arrays of shape (n_reflections,)
+        That posterior's location and scale before truncation (ignored where not
+        ``seen``).
+    other : distribution
+        The prior of the other reflections, with ``expected_log_prob``,
+        ``raw_moments`` and ``take`` (``WilsonDistribution``,
+        ``ReferenceDistribution``).
+    """
+
+    def __init__(self, seen, loc, scale, other, name="PreviousPosteriorDistribution"):
+        parameters = dict(locals())
+        with tf.name_scope(name) as name:
+            self.seen = tf.convert_to_tensor(seen, tf.bool)
+            self.loc = tf.cast(loc, tf.float32)
+            self.scale = tf.cast(scale, tf.float32)
+            self.other = other
+            super().__init__(self.seen, PositiveTruncatedNormal(self.loc, self.scale), other, parameters, name)
+
+    def raw_moments(self):
+        """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
+        return tuple(self._select(p, o) for p, o in zip(self._chosen.raw_moments(), self.other.raw_moments()))
+
+    def _mean(self):
+        return self.raw_moments()[0]
+
+    def _variance(self):
+        return self._select(self._chosen.variance(), self.other.variance())
+
+    def expected_log_prob(self, posterior, samples):
+        """E_q[log p(F)] per reflection: in closed form from q's first two raw moments
+        where the earlier posterior is the prior (its log-density is a quadratic in F
+        on F ≥ 0), as ``other`` gives it elsewhere."""
+        m1, m2, _, _ = posterior.raw_moments()
+        return self._select(self._chosen.expected_log_prob_from_moments(m1, m2),
+                            self.other.expected_log_prob(posterior, samples))
+
+    def take(self, rows):
+        """The distribution of the reflections ``rows``."""
+        return PreviousPosteriorDistribution(tf.gather(self.seen, rows), tf.gather(self.loc, rows),
+                                             tf.gather(self.scale, rows), self.other.take(rows))
 
 
 def _reference_amplitudes(reference, reflections):
