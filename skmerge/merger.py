@@ -509,12 +509,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         --------
         >>> from skmerge import VariationalMerger
         >>> from skmerge.datasets import make_unmerged
-        >>> X, truth = make_unmerged(n_images=20, random_state=0)
-        >>> merger = VariationalMerger(mlp_layers=2, max_iter=100, random_state=0)
-        >>> for first in (0, 10):  # two chunks of ten images
-        ...     merger = merger.partial_fit(X[(X["image_id"] >= first) & (X["image_id"] < first + 10)])
+        >>> X, truth = make_unmerged(n_images=12, random_state=0)
+        >>> merger = VariationalMerger(mlp_layers=2, max_iter=50, random_state=0)
+        >>> for first in (0, 6):  # two chunks of six images
+        ...     merger = merger.partial_fit(X[(X["image_id"] >= first) & (X["image_id"] < first + 6)])
         >>> len(merger.image_ids_)
-        20
+        12
         >>> int(merger.reflection_counts_.sum()) == len(X)
         True
         """
