@@ -179,7 +179,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         started as ``posterior_init`` says under those scales; with the default "data" on
         the very observations of the previous fit — same images, same reflections, each
         as often — the previous posterior, the answer to the same question). The scale
-        network's shape and metadata must be the previous fit's.
+        network's shape and metadata must be the previous fit's. A warm start on new
+        images only forgets the old ones; :meth:`partial_fit` adds them to the merge.
     freeze : {None, "scales", "posterior"}, default=None
         Keep that part of the model fixed during the fit: "scales" (with a warm start)
         the scale model and the noise model; "posterior" the amplitudes of a warm start
@@ -855,7 +856,6 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         ask for, so that its weights can start this fit."""
         if self.error_model and not hasattr(self, "sdfac_"):
             raise ParameterError("error_model cannot warm-start from a fit made without it; refit from scratch.")
-
         # The shared stack's kernels come first, then its biases (one axis).
         layers = next(i for i, w in enumerate(self.scale_weights_) if np.ndim(w) == 1)
         width = self.scale_weights_[0].shape[1]
