@@ -182,6 +182,17 @@ class _PerReflection(tfd.Distribution):
         return tf.constant([], tf.int32)
 
 
+class _AroundValues(_PerReflection):
+    """Amplitudes following ``law(loc, scale)`` (a location-scale law of per-reflection
+    values) where ``mask`` is true and ``other`` elsewhere."""
+
+    def __init__(self, mask, loc, scale, law, other, parameters, name):
+        with tf.name_scope(name) as name:
+            self.loc = tf.cast(loc, tf.float32)
+            self.scale = tf.cast(scale, tf.float32)
+            super().__init__(tf.convert_to_tensor(mask, tf.bool), law(self.loc, self.scale), other, parameters, name)
+
+
 # E[Fᵏ] / scaleᵏ for k = 1…4: Rayleigh (Weibull with concentration 2) and half-normal.
 _ACENTRIC_MOMENTS = (0.5 * math.sqrt(math.pi), 1.0, 0.75 * math.sqrt(math.pi), 2.0)
 _CENTRIC_MOMENTS = (math.sqrt(2 / math.pi), 1.0, 2 * math.sqrt(2 / math.pi), 3.0)
@@ -241,7 +252,7 @@ class WilsonDistribution(_PerReflection):
         return WilsonDistribution(tf.gather(self.centric, rows), tf.gather(self.mean_square, rows))
 
 
-class ReferenceDistribution(_PerReflection):
+class ReferenceDistribution(_AroundValues):
     """Amplitudes around a reference F_ref with width σ where ``found``, Wilson elsewhere.
 
     The law around F_ref is ``kind.distribution(F_ref, σ)`` of a likelihood object
@@ -265,13 +276,12 @@ class ReferenceDistribution(_PerReflection):
 
     def __init__(self, found, loc, scale, kind, wilson, name="ReferenceDistribution"):
         parameters = dict(locals())
-        with tf.name_scope(name) as name:
-            self.found = tf.convert_to_tensor(found, tf.bool)
-            self.loc = tf.cast(loc, tf.float32)
-            self.scale = tf.cast(scale, tf.float32)
-            self.kind = kind
-            self.wilson = wilson
-            super().__init__(self.found, kind.distribution(self.loc, self.scale), wilson, parameters, name)
+        self.kind, self.wilson = kind, wilson
+        super().__init__(found, loc, scale, kind.distribution, wilson, parameters, name)
+
+    @property
+    def found(self):
+        return self._mask
 
     @property
     def _reference(self):
@@ -317,7 +327,7 @@ class ReferenceDistribution(_PerReflection):
         )
 
 
-class PreviousPosteriorDistribution(_PerReflection):
+class PreviousPosteriorDistribution(_AroundValues):
     """The prior of an online update (assumed density filtering): where ``seen``, the
     posterior of an earlier fit, ``PositiveTruncatedNormal(loc, scale)``; elsewhere
     ``other`` (the merger's own prior, a distribution over the same reflections).
@@ -341,12 +351,12 @@ class PreviousPosteriorDistribution(_PerReflection):
 
     def __init__(self, seen, loc, scale, other, name="PreviousPosteriorDistribution"):
         parameters = dict(locals())
-        with tf.name_scope(name) as name:
-            self.seen = tf.convert_to_tensor(seen, tf.bool)
-            self.loc = tf.cast(loc, tf.float32)
-            self.scale = tf.cast(scale, tf.float32)
-            self.other = other
-            super().__init__(self.seen, PositiveTruncatedNormal(self.loc, self.scale), other, parameters, name)
+        self.other = other
+        super().__init__(seen, loc, scale, PositiveTruncatedNormal, other, parameters, name)
+
+    @property
+    def seen(self):
+        return self._mask
 
     def raw_moments(self):
         """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
