@@ -76,9 +76,9 @@ def test_reflections_of_the_first_chunk_only_keep_their_posterior(chunks, fits):
 
 
 def test_the_first_call_is_fit():
-    X, _ = make_unmerged(n_images=12, random_state=1)
-    fitted = VariationalMerger(**{**FAST, "max_iter": 50}).fit(X)
-    online = VariationalMerger(**{**FAST, "max_iter": 50}).partial_fit(X)
+    X, _ = make_unmerged(n_images=8, random_state=1)
+    fitted = VariationalMerger(**{**FAST, "max_iter": 20}).fit(X)
+    online = VariationalMerger(**{**FAST, "max_iter": 20}).partial_fit(X)
     for name in ("loc_raw", "scale_raw"):
         np.testing.assert_array_equal(online.posterior_weights_[name], fitted.posterior_weights_[name])
     for a, b in zip(online.scale_weights_, fitted.scale_weights_):
@@ -115,10 +115,10 @@ def test_a_merger_updated_online_persists_and_updates_again(chunks, fits, tmp_pa
 
 
 def test_anomalous_double_wilson_updates_both_friedel_halves():
-    X, _ = make_unmerged(n_images=16, anomalous=True, anomalous_signal=0.1, random_state=4)
-    merger = VariationalMerger(anomalous=True, **{**FAST, "max_iter": 60}).partial_fit(X[X["image_id"] < 8])
+    X, _ = make_unmerged(n_images=12, anomalous=True, anomalous_signal=0.1, random_state=4)
+    merger = VariationalMerger(anomalous=True, **{**FAST, "max_iter": 40}).partial_fit(X[X["image_id"] < 6])
     first_r = merger.prior_r_.copy()
-    merger.partial_fit(X[X["image_id"] >= 8])
+    merger.partial_fit(X[X["image_id"] >= 6])
     merged = merger.transform(X)
     assert merger.reflection_counts_.sum() == len(X)
     assert np.isfinite(merger.prior_r_).all() and not np.array_equal(merger.prior_r_, first_r)
