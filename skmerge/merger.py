@@ -30,7 +30,7 @@ from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights
-from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model
+from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union
 from .model.streaming import StoreSource, as_source, evaluate_store, store_keys
 
 _SCORE_SAMPLES = 32
@@ -179,7 +179,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         started as ``posterior_init`` says under those scales; with the default "data" on
         the very observations of the previous fit — same images, same reflections, each
         as often — the previous posterior, the answer to the same question). The scale
-        network's shape and metadata must be the previous fit's.
+        network's shape and metadata must be the previous fit's. A warm start on new
+        images only forgets the old ones; :meth:`partial_fit` adds them to the merge.
     freeze : {None, "scales", "posterior"}, default=None
         Keep that part of the model fixed during the fit: "scales" (with a warm start)
         the scale model and the noise model; "posterior" the amplitudes of a warm start
@@ -454,6 +455,91 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         if _is_path(X):
             return self._fit_store(X, y, X_held_out)
         previous = self._previous_fit(X)
+        if X_held_out is not None:
+            check_table(X_held_out)
+        self._set_fitted(X, *self._fit_table(X, y, previous, X_held_out))
+        return self
+
+    def partial_fit(self, X, y=None):
+        """Update the merge with a new chunk of images, without the images fitted before.
+
+        For data that arrive during an experiment. The first call on an unfitted merger
+        is :meth:`fit`. Later calls apply Bayes' rule one chunk at a time (assumed
+        density filtering): every reflection fitted before gets its fitted posterior
+        (the truncated normal of :meth:`posterior`) as its prior instead of the
+        merger's ``prior``, so the earlier images' evidence enters through it and they
+        need not be kept; reflections new in the chunk get the merger's prior. The scale
+        model, the error model and the likelihood's learned parameters continue from
+        the previous fit (as with ``warm_start=True``, whatever ``warm_start`` says);
+        new images get offsets of their own. Under a
+        :class:`~skmerge.DoubleWilsonPrior` a reflection fitted before keeps its
+        posterior as its prior, which unties it from its parent; a new reflection stays
+        tied to its parent, old or new (nothing is counted twice; what an old child
+        says about a new parent is left out).
+
+        Afterwards the fitted state covers every reflection and image fitted so far:
+        reflections absent from the chunk keep their posterior untouched, the
+        observation counts (``reflection_counts_``, N) add up, and
+        :meth:`transform`, :meth:`predict` and :meth:`score` work on all of them (as
+        after :meth:`fit`, images never fitted get the mean offset). ``loss_curve_``,
+        ``n_iter_`` and ``converged_`` describe the last update.
+
+        Parameters
+        ----------
+        X : rs.DataSet
+            Observations of the new images (a table, as for :meth:`fit`), in the space
+            group of the fit and an isomorphous cell. Images fitted before may appear
+            again; their observations then count twice.
+        y : array-like of shape (n_observations,), optional
+            Intensities to use instead of ``X["Iobs"]``.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ParameterError
+            If the parameters cannot continue the previous fit (another scale network,
+            metadata or image model; ``anomalous``, ``separate_files`` or ``laue``
+            changed), or X is an observation store.
+        InputError
+            If X is in another space group or its cell is not isomorphous.
+
+        Examples
+        --------
+        >>> from skmerge import VariationalMerger
+        >>> from skmerge.datasets import make_unmerged
+        >>> X, truth = make_unmerged(n_images=12, random_state=0)
+        >>> merger = VariationalMerger(mlp_layers=2, max_iter=50, random_state=0)
+        >>> for first in (0, 6):  # two chunks of six images
+        ...     merger = merger.partial_fit(X[(X["image_id"] >= first) & (X["image_id"] < first + 6)])
+        >>> len(merger.image_ids_)
+        12
+        >>> int(merger.reflection_counts_.sum()) == len(X)
+        True
+        """
+        if not hasattr(self, "posterior_weights_"):
+            return self.fit(X, y)
+        self._check_params()
+        if _is_path(X):
+            raise ParameterError("partial_fit takes a table of the new images; read the chunk into memory "
+                                 "(an observation store is fitted whole, with fit).")
+        previous = self._previous_fit(X, continuing=True)
+        result, seed, settings = self._fit_table(X, y, previous, previous_as_prior=True)
+        joined = joined_with_previous(self, *previous, result)
+        images = joined.state.image_ids
+        old_images, new_images = self.image_ids_, result.state.image_ids
+        for name in ("image_operators_", "image_operator_probabilities_"):
+            settings[name] = values_on_union(images, old_images, getattr(self, name), new_images, settings[name])
+        self._set_fitted(X, joined, seed, settings)
+        return self
+
+    def _fit_table(self, X, y, previous, X_held_out=None, previous_as_prior=False):
+        """Train on the table X (from ``previous``, a warm start's (FitState, Weights),
+        or from scratch), resolving the indexing ambiguity; returns the training result,
+        the seed drawn from ``random_state`` and the reindexing attributes of its
+        images."""
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(2**31 - 1))
         if previous is not None:
@@ -467,15 +553,13 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     X_fit = reindex(X, operators, image_operator, image_ids, self.anomalous)
                 else:  # every image in one setting already: nothing to resolve, nothing to pay
                     operators = None
-        if X_held_out is not None:
-            check_table(X_held_out)
-        result = fit_model(self, X_fit, y, rng, seed, previous=previous, X_held_out=X_held_out)
+        result = fit_model(self, X_fit, y, rng, seed, previous=previous, X_held_out=X_held_out,
+                           previous_as_prior=previous_as_prior)
         settings = _no_reindexing(result.state.image_ids)
         if operators is not None:
             result, X_fit, settings = self._refine_settings(X, y, result, X_fit, operators, rng, seed,
                                                             0 if previous is not None else _MAX_SETTING_ROUNDS)
-        self._set_fitted(X, result, seed, settings)
-        return self
+        return result, seed, settings
 
     def _fit_store(self, store, y, X_held_out):
         """Fit to an observation store in minibatches read from it (see
@@ -499,16 +583,19 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self._set_fitted(head, result, seed, _no_reindexing(result.state.image_ids))
         return self
 
-    def _previous_fit(self, X):
-        """The (FitState, Weights) of the fit a warm start continues, or None, after
-        checking that X (a table) can continue it and that ``freeze`` has a fit to keep."""
-        warm = bool(self.warm_start) and hasattr(self, "reflections_")
+    def _previous_fit(self, X, continuing=False):
+        """The (FitState, Weights) of the fit a warm start (or, ``continuing``, an
+        online update) continues, or None, after checking that X (a table) can continue
+        it and that ``freeze`` has a fit to keep."""
+        warm = (continuing or bool(self.warm_start)) and hasattr(self, "reflections_")
         table_start = isinstance(self.posterior_init, (pd.DataFrame, Path))
         if self.freeze is not None and not warm and not (self.freeze == "posterior" and table_start):
             raise ParameterError(f"freeze={self.freeze!r} needs warm_start=True or 'scales' and a previous fit"
                                  + (" (or a posterior_init table)." if self.freeze == "posterior" else "."))
         if warm:
             self._check_warm_start()
+        if warm and continuing:
+            self._check_same_reflections()
         check_table(X)
         if not warm:
             return None
@@ -780,6 +867,18 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
             if fitted != split_metadata(self.metadata)[0]:
                 raise ParameterError(f"the previous fit's scale model reads the metadata {fitted}; a warm start "
                                      f"needs the same, not {list(self.metadata)}.")
+
+    def _check_same_reflections(self):
+        """ParameterError unless the parameters describe reflections as the previous fit
+        did: an online update joins its posterior to that fit's, reflection by
+        reflection."""
+        fitted = {"anomalous": self.reflections_.anomalous, "separate_files": self.reflections_.group is not None,
+                  "laue": hasattr(self, "dmin_")}
+        for name, value in fitted.items():
+            if getattr(self, name) != value:
+                raise ParameterError(f"the previous fit was made with {name}={value}; partial_fit adds to its "
+                                     f"reflections and needs the same, not {name}={getattr(self, name)} (refit "
+                                     "from scratch with fit).")
 
     def _check_input(self, X):
         """The fit state, after checking that X is a table of the fit's kind."""

@@ -25,7 +25,7 @@ _START_STEPS = 300
 _START_LEARNING_RATE = 0.01
 
 
-def build_model(params, observations, rng, previous=None, harmonics=None):
+def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -33,7 +33,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     (FitState, Weights) of the last fit) keeps all four. Starting values come from the
     observations that hold one reflection each (in Laue data, the spots without
     harmonic overlap). ``harmonics`` is the Laue expansion the observations were
-    encoded with.
+    encoded with. With ``previous_as_prior`` the previous posterior of every reflection
+    it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
 
     Returns
     -------
@@ -85,14 +86,18 @@ def build_model(params, observations, rng, previous=None, harmonics=None):
     if encoder and previous is None:
         _learn_quick_scales(params, network, data, image_row, image_scale, rng)
     mu, spread = (t.numpy().astype(np.float64)[single] for t in network.of(data))
-    posterior = start_posterior(params, state, previous, lambda family: _robust_start_merge(start, mu, spread, family))
+    posterior = start_posterior(params, state, previous, lambda family: _robust_start_merge(start, mu, spread, family),
+                                previous_as_prior)
     weights = previous[1] if previous is not None else None
-    return merging_model(params, state, posterior, network, weights), data, state
+    model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None)
+    return model, data, state
 
 
-def merging_model(params, state, posterior, network, weights=None):
+def merging_model(params, state, posterior, network, weights=None, previous=None):
     """The posterior and scale network joined with the prior, the likelihood and the
-    error model: the error model at its starting values, or at fitted ``weights``."""
+    error model: the error model at its starting values, or at fitted ``weights``; with
+    ``previous`` (a fit's FitState and Weights) the prior of
+    :func:`previous_posterior_prior`."""
     from .error_model import make_error_model
     from .likelihoods import make_likelihood
     from .training import MergingModel
@@ -104,8 +109,38 @@ def merging_model(params, state, posterior, network, weights=None):
     prior = prior_of(params).build(state.reflections)
     if weights is not None and weights.prior is not None and hasattr(prior, "set_weights"):
         prior.set_weights(weights.prior)
+    if previous is not None:
+        prior = previous_posterior_prior(params, prior, state, *previous)
     likelihood = make_likelihood(params.likelihood).build(weights.likelihood if weights is not None else None)
     return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model, params.kl_weight)
+
+
+def previous_posterior_prior(params, prior, state, old_state, old_weights):
+    """The prior of an online update (``VariationalMerger.partial_fit``): the old fit's
+    posterior for the reflections it saw, ``prior`` (the merger's, built for ``state``)
+    for the others.
+
+    Under a double-Wilson prior every reflection seen before becomes a root whose law is
+    its old posterior: a new child keeps its tie to a parent seen before (the old
+    posterior stands for the parent's prior given the old images, and the child's law
+    given the parent is the prior's), while an old child loses its tie to its parent
+    (its old posterior already holds what its own observations said; tying it again
+    would need the old prior divided out). So nothing is counted twice, and only the
+    information an old child carries about a new parent is left out.
+    """
+    from .posterior import TruncatedNormalPosterior
+    from .priors import PreviousPosteriorDistribution
+
+    n_old = len(old_state.reflections)
+    old = TruncatedNormalPosterior(np.ones(n_old), np.ones(n_old), params.epsilon)
+    old.set_weights(old_weights.posterior)
+    old = old.distribution()
+    rows = lookup_keys(old_state.reflections.keys, state.reflections.keys)
+    seen = rows >= 0
+    loc, scale = (v.numpy()[np.maximum(rows, 0)] for v in (old.loc, old.scale))
+    if hasattr(prior, "rerooted"):
+        return prior.rerooted(seen, PreviousPosteriorDistribution(seen, loc, scale, prior.wilson))
+    return PreviousPosteriorDistribution(seen, loc, scale, prior)
 
 
 def restore_model(params, state, weights):
@@ -232,12 +267,13 @@ def _robust_start_merge(data, mu, spread, family):
                        data["sigma"].numpy() / scale_mean, len(family))
 
 
-def start_posterior(params, state, previous, start_merge):
+def start_posterior(params, state, previous, start_merge, previous_as_prior=False):
     """The truncated-normal posterior at its starting values: French–Wilson amplitudes of
     ``start_merge(family)`` (a robust merge of the scaled starting data per family of
     reflections: merged intensities and their σ), the prior, Wilson's mean with a
     multiple of Wilson's standard deviation (a number), or a merged table's amplitudes; a
-    warm start keeps the posterior of reflections seen before (a warm start of the scales
+    warm start keeps the posterior of reflections seen before (as does an update whose
+    prior is the previous posterior, ``previous_as_prior``; a warm start of the scales
     only, when the observations are those of the previous fit: see
     :func:`_same_observations`)."""
     from .posterior import TruncatedNormalPosterior
@@ -264,7 +300,8 @@ def start_posterior(params, state, previous, start_merge):
         loc, scale = table_start(init, reflections, loc, scale)
     posterior = TruncatedNormalPosterior(loc, scale, params.epsilon)
     from_data = isinstance(init, str) and init == "data"
-    if previous is not None and (params.warm_start is True or from_data and _same_observations(state, previous[0])):
+    keep = params.warm_start is True or previous_as_prior
+    if previous is not None and (keep or from_data and _same_observations(state, previous[0])):
         old_state, old_weights = previous
         rows = lookup_keys(old_state.reflections.keys, reflections.keys)
         known = rows >= 0

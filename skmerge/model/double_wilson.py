@@ -159,14 +159,18 @@ class DoubleWilsonDistribution(tfd.Distribution):
         Row of each child's correlation in ``r`` (ignored for roots).
     r : Correlation
         The correlations, learnable or fixed.
+    root_law : distribution, optional
+        The law of the roots (a distribution over all reflections with
+        ``expected_log_prob``); Wilson's by default.
     """
 
-    def __init__(self, centric, mean_square, parent, r_index, r, name="DoubleWilsonDistribution"):
+    def __init__(self, centric, mean_square, parent, r_index, r, root_law=None, name="DoubleWilsonDistribution"):
         parameters = dict(locals())
         parent = np.asarray(parent, np.int64)
         self.parent = parent  # row of every reflection's parent, −1 for roots
         with tf.name_scope(name) as name:
             self.wilson = WilsonDistribution(centric, mean_square)
+            self.root_law = self.wilson if root_law is None else root_law
             self.centric = self.wilson.centric
             self._root = tf.constant(parent < 0)
             self._parent = tf.constant(np.maximum(parent, 0))
@@ -205,13 +209,13 @@ class DoubleWilsonDistribution(tfd.Distribution):
     def _log_prob(self, f):
         centric_law, acentric_law = self._conditional(tf.gather(f, self._parent, axis=-1))
         child = tf.where(self.centric, centric_law.log_prob(f), acentric_law.log_prob(f))
-        return tf.where(self._root, self.wilson.log_prob(f), child)
+        return tf.where(self._root, self.root_law.log_prob(f), child)
 
     def _sample_n(self, n, seed=None):
-        """Ancestral samples: roots from Wilson's law, then each generation given its
+        """Ancestral samples: roots from their law, then each generation given its
         parents' samples."""
         seeds = tfp.random.split_seed(seed, n=len(self._levels) + 1)
-        samples = self.wilson.sample(n, seed=seeds[0])
+        samples = self.root_law.sample(n, seed=seeds[0])
         for level, level_seed in zip(self._levels, seeds[1:]):
             centric_law, acentric_law = self._conditional(tf.gather(samples, self._parent, axis=-1))
             draw_seeds = tfp.random.split_seed(level_seed, n=2)
@@ -281,7 +285,13 @@ class DoubleWilsonDistribution(tfd.Distribution):
         centric = (tf.reduce_mean(tf.math.softplus(-2 * cross), axis=0)
                    - _LOG_SQRT_2PI - 0.5 * tf.math.log(w) - square / (2 * w))
         child = tf.where(self.centric, centric, acentric)
-        return tf.where(self._root, self.wilson.expected_log_prob(posterior, samples), child)
+        return tf.where(self._root, self.root_law.expected_log_prob(posterior, samples), child)
+
+    def rerooted(self, roots, root_law):
+        """This prior with the reflections ``roots`` (a bool array) made roots, and
+        ``root_law`` the law of every root (the correlations r are shared)."""
+        return DoubleWilsonDistribution(self.wilson.centric, self.wilson.mean_square, np.where(roots, -1, self.parent),
+                                        self._r_index, self.r, root_law)
 
 
 def _depths(parent):

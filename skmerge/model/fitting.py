@@ -1,6 +1,7 @@
 """Fitting a model: build it, choose what trains, run the loop, watch a held-out set;
 early stopping."""
 
+import dataclasses
 import gc
 import math
 from dataclasses import dataclass
@@ -8,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
-from .build import build_model
-from .data import encode, laue_band
-from .fitted import LIKELIHOOD_ATTRIBUTES, Weights, likelihood_attributes
+from .build import build_model, restore_model
+from .data import Reflections, encode, laue_band
+from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, likelihood_attributes
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
@@ -55,10 +56,11 @@ class Training:
         return attributes
 
 
-def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None):
+def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previous_as_prior=False):
     """Fit a model to the table X as the estimator's parameters say, from scratch or
-    from ``previous`` (the FitState and Weights of a fit to warm-start from), watching
-    the loss of the table ``X_held_out`` every ``validation_frequency`` steps.
+    from ``previous`` (the FitState and Weights of a fit to warm-start from, whose
+    posterior is the prior of the reflections it saw with ``previous_as_prior``),
+    watching the loss of the table ``X_held_out`` every ``validation_frequency`` steps.
 
     Laue data are expanded into harmonics in the band of the data (or of the previous
     fit, so that a warm start keeps its reflections).
@@ -73,35 +75,35 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None):
         bands, dmin = laue_band(X, params.wavelength_key, params.wavelength_range)
         harmonics = {"wavelength_key": params.wavelength_key, "wavelength_range": bands, "dmin": dmin}
     encoding = {"anomalous": params.anomalous, "separate_files": params.separate_files, "harmonics": harmonics}
+    start = {"previous": previous, "harmonics": harmonics, "previous_as_prior": previous_as_prior}
     if not params.early_stopping:
-        return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, previous=previous,
-                     harmonics=harmonics, held_out=X_held_out)
+        return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, held_out=X_held_out, **start)
     rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
     first = train(params, encode(_take(X, rows), None if y is None else np.asarray(y)[rows], **encoding), rng,
-                  seed, params.max_iter, previous=previous, harmonics=harmonics, validation=_take(X, ~rows))
+                  seed, params.max_iter, validation=_take(X, ~rows), **start)
     steps, converged, scores = first.kept_step, first.converged, first.validation_scores
     del first
     gc.collect()  # the first model's TensorFlow functions sit in reference cycles
-    result = train(params, encode(X, y, **encoding), rng, seed, steps, previous=previous, harmonics=harmonics,
-                   stop=False, held_out=X_held_out)
+    result = train(params, encode(X, y, **encoding), rng, seed, steps, stop=False, held_out=X_held_out, **start)
     result.converged, result.validation_scores = converged, scores
     return result
 
 
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
-          stop=True, held_out=None):
+          stop=True, held_out=None, previous_as_prior=False):
     """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
-    is recorded every ``validation_frequency`` steps without steering training."""
+    is recorded every ``validation_frequency`` steps without steering training.
+    ``previous`` and ``previous_as_prior`` are :func:`fit_model`'s."""
     from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
     strategy = active_strategy()
     if strategy is not None:
         check_workers(strategy, params, observations, seed)
-    model, data, state = build_model(params, observations, rng, previous, harmonics)
+    model, data, state = build_model(params, observations, rng, previous, harmonics, previous_as_prior)
     variables = trained_variables(params, model)
     if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)
@@ -131,6 +133,45 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
         held_out_loss = np.array(trainer.watched, dtype=np.float64).reshape(-1, 2)
     return Training(model, state, history, converged, trainer.kept_step,
                     np.asarray(scores) if validation is not None else None, held_out_loss)
+
+
+def joined_with_previous(params, old_state, old_weights, result):
+    """The training result of an online update (``VariationalMerger.partial_fit``)
+    extended to everything fitted before: the union of the old and new reflections and
+    images, with the new posterior and per-image weights where the update has them and
+    the old ones elsewhere, the reflections' observation counts added, and the shared
+    weights (scale network, noise model, prior) of the update."""
+    state, weights = result.state, Weights.of(result.model)
+    old_reflections, reflections = old_state.reflections, state.reflections
+    old_keys, new_keys = old_reflections.keys, reflections.keys
+    keys = np.union1d(old_keys, new_keys)
+    union = dataclasses.replace(reflections, **{
+        field.name: values_on_union(keys, old_keys, getattr(old_reflections, field.name), new_keys,
+                                    getattr(reflections, field.name))
+        for field in dataclasses.fields(Reflections) if isinstance(getattr(reflections, field.name), np.ndarray)})
+    counts = np.zeros(len(keys), np.int64)
+    counts[np.searchsorted(keys, old_keys)] += old_state.reflection_counts
+    counts[np.searchsorted(keys, new_keys)] += state.reflection_counts
+    posterior = {name: values_on_union(keys, old_keys, old_weights.posterior[name], new_keys, value)
+                 for name, value in weights.posterior.items()}
+    images = np.union1d(old_state.image_ids, state.image_ids)
+    scale = list(weights.scale)
+    for i in result.model.scale_network.per_image_weights():
+        if len(scale[i]) == len(state.image_ids):  # not the empty table of a model without offsets
+            scale[i] = values_on_union(images, old_state.image_ids, old_weights.scale[i], state.image_ids, scale[i])
+    union_state = FitState(union, images, counts, state.intensity_scale, state.metadata_transformer,
+                           state.n_metadata_features, state.wilson_curve, state.harmonics)
+    union_weights = dataclasses.replace(weights, posterior=posterior, scale=scale)
+    return dataclasses.replace(result, model=restore_model(params, union_state, union_weights), state=union_state)
+
+
+def values_on_union(keys, old_keys, old_values, new_keys, new_values):
+    """Values (rows of arrays) of two sorted sets of distinct keys on ``keys``, their
+    union: the new value where both have a key."""
+    values = np.empty((len(keys),) + np.shape(new_values)[1:], np.result_type(old_values, new_values))
+    values[np.searchsorted(keys, old_keys)] = old_values
+    values[np.searchsorted(keys, new_keys)] = new_values
+    return values
 
 
 def trained_variables(params, model):

@@ -18,6 +18,7 @@ from .._tf import tf, tfd, tfp
 from ..errors import InputError
 from ..symmetry import lookup_hkl, map_to_asu, pack_hkl
 from .likelihoods import StudentTLikelihood, make_likelihood
+from .posterior import PositiveTruncatedNormal
 
 
 class WilsonPrior(BaseEstimator):
@@ -181,6 +182,17 @@ class _PerReflection(tfd.Distribution):
         return tf.constant([], tf.int32)
 
 
+class _AroundValues(_PerReflection):
+    """Amplitudes following ``law(loc, scale)`` (a location-scale law of per-reflection
+    values) where ``mask`` is true and ``other`` elsewhere."""
+
+    def __init__(self, mask, loc, scale, law, other, parameters, name):
+        with tf.name_scope(name) as name:
+            self.loc = tf.cast(loc, tf.float32)
+            self.scale = tf.cast(scale, tf.float32)
+            super().__init__(tf.convert_to_tensor(mask, tf.bool), law(self.loc, self.scale), other, parameters, name)
+
+
 # E[Fᵏ] / scaleᵏ for k = 1…4: Rayleigh (Weibull with concentration 2) and half-normal.
 _ACENTRIC_MOMENTS = (0.5 * math.sqrt(math.pi), 1.0, 0.75 * math.sqrt(math.pi), 2.0)
 _CENTRIC_MOMENTS = (math.sqrt(2 / math.pi), 1.0, 2 * math.sqrt(2 / math.pi), 3.0)
@@ -240,7 +252,7 @@ class WilsonDistribution(_PerReflection):
         return WilsonDistribution(tf.gather(self.centric, rows), tf.gather(self.mean_square, rows))
 
 
-class ReferenceDistribution(_PerReflection):
+class ReferenceDistribution(_AroundValues):
     """Amplitudes around a reference F_ref with width σ where ``found``, Wilson elsewhere.
 
     The law around F_ref is ``kind.distribution(F_ref, σ)`` of a likelihood object
@@ -264,13 +276,12 @@ class ReferenceDistribution(_PerReflection):
 
     def __init__(self, found, loc, scale, kind, wilson, name="ReferenceDistribution"):
         parameters = dict(locals())
-        with tf.name_scope(name) as name:
-            self.found = tf.convert_to_tensor(found, tf.bool)
-            self.loc = tf.cast(loc, tf.float32)
-            self.scale = tf.cast(scale, tf.float32)
-            self.kind = kind
-            self.wilson = wilson
-            super().__init__(self.found, kind.distribution(self.loc, self.scale), wilson, parameters, name)
+        self.kind, self.wilson = kind, wilson
+        super().__init__(found, loc, scale, kind.distribution, wilson, parameters, name)
+
+    @property
+    def found(self):
+        return self._mask
 
     @property
     def _reference(self):
@@ -314,6 +325,61 @@ class ReferenceDistribution(_PerReflection):
             tf.gather(self.found, rows), tf.gather(self.loc, rows), tf.gather(self.scale, rows),
             self.kind, self.wilson.take(rows),
         )
+
+
+class PreviousPosteriorDistribution(_AroundValues):
+    """The prior of an online update (assumed density filtering): where ``seen``, the
+    posterior of an earlier fit, ``PositiveTruncatedNormal(loc, scale)``; elsewhere
+    ``other`` (the merger's own prior, a distribution over the same reflections).
+
+    Conditioning on the images of a new chunk with the earlier posterior as the prior
+    is Bayes' rule applied one chunk at a time: the earlier images' evidence enters
+    through that posterior, so they need not be kept.
+
+    Parameters
+    ----------
+    seen : bool array of shape (n_reflections,)
+        Reflections the earlier fit has a posterior of.
+    loc, scale : float arrays of shape (n_reflections,)
+        That posterior's location and scale before truncation (ignored where not
+        ``seen``).
+    other : distribution
+        The prior of the other reflections, with ``expected_log_prob``,
+        ``raw_moments`` and ``take`` (``WilsonDistribution``,
+        ``ReferenceDistribution``).
+    """
+
+    def __init__(self, seen, loc, scale, other, name="PreviousPosteriorDistribution"):
+        parameters = dict(locals())
+        self.other = other
+        super().__init__(seen, loc, scale, PositiveTruncatedNormal, other, parameters, name)
+
+    @property
+    def seen(self):
+        return self._mask
+
+    def raw_moments(self):
+        """E[F], E[F²], E[F³], E[F⁴] of every reflection."""
+        return tuple(self._select(p, o) for p, o in zip(self._chosen.raw_moments(), self.other.raw_moments()))
+
+    def _mean(self):
+        return self.raw_moments()[0]
+
+    def _variance(self):
+        return self._select(self._chosen.variance(), self.other.variance())
+
+    def expected_log_prob(self, posterior, samples):
+        """E_q[log p(F)] per reflection: in closed form from q's first two raw moments
+        where the earlier posterior is the prior (its log-density is a quadratic in F
+        on F ≥ 0), as ``other`` gives it elsewhere."""
+        m1, m2, _, _ = posterior.raw_moments()
+        return self._select(self._chosen.expected_log_prob_from_moments(m1, m2),
+                            self.other.expected_log_prob(posterior, samples))
+
+    def take(self, rows):
+        """The distribution of the reflections ``rows``."""
+        return PreviousPosteriorDistribution(tf.gather(self.seen, rows), tf.gather(self.loc, rows),
+                                             tf.gather(self.scale, rows), self.other.take(rows))
 
 
 def _reference_amplitudes(reference, reflections):
