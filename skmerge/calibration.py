@@ -21,6 +21,11 @@ rule is the same whatever the likelihood, and nothing is removed. Images are lis
 most of their observations are outliers, or when their scale is far from that of their
 neighbours (robustly, against a rolling median over the image order).
 
+A data set whose predictions do not fit in memory (a streamed merge of an observation
+store) is calibrated piece by piece by :func:`streamed_calibration`, with the report of
+the whole table: its robust SD and quantiles are exact order statistics found in a few
+passes over the pieces (:func:`order_statistics`).
+
 The per-observation ``Weight`` column of the predictions file is the posterior mean
 precision weight E[w] = (ν + 1)/(ν + z²) that a Student-t likelihood with ν degrees of
 freedom gives the observation: the fit's own ν with a Student-t likelihood, else ν = 16,
@@ -406,8 +411,7 @@ def streamed_calibration(pieces, shells, n_bins=10):
         The resolution shells (:func:`skmerge.merge_outputs.resolution_shells` of the
         data set's statistics).
     n_bins : int, default=10
-        Equal-count bins of Ipred over the held-out observations (over all of them
-        without a test set).
+        As in :func:`calibration_report`.
 
     Returns
     -------
