@@ -267,7 +267,7 @@ def write_merger(merger, out):
     try:
         paths.append(merger.save(f"{out}.npz"))
     except NotSerializableError as exc:
-        python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=4)
+        python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=5)
     return paths
 
 

@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import reciprocalspaceship as rs
+from sklearn.exceptions import ConvergenceWarning
 
 from .calibration import streamed_calibration
 from .errors import ParameterError
 from .io import writers
-from .merge_outputs import (dataset_statistics, fit_messages, merged_halves, observation_predictions, parent_files,
-                            report_calibration, resolution_shells, split_seed, write_run_files)
+from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, merged_halves, observation_predictions,
+                            parent_files, report_calibration, resolution_shells, split_seed, write_run_files)
 from .model.streaming import StoreSource
 from .store import read_manifest
 from .workflow import held_out_rows
@@ -214,7 +216,8 @@ def run_streamed_merge(store, out, merger, *, read_options, half_datasets, test_
            f"on {manifest['images']:,} images from {len(manifest['files'])} file(s) in {os.fspath(store)}, "
            f"{merger.batch_size} images per step" + (f"; {test_fraction:.0%} held out for testing" if test_fraction
                                                      else ""))
-    merger.fit(train)
+    with caught_warnings(ConvergenceWarning):  # the status line says when max_iter stopped the fit
+        merger.fit(train)
     for message in fit_messages(merger):
         report("info", message)
     merged = writers.split_by_file(merger.transform(train), n_sets)
@@ -272,8 +275,6 @@ class _Gathered:
 
     def images(self, calibration):
         """Each data set's per-image table with its calibration's outliers and listed images."""
-        import pandas as pd
-
         from .report import with_image_calibration
 
         return [with_image_calibration(pd.concat(tables).sort_index(), calibrated)
@@ -298,10 +299,12 @@ def _parquet_pieces(path, file_id, cell):
             if file_id is not None:
                 frame = frame[frame["file_id"].to_numpy() == file_id]
             if columns is None:
-                frame["dHKL"] = cell.calculate_d_array(frame[["H", "K", "L"]].to_numpy(np.int32))
+                frame = frame.assign(dHKL=cell.calculate_d_array(frame[["H", "K", "L"]].to_numpy(np.int32)))
             if len(frame):
                 yield frame
     return pieces
+
+
 def _test_set(fraction, seed):
     """The test set of ``fraction`` of the observations as a selection of the store
     (:func:`skmerge.workflow.held_out_rows`), or None."""
