@@ -21,12 +21,18 @@ rule is the same whatever the likelihood, and nothing is removed. Images are lis
 most of their observations are outliers, or when their scale is far from that of their
 neighbours (robustly, against a rolling median over the image order).
 
+A data set whose predictions do not fit in memory (a streamed merge of an observation
+store) is calibrated piece by piece by :func:`streamed_calibration`, with the report of
+the whole table: its robust SD and quantiles are exact order statistics found in a few
+passes over the pieces (:func:`order_statistics`).
+
 The per-observation ``Weight`` column of the predictions file is the posterior mean
 precision weight E[w] = (ν + 1)/(ν + z²) that a Student-t likelihood with ν degrees of
 freedom gives the observation: the fit's own ν with a Student-t likelihood, else ν = 16,
 so that the column reads the same whatever the likelihood.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -37,8 +43,8 @@ from scipy import stats as scipy_stats
 from .errors import InputError
 from .shells import ResolutionShells, make_shells
 
-__all__ = ["Calibration", "calibration_report", "coverage", "likelihood_law", "normal_score", "outlier_weight",
-           "predictive_z", "refined_sigma", "robust_sd"]
+__all__ = ["Calibration", "calibration_report", "coverage", "likelihood_law", "normal_score", "order_statistics",
+           "outlier_weight", "predictive_z", "refined_sigma", "robust_sd", "streamed_calibration"]
 
 OUTLIER_LIMIT = 4.0
 """An outlier lies beyond this many robust standard deviations of its data set's z, and
@@ -379,34 +385,218 @@ def calibration_report(predictions, shells=10, n_bins=10):
     >>> report.flagged.index.tolist()  # the first image holds the outliers, but not mostly
     []
     """
-    for needed in ("Z", "Ipred", "test", "image_id", "Scale"):
-        if needed not in predictions.columns:
-            raise InputError(f"the predictions table has no column {needed!r}; calibration needs the predictions "
-                             "file of skmerge 0.x or later (with Z)")
-    z = predictions["Z"].to_numpy(np.float64)
-    test = predictions["test"].to_numpy(np.float64) > 0
-    ipred = predictions["Ipred"].to_numpy(np.float64)
-    dhkl = _resolution(predictions)
     if not isinstance(shells, ResolutionShells):
-        shells = make_shells(np.unique(dhkl), shells)
-    z_limit = OUTLIER_LIMIT * max(1.0, robust_sd(z))
-    outlier = np.abs(z) > z_limit
+        _check_columns(predictions)
+        shells = make_shells(np.unique(_resolution(predictions)), shells)
+    return streamed_calibration(lambda columns=None: [predictions], shells, n_bins)
 
-    shell = shells.assign(dhkl)
-    by_shell = _summaries(z, test, outlier, [shell == i for i in range(shells.n)] + [shell >= 0])
-    by_shell.insert(0, "d_min", [*shells.d_min, shells.d_min[-1]])
-    by_shell.insert(0, "d_max", [*shells.d_max, shells.d_max[0]])
+
+def streamed_calibration(pieces, shells, n_bins=10):
+    """:func:`calibration_report` of a data set whose predictions come piece by piece,
+    never all at once: the same report as of the pieces put together.
+
+    The robust SD of z (the outlier limit) and the limits of the bins of Ipred are
+    exact order statistics of the values found in passes over the pieces
+    (:func:`order_statistics`); the counts and histograms are summed piece by piece, and
+    only the held-out observations' z are kept.
+
+    Parameters
+    ----------
+    pieces : callable
+        ``pieces(columns)`` returns a new iterable over the data set's predictions, in
+        tables with the columns :func:`calibration_report` reads (at least ``columns``
+        when it is a list; all of them when None), each holding whole images. It is
+        called once per pass.
+    shells : ResolutionShells
+        The resolution shells (:func:`skmerge.merge_outputs.resolution_shells` of the
+        data set's statistics).
+    n_bins : int, default=10
+        As in :func:`calibration_report`.
+
+    Returns
+    -------
+    Calibration
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> from skmerge.calibration import calibration_report, streamed_calibration
+    >>> from skmerge.shells import ResolutionShells
+    >>> rng = np.random.default_rng(0)
+    >>> n = 3000
+    >>> predictions = pd.DataFrame({"Z": rng.standard_t(3, n), "Ipred": rng.exponential(100, n),
+    ...                             "test": rng.random(n) < 0.2, "image_id": np.arange(n) // 100, "Scale": 1.0,
+    ...                             "dHKL": rng.uniform(2, 10, n)})
+    >>> shells = ResolutionShells(np.array([10.0, 4.0, 2.0]) ** -2.0)
+    >>> pieces = lambda columns: (predictions[predictions["image_id"] // 10 == k] for k in range(3))
+    >>> streamed = streamed_calibration(pieces, shells, n_bins=4)
+    >>> streamed.shells.equals(calibration_report(predictions, shells, n_bins=4).shells)
+    True
+    """
+    def values(column, held_out_only=False):
+        def batches():
+            for piece in pieces([column, "test"]):
+                _check_columns(piece, (column, "test"))
+                found = piece[column].to_numpy(np.float64)
+                yield found[_held_out(piece)] if held_out_only else found
+        return batches
+
+    z_limit = OUTLIER_LIMIT * max(1.0, _robust_sd_of(values("Z")))
+    n_test = sum(int(_held_out(piece).sum()) for piece in pieces(["test"]))  # Z's pass checked the column
     # Binned by the prediction, not by Iobs: bins of Iobs would select by the noise.
-    binned = ipred[test] if test.any() else ipred
-    _, edges = pd.qcut(binned, n_bins, retbins=True, duplicates="drop")
-    intensity_bin = np.clip(np.searchsorted(edges, ipred, side="right") - 1, 0, len(edges) - 2)
-    by_intensity = _summaries(z, test, outlier,
-                              [intensity_bin == i for i in range(len(edges) - 1)] + [np.ones(len(z), bool)])
-    by_intensity.insert(0, "I_max", [*edges[1:], edges[-1]])
-    by_intensity.insert(0, "I_min", [*edges[:-1], edges[0]])
-    histogram = {"edges": HISTOGRAM_EDGES, "test": _histogram(z[test]), "fitted": _histogram(z[~test])}
-    return Calibration(by_shell, by_intensity, image_report(predictions, outlier), histogram, z_limit,
-                       int(test.sum()))
+    edges = _equal_count_edges(values("Ipred", held_out_only=n_test > 0), n_bins)
+    tally = _Tally(shells, edges, z_limit)
+    for piece in pieces(None):
+        _check_columns(piece)
+        tally.add(piece)
+    return tally.calibration()
+
+
+def order_statistics(batches, ranks):
+    """The values at the positions ``ranks`` (from 0) of the sorted values of all the
+    batches, NaN left out, exactly and in memory independent of their number.
+
+    One batch is partitioned in memory; several are read four times, each pass fixing
+    16 more bits of the wanted values' sortable 64-bit keys (a radix selection).
+
+    Parameters
+    ----------
+    batches : callable
+        ``batches()`` returns a new iterable of 1-D float arrays.
+    ranks : array-like of int
+        Positions below the number of non-NaN values.
+
+    Returns
+    -------
+    ndarray of float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skmerge.calibration import order_statistics
+    >>> parts = [np.array([5.0, -1.0, 3.0]), np.array([0.0, 2.0, np.nan])]
+    >>> order_statistics(lambda: parts, [0, 2, 4]).tolist()
+    [-1.0, 2.0, 5.0]
+    """
+    ranks = np.asarray(ranks, np.int64).ravel()
+    first_two = list(itertools.islice(iter(batches()), 2))
+    if len(first_two) < 2:
+        values = np.concatenate([np.asarray(v, np.float64).ravel() for v in first_two] or [np.empty(0)])
+        values = values[~np.isnan(values)]
+        return np.partition(values, ranks)[ranks] if len(ranks) else np.empty(0)
+    prefixes, remaining = np.zeros(len(ranks), np.uint64), ranks.copy()
+    for shift in (48, 32, 16, 0):
+        known = np.unique(prefixes)
+        counts = {prefix: np.zeros(1 << 16, np.int64) for prefix in known}
+        for batch in batches():
+            keys = _sortable_keys(batch)
+            high = None if shift == 48 else keys >> np.uint64(shift + 16)
+            for prefix in known:
+                # The keys that share the bits found so far with this prefix.
+                chosen = keys if high is None else keys[high == prefix >> np.uint64(shift + 16)]
+                digits = ((chosen >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.intp)
+                counts[prefix] += np.bincount(digits, minlength=1 << 16)
+        found = prefixes.copy()
+        for j, prefix in enumerate(prefixes):
+            cumulative = np.cumsum(counts[prefix])
+            digit = int(np.searchsorted(cumulative, remaining[j], side="right"))
+            remaining[j] -= cumulative[digit - 1] if digit else 0
+            found[j] = prefix | (np.uint64(digit) << np.uint64(shift))
+        prefixes = found
+    sign = np.uint64(1 << 63)
+    bits = np.where(prefixes & sign, prefixes & ~sign, ~prefixes)
+    return bits.view(np.float64)
+
+
+def _sortable_keys(values):
+    """Unsigned 64-bit keys in the order of the float values (NaN left out)."""
+    values = np.asarray(values, np.float64).ravel()
+    bits = np.ascontiguousarray(values[~np.isnan(values)]).view(np.uint64)
+    sign = np.uint64(1 << 63)
+    return np.where(bits & sign, ~bits, bits | sign)
+
+
+def _median_of(batches, n):
+    """The median of n values given in batches, as ``numpy.median`` computes it."""
+    middle = order_statistics(batches, [(n - 1) // 2, n // 2])
+    return float(np.mean(middle[:1] if n % 2 else middle))
+
+
+def _robust_sd_of(batches):
+    """:func:`robust_sd` of the values of all the batches (NaN if any is NaN, as
+    ``numpy.median`` gives)."""
+    n, missing = 0, False
+    for batch in batches():
+        nan = np.isnan(batch)
+        n, missing = n + int((~nan).sum()), missing or bool(nan.any())
+    if missing or not n:
+        return float("nan")
+    median = _median_of(batches, n)
+    deviation = _median_of(lambda: (np.abs(batch - median) for batch in batches()), n)
+    return float(_MAD_TO_SD * deviation)
+
+
+def _equal_count_edges(batches, n_bins):
+    """The limits of ``n_bins`` equal-count bins of the values of all the batches: their
+    quantiles, interpolated linearly between order statistics, without repeats."""
+    n = sum(int((~np.isnan(batch)).sum()) for batch in batches())
+    if not n:
+        return np.zeros(1)
+    positions = np.linspace(0.0, 1.0, n_bins + 1) * (n - 1)
+    low, high = np.floor(positions).astype(np.int64), np.ceil(positions).astype(np.int64)
+    ranks = np.unique(np.r_[low, high])
+    value = dict(zip(ranks.tolist(), order_statistics(batches, ranks)))
+    below, above = np.array([value[r] for r in low]), np.array([value[r] for r in high])
+    return np.unique(below + (above - below) * (positions - low))
+
+
+class _Tally:
+    """The counts of :class:`Calibration`, summed over pieces of whole images, and the
+    held-out observations' z with their shell and bin of Ipred."""
+
+    def __init__(self, shells, edges, z_limit):
+        self.shells, self.edges, self.z_limit = shells, edges, z_limit
+        n_bins = max(len(edges) - 1, 0)
+        # Per shell then over all shells, per bin of Ipred then overall: observations, outliers.
+        self.by_shell, self.by_intensity = np.zeros((shells.n + 1, 2), np.int64), np.zeros((n_bins + 1, 2), np.int64)
+        self.held_out = []
+        self.histogram = {"test": np.zeros(len(HISTOGRAM_EDGES) - 1, np.int64),
+                          "fitted": np.zeros(len(HISTOGRAM_EDGES) - 1, np.int64)}
+        self.images = []
+
+    def add(self, predictions):
+        z = predictions["Z"].to_numpy(np.float64)
+        test = _held_out(predictions)
+        outlier = np.abs(z) > self.z_limit
+        shell = self.shells.assign(_resolution(predictions))
+        ipred = predictions["Ipred"].to_numpy(np.float64)
+        n_bins = len(self.by_intensity) - 1
+        intensity_bin = np.clip(np.searchsorted(self.edges, ipred, side="right") - 1, 0, len(self.edges) - 2)
+        for table, group, inside, n in ((self.by_shell, shell, shell >= 0, self.shells.n),
+                                        (self.by_intensity, intensity_bin, np.ones(len(z), bool), n_bins)):
+            table[:n, 0] += np.bincount(group[inside], minlength=n)[:n]
+            table[:n, 1] += np.bincount(group[inside & outlier], minlength=n)[:n]
+            table[n] += (int(inside.sum()), int((inside & outlier).sum()))
+        self.held_out.append((z[test], shell[test], intensity_bin[test]))
+        self.histogram["test"] += _histogram(z[test])
+        self.histogram["fitted"] += _histogram(z[~test])
+        self.images.append(_image_counts(predictions, outlier))
+
+    def calibration(self):
+        z, shell, intensity_bin = (np.concatenate(parts) for parts in zip(*self.held_out))
+        by_shell = _summaries(z, [shell == i for i in range(self.shells.n)] + [shell >= 0], self.by_shell)
+        by_shell.insert(0, "d_min", [*self.shells.d_min, self.shells.d_min[-1]])
+        by_shell.insert(0, "d_max", [*self.shells.d_max, self.shells.d_max[0]])
+        n_bins = len(self.by_intensity) - 1
+        by_intensity = _summaries(z, [intensity_bin == i for i in range(n_bins)] + [np.ones(len(z), bool)],
+                                  self.by_intensity)
+        edges = self.edges
+        by_intensity.insert(0, "I_max", [*edges[1:], edges[-1]])
+        by_intensity.insert(0, "I_min", [*edges[:-1], edges[0]])
+        histogram = {"edges": HISTOGRAM_EDGES, **self.histogram}
+        images = _listed_images(pd.concat(self.images).sort_index())
+        return Calibration(by_shell, by_intensity, images, histogram, self.z_limit, len(z))
 
 
 def image_report(predictions, outlier):
@@ -418,14 +608,24 @@ def image_report(predictions, outlier):
     :data:`SCALE_LIMIT` robust SDs of that log ratio over all images and by a factor of
     at least :data:`SCALE_MIN_RATIO`.
     """
+    return _listed_images(_image_counts(predictions, outlier))
+
+
+def _image_counts(predictions, outlier):
+    """Per image of the predictions: file_id, n_obs, n_outliers and scale (the median)."""
     frame = pd.DataFrame({
         "image_id": predictions["image_id"].to_numpy(np.int64),
         "file_id": predictions["file_id"].to_numpy(np.int64) if "file_id" in predictions.columns else 0,
         "outlier": outlier, "scale": predictions["Scale"].to_numpy(np.float64),
     })
-    images = frame.groupby("image_id", sort=True).agg(
+    return frame.groupby("image_id", sort=True).agg(
         file_id=("file_id", "first"), n_obs=("outlier", "size"), n_outliers=("outlier", "sum"),
         scale=("scale", "median"))
+
+
+def _listed_images(images):
+    """:func:`image_report` of the per-image counts of :func:`_image_counts`."""
+    images = images.copy()
     images["outlier_fraction"] = images["n_outliers"] / images["n_obs"]
     with np.errstate(invalid="ignore", divide="ignore"):
         log_scale = np.log(images["scale"].where(images["scale"] > 0))
@@ -447,18 +647,31 @@ def image_report(predictions, outlier):
 
 
 # -------------------------------------------------------------------------- helpers
-def _summaries(z, test, outlier, groups):
+def _check_columns(predictions, columns=("Z", "Ipred", "test", "image_id", "Scale")):
+    for needed in columns:
+        if needed not in predictions.columns:
+            raise InputError(f"the predictions table has no column {needed!r}; calibration needs the predictions "
+                             "file of skmerge 0.x or later (with Z)")
+
+
+def _held_out(predictions):
+    return predictions["test"].to_numpy(np.float64) > 0
+
+
+def _summaries(held_z, held_groups, counts):
+    """One row per group: the held-out observations' z statistics (``held_groups``:
+    masks of ``held_z``) and the observation and outlier ``counts``."""
     rows = []
-    for rows_in in groups:
-        held = z[rows_in & test]
+    for held_in, (n_obs, n_outliers) in zip(held_groups, counts):
+        held = held_z[held_in]
         rows.append({
             "n_test": len(held), "z_mean": float(np.mean(held)) if len(held) else np.nan,
             "z_sd": float(np.std(held)) if len(held) > 1 else np.nan, "z_robust_sd": robust_sd(held),
             "coverage_68": coverage(held, LEVELS[0]), "coverage_95": coverage(held, LEVELS[1]),
-            "n_obs": int(rows_in.sum()), "n_outliers": int((rows_in & outlier).sum()),
-            "outlier_fraction": float(outlier[rows_in].mean()) if rows_in.any() else np.nan,
+            "n_obs": int(n_obs), "n_outliers": int(n_outliers),
+            "outlier_fraction": n_outliers / n_obs if n_obs else np.nan,
         })
-    frame = pd.DataFrame(rows, index=[*range(1, len(groups)), "overall"], dtype=np.float64)
+    frame = pd.DataFrame(rows, index=[*range(1, len(rows)), "overall"], dtype=np.float64)
     frame.index.name = "row"
     return frame
 

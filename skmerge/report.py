@@ -7,11 +7,13 @@ with the listed images marked, the loss curves, the calibration of the held-out
 observations and the anomalous signal. Figures are PNG images embedded as ``data:`` URIs
 and the style sheet is inline, so the file opens in any browser without a network.
 
-The report is made from a finished merge in memory (:class:`~skmerge.workflow.MergeResult`,
-what ``skmerge mono`` and ``skmerge poly`` write) or from a run's files under its output
-prefix, skmerge's or careless's (``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``,
-``OUT_xval_<i>.mtz``, ``OUT_history.csv``, ``OUT_stats.json``): sections whose inputs
-are missing say so instead of a figure.
+The report is made from a finished merge (:class:`~skmerge.workflow.MergeResult`, what
+``skmerge mono`` and ``skmerge poly`` write, or a streamed merge's
+:class:`~skmerge.streamed_merge.StreamedMergeResult`, whose per-image numbers were
+gathered piece by piece) or from a run's files under its output prefix, skmerge's or
+careless's (``OUT_<i>.mtz``, ``OUT_predictions_<i>.mtz``, ``OUT_xval_<i>.mtz``,
+``OUT_history.csv``, ``OUT_stats.json``): sections whose inputs are missing say so
+instead of a figure.
 """
 
 import base64
@@ -30,7 +32,8 @@ import pandas as pd
 from . import __version__
 from .errors import InputError
 
-__all__ = ["RunOutputs", "anomalous_signal", "image_table", "register", "report_html", "run_info", "write_report"]
+__all__ = ["RunOutputs", "anomalous_signal", "image_table", "register", "report_html", "run_info",
+           "with_image_calibration", "write_report"]
 _FIGURE_DPI = 90
 # Distributions whose versions the report gives; the first installed name of each entry.
 _PACKAGES = {
@@ -112,6 +115,9 @@ class RunOutputs:
         Each image's operator and probability when the indexing was ambiguous
         (:meth:`VariationalMerger.image_reindexing <skmerge.VariationalMerger.image_reindexing>`,
         ``OUT_reindexing.csv``).
+    images : list of DataFrame or None
+        Per data set, its :func:`image_table` made beforehand (a streamed merge's, whose
+        predictions are not in memory); None makes it from ``predictions``.
     """
 
     names: list
@@ -124,17 +130,23 @@ class RunOutputs:
     warnings: list = field(default_factory=list)
     producer: str = "skmerge"
     reindexing: object = None
+    images: list = None
 
     @classmethod
     def from_result(cls, result):
-        """The outputs of a merge in memory (:func:`skmerge.run_merge`)."""
+        """The outputs of a merge (:func:`skmerge.run_merge`): a
+        :class:`~skmerge.workflow.MergeResult`, or a
+        :class:`~skmerge.streamed_merge.StreamedMergeResult` with its per-image tables
+        in place of the predictions."""
         from .io.writers import history_table
 
         merger = result.merger
         reindexing = merger.image_reindexing() if len(merger.reindexing_operators_) > 1 else None
+        images = getattr(result, "images", None)
+        predictions = [None] * len(result.names) if images is not None else list(result.predictions)
         return cls(list(result.names), list(result.statistics), list(result.calibration), list(result.merged),
-                   list(result.predictions), history_table(merger.loss_curve_),
-                   run_info(result.command, merger), list(result.warnings), reindexing=reindexing)
+                   predictions, history_table(merger.loss_curve_), run_info(result.command, merger),
+                   list(result.warnings), reindexing=reindexing, images=images)
 
     @classmethod
     def from_files(cls, out):
@@ -452,13 +464,30 @@ def image_table(predictions, calibration=None):
         "n_obs": [len(r) for r in rows.values()],
         "cc_pred": [correlation(iobs[r], ipred[r], "pearson", weight[r]) for r in rows.values()],
     }, index=pd.Index(list(rows), name="image_id"))
+    if "Scale" in predictions.columns:
+        table["scale"] = pd.Series(predictions["Scale"].to_numpy(np.float64)).groupby(image).median()
+    return with_image_calibration(table, calibration)
+
+
+def with_image_calibration(table, calibration=None):
+    """An :func:`image_table` (made, say, piece by piece of a data set's images and put
+    together) with the scale, outlier counts and listed images of the data set's
+    calibration; without one, its ``reason`` column empty.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from skmerge.report import with_image_calibration
+    >>> table = pd.DataFrame({"n_obs": [3], "cc_pred": [0.5]}, index=pd.Index([7], name="image_id"))
+    >>> with_image_calibration(table)["reason"].tolist()
+    ['']
+    """
+    table = table.copy()
     if calibration is not None:
         images = calibration.images.reindex(table.index)
         table["scale"] = images["scale"]
         table["n_outliers"] = images["n_outliers"]
         table["reason"] = images["reason"].fillna("")
-    elif "Scale" in predictions.columns:
-        table["scale"] = pd.Series(predictions["Scale"].to_numpy(np.float64)).groupby(image).median()
     if "reason" not in table.columns:
         table["reason"] = ""
     return table
@@ -473,8 +502,11 @@ def _image_section(outputs):
     from .plotting import plot_images
 
     tables, notes = {}, []
-    for name, predictions, calibration in zip(outputs.names, outputs.predictions, outputs.calibration):
-        if predictions is not None:
+    made = outputs.images or [None] * len(outputs.names)
+    for name, predictions, calibration, table in zip(outputs.names, outputs.predictions, outputs.calibration, made):
+        if table is not None:
+            tables[name] = table
+        elif predictions is not None:
             tables[name] = image_table(predictions, calibration)
         elif calibration is not None:
             tables[name] = calibration.images.assign(cc_pred=np.nan)
@@ -559,8 +591,8 @@ def anomalous_signal(merged, statistics):
     >>> anomalous_signal(merged, merging_statistics(merged, shells=2))["dano_sigma"].tolist()
     [2.0, 2.0, 2.0]
     """
+    from .merge_outputs import resolution_shells
     from .stats import standardise_columns
-    from .workflow import _shells_of
 
     merged, _ = standardise_columns(merged, "merged")
     if "DANO" not in merged.columns or "SIGDANO" not in merged.columns:
@@ -570,7 +602,7 @@ def anomalous_signal(merged, statistics):
     d = merged.cell.calculate_d_array(merged.reset_index()[["H", "K", "L"]].to_numpy(np.int32))
     keep = np.isfinite(dano) & (sigma > 0)
     ratio, d = np.abs(dano[keep]) / sigma[keep], d[keep]
-    shells = _shells_of(statistics)
+    shells = resolution_shells(statistics)
     shell = shells.assign(d)
     rows = [ratio[shell == i] for i in range(shells.n)] + [ratio[shell >= 0]]
     return pd.DataFrame({

@@ -3,16 +3,17 @@
 :func:`run_merge` reads the data, fits a :class:`~skmerge.VariationalMerger`, predicts
 every observation, merges half datasets, computes the merging statistics and, given an
 output prefix, writes the command line's files; :func:`statistics_from_outputs` is
-``skmerge stats``.
+``skmerge stats``. The steps after the fit that a streamed merge of an observation
+store shares with it (predictions, half datasets, statistics, ``OUT_stats.json``, the
+report) are in :mod:`skmerge.merge_outputs`; the merge of a store with minibatches is
+:func:`skmerge.streamed_merge.run_streamed_merge`.
 """
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import re
-import warnings as python_warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -22,13 +23,17 @@ import pandas as pd
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions, validate_parameter_constraints
 
-from . import __version__
-from .calibration import Calibration, calibration_report, observation_scores
+from .calibration import Calibration, calibration_report
 from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
-from .errors import DataWarning, InputError, NotSerializableError, ParameterError
-from .shells import ResolutionShells
+from .errors import DataWarning, InputError, ParameterError
 from .io import writers
-from .model.fitted import learned_likelihood, prior_of
+from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, fitted_error_model, merged_halves,
+                            observation_predictions, parent_files, report_calibration, resolution_shells, split_seed,
+                            statistics_table, write_merger, write_run_files)
+
+__all__ = ["MergeResult", "calibration_from_outputs", "check_options", "format_statistics", "held_out_rows",
+           "make_merger", "parent_files", "reindexing_summary", "resolve_output_prefix", "run_merge",
+           "statistics_from_outputs", "statistics_table", "write_merger"]
 
 # The workflow's own options (the estimator validates its parameters itself).
 OPTION_CONSTRAINTS = {
@@ -96,7 +101,7 @@ class MergeResult:
     @property
     def error_model(self):
         """The fitted error model as ``{"sdfac": ..., "sdadd": ...}``, or None."""
-        return _fitted_error_model(self.merger)
+        return fitted_error_model(self.merger)
 
     def write(self, out):
         """Write the outputs of ``skmerge mono`` under the prefix ``out``, as a set: all of
@@ -122,9 +127,6 @@ class MergeResult:
         return [Path(out).parent / path.name for path in written]
 
     def _write(self, out):
-        from .plotting import plot_calibration, plot_history, plot_statistics
-        from .report import report_html
-
         paths = []
         halves = self.halves or [None] * len(self.merged)
         for i, (merged, predictions, half) in enumerate(zip(self.merged, self.predictions, halves)):
@@ -133,47 +135,7 @@ class MergeResult:
             paths.append(writers.write_mtz(writers.careless_layout(predictions), f"{out}_predictions_{i}.mtz"))
             if half is not None:
                 paths.append(writers.write_mtz(writers.careless_layout(half), f"{out}_xval_{i}.mtz"))
-        history = writers.history_table(self.merger.loss_curve_, getattr(self.merger, "held_out_loss_curve_", None))
-        paths.append(writers.write_csv(history, f"{out}_history.csv"))
-        if len(self.merger.reindexing_operators_) > 1:
-            paths.append(writers.write_csv(self.merger.image_reindexing().reset_index(), f"{out}_reindexing.csv"))
-        paths += write_merger(self.merger, out)
-        paths.append(writers.write_csv(statistics_table(self.statistics), f"{out}_stats.csv"))
-        paths.append(writers.write_json(self._statistics_document(), f"{out}_stats.json"))
-        paths.append(writers.write_figure(plot_history(history), f"{out}_history.png"))
-        labels = None if len(self.names) == 1 else self.names
-        if self.halves is not None or self.test.any():
-            paths.append(writers.write_figure(plot_statistics(self.statistics, labels), f"{out}_cchalf.png"))
-        paths.append(writers.write_figure(plot_calibration(self.calibration, labels), f"{out}_calibration.png"))
-        try:
-            page = report_html(self, title=Path(out).name)
-        except Exception as exc:  # a figure that cannot be drawn must not cost the merge
-            python_warnings.warn(f"the report could not be made ({type(exc).__name__}: {exc}); "
-                                 f"{Path(out).name}_report.html not written", UserWarning, stacklevel=3)
-        else:
-            paths.append(writers.write_text(page, f"{out}_report.html"))
-        return paths
-
-    def _statistics_document(self):
-        from .report import run_info
-
-        document = {
-            "skmerge_version": __version__,
-            "run": {**run_info(self.command, self.merger), "warnings": list(self.warnings)},
-            "datasets": [{"index": i, "name": name, **s.to_dict(), "calibration": c.to_dict()}
-                         for i, (s, name, c) in enumerate(zip(self.statistics, self.names, self.calibration))],
-        }
-        if self.error_model is not None:
-            document["error_model"] = self.error_model
-        if len(self.statistics) > 1:
-            document["parents"] = parent_files(self.merger, len(self.statistics))
-        learned = learned_likelihood(self.merger)
-        if learned:
-            document["likelihood"] = learned
-        prior_r = getattr(self.merger, "prior_r_", None)
-        if prior_r is not None and np.isfinite(prior_r).any():
-            document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]
-        return document
+        return paths + write_run_files(self, out, correlations=self.halves is not None or self.test.any())
 
 
 def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None,
@@ -266,7 +228,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         return run_streamed_merge(_store(data), out, merger, read_options=read_options, half_datasets=half_datasets,
                                   test_fraction=test_fraction, shells=shells, binning=binning, method=method,
                                   report=report, command=command)
-    with _caught(DataWarning) as data_warnings:
+    with caught_warnings(DataWarning) as data_warnings:
         X, names = _observations(data, merger.anomalous, read_options)
     n_sets = len(names) if merger.separate_files else 1
     if n_sets == 1:
@@ -285,7 +247,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     keys = merger.metadata if isinstance(merger.metadata, (list, tuple)) else []
     check_metadata_keys(keys, X)
     warn(partiality_warning(X, keys))
-    seed = _split_seed(merger.random_state)
+    seed = split_seed(merger.random_state)
     test = held_out_rows(np.arange(len(X)), test_fraction, seed)
     if test.all():
         raise ParameterError(f"test_fraction={test_fraction} leaves no observation to fit")
@@ -295,74 +257,34 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
            f"{X['image_id'].nunique():,} images from {X['file_id'].nunique()} file(s)"
            + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
 
-    with _caught(ConvergenceWarning):  # the status line says when max_iter stopped the fit
+    with caught_warnings(ConvergenceWarning):  # the status line says when max_iter stopped the fit
         merger.fit(X_train, X_held_out=X.iloc[np.flatnonzero(test)] if track_test_loss and test.any() else None)
     merged = merger.transform(X_train)
-    error_model = _fitted_error_model(merger)
-    report("info", f"fitted in {merger.n_iter_} steps" + ("" if merger.converged_ else
-           " (the maximum; not converged — raise --iterations)")
-           + (f"; error model SdFac {error_model['sdfac']:.3g}, SdAdd {error_model['sdadd']:.3g}"
-              if error_model else ""))
-    learned = learned_likelihood(merger)
-    if "outlier_fraction" in learned:
-        report("info", f"mixture likelihood: {learned['outlier_fraction']:.2%} of the observations as outliers, "
-               f"{learned['outlier_scale']:.3g} times as wide"
-               + (f", Student-t core with {learned['dof']:.3g} degrees of freedom" if "dof" in learned else "")
-               + " (learned)")
-    elif learned:
-        report("info", f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
-    prior_r = getattr(merger, "prior_r_", None)
-    if prior_r is not None and np.isfinite(prior_r).any():
-        report("info", "double-Wilson prior: r " + "; ".join(
-            f"file {k} " + " ".join(f"{v:.3f}" for v in row) for k, row in enumerate(prior_r)
-            if np.isfinite(row).any()) + (" (learned)" if prior_of(merger).learn_r else " (fixed)"))
+    error_model = fitted_error_model(merger)
+    for message in fit_messages(merger):
+        report("info", message)
     if len(merger.reindexing_operators_) > 1:
         report("info", reindexing_summary(merger))
         # Everything after the fit (predictions, half datasets, statistics) in the merge's setting.
         X = merger.reindex(X)
         X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
         merged = merger.transform(X_train)
-    predictions = _observation_predictions(merger, X, test)
+    predictions = observation_predictions(merger, X, test)
     if error_model is None:
         warn(sigma_scatter_warning(predictions))
-    halves = _merged_halves(merger, X, half_datasets, seed, warn) if half_datasets else None
+    halves = merged_halves(merger, X, half_datasets, seed, warn) if half_datasets else None
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
-    statistics = _statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
-                             shells=shells, binning=binning, method=method)
-    calibration = [calibration_report(p, _shells_of(stats)) for p, stats in zip(predictions, statistics)]
-    for calibrated, name in zip(calibration, names):
-        report("info", f"{name}: {calibrated.summary()}")
-        for image_id, row in calibrated.flagged.iterrows():
-            warn(f"{name}: image_id {image_id} ({row['n_obs']} observations) looks bad: {row['reason']}")
+    statistics = dataset_statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
+                                    shells=shells, binning=binning, method=method)
+    calibration = [calibration_report(p, resolution_shells(stats)) for p, stats in zip(predictions, statistics)]
+    report_calibration(calibration, names, report, warn)
     result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings,
                          calibration=calibration, command=command)
     if out is not None:
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
-
-
-def _observation_predictions(merger, X, test=None):
-    """The predictions table of the observations X by a fitted merger
-    (:func:`skmerge.io.writers.predictions_table`: Ipred, its σ, Z, Weight, the scale and
-    its σ), with ``test`` flagging those held out of the fit."""
-    ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
-    return writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd), scale,
-                                     scale_sd, test=test)
-
-
-def _merged_halves(merger, X, n_repeats, seed, warn):
-    """:func:`skmerge.half_datasets.half_dataset_merges` of the fitted merger's data X (a
-    table or a store), calling ``warn(message)`` when some stopped before converging."""
-    from .half_datasets import half_dataset_merges
-
-    with _caught(ConvergenceWarning) as stopped:
-        halves = half_dataset_merges(merger, X, n_repeats=n_repeats, random_state=seed, verbose=merger.verbose)
-    if stopped:
-        warn(f"{len(stopped)} of {2 * n_repeats} half-dataset merges stopped at max_iter={merger.max_iter} "
-             "before converging, so CC1/2 and CCanom describe unconverged merges: raise --iterations")
-    return halves
 
 
 def held_out_rows(rows, fraction, seed):
@@ -408,18 +330,6 @@ def held_out_rows(rows, fraction, seed):
     return draws < fraction
 
 
-def write_merger(merger, out):
-    """Write a fitted merger as ``OUT.joblib`` and, unless it holds what only joblib
-    stores (a transformer of the user's: a warning says so), ``OUT.npz``; returns the
-    paths written."""
-    paths = [writers.write_joblib(merger, f"{out}.joblib")]
-    try:
-        paths.append(merger.save(f"{out}.npz"))
-    except NotSerializableError as exc:
-        python_warnings.warn(f"{exc} ({Path(out).name}.npz not written)", UserWarning, stacklevel=4)
-    return paths
-
-
 def reindexing_summary(merger):
     """One line on the indexing ambiguity a fitted merger resolved: the settings, how
     many images each took, and the least certain image."""
@@ -429,12 +339,6 @@ def reindexing_summary(merger):
     return (f"indexing ambiguity: {len(merger.reindexing_operators_)} settings; images reindexed by "
             + ", ".join(f"{op}: {n}" for op, n in counts.items())
             + f"; least certain image_id {least} (probability {table.loc[least, 'probability']:.3f})")
-
-
-def _fitted_error_model(merger):
-    if not merger.error_model:
-        return None
-    return {"sdfac": float(merger.sdfac_), "sdadd": float(merger.sdadd_)}
 
 
 def make_merger(merger=None, **params):
@@ -490,17 +394,6 @@ def check_options(**options):
         raise ParameterError(str(exc)) from None
 
 
-def statistics_table(statistics):
-    """The statistics tables of several data sets stacked, with a ``data_set`` column:
-    the content of ``OUT_stats.csv``."""
-    tables = []
-    for i, stats in enumerate(statistics):
-        table = stats.table.reset_index()
-        table.insert(0, "data_set", i)
-        tables.append(table)
-    return pd.concat(tables, ignore_index=True)
-
-
 def format_statistics(statistics, names, calibration=None):
     """The statistics tables of several data sets as text, each titled with its number
     and name, and followed by its calibration report when given: what ``skmerge mono``
@@ -553,11 +446,11 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
             {d["index"]: d["name"] for d in document["datasets"]}, document.get("parents")))
     except InputError:
         saved_names, saved_parents = {}, None
-    statistics = _statistics([_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
-                             [_read_mtz(f"{out}_xval_{i}.mtz", merged=True) for i in indices],
-                             [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
-                             saved_parents or parent_files(None, len(indices)), shells=shells, binning=binning,
-                             method=method)
+    statistics = dataset_statistics([_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
+                                    [_read_mtz(f"{out}_xval_{i}.mtz", merged=True) for i in indices],
+                                    [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
+                                    saved_parents or parent_files(None, len(indices)), shells=shells,
+                                    binning=binning, method=method)
     return statistics, [saved_names.get(i) or os.path.basename(f"{out}_{i}.mtz") for i in indices]
 
 
@@ -582,7 +475,7 @@ def calibration_from_outputs(out, statistics):
     for i, stats in zip(indices, statistics):
         predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
         has_z = predictions is not None and "Z" in predictions.columns
-        reports.append(calibration_report(predictions, _shells_of(stats)) if has_z else None)
+        reports.append(calibration_report(predictions, resolution_shells(stats)) if has_z else None)
     return reports
 
 
@@ -664,32 +557,6 @@ def _from_saved(out, read):
         raise InputError(f"{saved}: not a skmerge statistics file ({exc})") from exc
 
 
-def _shells_of(statistics):
-    """The resolution shells of a statistics table, so that calibration is reported per
-    shell of the merging-statistics table."""
-    table = statistics.table.drop(index="overall")
-    limits = np.r_[table["d_max"].to_numpy(np.float64)[:1], table["d_min"].to_numpy(np.float64)]
-    return ResolutionShells(limits**-2.0)
-
-
-def _statistics(merged, halves, predictions, parents, **options):
-    from .stats import merging_statistics
-
-    return [merging_statistics(m, h, p, parent_halves=None if parent is None or h is None else halves[parent],
-                               **options)
-            for m, h, p, parent in zip(merged, halves, predictions, parents)]
-
-
-def parent_files(merger, n_sets):
-    """The data set each of ``n_sets`` separately merged files is compared with by
-    CCdiff: its double-Wilson parent, else the first file (None for the first)."""
-    parents = getattr(prior_of(merger), "parents", None) if merger is not None else None
-    if parents is None:
-        return [None] + [0] * (n_sets - 1)
-    return [p if p is not None and p < n_sets else None for p in list(parents)[:n_sets]] + [None] * (
-        n_sets - len(parents))
-
-
 def _store(data):
     """The observation store ``data`` names, or None."""
     from .store import store_input
@@ -734,28 +601,6 @@ def _read_mtz(path, merged=False):
         raise InputError(f"{path}: holds unmerged observations (an M/ISYM column); skmerge stats reads the merged "
                          "files a run wrote under OUT")
     return table
-
-
-def _split_seed(random_state):
-    """The seed of the test and half-dataset splits for an estimator's random_state."""
-    if random_state is None or isinstance(random_state, Integral):
-        return random_state
-    return int(random_state.randint(2**31 - 1))
-
-
-@contextlib.contextmanager
-def _caught(category):
-    """Collect the warnings of ``category`` raised inside the block (their messages, in
-    the list it yields) instead of showing them; other warnings pass on."""
-    caught = []
-    with python_warnings.catch_warnings(record=True) as raised:
-        python_warnings.simplefilter("always", category)
-        yield caught
-    for w in raised:
-        if issubclass(w.category, category):
-            caught.append(str(w.message))
-        else:
-            python_warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _log_to_logger(level, message):

@@ -224,3 +224,44 @@ def test_refined_sigma_applies_the_fitted_error_model(simulated):
     expected = merger.sdfac_ * np.sqrt(sigma**2 + (merger.sdadd_ * ipred) ** 2)
     np.testing.assert_allclose(refined_sigma(merger, sigma, ipred), expected, rtol=1e-5)
     np.testing.assert_array_equal(refined_sigma(merger.set_params(error_model=None), sigma, ipred), sigma)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 1001])
+def test_order_statistics_of_pieces_are_those_of_the_sorted_values(n):
+    """Exact order statistics of values given in pieces (ties, ±0, negative values),
+    and the robust SD of numpy's median from them."""
+    from skmerge.calibration import _robust_sd_of, order_statistics
+
+    rng = np.random.default_rng(n)
+    values = np.round(rng.standard_t(2, n), 1)
+    values[: n // 5] = -0.0
+    pieces = np.array_split(values, 3)
+    assert np.array_equal(order_statistics(lambda: pieces, np.arange(n)), np.sort(values))
+    assert _robust_sd_of(lambda: pieces) == robust_sd(values)
+    assert np.isnan(_robust_sd_of(lambda: [*pieces, np.array([np.nan])]))
+
+
+def test_streamed_calibration_equals_the_calibration_of_the_whole_table():
+    """Predictions given piece by piece (whole images per piece) are calibrated as the
+    whole table is: the same z limit, tables, histograms and listed images."""
+    from skmerge.calibration import streamed_calibration
+
+    rng = np.random.default_rng(2)
+    n = 6000
+    z = rng.standard_t(3, n) * 1.5
+    z[:300] = 40.0  # one image of outliers
+    predictions = pd.DataFrame({"Z": z, "Ipred": rng.exponential(100, n), "test": rng.random(n) < 0.1,
+                                "image_id": np.arange(n) // 300, "file_id": 0, "Scale": rng.uniform(0.9, 1.1, n),
+                                "dHKL": rng.uniform(2, 10, n)})
+    shells = make_shells(np.unique(predictions["dHKL"]), 4)
+    for test in (predictions["test"], np.zeros(n, bool)):
+        table = predictions.assign(test=test)
+        expected = calibration_report(table, shells)
+        got = streamed_calibration(lambda columns: (table.iloc[i:i + 900] for i in range(0, n, 900)), shells)
+        assert got.z_limit == expected.z_limit and got.n_test == expected.n_test
+        pd.testing.assert_frame_equal(got.shells, expected.shells)
+        pd.testing.assert_frame_equal(got.intensity, expected.intensity)
+        pd.testing.assert_frame_equal(got.images, expected.images)
+        for part in ("test", "fitted"):
+            assert np.array_equal(got.histogram[part], expected.histogram[part])
+        assert got.flagged.index.tolist() == [0]

@@ -1,6 +1,7 @@
 """Tests of fits on an observation store (:mod:`skmerge.model.streaming`): they equal the
 in-memory fit of the store's table, and refuse what they cannot stream."""
 
+import json
 import warnings
 
 import numpy as np
@@ -132,7 +133,8 @@ def test_ambiguous_store_needs_reindexing_none(tmp_path):
 
 def test_run_merge_streams_a_store_with_batch_size(store, tmp_path):
     """skmerge mono STORE --batch-size: the merge streams from the store and writes the
-    merged MTZ and every observation's prediction."""
+    merged MTZ, every observation's prediction, OUT_stats.json and the report, with the
+    outliers among every observation."""
     path, X, _ = store
     options = dict(batch_size=6, max_iter=10, mlp_layers=2, metadata=["dHKL", "XDET"], random_state=0,
                    log=lambda level, message: None)
@@ -141,13 +143,21 @@ def test_run_merge_streams_a_store_with_batch_size(store, tmp_path):
     assert result.statistics[0].table.loc["overall", "n_obs"] == len(X)
     predictions = pd.read_parquet(tmp_path / "out_predictions.parquet")
     assert len(predictions) == len(X) and np.isfinite(predictions["Ipred"]).all()
-    assert (tmp_path / "out_0.mtz").is_file() and (tmp_path / "out.npz").is_file()
+    for name in ("out_0.mtz", "out.npz", "out_stats.json", "out_report.html", "out_calibration.png"):
+        assert (tmp_path / name).is_file()
+    # Without a test set: the outliers among every observation, no held-out calibration.
+    calibrated = result.calibration[0]
+    assert calibrated.n_test == 0 and calibrated.shells.loc["overall", "n_obs"] == len(X)
+    assert calibrated.images["n_obs"].sum() == len(X) and len(result.images[0]) == X["image_id"].nunique()
 
 
 def test_streamed_half_datasets_and_test_set_equal_the_in_memory_ones(tmp_path, monkeypatch):
     """skmerge mono STORE --batch-size --merge-half-datasets --test-fraction: the same
-    image split, test set and statistics as the in-memory merge of the MTZ file the
-    store was converted from (within MC noise), without reading the store's table."""
+    image split, test set, statistics (OUT_stats.csv and OUT_stats.json) and report as
+    the in-memory merge of the MTZ file the store was converted from (within MC noise),
+    without reading the store's table; and the calibration of the streamed fit's
+    predictions, gathered piece by piece, is the in-memory calibration of the same
+    predictions."""
     from skmerge.cli import main
     from skmerge import store as store_module, table as table_module
 
@@ -189,3 +199,57 @@ def test_streamed_half_datasets_and_test_set_equal_the_in_memory_ones(tmp_path, 
     for column in ("cc_half", "cc_pred"):
         assert memory.loc["overall", column] > 0.1
         np.testing.assert_allclose(streamed[column], memory[column], atol=0.02)
+    documents = [json.loads((tmp_path / f"{run}_stats.json").read_text()) for run in ("memory", "streamed")]
+    memory_json, streamed_json = (document["datasets"][0] for document in documents)
+    assert set(streamed_json) == set(memory_json) and set(documents[1]) <= set(documents[0])
+    for column in ("cc_half", "cc_pred"):
+        np.testing.assert_allclose([row[column] for row in streamed_json["shells"]],
+                                   [row[column] for row in memory_json["shells"]], atol=0.02)
+    assert "Per-image scale, CCpred and outliers" in (tmp_path / "streamed_report.html").read_text()
+
+    # One fitted merger: its predictions of the whole table, calibrated in memory, give
+    # the streamed run's z limit, outliers (per shell, bin of Ipred and image) and histograms.
+    monkeypatch.undo()
+    from skmerge.calibration import Calibration, calibration_report
+    from skmerge.merge_outputs import observation_predictions, resolution_shells
+    from skmerge.stats import MergingStatistics
+    from skmerge.workflow import held_out_rows
+
+    merger = skmerge.VariationalMerger.load(tmp_path / "streamed.npz")
+    table = read_store(tmp_path / "stills.parquet")
+    predictions = observation_predictions(merger, table, held_out_rows(np.arange(len(table)), 0.1, 0))
+    expected = calibration_report(predictions, resolution_shells(MergingStatistics.from_dict(streamed_json)))
+    got = Calibration.from_dict(streamed_json["calibration"])
+    # The same fitted merger's predictions of the same observations, in pieces or not:
+    # equal up to float32 rounding, which moves no observation across the limit.
+    assert got.z_limit == pytest.approx(expected.z_limit, rel=1e-5) and got.n_test == expected.n_test
+    assert got.images["n_outliers"].sum() > 0
+    pd.testing.assert_series_equal(got.images["n_outliers"], expected.images["n_outliers"], check_dtype=False)
+    pd.testing.assert_series_equal(got.images["n_obs"], expected.images["n_obs"], check_dtype=False)
+    for part in ("shells", "intensity"):
+        np.testing.assert_array_equal(getattr(got, part)[["n_obs", "n_outliers"]],
+                                      getattr(expected, part)[["n_obs", "n_outliers"]])
+        np.testing.assert_allclose(getattr(got, part)["z_sd"], getattr(expected, part)["z_sd"], rtol=1e-4)
+    for part in ("test", "fitted"):
+        np.testing.assert_array_equal(got.histogram[part], expected.histogram[part])
+
+
+def test_streamed_separate_files_with_half_datasets(tmp_path):
+    """A store of two files merged separately, streamed, with half datasets: each file's
+    merged and half-dataset files, statistics with a finite CC1/2, and a calibration
+    and per-image table of its own images."""
+    path = tmp_path / "series.parquet"
+    skmerge.datasets.make_unmerged(n_images=6, stills=True, time_points=2, random_state=1, store=path)
+    result = skmerge.run_merge(path, tmp_path / "out", batch_size=4, max_iter=10, mlp_layers=2,
+                               metadata=["dHKL", "XDET"], separate_files=True, half_datasets=1, random_state=0,
+                               log=lambda level, message: None)
+    names = {p.name for p in result.paths}
+    assert {"out_0.mtz", "out_1.mtz", "out_xval_0.mtz", "out_xval_1.mtz", "out_stats.json",
+            "out_report.html"} <= names
+    document = json.loads((tmp_path / "out_stats.json").read_text())
+    assert len(document["datasets"]) == 2 and document["parents"] == [None, 0]
+    files = pd.read_parquet(path / "images.parquet")["file_id"].to_numpy()
+    for i, (stats, calibrated, images) in enumerate(zip(result.statistics, result.calibration, result.images)):
+        assert np.isfinite(stats.table.loc["overall", "cc_half"])
+        assert np.array_equal(images.index, np.flatnonzero(files == i))
+        assert calibrated.images["n_obs"].sum() == stats.table.loc["overall", "n_obs"]
