@@ -85,16 +85,26 @@ def sigma_scatter(predictions):
     predictions : DataFrame
         Iobs, SIGIobs, Ipred and test per observation (the predictions table of a merge).
     """
+    return scatter_factor(np.median(fitted_square_residuals(predictions)))
+
+
+def fitted_square_residuals(predictions):
+    """z² = ((Iobs − Ipred)/σ)² of the rows of a predictions table with ``test == 0``."""
     fitted = predictions["test"].to_numpy() == 0
     z = (predictions["Iobs"].to_numpy(float) - predictions["Ipred"].to_numpy(float)) / predictions[
         "SIGIobs"].to_numpy(float)
-    return float(np.sqrt(np.median(z[fitted] ** 2) / _MEDIAN_CHI2_1))
+    return z[fitted] ** 2
 
 
-def sigma_scatter_warning(predictions):
-    """A warning when :func:`sigma_scatter` exceeds 3 — σ too small for the data, which
-    the error model corrects — else None."""
-    factor = sigma_scatter(predictions)
+def scatter_factor(median_square):
+    """:func:`sigma_scatter` from the median of the fitted observations' z² (computed
+    elsewhere, e.g. from predictions read piece by piece)."""
+    return float(np.sqrt(median_square / _MEDIAN_CHI2_1))
+
+
+def sigma_scatter_warning(factor):
+    """A warning when the scatter ``factor`` (:func:`sigma_scatter`) exceeds 3 — σ too
+    small for the data, which the error model corrects — else None."""
     if not factor > _SCATTER_LIMIT:
         return None
     return (f"the observations scatter about the fitted model {factor:.1f} times more than their sigmas say; "

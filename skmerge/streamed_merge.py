@@ -17,8 +17,8 @@ of each data set, its outliers among every observation and its per-image numbers
 those of the in-memory merge, gathered in passes over the predictions file
 (:func:`skmerge.calibration.streamed_calibration`); the statistics, ``OUT_stats.json``,
 the figures and the HTML report are written by the code the in-memory merge writes
-them with (:mod:`skmerge.merge_outputs`). Not made: the warning on the scatter of σ
-that an in-memory merge without an error model gives.
+them with (:mod:`skmerge.merge_outputs`), and without an error model the warning on the
+scatter of σ comes from the exact median of the fitted observations' z² in the same file.
 """
 
 import os
@@ -32,11 +32,13 @@ import pandas as pd
 import reciprocalspaceship as rs
 from sklearn.exceptions import ConvergenceWarning
 
-from .calibration import streamed_calibration
+from .calibration import order_statistics, streamed_calibration
+from .diagnostics import fitted_square_residuals, scatter_factor, sigma_scatter_warning
 from .errors import ParameterError
 from .io import writers
-from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, merged_halves, observation_predictions,
-                            parent_files, report_calibration, resolution_shells, split_seed, write_run_files)
+from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, fitted_error_model, merged_halves,
+                            observation_predictions, parent_files, report_calibration, resolution_shells, split_seed,
+                            write_run_files)
 from .model.streaming import StoreSource
 from .store import read_manifest
 from .workflow import held_out_rows
@@ -236,6 +238,8 @@ def run_streamed_merge(store, out, merger, *, read_options, half_datasets, test_
                                                             gathered.cell), resolution_shells(stats))
                        for i, stats in enumerate(statistics)]
         report_calibration(calibration, names, report, warn)
+        if fitted_error_model(merger) is None:
+            warn(sigma_scatter_warning(_sigma_scatter(predictions_file)))
         result = StreamedMergeResult(merger, Path(store), merged, statistics, names, warnings, command=command,
                                      calibration=calibration, halves=halves, held_out=held_out,
                                      images=gathered.images(calibration))
@@ -303,6 +307,23 @@ def _parquet_pieces(path, file_id, cell):
             if len(frame):
                 yield frame
     return pieces
+
+
+def _sigma_scatter(path):
+    """:func:`skmerge.diagnostics.sigma_scatter` of a predictions file, its median taken
+    exactly over the row groups (:func:`~skmerge.calibration.order_statistics`)."""
+    import pyarrow.parquet as pq
+
+    def batches():
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            piece = parquet.read_row_group(group, columns=["Iobs", "SigIobs", "Ipred", "test"]).to_pandas()
+            yield fitted_square_residuals(piece.rename(columns={"SigIobs": "SIGIobs"}))
+
+    n = sum(int(np.isfinite(square).sum()) for square in batches())
+    if n == 0:
+        return np.nan
+    return scatter_factor(order_statistics(batches, [(n - 1) // 2, n // 2]).mean())
 
 
 def _test_set(fraction, seed):

@@ -24,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions, validate_parameter_constraints
 
 from .calibration import Calibration, calibration_report
-from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
+from .diagnostics import check_metadata_keys, partiality_warning, sigma_scatter, sigma_scatter_warning
 from .errors import DataWarning, InputError, ParameterError
 from .io import writers
 from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, fitted_error_model, merged_halves,
@@ -271,7 +271,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         merged = merger.transform(X_train)
     predictions = observation_predictions(merger, X, test)
     if error_model is None:
-        warn(sigma_scatter_warning(predictions))
+        warn(sigma_scatter_warning(sigma_scatter(predictions)))
     halves = merged_halves(merger, X, half_datasets, seed, warn) if half_datasets else None
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import reciprocalspaceship as rs
 
@@ -253,3 +254,28 @@ def test_streamed_separate_files_with_half_datasets(tmp_path):
         assert np.isfinite(stats.table.loc["overall", "cc_half"])
         assert np.array_equal(images.index, np.flatnonzero(files == i))
         assert calibrated.images["n_obs"].sum() == stats.table.loc["overall", "n_obs"]
+
+
+def test_streamed_merge_warns_of_small_sigmas_with_the_exact_median(tmp_path, monkeypatch):
+    """Without an error model and with σ five times too small, a streamed merge warns of
+    the scatter of σ as an in-memory merge does, with the median of z² taken exactly over
+    the predictions file's row groups."""
+    from skmerge.diagnostics import sigma_scatter, sigma_scatter_warning
+    from skmerge.streamed_merge import _sigma_scatter
+
+    X, _ = skmerge.datasets.make_unmerged(n_images=8, stills=True, random_state=1)
+    X["SIGIobs"] = X["SIGIobs"] / 5
+    path = write_store(X, tmp_path / "small_sigma.parquet", row_group_size=1500)
+    # Pieces of 2,000 rows: a predictions file of several row groups, whose median is then
+    # found by the passes of the radix selection rather than in one partition.
+    monkeypatch.setattr(streaming.StoreSource, "chunks",
+                        lambda self: streaming.iter_store_chunks(self.path, 2000, False))
+    result = skmerge.run_merge(path, tmp_path / "out", batch_size=4, max_iter=10, mlp_layers=2,
+                               metadata=["dHKL", "XDET"], error_model=None, random_state=0,
+                               log=lambda level, message: None)
+    predictions_file = tmp_path / "out_predictions.parquet"
+    assert pq.ParquetFile(predictions_file).num_row_groups > 1
+    factor = sigma_scatter(pd.read_parquet(predictions_file).rename(columns={"SigIobs": "SIGIobs"}))
+    assert factor > 3
+    assert _sigma_scatter(predictions_file) == pytest.approx(factor, rel=1e-12)
+    assert sigma_scatter_warning(factor) in result.warnings

@@ -17,7 +17,7 @@ from sklearn.utils._param_validation import Interval
 import skmerge
 from skmerge.cli import main
 from skmerge.datasets import make_unmerged
-from skmerge.diagnostics import check_metadata_keys, partiality_warning, sigma_scatter_warning
+from skmerge.diagnostics import check_metadata_keys, partiality_warning, sigma_scatter, sigma_scatter_warning
 from skmerge.errors import InputError, ParameterError
 from skmerge.workflow import MergeResult, check_options, make_merger, statistics_from_outputs
 
@@ -189,7 +189,7 @@ def test_sigma_scatter_warning(spread, warned):
     iobs = ipred + spread * sigma * rng.normal(size=20_000)
     iobs[test] += 100 * sigma[test]  # held-out observations do not count
     predictions = pd.DataFrame({"Iobs": iobs, "SIGIobs": sigma, "Ipred": ipred, "test": test.astype(np.int32)})
-    warning = sigma_scatter_warning(predictions)
+    warning = sigma_scatter_warning(sigma_scatter(predictions))
     if warned:
         assert "5.0 times more than their sigmas say" in warning and "--no-error-model" in warning
     else:
