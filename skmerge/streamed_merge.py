@@ -43,7 +43,8 @@ from .model.streaming import StoreSource
 from .store import read_manifest
 from .workflow import held_out_rows
 
-__all__ = ["StreamedMergeResult", "run_streamed_merge", "write_predictions"]
+__all__ = ["StreamedMergeResult", "file_calibration", "held_out_predictions", "run_streamed_merge",
+           "write_predictions"]
 
 
 @dataclass
@@ -234,9 +235,8 @@ def run_streamed_merge(store, out, merger, *, read_options, half_datasets, test_
                                          Path(scratch) / "predictions.parquet")
         statistics = dataset_statistics(merged, halves or [None] * n_sets, gathered.held_out(held_out is not None),
                                         parent_files(merger, n_sets), shells=shells, binning=binning, method=method)
-        calibration = [streamed_calibration(_parquet_pieces(predictions_file, None if n_sets == 1 else i,
-                                                            gathered.cell), resolution_shells(stats))
-                       for i, stats in enumerate(statistics)]
+        calibration = [file_calibration(predictions_file, None if n_sets == 1 else i, gathered.cell,
+                                        resolution_shells(stats)) for i, stats in enumerate(statistics)]
         report_calibration(calibration, names, report, warn)
         if fitted_error_model(merger) is None:
             warn(sigma_scatter_warning(_sigma_scatter(predictions_file)))
@@ -307,6 +307,29 @@ def _parquet_pieces(path, file_id, cell):
             if len(frame):
                 yield frame
     return pieces
+
+
+def held_out_predictions(path, file_id=None):
+    """The held-out rows (``test`` > 0) of a predictions file (:func:`write_predictions`),
+    of the data set ``file_id`` unless it is None: what CCpred reads, without reading
+    every observation. None when the file holds none."""
+    import pyarrow.parquet as pq
+
+    parquet, kept = pq.ParquetFile(path), []
+    for group in range(parquet.num_row_groups):
+        piece = parquet.read_row_group(group).to_pandas()
+        chosen = piece["test"].to_numpy() > 0
+        if file_id is not None:
+            chosen &= piece["file_id"].to_numpy() == file_id
+        if chosen.any():
+            kept.append(piece[chosen])
+    return pd.concat(kept, ignore_index=True) if kept else None
+
+
+def file_calibration(path, file_id, cell, shells):
+    """The calibration of the data set ``file_id`` (None: every row) of a predictions
+    file, gathered in passes over its row groups as a streamed merge gathers it."""
+    return streamed_calibration(_parquet_pieces(path, file_id, cell), shells)
 
 
 def _sigma_scatter(path):

@@ -411,7 +411,8 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
     stats``.
 
     Reads ``OUT_<i>.mtz``, ``OUT_xval_<i>.mtz`` and ``OUT_predictions_<i>.mtz`` (careless's
-    SigF/SigI names too); when no merged file is left, the tables saved in
+    SigF/SigI names too) — for a streamed run the held-out rows of
+    ``OUT_predictions.parquet`` instead; when no merged file is left, the tables saved in
     ``OUT_stats.json`` instead (then ``shells``, ``binning`` and ``method`` are those of
     the run).
 
@@ -448,7 +449,7 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
         saved_names, saved_parents = {}, None
     statistics = dataset_statistics([_read_mtz(f"{out}_{i}.mtz", merged=True) for i in indices],
                                     [_read_mtz(f"{out}_xval_{i}.mtz", merged=True) for i in indices],
-                                    [_read_mtz(f"{out}_predictions_{i}.mtz") for i in indices],
+                                    [_run_predictions(out, i, len(indices)) for i in indices],
                                     saved_parents or parent_files(None, len(indices)), shells=shells,
                                     binning=binning, method=method)
     return statistics, [saved_names.get(i) or os.path.basename(f"{out}_{i}.mtz") for i in indices]
@@ -456,7 +457,8 @@ def statistics_from_outputs(out, *, shells=10, binning="equal-count", method="pe
 
 def calibration_from_outputs(out, statistics):
     """The calibration reports of a finished run (``skmerge stats``): recomputed from
-    ``OUT_predictions_<i>.mtz`` in the shells of ``statistics``
+    ``OUT_predictions_<i>.mtz`` (a streamed run's ``OUT_predictions.parquet``, in passes
+    over its row groups) in the shells of ``statistics``
     (:func:`statistics_from_outputs`), or those saved in ``OUT_stats.json`` when the MTZ
     files are gone.
 
@@ -474,9 +476,29 @@ def calibration_from_outputs(out, statistics):
     reports = []
     for i, stats in zip(indices, statistics):
         predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
+        streamed = Path(f"{out}_predictions.parquet")
+        if predictions is None and streamed.is_file():
+            from .streamed_merge import file_calibration
+
+            reports.append(file_calibration(streamed, None if len(indices) == 1 else i,
+                                            _read_mtz(f"{out}_{i}.mtz", merged=True).cell, resolution_shells(stats)))
+            continue
         has_z = predictions is not None and "Z" in predictions.columns
         reports.append(calibration_report(predictions, resolution_shells(stats)) if has_z else None)
     return reports
+
+
+def _run_predictions(out, i, n_sets):
+    """The predictions of data set i of a run: ``OUT_predictions_<i>.mtz``, or the
+    held-out rows of a streamed run's ``OUT_predictions.parquet`` (all CCpred needs), or
+    None."""
+    predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
+    streamed = Path(f"{out}_predictions.parquet")
+    if predictions is None and streamed.is_file():
+        from .streamed_merge import held_out_predictions
+
+        return held_out_predictions(streamed, None if n_sets == 1 else i)
+    return predictions
 
 
 def resolve_output_prefix(out):

@@ -234,6 +234,17 @@ def test_streamed_half_datasets_and_test_set_equal_the_in_memory_ones(tmp_path, 
     for part in ("test", "fitted"):
         np.testing.assert_array_equal(got.histogram[part], expected.histogram[part])
 
+    # skmerge stats of the streamed run recomputes CCpred and the calibration from the
+    # held-out rows and the passes over OUT_predictions.parquet, as the run reported them.
+    from skmerge.workflow import calibration_from_outputs, statistics_from_outputs
+
+    (recomputed,), _ = statistics_from_outputs(tmp_path / "streamed")
+    np.testing.assert_allclose(recomputed.table["cc_pred"].to_numpy(float), streamed["cc_pred"].to_numpy(float),
+                               atol=1e-6)
+    (recalibrated,) = calibration_from_outputs(tmp_path / "streamed", [recomputed])
+    assert recalibrated.z_limit == pytest.approx(got.z_limit, rel=1e-6) and recalibrated.n_test == got.n_test
+    pd.testing.assert_series_equal(recalibrated.images["n_outliers"], got.images["n_outliers"], check_dtype=False)
+
 
 def test_streamed_separate_files_with_half_datasets(tmp_path):
     """A store of two files merged separately, streamed, with half datasets: each file's
@@ -254,6 +265,12 @@ def test_streamed_separate_files_with_half_datasets(tmp_path):
         assert np.isfinite(stats.table.loc["overall", "cc_half"])
         assert np.array_equal(images.index, np.flatnonzero(files == i))
         assert calibrated.images["n_obs"].sum() == stats.table.loc["overall", "n_obs"]
+    # skmerge stats of the run: each file's calibration from its own rows of the predictions file.
+    from skmerge.workflow import calibration_from_outputs, statistics_from_outputs
+
+    recomputed, _ = statistics_from_outputs(tmp_path / "out")
+    for again, calibrated in zip(calibration_from_outputs(tmp_path / "out", recomputed), result.calibration):
+        pd.testing.assert_series_equal(again.images["n_obs"], calibrated.images["n_obs"], check_dtype=False)
 
 
 def test_streamed_merge_warns_of_small_sigmas_with_the_exact_median(tmp_path, monkeypatch):
