@@ -47,6 +47,11 @@ def _halves(merger, X):
     return merged, 2 * row + minus, fit_f, fit_sigf
 
 
+def _half_mean(half, values, n):
+    """The mean of ``values`` over each Friedel half's observations (0 without any)."""
+    return np.bincount(half, values, n) / np.maximum(np.bincount(half, minlength=n), 1)
+
+
 def grid_moments(merger, X, half, fit_f, fit_sigf):
     """Mean and SD of every Friedel half's posterior on a grid of F (NaN for halves
     without observations)."""
@@ -56,9 +61,9 @@ def grid_moments(merger, X, half, fit_f, fit_sigf):
     scale = ipred / (fit_f[half] ** 2 + fit_sigf[half] ** 2)
     count = np.bincount(half, minlength=n)
     measured = count > 0
-    s = np.bincount(half, 1 / X["dHKL"].to_numpy(float) ** 2, n) / np.maximum(count, 1)
-    epsilon = np.bincount(half, X["EPSILON"].to_numpy(float), n) / np.maximum(count, 1)
-    centric = np.bincount(half, X["CENTRIC"].to_numpy(float), n) > 0
+    s = _half_mean(half, 1 / X["dHKL"].to_numpy(float) ** 2, n)
+    epsilon = _half_mean(half, X["EPSILON"].to_numpy(float), n)
+    centric = _half_mean(half, X["CENTRIC"].to_numpy(float), n) > 0
     edges = np.quantile(s[measured], np.linspace(0, 1, 21))
     shell = np.clip(np.digitize(s, edges[1:-1]), 0, 19)
     mean_square = (fit_f**2 + fit_sigf**2) / epsilon
@@ -103,14 +108,9 @@ def main(argv=None):
     rows = np.argsort(true_keys)[np.searchsorted(true_keys, pack_hkl(merged[["H", "K", "L"]].to_numpy(np.int32)),
                                                  sorter=np.argsort(true_keys))]
     true_f = np.stack([true["F(+)"].to_numpy(float)[rows], true["F(-)"].to_numpy(float)[rows]], 1).ravel()
-    centric = np.repeat(merged["CENTRIC"].to_numpy(bool), 2) if "CENTRIC" in merged else np.zeros(len(true_f), bool)
-    use = np.isfinite(mean) & ~(centric & (np.arange(len(true_f)) % 2 == 1))
-    s = np.repeat(1 / merged["dHKL"].to_numpy(float) ** 2, 2) if "dHKL" in merged else None
-    if s is None:
-        import reciprocalspaceship as rs
-
-        s = np.repeat(1 / rs.DataSet(merged.set_index(["H", "K", "L"]), cell=X.cell, spacegroup=X.spacegroup)
-                      .compute_dHKL()["dHKL"].to_numpy(float) ** 2, 2)
+    # Halves without observations (among them the second of a centric pair) have no grid moments.
+    use = np.isfinite(mean)
+    s = _half_mean(half, 1 / X["dHKL"].to_numpy(float) ** 2, len(mean))
     print(f"{args.dataset}, seed {args.seed}: {use.sum()} Friedel halves; learned ν {float(merger.likelihood_dof_):.2f}")
     for label, f, sigf in [("fit (mean-field)", fit_f, fit_sigf), ("grid posterior", mean, sd)]:
         strong = use & (f / sigf > 3) & (true_f > 0)

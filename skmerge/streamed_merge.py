@@ -289,17 +289,24 @@ class _Gathered:
 _CALIBRATION_COLUMNS = ["Z", "Ipred", "test", "image_id", "file_id", "Scale", "H", "K", "L"]
 
 
+def _row_groups(path, columns):
+    """The row groups of a predictions file (:func:`write_predictions`) one after the
+    other, as DataFrames of ``columns``."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    for group in range(parquet.num_row_groups):
+        yield parquet.read_row_group(group, columns=columns).to_pandas()
+
+
 def _parquet_pieces(path, file_id, cell):
-    """The pieces of a predictions file (:func:`write_predictions`) as
+    """The pieces of a predictions file as
     :func:`~skmerge.calibration.streamed_calibration` reads them: its row groups,
     only the rows of ``file_id`` unless it is None."""
-    import pyarrow.parquet as pq
 
     def pieces(columns):
         wanted = _CALIBRATION_COLUMNS if columns is None else list(dict.fromkeys([*columns, "file_id"]))
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            frame = parquet.read_row_group(group, columns=wanted).to_pandas()
+        for frame in _row_groups(path, wanted):
             if file_id is not None:
                 frame = frame[frame["file_id"].to_numpy() == file_id]
             if columns is None:
@@ -311,19 +318,14 @@ def _parquet_pieces(path, file_id, cell):
 
 def held_out_predictions(path, file_id=None):
     """The held-out rows (``test`` > 0) of a predictions file (:func:`write_predictions`),
-    of the data set ``file_id`` unless it is None: what CCpred reads, without reading
-    every observation. None when the file holds none."""
+    of the data set ``file_id`` unless it is None: what CCpred reads. Row groups without
+    held-out rows are skipped by their column statistics, unread. None when the file
+    holds none."""
     import pyarrow.parquet as pq
 
-    parquet, kept = pq.ParquetFile(path), []
-    for group in range(parquet.num_row_groups):
-        piece = parquet.read_row_group(group).to_pandas()
-        chosen = piece["test"].to_numpy() > 0
-        if file_id is not None:
-            chosen &= piece["file_id"].to_numpy() == file_id
-        if chosen.any():
-            kept.append(piece[chosen])
-    return pd.concat(kept, ignore_index=True) if kept else None
+    filters = [("test", ">", 0)] + ([] if file_id is None else [("file_id", "=", file_id)])
+    table = pq.read_table(path, filters=filters).to_pandas()
+    return table if len(table) else None
 
 
 def file_calibration(path, file_id, cell, shells):
@@ -335,12 +337,9 @@ def file_calibration(path, file_id, cell, shells):
 def _sigma_scatter(path):
     """:func:`skmerge.diagnostics.sigma_scatter` of a predictions file, its median taken
     exactly over the row groups (:func:`~skmerge.calibration.order_statistics`)."""
-    import pyarrow.parquet as pq
 
     def batches():
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            piece = parquet.read_row_group(group, columns=["Iobs", "SigIobs", "Ipred", "test"]).to_pandas()
+        for piece in _row_groups(path, ["Iobs", "SigIobs", "Ipred", "test"]):
             yield fitted_square_residuals(piece.rename(columns={"SigIobs": "SIGIobs"}))
 
     n = sum(int(np.isfinite(square).sum()) for square in batches())

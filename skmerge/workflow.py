@@ -475,30 +475,39 @@ def calibration_from_outputs(out, statistics):
             Calibration.from_dict(d["calibration"]) if "calibration" in d else None for d in document["datasets"]])
     reports = []
     for i, stats in zip(indices, statistics):
-        predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
-        streamed = Path(f"{out}_predictions.parquet")
-        if predictions is None and streamed.is_file():
+        streamed = _streamed_predictions(out, i, len(indices))
+        if streamed is not None:
             from .streamed_merge import file_calibration
 
-            reports.append(file_calibration(streamed, None if len(indices) == 1 else i,
-                                            _read_mtz(f"{out}_{i}.mtz", merged=True).cell, resolution_shells(stats)))
+            cell = _read_mtz(f"{out}_{i}.mtz", merged=True).cell
+            reports.append(file_calibration(*streamed, cell, resolution_shells(stats)))
             continue
+        predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
         has_z = predictions is not None and "Z" in predictions.columns
         reports.append(calibration_report(predictions, resolution_shells(stats)) if has_z else None)
     return reports
+
+
+def _streamed_predictions(out, i, n_sets):
+    """(path, file_id) of data set i in a streamed run's ``OUT_predictions.parquet``
+    (file_id None when the run has one data set), or None when the run wrote
+    ``OUT_predictions_<i>.mtz`` or no predictions."""
+    path = Path(f"{out}_predictions.parquet")
+    if Path(f"{out}_predictions_{i}.mtz").is_file() or not path.is_file():
+        return None
+    return path, None if n_sets == 1 else i
 
 
 def _run_predictions(out, i, n_sets):
     """The predictions of data set i of a run: ``OUT_predictions_<i>.mtz``, or the
     held-out rows of a streamed run's ``OUT_predictions.parquet`` (all CCpred needs), or
     None."""
-    predictions = _read_mtz(f"{out}_predictions_{i}.mtz")
-    streamed = Path(f"{out}_predictions.parquet")
-    if predictions is None and streamed.is_file():
-        from .streamed_merge import held_out_predictions
+    streamed = _streamed_predictions(out, i, n_sets)
+    if streamed is None:
+        return _read_mtz(f"{out}_predictions_{i}.mtz")
+    from .streamed_merge import held_out_predictions
 
-        return held_out_predictions(streamed, None if n_sets == 1 else i)
-    return predictions
+    return held_out_predictions(*streamed)
 
 
 def resolve_output_prefix(out):
