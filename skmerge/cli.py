@@ -26,7 +26,7 @@ from .signals import interrupt_on_sigterm
 # Flags whose destination is the VariationalMerger parameter of that name.
 ESTIMATOR_DESTS = ("anomalous", "separate_files", "likelihood", "mlp_layers", "mlp_width", "image_scales",
                    "positional_encoding", "max_iter", "learning_rate", "mc_samples", "batch_size", "early_stopping",
-                   "random_state", "image_model")
+                   "random_state", "image_model", "marginals")
 LAUE_DESTS = ("wavelength_key", "wavelength_range")
 
 
@@ -109,6 +109,10 @@ def _add_mono_arguments(mono, defaults):
     model.add_argument("--error-model", "--refine-uncertainties", action="store_true", dest="error_model", help="refine the sigmas as SdFac*sqrt(sigma^2 + "
                        "(SdAdd*Ipred)^2) with the model (the default; the flag is kept for older command lines)")
     model.add_argument("--no-error-model", action="store_true", help="use the reported sigmas as they are")
+    model.add_argument("--marginals", choices=("grid", "variational"), default=defaults["marginals"],
+                       help="what OUT_0.mtz reports: grid, each reflection's posterior given the fitted scales and "
+                       "noise model integrated on a grid of F (honest F and SIGF where a few observations "
+                       "disagree); variational, the fitted truncated normals' moments (default: %(default)s)")
     model.add_argument("--no-double-wilson", action="store_true", help="Wilson's prior for every amplitude: no "
                        "bivariate prior between Friedel mates (the default ties them with --anomalous)")
     model.add_argument("--reference-mtz", metavar="FILE",

@@ -188,6 +188,15 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     kl_weight : float, default=1.0
         Weight of the KL divergence of the amplitudes relative to the likelihood in the
         loss (1 is the evidence lower bound).
+    marginals : {"grid", "variational"}, default="grid"
+        What the merged table reports. "grid": after training, every reflection's
+        posterior given the fitted scales, error model and likelihood, integrated on a
+        grid of F (a family tied by the double-Wilson prior by messages between grids;
+        :mod:`skmerge.model.marginals`) — its mean between the modes where a few
+        observations disagree several-fold, and a SIGF that spans them, where the
+        fit's truncated normal keeps one mode with a width that excludes the others.
+        "variational": the fitted truncated normals' moments (and, under the
+        double-Wilson prior, their linear-response widths).
     beta_1, beta_2 : float, default=0.9, 0.99
         Adam's decay rates of the gradient's first and second moments.
     clipnorm, clipvalue, global_clipnorm : float, default=None
@@ -256,6 +265,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         the image encoder's, then the per-image offsets: empty without them).
     sdfac_, sdadd_ : float
         The fitted error model (with ``error_model`` only).
+    marginal_moments_ : ndarray of shape (4, n_reflections)
+        With ``marginals="grid"``: E[F], E[F²], E[F⁴] of every reflection's marginal
+        posterior and its covariance with its double-Wilson parent (0 for roots), in
+        standardised units.
     prior_r_ : ndarray of shape (n_files, n_shells)
         With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),
@@ -352,6 +365,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "warm_start": ["boolean", StrOptions({"scales"})],
         "freeze": [None, StrOptions({"scales", "posterior"})],
         "kl_weight": [Interval(Real, 0, None, closed="left")],
+        "marginals": [StrOptions({"grid", "variational"})],
         "beta_1": [Interval(Real, 0, 1, closed="left")],
         "beta_2": [Interval(Real, 0, 1, closed="left")],
         "clipnorm": [None, Interval(Real, 0, None, closed="neither")],
@@ -376,7 +390,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
         spectrum=None, lorentz_correction=False, posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0,
-        beta_1=0.9, beta_2=0.99, clipnorm=None, clipvalue=None, global_clipnorm=None, epsilon=1e-4,
+        marginals="grid", beta_1=0.9, beta_2=0.99, clipnorm=None, clipvalue=None, global_clipnorm=None, epsilon=1e-4,
         scale_bijector="softplus", standardize_metadata=True,
         positional_encoding_keys=None, validation_frequency=10, reindexing="auto", reindexing_reference=None,
         jit_compile=False, random_state=None, verbose=0,
@@ -410,6 +424,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.warm_start = warm_start
         self.freeze = freeze
         self.kl_weight = kl_weight
+        self.marginals = marginals
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.clipnorm = clipnorm

@@ -156,7 +156,13 @@ def restore_model(params, state, weights):
                            encoder=image_model(params) == "encoder", image_layers=params.image_layers,
                            n_layer_images=len(state.image_ids))
     network.set_weights(weights.scale)
-    return merging_model(params, state, posterior, network, weights)
+    model = merging_model(params, state, posterior, network, weights)
+    if weights.marginals is not None:
+        from .marginals import GridMarginals
+
+        parent = getattr(model.prior, "parent", np.full(n, -1))
+        model.marginals = GridMarginals(np.asarray(weights.marginals, np.float64), np.asarray(parent, np.int64))
+    return model
 
 
 def known_log_scale(params, rows):

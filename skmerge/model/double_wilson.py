@@ -206,6 +206,17 @@ class DoubleWilsonDistribution(tfd.Distribution):
         loc, scale = k * parent_f, tf.sqrt(w)
         return FoldedNormal(loc, scale), Rice(loc, scale)
 
+    def conditional_log_prob(self, children, child_f, parent_f):
+        """log p(F_child | F_parent) of the child reflections ``children`` (rows), for
+        amplitudes ``child_f`` and ``parent_f`` of shapes that broadcast against
+        (len(children), ...) — e.g. every pair of two grids."""
+        k, w = (tf.gather(tf.cast(t, child_f.dtype), children) for t in self._pair_terms())
+        trailing = [1] * (len(child_f.shape) - 1)
+        k, scale = (tf.reshape(t, [-1] + trailing) for t in (k, tf.sqrt(w)))
+        centric = tf.reshape(tf.gather(self.centric, children), [-1] + trailing)
+        loc = k * parent_f
+        return tf.where(centric, FoldedNormal(loc, scale).log_prob(child_f), Rice(loc, scale).log_prob(child_f))
+
     def _log_prob(self, f):
         centric_law, acentric_law = self._conditional(tf.gather(f, self._parent, axis=-1))
         child = tf.where(self.centric, centric_law.log_prob(f), acentric_law.log_prob(f))

@@ -173,7 +173,7 @@ class FitState:
         # Only an image encoder reads the observed intensities (X may lack them otherwise).
         data, extra = self.evaluation_data(params, X, None if image_model(params) == "encoder" else np.zeros(len(X)))
         outputs = [[] for _ in range(4)]
-        for chunk in _evaluation_chunks(model, data):
+        for chunk in evaluation_chunks(model, data):
             for out, value in zip(outputs, model.predict(chunk, extra)):
                 out.append(value.numpy().astype(np.float64))
         mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
@@ -194,11 +194,11 @@ class FitState:
         data, extra = self.evaluation_data(params, X, y)
         seed = tf.constant([seed, 2])
         values = [model.log_predictive(chunk, n_samples, seed, extra).numpy()
-                  for chunk in _evaluation_chunks(model, data)]
+                  for chunk in evaluation_chunks(model, data)]
         return np.concatenate(values).astype(np.float64) - math.log(self.intensity_scale)
 
 
-def _evaluation_chunks(model, data):
+def evaluation_chunks(model, data):
     """The pieces of evaluation data (:func:`~skmerge.model.data.chunks`), with the
     encoder's embedding of every image computed once from all its rows, which the pieces
     may split."""
@@ -220,6 +220,9 @@ class Weights:
     """The learned parameters of the prior (a double-Wilson prior's r), if it has any."""
     likelihood: np.ndarray = None
     """The learned parameters of the likelihood (a Student-t's ν), if it has any."""
+    marginals: np.ndarray = None
+    """The grid marginals' values (:class:`~skmerge.model.marginals.GridMarginals`), if
+    the fit computed them."""
 
     @classmethod
     def from_attributes(cls, estimator):
@@ -228,14 +231,17 @@ class Weights:
         error_model = None if sdfac is None else np.array([sdfac, estimator.sdadd_])
         learned = list(learned_likelihood(estimator).values())
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
-                   getattr(estimator, "prior_r_", None), np.array(learned) if learned else None)
+                   getattr(estimator, "prior_r_", None), np.array(learned) if learned else None,
+                   getattr(estimator, "marginal_moments_", None))
 
     @classmethod
     def of(cls, model):
         """The weights of a trained :class:`~skmerge.model.training.MergingModel`."""
         error_model = model.error_model.get_weights() if model.error_model is not None else None
         prior, likelihood = (getattr(piece, "get_weights", lambda: None)() for piece in (model.prior, model.likelihood))
-        return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood)
+        marginals = model.marginals.values if model.marginals is not None else None
+        return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood,
+                   marginals)
 
 
 # The fitted attributes of a likelihood's learned parameters, in the order its weights

@@ -11,11 +11,11 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
-from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, likelihood_attributes
+from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, evaluation_chunks, likelihood_attributes
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", *LIKELIHOOD_ATTRIBUTES, "validation_scores_",
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "marginal_moments_", *LIKELIHOOD_ATTRIBUTES, "validation_scores_",
                        "best_validation_score_", "wavelength_bands_", "dmin_", "held_out_loss_curve_")
 
 
@@ -46,6 +46,8 @@ class Training:
             attributes["sdfac_"], attributes["sdadd_"] = (float(v) for v in weights.error_model)
         if weights.prior is not None:
             attributes["prior_r_"] = weights.prior
+        if weights.marginals is not None:
+            attributes["marginal_moments_"] = weights.marginals
         if weights.likelihood is not None:
             attributes.update(likelihood_attributes(weights.likelihood))
         if self.held_out_loss is not None:
@@ -107,6 +109,7 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     variables = trained_variables(params, model)
     if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)
+    full_data = data
     options = dict(learning_rate=params.learning_rate, jit_compile=params.jit_compile, beta_1=params.beta_1,
                    beta_2=params.beta_2, clipnorm=params.clipnorm, clipvalue=params.clipvalue,
                    global_clipnorm=params.global_clipnorm)
@@ -128,11 +131,21 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
             max_iter, tol=params.tol, n_iter_no_change=params.n_iter_no_change if stop else max_iter,
             progress=progress, monitor=monitor, watch=watch, watch_every=params.validation_frequency,
         )
+    if validation is None:  # a fit that only chooses the number of steps reports nothing
+        with_grid_marginals(params, model, lambda: evaluation_chunks(model, full_data), len(state.reflections))
     held_out_loss = None
     if held_out is not None:
         held_out_loss = np.array(trainer.watched, dtype=np.float64).reshape(-1, 2)
     return Training(model, state, history, converged, trainer.kept_step,
                     np.asarray(scores) if validation is not None else None, held_out_loss)
+
+
+def with_grid_marginals(params, model, data_chunks, n_reflections):
+    """Set a trained model's grid marginals (:mod:`skmerge.model.marginals`) when the
+    estimator's ``marginals`` asks for them; ``data_chunks`` gives the training data."""
+    from .marginals import grid_marginals
+
+    model.marginals = grid_marginals(model, data_chunks, n_reflections) if params.marginals == "grid" else None
 
 
 def joined_with_previous(params, old_state, old_weights, result):
@@ -161,7 +174,12 @@ def joined_with_previous(params, old_state, old_weights, result):
             scale[i] = values_on_union(images, old_state.image_ids, old_weights.scale[i], state.image_ids, scale[i])
     union_state = FitState(union, images, counts, state.intensity_scale, state.metadata_transformer,
                            state.n_metadata_features, state.wilson_curve, state.harmonics)
-    union_weights = dataclasses.replace(weights, posterior=posterior, scale=scale)
+    # The marginals of the reflections seen before stand with their posterior; without
+    # marginals on both sides there are none.
+    marginals = None
+    if weights.marginals is not None and old_weights.marginals is not None:
+        marginals = values_on_union(keys, old_keys, old_weights.marginals.T, new_keys, weights.marginals.T).T
+    union_weights = dataclasses.replace(weights, posterior=posterior, scale=scale, marginals=marginals)
     return dataclasses.replace(result, model=restore_model(params, union_state, union_weights), state=union_state)
 
 

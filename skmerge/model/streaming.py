@@ -53,7 +53,7 @@ from ..symmetry import lookup_keys
 from .build import _metadata_transformer, _scale_network, checked_intensity_scale, merging_model, start_posterior
 from .data import Reflections, encode
 from .fitted import FitState
-from .fitting import Training, _progress, trained_variables
+from .fitting import Training, _progress, trained_variables, with_grid_marginals
 from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, scale_floor, wilson_curve)
 
 # Rows of the store (at most) on which the metadata transformer is fitted.
@@ -181,6 +181,8 @@ def fit_store(params, store, rng, seed, previous=None):
                                              n_iter_no_change=params.n_iter_no_change, progress=progress)
     finally:
         batches.close()
+    with_grid_marginals(params, model, lambda: (state.evaluation_data(params, X)[0] for X, _ in source.chunks()),
+                        len(state.reflections))
     return Training(model, state, history, converged, trainer.kept_step), survey.head
 
 

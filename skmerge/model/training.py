@@ -61,8 +61,13 @@ class MergingModel(tf.Module):
         self.mc_samples = int(mc_samples)
         self.error_model = error_model
         self.kl_weight = float(kl_weight)
+        # The marginals of the amplitudes on grids after training (GridMarginals), which
+        # the merged table reports instead of the mean-field posterior's moments.
+        self.marginals = None
 
-    def _log_likelihood(self, data, predicted):
+    def observation_log_likelihood(self, data, predicted):
+        """log p(Iᵢ | ``predicted``) of every observation of ``data`` (its ``intensity`` and
+        ``sigma``), the error model refining σ first; ``predicted`` broadcasts against them."""
         sigma = data["sigma"]
         if self.error_model is not None:
             sigma = self.error_model(sigma, predicted)
@@ -98,7 +103,7 @@ class MergingModel(tf.Module):
         """
         posterior = self.posterior.distribution()
         samples = posterior.sample(self.mc_samples, seed=seed)
-        log_lik = tf.reduce_mean(self._log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
+        log_lik = tf.reduce_mean(self.observation_log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
         # KL(q‖p) = −H[q] − E_q[log p]: the entropy is exact and the prior gives its
         # expectation in closed form where it can, which keeps the gradient noise down.
         kl = -(posterior.entropy() + self.prior.expected_log_prob(posterior, samples))
@@ -113,9 +118,12 @@ class MergingModel(tf.Module):
         return tf.stack([nll + self.kl_weight * kl, nll, kl])
 
     def amplitude_moments(self, extra_prior=None):
-        """Raw moments of F: the posterior's, followed by ``extra_prior``'s (reflections
-        the fit never saw)."""
-        moments = self.posterior.distribution().raw_moments()
+        """Raw moments of F: the marginals' after training on grids, else the posterior's,
+        followed by ``extra_prior``'s (reflections the fit never saw)."""
+        if self.marginals is not None:
+            moments = tuple(tf.constant(m, tf.float32) for m in self.marginals.raw_moments())
+        else:
+            moments = self.posterior.distribution().raw_moments()
         if extra_prior is None:
             return moments
         return tuple(tf.concat([a, b], 0) for a, b in zip(moments, extra_prior.raw_moments()))
@@ -124,7 +132,10 @@ class MergingModel(tf.Module):
         """The linear-response covariance of the posterior's amplitudes
         (:class:`~skmerge.model.linear_response.FamilyCovariance`) where the prior ties
         them together, from ``n_samples`` posterior samples drawn with ``seed`` (an int);
-        None for a prior that does not."""
+        the grid marginals' covariance of every child with its parent when training
+        left them; None for a prior that ties no amplitudes together."""
+        if self.marginals is not None and (self.marginals.parent >= 0).any():
+            return self.marginals
         if not hasattr(self.prior, "coupling"):
             return None
         q = self.posterior.distribution()
@@ -156,13 +167,13 @@ class MergingModel(tf.Module):
         """E_q[log p(Iᵢ | F, Σ)] per observation from ``n_samples`` samples: the
         likelihood term of the loss, also for observations the fit never saw."""
         samples = self.amplitude_samples(n_samples, seed, extra_prior)
-        return tf.reduce_mean(self._log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
+        return tf.reduce_mean(self.observation_log_likelihood(data, self._predicted(samples, data, seed)), axis=0)
 
     def log_predictive(self, data, n_samples, seed, extra_prior=None):
         """log p(Iᵢ | data) per observation, averaging the likelihood over samples of
         the posterior (the prior for reflections the fit never saw) and of the scales."""
         samples = self.amplitude_samples(n_samples, seed, extra_prior)
-        log_lik = self._log_likelihood(data, self._predicted(samples, data, seed))
+        log_lik = self.observation_log_likelihood(data, self._predicted(samples, data, seed))
         return tf.reduce_logsumexp(log_lik, axis=0) - math.log(n_samples)
 
 
