@@ -55,6 +55,7 @@ def variants():
         "tmixture+em+dw": dict(likelihood=MixtureLikelihood(core_dof=16.0), prior=DoubleWilsonPrior(),
                                error_model=ErrorModel()),
         "default": {},
+        "variational": dict(marginals="variational"),
     }
 
 
