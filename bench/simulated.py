@@ -176,7 +176,7 @@ def main(argv=None):
             ref = reference(X, truth, separate)
             for variant in args.variants.split(","):
                 params = dict(variants()[variant])
-                if separate and (variant == "default" or variant.endswith("dw")):
+                if separate and (variant in ("default", "variational") or variant.endswith("dw")):
                     from skmerge import DoubleWilsonPrior
 
                     params["prior"] = DoubleWilsonPrior(parents=[None, 0])

@@ -38,6 +38,7 @@ PUBLIC_MODULES = [
     "skmerge.report",
     "skmerge.workflow",
     "skmerge.model.distributed",
+    "skmerge.model.marginals",
     "skmerge.half_datasets",
     "skmerge.baseline",
     "skmerge.diagnostics",
