@@ -80,10 +80,12 @@ def _z(merged, truth, column):
     return (value - np.exp(log_k - b * s / 4) * true) / joined["SIG" + column].to_numpy(float)
 
 
-def test_tied_friedel_pairs_get_calibrated_sigf_and_sigdano():
+@pytest.mark.parametrize("marginals", ["variational", "grid"])
+def test_tied_friedel_pairs_get_calibrated_sigf_and_sigdano(marginals):
+    # variational: the linear-response covariance; grid: the pair's exact marginals.
     X, truth = make_unmerged(n_images=60, anomalous=True, anomalous_signal=0.05, random_state=3)
     merger = VariationalMerger(anomalous=True, prior=DoubleWilsonPrior(), likelihood="normal", error_model=None,
-                               mlp_layers=4, max_iter=800, random_state=0).fit(X)
+                               mlp_layers=4, max_iter=800, random_state=0, marginals=marginals).fit(X)
     merged = merger.transform(X)
     strong = merged["F"] / merged["SIGF"] > 5
     z_f = _z(merged[strong], truth.merged, "F")

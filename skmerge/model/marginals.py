@@ -200,10 +200,11 @@ def _row_terms(model, chunks, n_reflections):
             spot = chunk["spot"].numpy()
             offset = np.bincount(spot, mean, len(intensity))[spot] - mean
             intensity, sigma = intensity[spot], sigma[spot]
-        pieces.append((chunk["refl"].numpy(), intensity, sigma, scale, offset))
+        # Single precision: a streamed fit keeps these for every observation of its store.
+        pieces.append((chunk["refl"].numpy(), *(v.astype(np.float32) for v in (intensity, sigma, scale, offset))))
     refl, intensity, sigma, scale, offset = (np.concatenate(p) for p in zip(*pieces))
     implied_max = np.zeros(n_reflections)
-    np.maximum.at(implied_max, refl, np.sqrt(np.maximum(intensity - offset, 0.0) / scale))
+    np.maximum.at(implied_max, refl, np.sqrt(np.maximum(intensity - offset, 0.0) / scale.astype(np.float64)))
     return _Rows(refl, intensity, sigma, scale, offset, implied_max)
 
 
@@ -215,7 +216,7 @@ def _log_likelihood_on(model, rows, grid, widen=None):
     total = np.zeros((n, points))
     for start in range(0, len(rows.refl), _ROW_CHUNK):
         piece = slice(start, start + _ROW_CHUNK)
-        refl, scale = rows.refl[piece], rows.scale[piece, None]
+        refl, scale = rows.refl[piece], rows.scale[piece, None].astype(np.float64)
         f = grid[refl]
         sigma = np.broadcast_to(rows.sigma[piece, None], f.shape)
         if widen is not None:
