@@ -196,7 +196,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         observations disagree several-fold, and a SIGF that spans them, where the
         fit's truncated normal keeps one mode with a width that excludes the others.
         "variational": the fitted truncated normals' moments (and, under the
-        double-Wilson prior, their linear-response widths).
+        double-Wilson prior, their linear-response widths), as also with
+        ``freeze="posterior"`` (amplitudes held at given values).
     beta_1, beta_2 : float, default=0.9, 0.99
         Adam's decay rates of the gradient's first and second moments.
     clipnorm, clipvalue, global_clipnorm : float, default=None

@@ -206,13 +206,22 @@ class DoubleWilsonDistribution(tfd.Distribution):
         loc, scale = k * parent_f, tf.sqrt(w)
         return FoldedNormal(loc, scale), Rice(loc, scale)
 
-    def conditional_log_prob(self, children, child_f, parent_f):
+    def conditional_log_prob(self, children, child_f, parent_f, child_cell=None, parent_cell=None):
         """log p(F_child | F_parent) of the child reflections ``children`` (rows), for
         amplitudes ``child_f`` and ``parent_f`` of shapes that broadcast against
-        (len(children), ...) — e.g. every pair of two grids."""
+        (len(children), ...) — e.g. every pair of two grids.
+
+        With ``child_cell`` and ``parent_cell`` (the widths of the grid cells of
+        ``child_f`` and ``parent_f``, of the same shapes), the density averaged over the
+        cells instead, approximately: the cells' variances (Δ²/12, the parent's times
+        k²) added to the conditional variance, so that a law narrower than the grids'
+        spacing is not missed between their points."""
         k, w = (tf.gather(tf.cast(t, child_f.dtype), children) for t in self._pair_terms())
         trailing = [1] * (len(child_f.shape) - 1)
-        k, scale = (tf.reshape(t, [-1] + trailing) for t in (k, tf.sqrt(w)))
+        k, w = (tf.reshape(t, [-1] + trailing) for t in (k, w))
+        if child_cell is not None:
+            w = w + (tf.square(child_cell) + tf.square(k * parent_cell)) / 12
+        scale = tf.sqrt(w)
         centric = tf.reshape(tf.gather(self.centric, children), [-1] + trailing)
         loc = k * parent_f
         return tf.where(centric, FoldedNormal(loc, scale).log_prob(child_f), Rice(loc, scale).log_prob(child_f))

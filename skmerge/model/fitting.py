@@ -142,10 +142,12 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
 
 def with_grid_marginals(params, model, data_chunks, n_reflections):
     """Set a trained model's grid marginals (:mod:`skmerge.model.marginals`) when the
-    estimator's ``marginals`` asks for them; ``data_chunks`` gives the training data."""
+    estimator's ``marginals`` asks for them (not for amplitudes frozen at given values);
+    ``data_chunks`` gives the training data."""
     from .marginals import grid_marginals
 
-    model.marginals = grid_marginals(model, data_chunks, n_reflections) if params.marginals == "grid" else None
+    wanted = params.marginals == "grid" and params.freeze != "posterior"
+    model.marginals = grid_marginals(model, data_chunks, n_reflections) if wanted else None
 
 
 def joined_with_previous(params, old_state, old_weights, result):

@@ -27,21 +27,22 @@ are held at their predicted intensities.
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import special
 
 from .._tf import tf
 
-# Points per reflection of the coarse and the fine grid.
+# Points per reflection of the coarse grid, and of the fine grid: at quantiles of the
+# posterior as the last pass saw it, and around the fit's posterior.
 _COARSE_POINTS = 64
-_FINE_POINTS = 64
-# The posterior mass left outside a reflection's fine grid on either side.
-_TAIL = 1e-7
-# A fine grid whose posterior's mass lies in less than this fraction of it is drawn again
-# over that part (a strong reflection whose coarse grid was too coarse to place it).
-_REFINE = 0.25
-# The fine grid also spans the fit's posterior mean ± this many of its SDs.
-_FIT_SPAN = 6.0
-# The coarse grid reaches this far past the largest amplitude an observation implies, and
-# past the prior's root mean square times _PRIOR_SPAN.
+_QUANTILE_POINTS = 48
+_FIT_POINTS = 16
+# The quantiles are those of a normal at this many SDs either side: the fine grid leaves
+# about 10⁻⁷ of the mass outside on either side.
+_QUANTILE_SPAN = 5.3
+# The fit's posterior mean ± this many of its SDs.
+_FIT_SPAN = 4.0
+# The coarse grid reaches this far past the largest amplitude an observation implies, past
+# the prior's root mean square times _PRIOR_SPAN, and past the fit's mean + 12 SDs.
 _OBSERVED_SPAN = 1.25
 _PRIOR_SPAN = 5.0
 # Rows (observations' contributions) and edges evaluated at once.
@@ -117,42 +118,66 @@ def grid_marginals(model, data_chunks, n_reflections):
     root_law = getattr(prior, "root_law", prior)
     prior_rms = np.sqrt(marginal_law.raw_moments()[1].numpy().astype(np.float64))
 
-    top = np.maximum.reduce([_OBSERVED_SPAN * rows.implied_max, q_mean + 2 * _FIT_SPAN * q_sd,
-                             _PRIOR_SPAN * prior_rms])
+    top = np.maximum.reduce([_OBSERVED_SPAN * rows.implied_max, q_mean + 12 * q_sd, _PRIOR_SPAN * prior_rms])
     coarse = top[:, None] * np.linspace(0.0, 1.0, _COARSE_POINTS)
     own_law = _own_law_on(marginal_law, root_law, parent)
     potential = _log_likelihood_on(model, rows, coarse, widen=top / (_COARSE_POINTS - 1)) + own_law(coarse)
-    grid = _fine_grid(*_support(coarse, potential), q_mean, q_sd)
-    likelihood = _log_likelihood_on(model, rows, grid)
-    # Where the posterior fills only a small part of its fine grid, draw the grid again
-    # over that part.
-    lo, hi = _support(grid, likelihood + own_law(grid))
-    redo = (hi - lo) < _REFINE * (grid[:, -1] - grid[:, 0])
-    if redo.any():
-        grid[redo] = _fine_grid(lo[redo], hi[redo], q_mean[redo], q_sd[redo])
-        likelihood[redo] = _log_likelihood_on(model, rows.of_reflections(redo), grid)[redo]
-
-    # Trapezoid weights: on a uniform grid the constant spacing cancels in every
-    # normalisation, the half weights of the end points do not.
-    log_weight = np.zeros(_FINE_POINTS)
-    log_weight[[0, -1]] = np.log(0.5)
-    roots = parent < 0
-    own = likelihood + log_weight + np.where(roots[:, None], own_law(grid), 0.0)
-    if roots.all():
-        belief, covariance = own, np.zeros(n_reflections)
-    else:
-        belief, covariance = _tree_beliefs(prior, grid, own, parent)
+    # Twice: points at the quantiles of the widened coarse posterior, then at those of
+    # the first fine pass's marginals (where a narrow peak, or a family's tie, puts them).
+    grid, log_density = coarse, potential + _log_trapezoid(coarse)
+    for _ in range(2):
+        grid = _fine_grid(grid, log_density, q_mean, q_sd)
+        likelihood = _log_likelihood_on(model, rows, grid)
+        log_density, covariance = _beliefs(prior, grid, likelihood, own_law, parent)
+    belief = log_density
     weight = np.exp(belief - belief.max(axis=1, keepdims=True))
     weight /= weight.sum(axis=1, keepdims=True)
     values = np.stack([(weight * grid**k).sum(axis=1) for k in (1, 2, 4)] + [covariance])
     return GridMarginals(values, parent)
 
 
-def _fine_grid(lo, hi, q_mean, q_sd):
-    """Uniform grids over [lo, hi] widened to the fit's posterior mean ± _FIT_SPAN SDs."""
-    lo = np.maximum(np.minimum(lo, q_mean - _FIT_SPAN * q_sd), 0.0)
-    hi = np.maximum(hi, q_mean + _FIT_SPAN * q_sd)
-    return lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, _FINE_POINTS)
+def _beliefs(prior, grid, likelihood, own_law, parent):
+    """Every reflection's log-marginal mass at the points of its grid (up to a constant)
+    and its covariance with its prior parent, from its log-likelihood there."""
+    roots = parent < 0
+    own = likelihood + _log_trapezoid(grid) + np.where(roots[:, None], own_law(grid), 0.0)
+    if roots.all():
+        return own, np.zeros(len(parent))
+    return _tree_beliefs(prior, grid, own, parent)
+
+
+def _log_trapezoid(grid):
+    """log of the trapezoid rule's weight of every point of sorted grids."""
+    return np.log(_cells(grid))
+
+
+def _cells(grid):
+    """The width every point of sorted grids stands for (the trapezoid rule's weight)."""
+    padded = np.concatenate([grid[:, :1], grid, grid[:, -1:]], axis=1)
+    with np.errstate(divide="ignore"):
+        return (padded[:, 2:] - padded[:, :-2]) / 2
+
+
+def _fine_grid(grid, log_mass, q_mean, q_sd):
+    """Sorted grids of points at the quantiles of the mass ``log_mass`` on ``grid`` (the
+    cumulative mass interpolated linearly), and around the fit's posterior."""
+    mass = np.exp(log_mass - log_mass.max(axis=1, keepdims=True))
+    cumulative = np.cumsum(mass, axis=1)
+    cumulative /= cumulative[:, -1:]
+    levels = special.ndtr(np.linspace(-_QUANTILE_SPAN, _QUANTILE_SPAN, _QUANTILE_POINTS))
+    # The first point at or past each level, every row searched at once: shifted by 2
+    # per row, the rows' cumulative masses (each within [0, 1]) form one sorted array.
+    n, points = grid.shape
+    shift = 2.0 * np.arange(n)[:, None]
+    above = np.searchsorted((cumulative + shift).ravel(), (levels + shift).ravel()).reshape(n, -1)
+    right = np.minimum(above - points * np.arange(n)[:, None], points - 1)
+    left = np.maximum(right - 1, 0)
+    rows = np.arange(n)[:, None]
+    low, high = cumulative[rows, left], cumulative[rows, right]
+    fraction = np.clip(np.divide(levels - low, high - low, out=np.zeros_like(low), where=high > low), 0, 1)
+    quantiles = grid[rows, left] + fraction * (grid[rows, right] - grid[rows, left])
+    around_fit = q_mean[:, None] + q_sd[:, None] * np.linspace(-_FIT_SPAN, _FIT_SPAN, _FIT_POINTS)
+    return np.sort(np.maximum(np.concatenate([quantiles, around_fit], axis=1), 0.0), axis=1)
 
 
 def _own_law_on(marginal_law, root_law, parent):
@@ -236,19 +261,6 @@ def _log_prob_on(law, grid):
     return law.log_prob(tf.constant(grid.T, tf.float32)).numpy().T.astype(np.float64)
 
 
-def _support(grid, log_density):
-    """Per reflection, the range of its grid outside which the normalised density
-    ``log_density`` holds less than _TAIL on either side (one point further each way)."""
-    mass = np.exp(log_density - log_density.max(axis=1, keepdims=True))
-    cumulative = np.cumsum(mass, axis=1)
-    cumulative /= cumulative[:, -1:]
-    points = grid.shape[1]
-    first = np.maximum(np.argmax(cumulative > _TAIL, axis=1) - 1, 0)
-    last = np.minimum(np.argmax(cumulative >= 1 - _TAIL, axis=1) + 1, points - 1)
-    rows = np.arange(len(grid))
-    return grid[rows, first], grid[rows, last]
-
-
 def _tree_beliefs(prior, grid, own, parent):
     """Sum-product on the prior's forest: every reflection's log-marginal on its grid,
     and the covariance of every child with its parent.
@@ -294,9 +306,13 @@ def _edge_chunks(rows):
 
 def _edge_log_kernel(prior, grid, parent, children):
     """log p(F_child = g_j | F_parent = g_i) of the prior for every child of
-    ``children``: shape (children, child points j, parent points i)."""
+    ``children``, averaged over the grids' cells (a tightly tied pair's law may be
+    narrower than their spacing): shape (children, child points j, parent points i)."""
+    cells = _cells(grid)
     return prior.conditional_log_prob(children, tf.constant(grid[children][:, :, None]),
-                                      tf.constant(grid[parent[children]][:, None, :])).numpy()
+                                      tf.constant(grid[parent[children]][:, None, :]),
+                                      tf.constant(cells[children][:, :, None]),
+                                      tf.constant(cells[parent[children]][:, None, :])).numpy()
 
 
 def _logsumexp(values, axis):
