@@ -109,10 +109,10 @@ def _add_mono_arguments(mono, defaults):
     model.add_argument("--error-model", "--refine-uncertainties", action="store_true", dest="error_model", help="refine the sigmas as SdFac*sqrt(sigma^2 + "
                        "(SdAdd*Ipred)^2) with the model (the default; the flag is kept for older command lines)")
     model.add_argument("--no-error-model", action="store_true", help="use the reported sigmas as they are")
-    model.add_argument("--marginals", choices=("grid", "variational"), default=defaults["marginals"],
-                       help="what OUT_0.mtz reports: grid, each reflection's posterior given the fitted scales and "
-                       "noise model integrated on a grid of F (honest F and SIGF where a few observations "
-                       "disagree); variational, the fitted truncated normals' moments (default: %(default)s)")
+    model.add_argument("--marginals", choices=("variational", "grid"), default=defaults["marginals"],
+                       help="what OUT_0.mtz reports: variational, the fitted truncated normals' moments; grid, each "
+                       "reflection's posterior given the fitted scales and noise model integrated on a grid of F "
+                       "(honest SIGF where a few observations disagree; see docs/model.md) (default: %(default)s)")
     model.add_argument("--no-double-wilson", action="store_true", help="Wilson's prior for every amplitude: no "
                        "bivariate prior between Friedel mates (the default ties them with --anomalous)")
     model.add_argument("--reference-mtz", metavar="FILE",

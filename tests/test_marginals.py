@@ -25,7 +25,8 @@ def _fit(anomalous, **params):
     X.loc[row, "Iobs"] *= 5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merger = VariationalMerger(anomalous=anomalous, max_iter=150, random_state=0, **params).fit(X)
+        merger = VariationalMerger(anomalous=anomalous, max_iter=150, random_state=0, marginals="grid",
+                                   **params).fit(X)
     known = merger.reflections_.keys
     return merger, X, lookup_keys(known, keys), lookup_keys(known, keys[[row]])[0]
 
@@ -138,7 +139,7 @@ def test_transform_reports_the_grid_marginals_and_variational_the_fit():
 def test_time_series_families_and_partial_fit_keep_marginals():
     X, _ = make_unmerged(n_images=9, time_points=3, random_state=0)
     merger = VariationalMerger(separate_files=True, prior=DoubleWilsonPrior(parents=[None, 0, 1]), max_iter=60,
-                               random_state=0)
+                               random_state=0, marginals="grid")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merger.fit(X)
@@ -149,7 +150,7 @@ def test_time_series_families_and_partial_fit_keep_marginals():
     assert (parent[parent[parent >= 0]] >= 0).any()
     assert (moments[3][parent >= 0] != 0).any() and (moments[3][parent < 0] == 0).all()
     images = X["image_id"].to_numpy()
-    first = VariationalMerger(prior="wilson", max_iter=40, random_state=0)
+    first = VariationalMerger(prior="wilson", max_iter=40, random_state=0, marginals="grid")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first.partial_fit(X[images < 4]).partial_fit(X[images >= 4])

@@ -14,10 +14,15 @@ the conditional law), which give every reflection's marginal moments to the grid
 resolution and the covariance of every child with its parent (a Friedel pair's, which
 SIGDANO needs).
 
-Each reflection's grid comes from two passes over its observations. A coarse grid from 0
-past its largest observation, on which every observation's likelihood is widened to at
-least the grid's spacing so that no mode falls between two points, finds where the
-posterior has mass; a fine grid spans that, and the fit's own posterior.
+Each reflection's grid comes from three passes over its observations. A coarse uniform
+grid from 0 past its largest observation, on which every observation's likelihood is
+widened to at least the grid's spacing so that no mode falls between two points, finds
+where the posterior has mass; the next grid puts its points at the quantiles of that
+(and around the fit's own posterior), and the last at the quantiles of the marginals
+the second found. Points follow the mass, so a narrow peak beside a long tail (one weak
+observation under a heavy-tailed likelihood) or a member of a tightly tied family is
+resolved with a fixed number of points; the integrals are trapezoid sums over the
+non-uniform points, and the double-Wilson prior's table is averaged over their cells.
 
 The scales are taken at their posterior means: their fitted spread is of order 10⁻³ in
 log Σ, far inside the amplitudes' widths. In Laue data the other harmonics of a spot
