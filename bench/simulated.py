@@ -55,7 +55,7 @@ def variants():
         "tmixture+em+dw": dict(likelihood=MixtureLikelihood(core_dof=16.0), prior=DoubleWilsonPrior(),
                                error_model=ErrorModel()),
         "default": {},
-        "variational": dict(marginals="variational"),
+        "grid": dict(marginals="grid"),
     }
 
 
@@ -176,7 +176,7 @@ def main(argv=None):
             ref = reference(X, truth, separate)
             for variant in args.variants.split(","):
                 params = dict(variants()[variant])
-                if separate and (variant in ("default", "variational") or variant.endswith("dw")):
+                if separate and (variant in ("default", "grid") or variant.endswith("dw")):
                     from skmerge import DoubleWilsonPrior
 
                     params["prior"] = DoubleWilsonPrior(parents=[None, 0])
