@@ -296,3 +296,20 @@ def test_streamed_merge_warns_of_small_sigmas_with_the_exact_median(tmp_path, mo
     assert factor > 3
     assert _sigma_scatter(predictions_file) == pytest.approx(factor, rel=1e-12)
     assert sigma_scatter_warning(factor) in result.warnings
+
+
+def test_streamed_grid_marginals_equal_those_of_the_table(store, monkeypatch):
+    """Grid marginals from passes over the store's pieces are those the same fitted
+    model gives from the table in memory."""
+    from skmerge.model.fitted import FitState, evaluation_chunks
+    from skmerge.model.marginals import grid_marginals
+
+    path, X, _ = store
+    monkeypatch.setattr(streaming.StoreSource, "chunks", lambda self: streaming.iter_store_chunks(self.path, 5000, False))
+    streamed = _fit(path, max_iter=30, marginals="grid")
+    state, model = FitState.from_attributes(streamed), streamed._get_model()
+    data, _ = state.evaluation_data(streamed, X)
+    from_table = grid_marginals(model, lambda: evaluation_chunks(model, data), len(state.reflections))
+    np.testing.assert_allclose(streamed.marginal_moments_, from_table.values, rtol=1e-4, atol=1e-6)
+    merged = streamed.transform(path)
+    assert np.isfinite(merged["SIGF"]).all()
