@@ -396,8 +396,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
         spectrum=None, lorentz_correction=False, posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0,
-        marginals="variational", beta_1=0.9, beta_2=0.99, clipnorm=None, clipvalue=None, global_clipnorm=None, epsilon=1e-4,
-        scale_bijector="softplus", standardize_metadata=True,
+        marginals="variational", beta_1=0.9, beta_2=0.99, clipnorm=None, clipvalue=None, global_clipnorm=None,
+        epsilon=1e-4, scale_bijector="softplus", standardize_metadata=True,
         positional_encoding_keys=None, validation_frequency=10, reindexing="auto", reindexing_reference=None,
         jit_compile=False, random_state=None, verbose=0,
     ):

@@ -149,14 +149,15 @@ def test_flags_map_to_estimator_parameters():
     args = _parse("--anomalous", "--studentt-likelihood-dof", "8", "--iterations", "30_000", "--learning-rate",
                   "0.01", "--mlp-layers", "3", "--mlp-width", "7", "--mc-samples", "4", "--disable-image-scales",
                   "--early-stopping", "--seed", "5", "--disable-progress-bar", "--separate-files", "-L", "2",
-                  "--batch-size", "16", "--no-error-model", "--no-double-wilson", "--image-model", "encoder")
+                  "--batch-size", "16", "--no-error-model", "--no-double-wilson", "--image-model", "encoder",
+                  "--marginals", "grid")
     params = merger_parameters(args, ["dHKL", "BATCH"])
     likelihood, error_model, prior = params.pop("likelihood"), params.pop("error_model"), params.pop("prior")
     assert params == {
         "metadata": ["dHKL", "BATCH"], "anomalous": True, "image_scales": False, "early_stopping": True,
         "random_state": 5, "verbose": 0, "separate_files": True,
         "max_iter": 30000, "learning_rate": 0.01, "mlp_layers": 3, "mlp_width": 7, "mc_samples": 4,
-        "positional_encoding": 2, "batch_size": 16, "image_model": "encoder",
+        "positional_encoding": 2, "batch_size": 16, "image_model": "encoder", "marginals": "grid",
         # careless's flags not given: the estimator's defaults
         "kl_weight": 1.0, "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-4, "scale_bijector": "softplus",
         "jit_compile": False, "standardize_metadata": True, "image_layers": 0,

@@ -305,7 +305,8 @@ def test_streamed_grid_marginals_equal_those_of_the_table(store, monkeypatch):
     from skmerge.model.marginals import grid_marginals
 
     path, X, _ = store
-    monkeypatch.setattr(streaming.StoreSource, "chunks", lambda self: streaming.iter_store_chunks(self.path, 5000, False))
+    monkeypatch.setattr(streaming.StoreSource, "chunks",
+                        lambda self: streaming.iter_store_chunks(self.path, 5000, False))
     streamed = _fit(path, max_iter=30, marginals="grid")
     state, model = FitState.from_attributes(streamed), streamed._get_model()
     data, _ = state.evaluation_data(streamed, X)

@@ -15,8 +15,9 @@ from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, evaluation_chunks,
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "marginal_moments_", *LIKELIHOOD_ATTRIBUTES, "validation_scores_",
-                       "best_validation_score_", "wavelength_bands_", "dmin_", "held_out_loss_curve_")
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "marginal_moments_", *LIKELIHOOD_ATTRIBUTES,
+                       "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_",
+                       "held_out_loss_curve_")
 
 
 @dataclass

@@ -134,8 +134,7 @@ def grid_marginals(model, data_chunks, n_reflections):
         grid = _fine_grid(grid, log_density, q_mean, q_sd)
         likelihood = _log_likelihood_on(model, rows, grid)
         log_density, covariance = _beliefs(prior, grid, likelihood, own_law, parent)
-    belief = log_density
-    weight = np.exp(belief - belief.max(axis=1, keepdims=True))
+    weight = np.exp(log_density - log_density.max(axis=1, keepdims=True))
     weight /= weight.sum(axis=1, keepdims=True)
     values = np.stack([(weight * grid**k).sum(axis=1) for k in (1, 2, 4)] + [covariance])
     return GridMarginals(values, parent)
@@ -212,12 +211,6 @@ class _Rows:
     scale: np.ndarray
     offset: np.ndarray
     implied_max: np.ndarray
-
-    def of_reflections(self, chosen):
-        """The rows of the reflections where the boolean array ``chosen`` is true."""
-        keep = chosen[self.refl]
-        return _Rows(*(v[keep] for v in (self.refl, self.intensity, self.sigma, self.scale, self.offset)),
-                     self.implied_max)
 
 
 def _row_terms(model, chunks, n_reflections):
