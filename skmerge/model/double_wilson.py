@@ -222,9 +222,16 @@ class DoubleWilsonDistribution(tfd.Distribution):
         if child_cell is not None:
             w = w + (tf.square(child_cell) + tf.square(k * parent_cell)) / 12
         scale = tf.sqrt(w)
-        centric = tf.reshape(tf.gather(self.centric, children), [-1] + trailing)
+        centric = tf.gather(self.centric, children)
         loc = k * parent_f
-        return tf.where(centric, FoldedNormal(loc, scale).log_prob(child_f), Rice(loc, scale).log_prob(child_f))
+        # Only the law the children need where they are all of one kind (the cost is
+        # in the Rice law's Bessel function).
+        if not bool(tf.reduce_any(centric)):
+            return Rice(loc, scale).log_prob(child_f)
+        if bool(tf.reduce_all(centric)):
+            return FoldedNormal(loc, scale).log_prob(child_f)
+        return tf.where(tf.reshape(centric, [-1] + trailing), FoldedNormal(loc, scale).log_prob(child_f),
+                        Rice(loc, scale).log_prob(child_f))
 
     def _log_prob(self, f):
         centric_law, acentric_law = self._conditional(tf.gather(f, self._parent, axis=-1))

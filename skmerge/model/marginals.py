@@ -270,17 +270,19 @@ def _tree_beliefs(prior, grid, own, parent):
     from .double_wilson import _depths
 
     depth = _depths(parent)
+    # Children ordered by kind (acentric, centric), so that most pieces hold one kind.
+    centric = prior.centric.numpy()
     upward = own.copy()
     sent = np.zeros_like(own)
     for d in range(depth.max(), 0, -1):
-        for children in _edge_chunks(np.flatnonzero(depth == d)):
+        for children in _edge_chunks(np.flatnonzero(depth == d), centric):
             kernel = _edge_log_kernel(prior, grid, parent, children)
             sent[children] = _logsumexp(kernel + upward[children, :, None], axis=1)
             np.add.at(upward, parent[children], sent[children])
     belief = upward.copy()
     covariance = np.zeros(len(parent))
     for d in range(1, depth.max() + 1):
-        for children in _edge_chunks(np.flatnonzero(depth == d)):
+        for children in _edge_chunks(np.flatnonzero(depth == d), centric):
             kernel = _edge_log_kernel(prior, grid, parent, children)
             # The parent's belief without this child's message (−∞ where the message is:
             # no joint mass lies there whatever the rest says).
@@ -297,7 +299,8 @@ def _tree_beliefs(prior, grid, own, parent):
     return belief, covariance
 
 
-def _edge_chunks(rows):
+def _edge_chunks(rows, centric):
+    rows = rows[np.argsort(centric[rows], kind="stable")]
     for start in range(0, len(rows), _EDGE_CHUNK):
         yield rows[start:start + _EDGE_CHUNK]
 
@@ -307,10 +310,10 @@ def _edge_log_kernel(prior, grid, parent, children):
     ``children``, averaged over the grids' cells (a tightly tied pair's law may be
     narrower than their spacing): shape (children, child points j, parent points i)."""
     cells = _cells(grid)
-    return prior.conditional_log_prob(children, tf.constant(grid[children][:, :, None]),
-                                      tf.constant(grid[parent[children]][:, None, :]),
-                                      tf.constant(cells[children][:, :, None]),
-                                      tf.constant(cells[parent[children]][:, None, :])).numpy()
+    values = (grid[children][:, :, None], grid[parent[children]][:, None, :], cells[children][:, :, None],
+              cells[parent[children]][:, None, :])
+    # Single precision: the log-densities are summed in double precision afterwards.
+    return prior.conditional_log_prob(children, *(tf.constant(v, tf.float32) for v in values)).numpy()
 
 
 def _logsumexp(values, axis):
