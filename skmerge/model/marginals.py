@@ -113,6 +113,17 @@ def grid_marginals(model, data_chunks, n_reflections):
     Returns
     -------
     GridMarginals
+
+    Examples
+    --------
+    A merger computes them after training with ``marginals="grid"``:
+
+    >>> from skmerge import VariationalMerger
+    >>> from skmerge.datasets import make_unmerged
+    >>> X, _ = make_unmerged(n_images=6, random_state=0)
+    >>> merger = VariationalMerger(marginals="grid", mlp_layers=2, max_iter=20, random_state=0).fit(X)
+    >>> merger.marginal_moments_.shape == (4, len(merger.reflections_))
+    True
     """
     rows = _row_terms(model, data_chunks(), n_reflections)
     prior = model.prior
