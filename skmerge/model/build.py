@@ -160,8 +160,7 @@ def restore_model(params, state, weights):
     if weights.marginals is not None:
         from .marginals import GridMarginals
 
-        parent = getattr(model.prior, "parent", np.full(n, -1))
-        model.marginals = GridMarginals(np.asarray(weights.marginals, np.float64), np.asarray(parent, np.int64))
+        model.marginals = GridMarginals.under(model.prior, weights.marginals)
     return model
 
 

@@ -176,7 +176,8 @@ class DoubleWilsonDistribution(tfd.Distribution):
             self._parent = tf.constant(np.maximum(parent, 0))
             self._r_index = tf.constant(np.asarray(r_index, np.int64))
             self.r = r
-            self._levels = _levels(parent)
+            self.depth = _depths(parent)  # of every reflection in the parent forest (0: roots)
+            self._levels = [tf.constant(self.depth == d) for d in range(1, self.depth.max() + 1)]
             super().__init__(dtype=tf.float32, reparameterization_type=tfd.FULLY_REPARAMETERIZED,
                              validate_args=False, allow_nan_stats=True, parameters=parameters, name=name)
 
@@ -334,12 +335,6 @@ def _depths(parent):
             raise InputError("the double-Wilson parents form a cycle; every chain of parents must end at a root.")
         depth[ready] = d
     return depth
-
-
-def _levels(parent):
-    """Boolean masks of the reflections at depth 1, 2, … of the parent forest."""
-    depth = _depths(parent)
-    return [tf.constant(depth == d) for d in range(1, depth.max() + 1)]
 
 
 class DoubleWilsonPrior(BaseEstimator):

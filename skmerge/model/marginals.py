@@ -79,6 +79,13 @@ class GridMarginals:
     values: np.ndarray
     parent: np.ndarray
 
+    @classmethod
+    def under(cls, prior, values):
+        """The marginals ``values`` of the reflections of ``prior``, whose parent forest
+        (a double-Wilson prior's; none for others) they follow."""
+        values = np.asarray(values, np.float64)
+        return cls(values, _parents(prior, values.shape[1]))
+
     def raw_moments(self):
         """E[F], E[F²], E[F³] (not kept: NaN) and E[F⁴] of every reflection, in the
         order of a distribution's ``raw_moments``."""
@@ -127,7 +134,7 @@ def grid_marginals(model, data_chunks, n_reflections):
     """
     rows = _row_terms(model, data_chunks(), n_reflections)
     prior = model.prior
-    parent = np.asarray(getattr(prior, "parent", np.full(n_reflections, -1)), np.int64)
+    parent = _parents(prior, n_reflections)
     q_mean, q_var = (m.numpy().astype(np.float64) for m in model.posterior.distribution().raw_moments()[:2])
     q_sd = np.sqrt(np.maximum(q_var - q_mean**2, 0.0))
     marginal_law = getattr(prior, "wilson", prior)
@@ -162,15 +169,22 @@ def _beliefs(prior, grid, likelihood, own_law, parent):
 
 
 def _log_trapezoid(grid):
-    """log of the trapezoid rule's weight of every point of sorted grids."""
-    return np.log(_cells(grid))
+    """log of the trapezoid rule's weight of every point of sorted grids (−∞ for a point
+    that repeats its neighbours)."""
+    with np.errstate(divide="ignore"):
+        return np.log(_cells(grid))
 
 
 def _cells(grid):
     """The width every point of sorted grids stands for (the trapezoid rule's weight)."""
     padded = np.concatenate([grid[:, :1], grid, grid[:, -1:]], axis=1)
-    with np.errstate(divide="ignore"):
-        return (padded[:, 2:] - padded[:, :-2]) / 2
+    return (padded[:, 2:] - padded[:, :-2]) / 2
+
+
+def _parents(prior, n_reflections):
+    """Row of every reflection's parent in the prior's forest (a double-Wilson prior's;
+    −1 for every reflection of a prior that ties none)."""
+    return np.asarray(getattr(prior, "parent", np.full(n_reflections, -1)), np.int64)
 
 
 def _fine_grid(grid, log_mass, q_mean, q_sd):
@@ -278,9 +292,7 @@ def _tree_beliefs(prior, grid, own, parent):
     weights). Upwards, each child sends its parent log Σⱼ p(F_c = g_j | F_p)·(its own
     potential and its children's messages); downwards, each child receives its parent's
     belief without its own message, passed through the same table."""
-    from .double_wilson import _depths
-
-    depth = _depths(parent)
+    depth = prior.depth
     # Children ordered by kind (acentric, centric), so that most pieces hold one kind.
     centric = prior.centric.numpy()
     upward = own.copy()
