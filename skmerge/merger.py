@@ -29,8 +29,8 @@ from .features import split_metadata
 from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
-from .model.fitted import FitState, Weights
-from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union
+from .model.fitted import FitState, Weights, evaluation_chunks
+from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union, with_grid_marginals
 from .model.streaming import StoreSource, as_source, evaluate_store, store_keys
 
 _SCORE_SAMPLES = 32
@@ -580,6 +580,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         if operators is not None:
             result, X_fit, settings = self._refine_settings(X, y, result, X_fit, operators, rng, seed,
                                                             0 if previous is not None else _MAX_SETTING_ROUNDS)
+        # Once, for the final model (not for each round of settings).
+        model, state = result.model, result.state
+        with_grid_marginals(self, model, lambda: evaluation_chunks(model, state.evaluation_data(self, X_fit, y)[0]),
+                            len(state.reflections))
         return result, seed, settings
 
     def _fit_store(self, store, y, X_held_out):

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
-from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, evaluation_chunks, likelihood_attributes
+from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, likelihood_attributes
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
@@ -110,7 +110,6 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     variables = trained_variables(params, model)
     if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)
-    full_data = data
     options = dict(learning_rate=params.learning_rate, jit_compile=params.jit_compile, beta_1=params.beta_1,
                    beta_2=params.beta_2, clipnorm=params.clipnorm, clipvalue=params.clipvalue,
                    global_clipnorm=params.global_clipnorm)
@@ -132,8 +131,6 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
             max_iter, tol=params.tol, n_iter_no_change=params.n_iter_no_change if stop else max_iter,
             progress=progress, monitor=monitor, watch=watch, watch_every=params.validation_frequency,
         )
-    if validation is None:  # a fit that only chooses the number of steps reports nothing
-        with_grid_marginals(params, model, lambda: evaluation_chunks(model, full_data), len(state.reflections))
     held_out_loss = None
     if held_out is not None:
         held_out_loss = np.array(trainer.watched, dtype=np.float64).reshape(-1, 2)
