@@ -19,7 +19,7 @@ def _fit(anomalous, **params):
     X = X.reset_index(drop=True)
     # A reflection measured twice, once 5× too bright: its posterior has two modes.
     keys = encode(X, anomalous=anomalous, separate_files=False).keys
-    unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     twice = np.flatnonzero((counts[inverse] == 2) & ~X["CENTRIC"].to_numpy(bool))
     row = twice[np.argmax(X["Iobs"].to_numpy()[twice] / X["SIGIobs"].to_numpy()[twice])]
     X.loc[row, "Iobs"] *= 5
@@ -32,8 +32,8 @@ def _fit(anomalous, **params):
 
 
 def _observation_terms(merger, X, refl, reflection):
-    """Standardised intensity, σ′ as a function of the prediction, and scale of every
-    observation of one reflection, as the fitted model sees them."""
+    """The log-likelihood of one reflection's observations as a function of its F (in
+    standardised units), as the fitted model sees them: scales, σ′ and ν fitted."""
     c = merger.intensity_scale_
     rows = np.flatnonzero(refl == reflection)
     _, scale, _ = merger.predict(X.iloc[rows], return_scale=True)
