@@ -56,6 +56,8 @@ def variants():
                                error_model=ErrorModel()),
         "default": {},
         "grid": dict(marginals="grid"),
+        "two-piece": dict(likelihood="two-piece"),
+        "two-piece+grid": dict(likelihood="two-piece", marginals="grid"),
     }
 
 
@@ -176,7 +178,7 @@ def main(argv=None):
             ref = reference(X, truth, separate)
             for variant in args.variants.split(","):
                 params = dict(variants()[variant])
-                if separate and (variant in ("default", "grid") or variant.endswith("dw")):
+                if separate and ("prior" not in params or variant.endswith("dw")):
                     from skmerge import DoubleWilsonPrior
 
                     params["prior"] = DoubleWilsonPrior(parents=[None, 0])

@@ -26,6 +26,7 @@ _LAZY = {
     "NormalLikelihood": "skmerge.model.likelihoods",
     "LaplaceLikelihood": "skmerge.model.likelihoods",
     "StudentTLikelihood": "skmerge.model.likelihoods",
+    "TwoPieceStudentTLikelihood": "skmerge.model.likelihoods",
     "MixtureLikelihood": "skmerge.model.likelihoods",
     "ErrorModel": "skmerge.model.error_model",
     "PositionalEncoding": "skmerge.features",

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
+from scipy.special import gammaln
 
 from .errors import InputError
 from .shells import ResolutionShells, make_shells
@@ -102,9 +103,10 @@ def normal_score(z, likelihood):
     z : array-like
         (Iobs − Ipred)/σpred (:func:`predictive_z`).
     likelihood : dict
-        The law: ``{"dof": ν}`` (Student-t), ``{"outlier_fraction": π,
-        "outlier_scale": κ}`` (normal mixture; with ``"dof"`` too, a mixture of
-        Student-t's), ``{"laplace": True}``, or empty (normal: z is returned as it is).
+        The law: ``{"dof": ν}`` (Student-t), ``{"dof_below": ν₋, "dof_above": ν₊}``
+        (two-piece Student-t), ``{"outlier_fraction": π, "outlier_scale": κ}`` (normal
+        mixture; with ``"dof"`` too, a mixture of Student-t's), ``{"laplace": True}``, or
+        empty (normal: z is returned as it is).
 
     Examples
     --------
@@ -116,6 +118,10 @@ def normal_score(z, likelihood):
     """
     z = np.asarray(z, dtype=np.float64)
     size = np.abs(z)
+    if "dof_below" in likelihood:
+        # Each half holds probability ½: the tail beyond z is that of its side's Student-t
+        # at the side's scale (TwoPieceStudentTLikelihood).
+        return np.sign(z) * scipy_stats.norm.isf(_two_piece_tail(z, likelihood))
     core = scipy_stats.t(likelihood["dof"]) if "dof" in likelihood else scipy_stats.norm
     if "outlier_fraction" in likelihood:
         fraction, scale = likelihood["outlier_fraction"], likelihood["outlier_scale"]
@@ -129,15 +135,37 @@ def normal_score(z, likelihood):
     return np.sign(z) * scipy_stats.norm.isf(tail)
 
 
+def _two_piece_law(z, likelihood):
+    """ν and the width (in units of σ) of the two-piece Student-t's side of every z."""
+    below, above = (np.full(np.shape(z), likelihood[name], np.float64) for name in ("dof_below", "dof_above"))
+    half_gap = 0.5 * (_log_peak(below) - _log_peak(above))
+    dof = np.where(z < 0, below, above)
+    return dof, np.exp(np.where(z < 0, half_gap, -half_gap))
+
+
+def _log_peak(dof):
+    """log of a standard Student-t's density at 0."""
+    return gammaln((dof + 1) / 2) - gammaln(dof / 2) - 0.5 * np.log(np.pi * dof)
+
+
+def _two_piece_tail(z, likelihood):
+    dof, width = _two_piece_law(z, likelihood)
+    return scipy_stats.t.sf(np.abs(z) / width, dof)
+
+
 def likelihood_law(merger):
     """The predictive law of a fitted merger's likelihood, as :func:`normal_score` takes
     it (learned parameters where the fit learned them)."""
     from .model.fitted import learned_likelihood
-    from .model.likelihoods import LaplaceLikelihood, MixtureLikelihood, StudentTLikelihood, make_likelihood
+    from .model.likelihoods import (LaplaceLikelihood, MixtureLikelihood, StudentTLikelihood,
+                                    TwoPieceStudentTLikelihood, make_likelihood)
 
     likelihood = make_likelihood(merger.likelihood)
     if isinstance(likelihood, StudentTLikelihood):
         return {"dof": float(likelihood.dof), **learned_likelihood(merger)}
+    if isinstance(likelihood, TwoPieceStudentTLikelihood):
+        return {"dof_below": float(likelihood.dof_below), "dof_above": float(likelihood.dof_above),
+                **learned_likelihood(merger)}
     if isinstance(likelihood, MixtureLikelihood):
         core = {} if likelihood.core_dof is None else {"dof": float(likelihood.core_dof)}
         return {"outlier_fraction": float(likelihood.outlier_fraction),
@@ -219,12 +247,16 @@ def observation_scores(merger, X, ipred, ipred_sd):
     ``Z`` is the residual (Iobs − Ipred)/σpred as a normal score under the likelihood's
     own law (:func:`normal_score`; the residual itself for a normal likelihood).
     ``Weight`` is :func:`outlier_weight` of the residual with the ν of the merger's
-    Student-t likelihood (the learned ``likelihood_dof_`` when it learned ν), or
+    Student-t likelihood (the learned ``likelihood_dof_`` when it learned ν; a two-piece
+    Student-t's ν and width of the residual's side), or
     :data:`REFERENCE_DOF` for likelihoods without one.
     """
     sigma = refined_sigma(merger, X["SIGIobs"].to_numpy(np.float64), ipred)
     residual = predictive_z(X["Iobs"].to_numpy(np.float64), ipred, sigma, ipred_sd)
     law = likelihood_law(merger)
+    if "dof_below" in law:
+        dof, width = _two_piece_law(residual, law)
+        return normal_score(residual, law), outlier_weight(residual / width, dof)
     return normal_score(residual, law), outlier_weight(residual, law.get("dof", REFERENCE_DOF))
 
 

@@ -100,10 +100,11 @@ def _add_mono_arguments(mono, defaults):
 
     model = mono.add_argument_group("model")
     # No default here, so that --studentt-likelihood-dof can tell a conflicting --likelihood.
-    model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture", "t-mixture"),
+    model.add_argument("--likelihood", choices=("normal", "laplace", "studentt", "mixture", "t-mixture", "two-piece"),
                        help=f"error model of the intensities (default: {defaults['likelihood']}; studentt learns its "
                        "degrees of freedom unless --studentt-likelihood-dof fixes them; mixture: a normal core and a "
-                       "learned fraction of gross outliers, t-mixture: the same with a Student-t core)")
+                       "learned fraction of gross outliers, t-mixture: the same with a Student-t core; two-piece: a "
+                       "Student-t with its own learned degrees of freedom below and above the prediction)")
     model.add_argument("--studentt-likelihood-dof", type=float, metavar="DOF", dest="dof", help="Student-t "
                        "likelihood with DOF degrees of freedom (with --likelihood studentt alone: its default)")
     model.add_argument("--error-model", "--refine-uncertainties", action="store_true", dest="error_model", help="refine the sigmas as SdFac*sqrt(sigma^2 + "

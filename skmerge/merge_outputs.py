@@ -173,6 +173,9 @@ def fit_messages(merger):
                         f"{learned['outlier_scale']:.3g} times as wide"
                         + (f", Student-t core with {learned['dof']:.3g} degrees of freedom" if "dof" in learned
                            else "") + " (learned)")
+    elif "dof_below" in learned:
+        messages.append(f"two-piece Student-t likelihood: {learned['dof_below']:.3g} degrees of freedom below the "
+                        f"prediction, {learned['dof_above']:.3g} above (learned)")
     elif learned:
         messages.append(f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
     prior_r = getattr(merger, "prior_r_", None)

@@ -73,13 +73,15 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         drawn together; its correlations are learned: ``prior_r_``). "double-wilson" is
         ``DoubleWilsonPrior()``: Friedel mates tied when ``anomalous``, otherwise
         Wilson's prior (files are tied only with ``DoubleWilsonPrior(parents=...)``).
-    likelihood : {"normal", "laplace", "studentt", "mixture", "t-mixture"} or likelihood object, default="studentt"
+    likelihood : {"normal", "laplace", "studentt", "mixture", "t-mixture", "two-piece"} or object, default="studentt"
         :class:`~skmerge.NormalLikelihood`, :class:`~skmerge.LaplaceLikelihood`,
         :class:`~skmerge.StudentTLikelihood` (``"studentt"`` is
         ``StudentTLikelihood(learn_dof=True)``: its degrees of freedom are learned,
-        ``likelihood_dof_``, from 16) or :class:`~skmerge.MixtureLikelihood` (a core and
+        ``likelihood_dof_``, from 16), :class:`~skmerge.MixtureLikelihood` (a core and
         a component of gross outliers κ times as wide; ``"mixture"`` has a normal core,
-        ``"t-mixture"`` a Student-t core whose ν is learned from 16).
+        ``"t-mixture"`` a Student-t core whose ν is learned from 16) or
+        :class:`~skmerge.TwoPieceStudentTLikelihood` (``"two-piece"``: a learned ν on
+        each side of the prediction).
     error_model : ErrorModel, bool or None, default=True
         Refine the observations' σ as SdFac·√(σ² + (SdAdd·Ipred)²), with SdFac and SdAdd
         learned with the rest of the model from the starting values of the
@@ -282,6 +284,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     likelihood_dof_ : float
         With ``StudentTLikelihood(learn_dof=True)`` or a learned Student-t core of a
         :class:`~skmerge.MixtureLikelihood`: the learned degrees of freedom.
+    likelihood_dof_below_, likelihood_dof_above_ : float
+        With a learned :class:`~skmerge.TwoPieceStudentTLikelihood`: ν below and above
+        the prediction.
     likelihood_outlier_fraction_, likelihood_outlier_scale_ : float
         With a learned :class:`~skmerge.MixtureLikelihood`: the fraction π of gross
         outliers and how many times κ wider their law is than the core.
@@ -343,7 +348,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     _parameter_constraints = {
         "prior": [StrOptions({"wilson", "double-wilson"}), HasMethods(["build"])],
-        "likelihood": [StrOptions({"normal", "laplace", "studentt", "mixture", "t-mixture"}), HasMethods(["log_prob"])],
+        "likelihood": [StrOptions({"normal", "laplace", "studentt", "mixture", "t-mixture", "two-piece"}), HasMethods(["log_prob"])],
         "error_model": [None, "boolean", HasMethods(["build"])],
         "metadata": [None, list, tuple, HasMethods(["fit", "transform"])],
         "positional_encoding": [Interval(Integral, 0, None, closed="left")],

@@ -191,6 +191,27 @@ def test_predictions_file_has_z_and_weight(run, simulated):
                                rtol=1e-4)
 
 
+def test_a_two_piece_likelihood_scores_each_residual_by_its_sides_law():
+    from skmerge.calibration import observation_scores
+
+    X, _ = make_unmerged(n_images=6, outlier_fraction=0.02, random_state=3)
+    merger = skmerge.VariationalMerger(likelihood="two-piece", mlp_layers=2, mlp_width=4, max_iter=30,
+                                       random_state=0).fit(X)
+    ipred, ipred_sd = merger.predict(X, return_std=True)
+    z, weight = observation_scores(merger, X, ipred, ipred_sd)
+    below, above = merger.likelihood_dof_below_, merger.likelihood_dof_above_
+    assert likelihood_law(merger) == {"dof_below": below, "dof_above": above}
+    residual = predictive_z(X["Iobs"], ipred, refined_sigma(merger, X["SIGIobs"].to_numpy(np.float64), ipred),
+                            ipred_sd)
+    assert (residual < 0).any() and (residual > 0).any()
+    peak_ratio = stats.t(below).pdf(0.0) / stats.t(above).pdf(0.0)
+    dof = np.where(residual < 0, below, above)
+    width = np.where(residual < 0, np.sqrt(peak_ratio), 1 / np.sqrt(peak_ratio))
+    tail = stats.t(dof).sf(np.abs(residual) / width)
+    np.testing.assert_allclose(z, np.sign(residual) * stats.norm.isf(tail), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(weight, (dof + 1) / (dof + (residual / width) ** 2), rtol=1e-6)
+
+
 def test_outputs_carry_the_calibration(run):
     result, out, _ = run
     document = json.loads(out.with_name("sim_stats.json").read_text())

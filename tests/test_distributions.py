@@ -361,6 +361,73 @@ def test_mixture_likelihood_with_a_student_t_core():
     np.testing.assert_allclose(normal_score([3.0, -3.0], law), [stats.norm.isf(tail), -stats.norm.isf(tail)])
 
 
+def _two_piece_scipy(x, predicted, sigma, below, above):
+    """log-density of the two-piece Student-t: each side the half of its own t, the
+    scales set so that the density is continuous at the prediction."""
+    peak = [stats.t(dof).pdf(0.0) for dof in (below, above)]
+    scales = sigma * np.array(peak)[:, None] / np.sqrt(peak[0] * peak[1])
+    return np.where(x < predicted, stats.t(below, predicted, scales[0]).logpdf(x),
+                    stats.t(above, predicted, scales[1]).logpdf(x))
+
+
+def test_two_piece_student_t_has_its_own_tail_on_each_side():
+    from skmerge.model.likelihoods import TwoPieceStudentTLikelihood
+
+    intensity = np.array([1.0, 1.5, 9.0, -4.0, 0.5], np.float32)
+    predicted = np.array([1.1, 1.0, 1.0, 0.5, 0.5], np.float32)
+    sigma = np.array([0.2, 0.4, 0.5, 1.0, 0.3], np.float32)
+    law = TwoPieceStudentTLikelihood(dof_below=2.5, dof_above=40.0, learn_dof=False)
+    expected = _two_piece_scipy(intensity, predicted, sigma, 2.5, 40.0)
+    # The one-Student-t-per-observation kernel the model evaluates equals TFP's mixture
+    # of the two half-laws, and scipy's halves.
+    np.testing.assert_allclose(law.log_prob(intensity, predicted, sigma).numpy(), expected, rtol=1e-5)
+    off_peak = intensity != predicted  # where both half-laws include their common edge
+    np.testing.assert_allclose(law.distribution(predicted, sigma).log_prob(intensity).numpy()[off_peak],
+                               expected[off_peak], rtol=1e-5)
+    # A proper density, half of it on each side, continuous at the prediction.
+    density = law.distribution(np.float32([0.5]), np.float32([0.3]))
+    prob = lambda x: float(density.prob(np.float32([x])).numpy()[0])  # noqa: E731
+    below, above = (integrate.quad(prob, *limits, limit=200)[0] for limits in ((-np.inf, 0.5), (0.5, np.inf)))
+    assert below == pytest.approx(0.5, abs=1e-4) and above == pytest.approx(0.5, abs=1e-4)
+    assert prob(0.5 - 1e-4) == pytest.approx(prob(0.5 + 1e-4), rel=1e-3)
+    # A gross outlier below costs far less than one as far above.
+    assert prob(-2.5) > 50 * prob(3.5)
+    # With one ν on both sides it is the Student-t.
+    same = TwoPieceStudentTLikelihood(dof_below=5.0, dof_above=5.0, learn_dof=False)
+    np.testing.assert_allclose(same.log_prob(intensity, predicted, sigma).numpy(),
+                               stats.t(5.0, predicted, sigma).logpdf(intensity), rtol=1e-5)
+    assert law.build() is law and isinstance(make_likelihood("two-piece"), TwoPieceStudentTLikelihood)
+
+
+def test_a_learned_two_piece_student_t_learns_both_tails():
+    from skmerge.calibration import normal_score
+    from skmerge.errors import ParameterError
+    from skmerge.model.likelihoods import TwoPieceStudentTLikelihood
+
+    learned = TwoPieceStudentTLikelihood(dof_below=3.0, dof_above=30.0).build()
+    np.testing.assert_allclose(learned.get_weights(), [3.0, 30.0], rtol=1e-5)
+    assert learned.names == ("dof_below", "dof_above") and len(learned.trainable_variables) == 2
+    x = np.array([-2.0, 0.1, 3.0], np.float32)
+    zeros, ones = np.zeros(3, np.float32), np.ones(3, np.float32)
+    np.testing.assert_allclose(learned.log_prob(x, zeros, ones).numpy(), _two_piece_scipy(x, zeros, ones, 3.0, 30.0),
+                               rtol=1e-5)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(learned.log_prob(x, zeros, ones))
+    assert all(g is not None and np.isfinite(g.numpy()) for g in tape.gradient(total, learned.trainable_variables))
+    restored = TwoPieceStudentTLikelihood().build(fitted=learned.get_weights())
+    np.testing.assert_allclose(restored.get_weights(), [3.0, 30.0], rtol=1e-5)
+    with pytest.raises(ParameterError, match="min_dof"):
+        TwoPieceStudentTLikelihood(dof_below=3.0, min_dof=4.0).build()
+    # Normal scores: each side's tail at its own width; one ν on both sides is the Student-t's.
+    law = {"dof_below": 3.0, "dof_above": 30.0}
+    peak = np.array([stats.t(3.0).pdf(0.0), stats.t(30.0).pdf(0.0)])
+    scales = peak / np.sqrt(peak.prod())
+    tails = [stats.t(3.0, 0.0, scales[0]).sf(2.0), stats.t(30.0, 0.0, scales[1]).sf(2.0)]
+    np.testing.assert_allclose(normal_score([-2.0, 2.0], law), [-stats.norm.isf(tails[0]), stats.norm.isf(tails[1])])
+    np.testing.assert_allclose(normal_score([-2.0, 2.0], {"dof_below": 5.0, "dof_above": 5.0}),
+                               normal_score([-2.0, 2.0], {"dof": 5.0}))
+
+
 def test_learned_student_t_starts_at_its_dof_and_is_trainable():
     learned = StudentTLikelihood(dof=6.0, learn_dof=True).build()
     np.testing.assert_allclose(learned.get_weights(), [6.0], rtol=1e-6)

@@ -122,13 +122,15 @@ def test_friedel_pair_marginals_and_covariance_equal_the_two_dimensional_integra
         assert moments.covariance([child], [mother])[0] == pytest.approx(cov, abs=0.05 * np.sqrt(var_a * var_b))
 
 
-def test_transform_reports_the_grid_marginals_and_variational_the_fit():
-    merger, X, _, _ = _fit(False, prior="wilson")
+@pytest.mark.parametrize("prior", ["wilson", "double-wilson"])  # the second: a forest without edges
+def test_transform_reports_the_grid_marginals_and_variational_the_fit(prior):
+    merger, X, _, _ = _fit(False, prior=prior)
     merged = merger.transform(X)
     rows = lookup_keys(merger.reflections_.keys, encode(X, anomalous=False, separate_files=False).keys)
     root = np.sqrt(merger.intensity_scale_)
-    m1 = merger.marginal_moments_[0]
-    np.testing.assert_allclose(np.sort(merged["F"].to_numpy()), np.sort(m1[np.unique(rows)] * root), rtol=1e-5)
+    m1, m2 = (m[np.unique(rows)] for m in merger.marginal_moments_[:2])  # the merged table's order
+    np.testing.assert_allclose(merged["F"].to_numpy(), m1 * root, rtol=1e-5)
+    np.testing.assert_allclose(merged["SIGF"].to_numpy(), np.sqrt(m2 - m1**2) * root, rtol=1e-3)
     variational = VariationalMerger(**{**merger.get_params(), "marginals": "variational"}).fit(X)
     assert not hasattr(variational, "marginal_moments_")
     q_mean = variational.posterior().mean().numpy().astype(np.float64)

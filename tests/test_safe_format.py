@@ -183,12 +183,17 @@ def test_another_version_is_refused_by_name(saved, tmp_path):
         VariationalMerger.load(tmp_path / "future.npz")
 
 
-def test_a_student_t_core_mixture_keeps_its_three_learned_parameters(tmp_path):
+@pytest.mark.parametrize("likelihood, names", [
+    ("t-mixture", ["likelihood_outlier_fraction_", "likelihood_outlier_scale_", "likelihood_dof_"]),
+    ("two-piece", ["likelihood_dof_below_", "likelihood_dof_above_"]),
+])
+def test_a_likelihood_keeps_its_learned_parameters(tmp_path, likelihood, names):
     X, _ = make_unmerged(n_images=6, outlier_fraction=0.02, random_state=3)
-    merger = VariationalMerger(likelihood="t-mixture", **FAST).fit(X)
-    learned = [merger.likelihood_outlier_fraction_, merger.likelihood_outlier_scale_, merger.likelihood_dof_]
-    assert 0 < learned[0] < 1 and learned[1] > 1 and learned[2] > 0
+    merger = VariationalMerger(likelihood=likelihood, **FAST).fit(X)
+    learned = [getattr(merger, name) for name in names]
+    assert all(v > 0 for v in learned)
+    assert not hasattr(merger, "likelihood_dof_") or "likelihood_dof_" in names
     merger.save(tmp_path / "m.npz")
     loaded = VariationalMerger.load(tmp_path / "m.npz")
-    assert [loaded.likelihood_outlier_fraction_, loaded.likelihood_outlier_scale_, loaded.likelihood_dof_] == learned
+    assert [getattr(loaded, name) for name in names] == learned
     np.testing.assert_array_equal(loaded.predict(X), merger.predict(X))

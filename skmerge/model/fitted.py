@@ -245,20 +245,22 @@ class Weights:
 
 
 # The fitted attributes of a likelihood's learned parameters, in the order its weights
-# hold them: a Student-t's ν alone, or a mixture's outlier fraction and width (and the ν
-# of a Student-t core).
-LIKELIHOOD_ATTRIBUTES = ("likelihood_outlier_fraction_", "likelihood_outlier_scale_", "likelihood_dof_")
+# hold them: a Student-t's ν alone, a mixture's outlier fraction and width (and the ν of a
+# Student-t core), or a two-piece Student-t's ν below and above the prediction.
+LIKELIHOOD_ATTRIBUTES = ("likelihood_outlier_fraction_", "likelihood_outlier_scale_", "likelihood_dof_",
+                         "likelihood_dof_below_", "likelihood_dof_above_")
 
 
-def likelihood_attributes(values):
-    """The fitted attributes holding a likelihood's learned ``values``."""
-    names = LIKELIHOOD_ATTRIBUTES[2:] if len(values) == 1 else LIKELIHOOD_ATTRIBUTES
-    return {name: float(v) for name, v in zip(names, values)}
+def likelihood_attributes(likelihood, values):
+    """The fitted attributes holding the learned ``values`` of a model's ``likelihood``
+    (whose ``names`` say what they are)."""
+    return {f"likelihood_{name}_": float(v) for name, v in zip(likelihood.names, values)}
 
 
 def learned_likelihood(estimator):
-    """A fitted estimator's learned likelihood parameters by name (``dof``, or
-    ``outlier_fraction`` and ``outlier_scale``, and ``dof`` of a Student-t core), in the
+    """A fitted estimator's learned likelihood parameters by name (``dof``;
+    ``outlier_fraction`` and ``outlier_scale``, and ``dof`` of a Student-t core; or
+    ``dof_below`` and ``dof_above``), in the
     order of the likelihood's weights; empty when its likelihood learned none."""
     return {name[len("likelihood_"):-1]: float(getattr(estimator, name))
             for name in LIKELIHOOD_ATTRIBUTES if hasattr(estimator, name)}

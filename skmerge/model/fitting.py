@@ -50,7 +50,7 @@ class Training:
         if weights.marginals is not None:
             attributes["marginal_moments_"] = weights.marginals
         if weights.likelihood is not None:
-            attributes.update(likelihood_attributes(weights.likelihood))
+            attributes.update(likelihood_attributes(self.model.likelihood, weights.likelihood))
         if self.held_out_loss is not None:
             attributes["held_out_loss_curve_"] = self.held_out_loss
         if self.validation_scores is not None:

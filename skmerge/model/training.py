@@ -133,9 +133,10 @@ class MergingModel(tf.Module):
         (:class:`~skmerge.model.linear_response.FamilyCovariance`) where the prior ties
         them together, from ``n_samples`` posterior samples drawn with ``seed`` (an int);
         the grid marginals' covariance of every child with its parent when training
-        left them; None for a prior that ties no amplitudes together."""
-        if self.marginals is not None and (self.marginals.parent >= 0).any():
-            return self.marginals
+        left them; None for a prior that ties no amplitudes together (or for grid
+        marginals of a forest without edges)."""
+        if self.marginals is not None:  # their moments hold the variances of unrelated amplitudes
+            return self.marginals if (self.marginals.parent >= 0).any() else None
         if not hasattr(self.prior, "coupling"):
             return None
         q = self.posterior.distribution()
