@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
-from scipy.special import gammaln
 
 from .errors import InputError
 from .shells import ResolutionShells, make_shells
@@ -137,15 +136,9 @@ def normal_score(z, likelihood):
 
 def _two_piece_law(z, likelihood):
     """ν and the width (in units of σ) of the two-piece Student-t's side of every z."""
-    below, above = (np.full(np.shape(z), likelihood[name], np.float64) for name in ("dof_below", "dof_above"))
-    half_gap = 0.5 * (_log_peak(below) - _log_peak(above))
-    dof = np.where(z < 0, below, above)
-    return dof, np.exp(np.where(z < 0, half_gap, -half_gap))
-
-
-def _log_peak(dof):
-    """log of a standard Student-t's density at 0."""
-    return gammaln((dof + 1) / 2) - gammaln(dof / 2) - 0.5 * np.log(np.pi * dof)
+    below, above = likelihood["dof_below"], likelihood["dof_above"]
+    half_gap = 0.5 * (scipy_stats.t.logpdf(0.0, below) - scipy_stats.t.logpdf(0.0, above))
+    return np.where(z < 0, below, above), np.exp(np.where(z < 0, half_gap, -half_gap))
 
 
 def _two_piece_tail(z, likelihood):

@@ -1,5 +1,6 @@
 """Shared fixtures: real data under ../shared/data and small simulated data sets."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA
+
+
+@pytest.fixture
+def interruptible():
+    """Ctrl-C as an interactive run gets it: SIGINT raises KeyboardInterrupt. A shell starts
+    background jobs with SIGINT ignored, and the test processes inherit that when the suite
+    itself runs in the background."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -179,7 +179,7 @@ def test_the_same_seed_gives_the_same_fit(fitted, table):
 
 # ------------------------------------------------------------ signals during a fit
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_a_signal_during_the_fit_leaves_no_outputs(tmp_path, monkeypatch, capsys, sig):
+def test_a_signal_during_the_fit_leaves_no_outputs(tmp_path, monkeypatch, capsys, interruptible, sig):
     import os
 
     path = WRITERS["unmerged.mtz"](tmp_path / "unmerged.mtz")

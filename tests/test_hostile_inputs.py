@@ -161,7 +161,8 @@ def test_a_later_run_removes_what_it_does_not_write(earlier_run, capsys):
 
 
 @pytest.mark.parametrize("failure", ["disk full", "SIGTERM", "SIGINT"])
-def test_a_run_stopped_while_writing_leaves_the_earlier_outputs(earlier_run, failure, monkeypatch, capsys):
+def test_a_run_stopped_while_writing_leaves_the_earlier_outputs(earlier_run, failure, monkeypatch, capsys,
+                                                                interruptible):
     import os
     import signal
 
