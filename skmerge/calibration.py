@@ -117,16 +117,13 @@ def normal_score(z, likelihood):
     """
     z = np.asarray(z, dtype=np.float64)
     size = np.abs(z)
-    if "dof_below" in likelihood:
-        # Each half holds probability ½: the tail beyond z is that of its side's Student-t
-        # at the side's scale (TwoPieceStudentTLikelihood).
-        return np.sign(z) * scipy_stats.norm.isf(_two_piece_tail(z, likelihood))
-    core = scipy_stats.t(likelihood["dof"]) if "dof" in likelihood else scipy_stats.norm
     if "outlier_fraction" in likelihood:
+        core = scipy_stats.t(likelihood["dof"]) if "dof" in likelihood else scipy_stats.norm
         fraction, scale = likelihood["outlier_fraction"], likelihood["outlier_scale"]
         tail = (1 - fraction) * core.sf(size) + fraction * core.sf(size / scale)
-    elif "dof" in likelihood:
-        tail = core.sf(size)
+    elif "dof" in likelihood or "dof_below" in likelihood:
+        dof, width = _student_t_side(z, likelihood)
+        tail = scipy_stats.t.sf(size / width, dof)
     elif likelihood.get("laplace"):
         tail = 0.5 * np.exp(-np.sqrt(2.0) * size)
     else:
@@ -134,16 +131,16 @@ def normal_score(z, likelihood):
     return np.sign(z) * scipy_stats.norm.isf(tail)
 
 
-def _two_piece_law(z, likelihood):
-    """ν and the width (in units of σ) of the two-piece Student-t's side of every z."""
+def _student_t_side(z, likelihood):
+    """ν and width (in units of σ) of the Student-t each residual z falls under: a
+    two-piece Student-t's side (each half holds probability ½, so the tail beyond z is its
+    side's), the likelihood's own ν at width 1, or :data:`REFERENCE_DOF` for a likelihood
+    without one."""
+    if "dof_below" not in likelihood:
+        return likelihood.get("dof", REFERENCE_DOF), 1.0
     below, above = likelihood["dof_below"], likelihood["dof_above"]
     half_gap = 0.5 * (scipy_stats.t.logpdf(0.0, below) - scipy_stats.t.logpdf(0.0, above))
     return np.where(z < 0, below, above), np.exp(np.where(z < 0, half_gap, -half_gap))
-
-
-def _two_piece_tail(z, likelihood):
-    dof, width = _two_piece_law(z, likelihood)
-    return scipy_stats.t.sf(np.abs(z) / width, dof)
 
 
 def likelihood_law(merger):
@@ -247,10 +244,8 @@ def observation_scores(merger, X, ipred, ipred_sd):
     sigma = refined_sigma(merger, X["SIGIobs"].to_numpy(np.float64), ipred)
     residual = predictive_z(X["Iobs"].to_numpy(np.float64), ipred, sigma, ipred_sd)
     law = likelihood_law(merger)
-    if "dof_below" in law:
-        dof, width = _two_piece_law(residual, law)
-        return normal_score(residual, law), outlier_weight(residual / width, dof)
-    return normal_score(residual, law), outlier_weight(residual, law.get("dof", REFERENCE_DOF))
+    dof, width = _student_t_side(residual, law)
+    return normal_score(residual, law), outlier_weight(residual / width, dof)
 
 
 # ------------------------------------------------------------------------ the report

@@ -191,8 +191,8 @@ class TwoPieceStudentTLikelihood(_Likelihood):
         at its values (or at ``fitted`` [ν₋, ν₊])."""
         if not self.learn_dof:
             return self
-        start = [float(self.dof_below), float(self.dof_above)] if fitted is None else [float(v) for v in
-                                                                                       np.ravel(fitted)]
+        start = [self.dof_below, self.dof_above] if fitted is None else np.ravel(fitted)
+        start = [float(v) for v in start]
         if not min(start) > self.min_dof:
             raise ParameterError(f"TwoPieceStudentTLikelihood: dof_below and dof_above ({start[0]:g}, "
                                  f"{start[1]:g}) must lie above min_dof={self.min_dof:g} when they are learned")
