@@ -127,6 +127,44 @@ def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
 
 
 
+@pytest.mark.parametrize("n_rows, n_images", [(1, 3), (300, 1), (5_000, 40)])
+def test_image_layers_in_blocks_match_a_kernel_per_row(n_rows, n_images):
+    """The image layers computed in blocks of one image's rows give the values and
+    gradients of every row through its own image's kernel and bias (the mean image's for
+    rows of image −1), with images of very different row counts."""
+    rng = np.random.RandomState(2)
+    network = ScaleNetwork(3, 2, 6, n_images, rng, image_layers=2, n_layer_images=n_images)
+    for v in (*network.image_kernels, *network.image_biases):
+        v.assign(rng.normal(0, 0.4, v.shape).astype(np.float32))
+    hidden = tf.constant(rng.normal(size=(n_rows, 6)).astype(np.float32))
+    # Most rows on image 0, the rest spread, some unseen.
+    image = tf.constant(np.where(rng.rand(n_rows) < 0.5, 0, rng.randint(-1, n_images, n_rows)).astype(np.int32))
+    weights = tf.constant(rng.normal(size=(n_rows, 6)).astype(np.float32))
+
+    def per_row():
+        h = hidden
+        known = (image >= 0)[:, None]
+        for kernel, bias in zip(network.image_kernels, network.image_biases):
+            row_kernel = tf.where(known[:, :, None], tf.gather(kernel, tf.maximum(image, 0)), tf.reduce_mean(kernel, 0))
+            row_bias = tf.where(known, tf.gather(bias, tf.maximum(image, 0)), tf.reduce_mean(bias, 0))
+            h = h + tf.nn.leaky_relu(tf.einsum("ri,rij->rj", h, row_kernel) + row_bias, 0.01)
+        return h
+
+    variables = [*network.image_kernels, *network.image_biases]
+    results = []
+    for fn in (lambda: network._image_stack(hidden, image), per_row):
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            out = fn()
+            loss = tf.reduce_sum(weights * out)
+        grads = tape.gradient(loss, [hidden, *variables])
+        results.append((out.numpy(), [tf.convert_to_tensor(g).numpy() for g in grads]))
+    (out, grads), (out_ref, grads_ref) = results
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * max(np.abs(g_ref).max(), 1.0))
+
+
 def test_first_xla_compilation_is_quiet():
     """XLA logs its start-up through absl at the first compilation of a process; the
     trainer keeps it off standard error (a fresh process, so this is the first)."""

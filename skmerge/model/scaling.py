@@ -23,6 +23,8 @@ _INITIAL_SPREAD = 0.05
 _MIN_SPREAD = 1e-3
 _CHUNK_ROWS = 4096
 _PARALLEL_CHUNKS = 2
+# Rows per block of the image layers (every block holds rows of one image).
+_IMAGE_BLOCK_ROWS = 64
 # The image encoder: hidden width of both its perceptrons, and the size of an embedding.
 _ENCODER_WIDTH = 16
 _EMBEDDING_SIZE = 4
@@ -38,6 +40,30 @@ def image_model(params):
     if isinstance(params.metadata, (list, tuple)):
         own = own or split_metadata(params.metadata)[1]
     return params.image_model if own else None
+
+
+def _image_blocks(image, n_images):
+    """Where each row goes when rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows
+    of one image (the rows of image −1 in blocks of the mean image, numbered
+    ``n_images``): every row's image so numbered, its slot, every block's image, and the
+    number of slots.
+
+    The number of blocks is its bound for these many rows, so that the shapes depend
+    only on the number of rows (unused blocks are empty, of the mean image)."""
+    n_rows = tf.shape(image)[0]
+    own = tf.where(image >= 0, image, n_images)
+    order = tf.argsort(own, stable=True)
+    ordered = tf.gather(own, order)
+    counts = tf.math.bincount(own, minlength=n_images + 1, maxlength=n_images + 1, dtype=tf.int32)
+    blocks = (counts + _IMAGE_BLOCK_ROWS - 1) // _IMAGE_BLOCK_ROWS
+    first_block = tf.cumsum(blocks, exclusive=True)
+    rank = tf.range(n_rows) - tf.gather(tf.cumsum(counts, exclusive=True), ordered)
+    ordered_slot = (tf.gather(first_block, ordered) + rank // _IMAGE_BLOCK_ROWS) * _IMAGE_BLOCK_ROWS \
+        + rank % _IMAGE_BLOCK_ROWS
+    n_blocks = n_rows // _IMAGE_BLOCK_ROWS + n_images + 1
+    block_image = tf.minimum(tf.searchsorted(tf.cumsum(blocks), tf.range(n_blocks), side="right"), n_images)
+    slot = tf.scatter_nd(order[:, None], ordered_slot, [n_rows])
+    return own, slot, block_image, n_blocks * _IMAGE_BLOCK_ROWS
 
 
 def observation_inputs(intensity, sigma, expected):
@@ -246,13 +272,21 @@ class ScaleNetwork(tf.Module):
 
     def _image_stack(self, hidden, image):
         """The image layers on rows (rows, width) → (rows, width): each row through its
-        image's kernels and biases, the mean image's for rows of image −1."""
-        known = image >= 0
-        index = tf.maximum(image, 0)
+        image's kernels and biases, the mean image's for rows of image −1.
+
+        The rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows of one image each,
+        so that a layer is one batched (block, width) @ (width, width) product; with a kernel
+        gathered for every row a step of hypf with two layers took 3× as long
+        (bench/RESULTS.md).
+        """
+        own, slot, block_image, n_slots = _image_blocks(image, self.image_kernels[0].shape[0])
+        width = hidden.shape[1]
         for kernel, bias in zip(self.image_kernels, self.image_biases):
-            row_kernel = tf.where(known[:, None, None], tf.gather(kernel, index), tf.reduce_mean(kernel, 0))
-            row_bias = tf.where(known[:, None], tf.gather(bias, index), tf.reduce_mean(bias, 0))
-            hidden = hidden + tf.nn.leaky_relu(tf.einsum("ri,rij->rj", hidden, row_kernel) + row_bias, _LEAK)
+            kernel = tf.concat([kernel, tf.reduce_mean(kernel, 0, keepdims=True)], 0)
+            bias = tf.concat([bias, tf.reduce_mean(bias, 0, keepdims=True)], 0)
+            blocks = tf.reshape(tf.scatter_nd(slot[:, None], hidden, [n_slots, width]), [-1, _IMAGE_BLOCK_ROWS, width])
+            product = tf.gather(tf.reshape(tf.matmul(blocks, tf.gather(kernel, block_image)), [-1, width]), slot)
+            hidden = hidden + tf.nn.leaky_relu(product + tf.gather(bias, own), _LEAK)
         return hidden
 
     def _checkpointed(self, features, fn, variables, n_out):
