@@ -58,6 +58,7 @@ def variants():
         "grid": dict(marginals="grid"),
         "two-piece": dict(likelihood="two-piece"),
         "two-piece+grid": dict(likelihood="two-piece", marginals="grid"),
+        "image-layers": dict(image_layers=2),
     }
 
 

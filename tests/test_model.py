@@ -126,7 +126,6 @@ def test_scale_network_chunked_pass_matches_a_plain_dense_stack(n_rows):
         np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-3 * np.abs(g_ref).max())
 
 
-
 @pytest.mark.parametrize("n_rows, n_images", [(1, 3), (300, 1), (5_000, 40)])
 def test_image_layers_in_blocks_match_a_kernel_per_row(n_rows, n_images):
     """The image layers computed in blocks of one image's rows give the values and
