@@ -48,8 +48,9 @@ def _image_blocks(image, n_images):
     ``n_images``): every row's image so numbered, its slot, every block's image, and the
     number of slots.
 
-    The number of blocks is its bound for these many rows, so that the shapes depend
-    only on the number of rows (unused blocks are empty, of the mean image)."""
+    There are as many blocks as these rows could need (rows // block + images + 1), so
+    that the shapes depend on the number of rows only; the unused blocks are empty and
+    belong to the mean image."""
     n_rows = tf.shape(image)[0]
     own = tf.where(image >= 0, image, n_images)
     order = tf.argsort(own, stable=True)
