@@ -62,7 +62,7 @@ def _image_blocks(image, n_images):
     ordered_slot = (tf.gather(first_block, ordered) + rank // _IMAGE_BLOCK_ROWS) * _IMAGE_BLOCK_ROWS \
         + rank % _IMAGE_BLOCK_ROWS
     n_blocks = n_rows // _IMAGE_BLOCK_ROWS + n_images + 1
-    block_image = tf.minimum(tf.searchsorted(tf.cumsum(blocks), tf.range(n_blocks), side="right"), n_images)
+    block_image = tf.minimum(tf.searchsorted(first_block + blocks, tf.range(n_blocks), side="right"), n_images)
     slot = tf.scatter_nd(order[:, None], ordered_slot, [n_rows])
     return own, slot, block_image, n_blocks * _IMAGE_BLOCK_ROWS
 
