@@ -96,24 +96,19 @@ def means_of_sums(total_weight, weighted_sum):
         return weighted_sum / total_weight, np.where(total_weight > 0, total_weight, np.nan) ** -0.5
 
 
-def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3, start=None):
+def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
     """:func:`inverse_variance_mean` with robust weights: an observation further from its
     group's mean than ``cutoff`` times the typical scatter has its weight divided by the
     square of how much further (a redescending influence, so that a zinger a hundred σ
-    away counts for nothing). The typical scatter (:func:`typical_scatter`) is the robust SD
-    (1.4826·MAD) of the normalised residuals (v − mean)/σ of groups of two or more,
-    corrected for the pull of each observation on its own group's centre, at least 1, so
-    that uniformly understated σ do not make every observation an outlier.
+    away counts for nothing). The typical scatter is the robust SD (1.4826·MAD) of all normalised
+    residuals (v − mean)/σ, at least 1, so that uniformly understated σ do not make
+    every observation an outlier.
 
-    The iterations start from each group's median (or from ``start``, a value per group),
-    so that a gross outlier cannot drag the first mean (and with it every residual) its
-    way. A merge that starts a
+    The iterations start from each group's median, so that a gross outlier cannot drag
+    the first mean (and with it every residual) its way. A merge that starts a
     heavy-tailed fit must not hold the outliers it is meant to ignore: a Student-t
     likelihood keeps a reflection near a contaminated start, taking the outlier for the
-    inlier. The first round measures the typical scatter about the medians whatever the
-    start: a start at one observation of a small group gives that observation no residual,
-    and with many such groups the scatter would shrink until their other observations all
-    looked like outliers.
+    inlier.
 
     Examples
     --------
@@ -123,50 +118,17 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3, start=None
     >>> float(inverse_variance_mean(group, values, sigma, 1)[0][0]) > 7
     True
     >>> round(float(robust_mean(group, values, sigma, 1)[0][0]), 3)
-    1.011
+    1.01
     """
-    centre = group_median(group, values, n_groups)
-    mean, error = centre if start is None else start, None
-    shrinkage = own_centre_shrinkage(group, n_groups)
+    mean, error = group_median(group, values, n_groups), None
     for _ in range(rounds):
-        about_centre = np.abs(values - centre[group]) / sigma
-        finite = np.isfinite(about_centre)
+        residual = np.abs(values - mean[group]) / sigma
+        finite = np.isfinite(residual)
         if not finite.any():
             return inverse_variance_mean(group, values, sigma, n_groups)
-        spread = typical_scatter(about_centre, shrinkage)
-        residual = np.abs(values - mean[group]) / sigma
+        spread = residual_spread(residual[finite])
         mean, error = inverse_variance_mean(group, values, sigma * outlier_excess(residual, spread, cutoff), n_groups)
-        centre = mean
     return mean, error
-
-
-def own_centre_shrinkage(group, n_groups):
-    """How much smaller, for each observation, a residual about its group's own centre is
-    than one about the group's truth: √((n − 1)/n) for a group of n (0 for a group of
-    one, whose residual is 0 whatever the scatter).
-
-    :func:`robust_mean` divides the residuals by it before it measures their typical
-    scatter: data of one or two observations per reflection (stills, a short sweep) would
-    otherwise make their scatter look small — a pair's residuals about its midpoint are
-    half its difference — and call sound observations outliers.
-
-    Examples
-    --------
-    >>> own_centre_shrinkage(np.array([0, 1, 1, 2, 2, 2, 2]), 3).round(3).tolist()
-    [0.0, 0.707, 0.707, 0.866, 0.866, 0.866, 0.866]
-    """
-    count = np.bincount(group, minlength=n_groups)[group]
-    return np.sqrt((count - 1) / count)
-
-
-def typical_scatter(residual, shrinkage, weights=None):
-    """:func:`residual_spread` of the finite absolute residuals about their groups'
-    centres, each divided by its :func:`own_centre_shrinkage` (groups of one left out;
-    ∞ when no group has two observations, where no observation is an outlier)."""
-    shared = np.isfinite(residual) & (shrinkage > 0)
-    if not shared.any():
-        return np.inf
-    return residual_spread(residual[shared] / shrinkage[shared], None if weights is None else weights[shared])
 
 
 def residual_spread(residual, weights=None):

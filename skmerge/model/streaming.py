@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..baseline import group_median, means_of_sums, outlier_excess, own_centre_shrinkage, typical_scatter
+from ..baseline import group_median, means_of_sums, outlier_excess, residual_spread
 from ..errors import InputError, ParameterError
 from ..store import _StoreIndex, is_store, iter_image_batches, iter_store_chunks, read_manifest
 from ..symmetry import lookup_keys
@@ -54,8 +54,7 @@ from .build import _metadata_transformer, _scale_network, checked_intensity_scal
 from .data import Reflections, encode
 from .fitted import FitState
 from .fitting import Training, _progress, trained_variables, with_grid_marginals
-from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, probable_observations, scale_floor,
-                             wilson_curve)
+from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, scale_floor, wilson_curve)
 
 # Rows of the store (at most) on which the metadata transformer is fitted.
 SAMPLE_ROWS = 1 << 19
@@ -170,7 +169,7 @@ def fit_store(params, store, rng, seed, previous=None):
     state.reflections.mean_intensity = evaluate_curve(curve, state.reflections.dhkl)
     network = _scale_network(params, state, rng, previous, image_scale)
     posterior = start_posterior(params, state, previous,
-                                lambda *family: _robust_start_merge(params, source, state, network, *family))
+                                lambda family: _robust_start_merge(params, source, state, network, family))
     model = merging_model(params, state, posterior, network, None if previous is None else previous[1])
     batches = StoreBatches(params, source, state, survey.image_counts, seed)
     trainer = Trainer(model, trained_variables(params, model), batches, learning_rate=params.learning_rate,
@@ -286,11 +285,9 @@ def _quick_image_scales(params, source, state, merged):
     return k, merged, merged_sigma
 
 
-def _robust_start_merge(params, source, state, network, family, wilson_sigma, centric):
+def _robust_start_merge(params, source, state, network, family):
     """:func:`~skmerge.baseline.robust_mean` of every observation scaled by its starting
-    scale, per ``family`` of reflections, in passes (see the module docstring), from each
-    family's :func:`~skmerge.model.initialisation.probable_observations` among those kept
-    (families' Wilson ``wilson_sigma`` and ``centric``; from the medians without them)."""
+    scale, per ``family`` of reflections, in passes (see the module docstring)."""
     from .._tf import tf
 
     # Compiled once for pieces of any length: eagerly, the network's chunked map runs op by op.
@@ -321,25 +318,21 @@ def _robust_start_merge(params, source, state, network, family, wilson_sigma, ce
         filled = np.minimum(filled + in_group, RESERVOIR)
     has = np.isfinite(kept[0])
     kept_group = np.nonzero(has)[0]
+    mean = group_median(kept_group, kept[0][has], n_groups)
     stands_for = (counts / np.maximum(filled, 1))[kept_group]
-    # As robust_mean: the first round's scatter about the medians, whatever the start.
-    centre = group_median(kept_group, kept[0][has], n_groups)
-    mean = centre
-    if wilson_sigma is not None:
-        mean = probable_observations(kept_group, kept[0][has].astype(np.float64), kept[1][has].astype(np.float64),
-                                     n_groups, wilson_sigma, centric, stands_for)
     error = None
-    shrinkage = own_centre_shrinkage(kept_group, n_groups)
     for _ in range(_ROBUST_ROUNDS):
-        spread = typical_scatter(np.abs(kept[0][has] - centre[kept_group]) / kept[1][has], shrinkage, stands_for)
+        residual = np.abs(kept[0][has] - mean[kept_group]) / kept[1][has]
+        finite = np.isfinite(residual)
+        spread = residual_spread(residual[finite], stands_for[finite]) if finite.any() else np.inf
         weight_sum, weighted_sum = np.zeros(n_groups), np.zeros(n_groups)
         for group, values, sigma in scaled():
+            # A spread of ∞ (no finite residual) leaves the plain inverse-variance mean.
             excess = outlier_excess(np.abs(values - mean[group]) / sigma, spread, _ROBUST_CUTOFF)
             w = (sigma * excess) ** -2.0
             weight_sum += np.bincount(group, weights=w, minlength=n_groups)
             weighted_sum += np.bincount(group, weights=w * values, minlength=n_groups)
         mean, error = means_of_sums(weight_sum, weighted_sum)
-        centre = mean
     return mean, error
 
 
