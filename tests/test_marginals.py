@@ -5,12 +5,14 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy import integrate, special, stats
+from scipy import integrate, signal, special, stats
 
 from skmerge import DoubleWilsonPrior, VariationalMerger
 from skmerge.datasets import make_unmerged
 from skmerge.model.data import encode
-from skmerge.model.marginals import GridMarginals
+from skmerge.model.fitted import FitState, evaluation_chunks
+from skmerge.model.marginals import GridMarginals, grid_marginals
+from skmerge.model.posterior import softplus_inverse
 from skmerge.symmetry import lookup_keys
 
 
@@ -84,6 +86,33 @@ def test_univariate_marginals_equal_the_integral_of_their_posterior():
     # normal is narrower.
     q = merger.posterior()
     assert np.sqrt(moments.variance[doctored]) > 2 * float(q.stddev().numpy()[doctored])
+    # Wherever the fit's posterior sits (on either mode, narrow), the grid finds both
+    # modes and the valley between them.
+    log_likelihood = _observation_terms(merger, X, refl, doctored)
+    log_prior = _wilson_log_prior(merger, doctored)
+    grid = np.linspace(1e-6, 3 * moments.values[0, doctored], 6001)
+    log_post = np.array([log_likelihood(f) + log_prior(f) for f in grid])
+    modes = grid[signal.argrelmax(log_post)[0]]
+    assert len(modes) == 2 and modes[1] > 1.3 * modes[0]
+    ref_mean, ref_sd = _moments_by_quad(lambda f: log_likelihood(f) + log_prior(f), grid[-1], modes[0])
+    for mode in modes:
+        moved = _grid_marginals_with_fit_at(merger, X, doctored, mode, 0.02 * mode)
+        assert moved.values[0, doctored] == pytest.approx(ref_mean, rel=2e-3, abs=0.02 * ref_sd)
+        assert np.sqrt(moved.variance[doctored]) == pytest.approx(ref_sd, rel=0.03)
+
+
+def _grid_marginals_with_fit_at(merger, X, reflection, loc, scale):
+    """The grid marginals of a fitted merger's data with one reflection's fitted
+    posterior moved to ``loc`` ± ``scale``."""
+    model = merger._get_model()
+    posterior = model.posterior
+    for variable, value in ((posterior.loc_raw, loc), (posterior.scale_raw, scale)):
+        values = variable.numpy()
+        values[reflection] = softplus_inverse(np.array(value))
+        variable.assign(values)
+    state = FitState.from_attributes(merger)
+    return grid_marginals(model, lambda: evaluation_chunks(model, state.evaluation_data(merger, X)[0]),
+                          len(merger.reflections_))
 
 
 def test_friedel_pair_marginals_and_covariance_equal_the_two_dimensional_integral():

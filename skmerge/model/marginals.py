@@ -18,8 +18,9 @@ Each reflection's grid comes from three passes over its observations. A coarse u
 grid from 0 past its largest observation, on which every observation's likelihood is
 widened to at least the grid's spacing so that no mode falls between two points, finds
 where the posterior has mass; the next grid puts its points at the quantiles of that
-(and around the fit's own posterior), and the last at the quantiles of the marginals
-the second found. Points follow the mass, so a narrow peak beside a long tail (one weak
+(and around the fit's own posterior, and evenly across the quantiles so that a valley
+between two modes keeps points), and the last at the quantiles of the marginals the
+second found. Points follow the mass, so a narrow peak beside a long tail (one weak
 observation under a heavy-tailed likelihood) or a member of a tightly tied family is
 resolved with a fixed number of points; the integrals are trapezoid sums over the
 non-uniform points, and the double-Wilson prior's table is averaged over their cells.
@@ -37,10 +38,15 @@ from scipy import special
 from .._tf import tf
 
 # Points per reflection of the coarse grid, and of the fine grid: at quantiles of the
-# posterior as the last pass saw it, and around the fit's posterior.
+# posterior as the last pass saw it, around the fit's posterior, and evenly across the
+# quantiles' span. Quantiles leave a valley between two modes empty, and the trapezoid
+# rule would bridge it at the height of its banks: with the fit's posterior on a narrow
+# lower mode, a doctored pair's mean came out 6.07 for 5.46 (5.51 with 16 even points,
+# 5.48 with 32).
 _COARSE_POINTS = 64
 _QUANTILE_POINTS = 48
 _FIT_POINTS = 16
+_EVEN_POINTS = 32
 # The quantiles are those of a normal at this many SDs either side: the fine grid leaves
 # about 10⁻⁷ of the mass outside on either side.
 _QUANTILE_SPAN = 5.3
@@ -189,7 +195,8 @@ def _parents(prior, n_reflections):
 
 def _fine_grid(grid, log_mass, q_mean, q_sd):
     """Sorted grids of points at the quantiles of the mass ``log_mass`` on ``grid`` (the
-    cumulative mass interpolated linearly), and around the fit's posterior."""
+    cumulative mass interpolated linearly), around the fit's posterior, and evenly
+    spaced across the quantiles."""
     mass = np.exp(log_mass - log_mass.max(axis=1, keepdims=True))
     cumulative = np.cumsum(mass, axis=1)
     cumulative /= cumulative[:, -1:]
@@ -206,7 +213,8 @@ def _fine_grid(grid, log_mass, q_mean, q_sd):
     fraction = np.clip(np.divide(levels - low, high - low, out=np.zeros_like(low), where=high > low), 0, 1)
     quantiles = grid[rows, left] + fraction * (grid[rows, right] - grid[rows, left])
     around_fit = q_mean[:, None] + q_sd[:, None] * np.linspace(-_FIT_SPAN, _FIT_SPAN, _FIT_POINTS)
-    return np.sort(np.maximum(np.concatenate([quantiles, around_fit], axis=1), 0.0), axis=1)
+    even = quantiles[:, :1] + (quantiles[:, -1:] - quantiles[:, :1]) * np.linspace(0.0, 1.0, _EVEN_POINTS)
+    return np.sort(np.maximum(np.concatenate([quantiles, around_fit, even], axis=1), 0.0), axis=1)
 
 
 def _own_law_on(marginal_law, root_law, parent):
