@@ -96,7 +96,7 @@ def means_of_sums(total_weight, weighted_sum):
         return weighted_sum / total_weight, np.where(total_weight > 0, total_weight, np.nan) ** -0.5
 
 
-def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
+def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3, start=None):
     """:func:`inverse_variance_mean` with robust weights: an observation further from its
     group's mean than ``cutoff`` times the typical scatter has its weight divided by the
     square of how much further (a redescending influence, so that a zinger a hundred σ
@@ -104,11 +104,14 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
     residuals (v − mean)/σ, at least 1, so that uniformly understated σ do not make
     every observation an outlier.
 
-    The iterations start from each group's median, so that a gross outlier cannot drag
-    the first mean (and with it every residual) its way. A merge that starts a
-    heavy-tailed fit must not hold the outliers it is meant to ignore: a Student-t
-    likelihood keeps a reflection near a contaminated start, taking the outlier for the
-    inlier.
+    The iterations start from each group's median (or from ``start``, a value per group),
+    so that a gross outlier cannot drag the first mean (and with it every residual) its
+    way. A merge that starts a heavy-tailed fit must not hold the outliers it is meant to
+    ignore: a Student-t likelihood keeps a reflection near a contaminated start, taking
+    the outlier for the inlier. The first round measures the typical scatter about the
+    medians whatever the start: a start at one observation gives it no residual, and with
+    many such groups the scatter would shrink until their other observations all looked
+    like outliers.
 
     Examples
     --------
@@ -120,14 +123,17 @@ def robust_mean(group, values, sigma, n_groups, cutoff=3.0, rounds=3):
     >>> round(float(robust_mean(group, values, sigma, 1)[0][0]), 3)
     1.01
     """
-    mean, error = group_median(group, values, n_groups), None
+    centre = group_median(group, values, n_groups)
+    mean, error = centre if start is None else start, None
     for _ in range(rounds):
-        residual = np.abs(values - mean[group]) / sigma
-        finite = np.isfinite(residual)
+        about_centre = np.abs(values - centre[group]) / sigma
+        finite = np.isfinite(about_centre)
         if not finite.any():
             return inverse_variance_mean(group, values, sigma, n_groups)
-        spread = residual_spread(residual[finite])
+        spread = residual_spread(about_centre[finite])
+        residual = np.abs(values - mean[group]) / sigma
         mean, error = inverse_variance_mean(group, values, sigma * outlier_excess(residual, spread, cutoff), n_groups)
+        centre = mean
     return mean, error
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import reciprocalspaceship as rs
 from reciprocalspaceship.algorithms.scale_merged_intensities import _french_wilson_posterior_quad
 
-from ..baseline import inverse_variance_mean
+from ..baseline import group_median, inverse_variance_mean, residual_spread
 from ..shells import make_shells
 from ..symmetry import pack_hkl
 
@@ -20,6 +20,23 @@ SCALING_ROUNDS = 5
 # the peak of a whole hypf run).
 _FRENCH_WILSON_CHUNK = 2_000
 _HALF_NORMAL_MEAN_OVER_SD = np.sqrt(2 / (np.pi - 2))
+# Families of at most this many observations may start the robust merge from their most
+# probable observation (:func:`probable_observations`); larger ones from their median,
+# which a minority of outliers cannot move.
+_CANDIDATE_MEMBERS = 6
+# The Student-t that scores those candidates: a tail heavy enough that one gross outlier
+# costs the candidates near the others little.
+_CANDIDATE_DOF = 4.0
+# A family is undecided when none of its observations lies within this many typical
+# scatters of its median: twice the robust merge's outlier cutoff, since a still's partial
+# and full observations also disagree at the start (its scales know no partiality) and
+# the prior would pick the partial one. At 3 scatters 1 % of thermolysin's small
+# families were taken (173) and its CC1/2 fell by 0.001-0.002 in each of 3 splits; at 6,
+# 27; a zinger of a simulated pair lies 24 scatters from the median.
+_UNDECIDED_SCATTERS = 6.0
+# Below this fraction of Σ a candidate's prior density is taken at the fraction (the
+# centric density diverges at 0, and observations can be negative).
+_CANDIDATE_PRIOR_FLOOR = 0.01
 
 
 def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
@@ -45,6 +62,88 @@ def quick_image_scales(refl, image, intensity, sigma, n_reflections, n_images):
         k /= np.exp(np.mean(np.log(k)))
     merged, merged_sigma = inverse_variance_mean(refl, intensity / k[image], sigma / k[image], n_reflections)
     return k, merged, merged_sigma
+
+
+def probable_observations(group, values, sigma, n_groups, wilson_sigma, centric, weights=None):
+    """Where the robust merge of the start (:func:`~skmerge.baseline.robust_mean`) begins
+    each group of observations (a family of reflections): its median, unless no
+    observation lies within ``_UNDECIDED_SCATTERS`` typical scatters of it; then,
+    for a group of at most ``_CANDIDATE_MEMBERS`` observations, the observation most
+    probable as the group's intensity — its Wilson prior density (mean ``wilson_sigma`` of
+    the group; centric or not) times a Student-t likelihood of every observation of the
+    group, residuals in units of σ times the typical scatter about the medians
+    (:func:`_pair_scatter`, the residuals' ``weights`` given).
+
+    The median of two observations is their midpoint, and a pair whose one observation is
+    a gross outlier would start there, a redescending merge would keep both, and the
+    fit's heavy-tailed likelihood would then settle on either: on simulated data with 1 %
+    outliers three such pairs (of 8,500 reflections) ended at the outlier, 14 to 75 SIGF
+    from the truth, a fifth to two fifths of all squared z-scores. The two observations
+    explain each other equally badly, so the prior decides, as it would in the posterior.
+    Where some observation lies near the median the merge can tell inliers from outliers
+    by itself, and the median stays.
+
+    Examples
+    --------
+    A pair with an outlier starts at the observation the prior prefers; a large group at
+    its median:
+
+    >>> group = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1])
+    >>> values = np.array([1.0, 9.0, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 9.0])
+    >>> probable_observations(group, values, np.full(9, 0.1), 2, np.ones(2), np.zeros(2, bool)).tolist()
+    [1.0, 1.3]
+    """
+    centres = group_median(group, values, n_groups)
+    count = np.bincount(group, minlength=n_groups)
+    residual = np.abs(values - centres[group]) / sigma
+    spread = _pair_scatter(residual, count[group], weights)
+    if not np.isfinite(spread):
+        return centres
+    undecided = np.bincount(group, weights=residual <= _UNDECIDED_SCATTERS * spread, minlength=n_groups) == 0
+    order = np.argsort(group, kind="stable")
+    member_group, member_value, member_sigma = group[order], values[order], sigma[order]
+    first = np.concatenate([[0], np.cumsum(count)[:-1]])[member_group]
+    candidate = np.flatnonzero((count[member_group] <= _CANDIDATE_MEMBERS) & undecided[member_group])
+    if not len(candidate):
+        return centres
+    g, value = member_group[candidate], member_value[candidate]
+    score = np.zeros(len(candidate))
+    for offset in range(_CANDIDATE_MEMBERS):
+        present = offset < count[g]
+        partner = np.where(present, first[candidate] + offset, candidate)
+        r = (member_value[partner] - value) / (member_sigma[partner] * spread)
+        score -= np.where(present, (_CANDIDATE_DOF + 1) / 2 * np.log1p(r * r / _CANDIDATE_DOF), 0.0)
+    prior_sigma = wilson_sigma[g]
+    intensity = np.maximum(value, _CANDIDATE_PRIOR_FLOOR * prior_sigma)
+    score += np.where(centric[g], -intensity / (2 * prior_sigma) - 0.5 * np.log(intensity / prior_sigma),
+                      -intensity / prior_sigma)
+    score = np.where(np.isfinite(score), score, -np.inf)
+    best = np.lexsort((score, g))
+    last = best[np.r_[g[best][1:] != g[best][:-1], True]]
+    centres[g[last]] = value[last]
+    return centres
+
+
+def _pair_scatter(residual, count, weights=None):
+    """The typical scatter (:func:`~skmerge.baseline.residual_spread`) of the absolute
+    normalised residuals about their groups' medians, of the observations of groups of
+    ``count`` ≥ 2 only, each divided by √((n − 1)/n) (∞ when no group has two).
+
+    A residual about its own group's centre is smaller than one about the truth: 0 for a
+    group of one, and for a pair half its difference. With many such groups (stills, a
+    short sweep) the scatter would look small and sound pairs undecided; the correction
+    is exact for a mean, close for a median.
+
+    Examples
+    --------
+    >>> round(_pair_scatter(np.array([0.0, 2.0, 2.0]), np.array([1, 2, 2])), 4)
+    4.1934
+    """
+    shared = np.isfinite(residual) & (count > 1)
+    if not shared.any():
+        return np.inf
+    shrinkage = np.sqrt((count[shared] - 1) / count[shared])
+    return residual_spread(residual[shared] / shrinkage, None if weights is None else weights[shared])
 
 
 def image_scale_factors(num, den):

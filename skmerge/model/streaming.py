@@ -41,6 +41,7 @@ encoder and held-out tables (:func:`check_streamable` says so).
 import os
 import queue
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ from .build import _metadata_transformer, _scale_network, checked_intensity_scal
 from .data import Reflections, encode
 from .fitted import FitState
 from .fitting import Training, _progress, trained_variables, with_grid_marginals
-from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, scale_floor, wilson_curve)
+from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, probable_observations, scale_floor,
+                             wilson_curve)
 
 # Rows of the store (at most) on which the metadata transformer is fitted.
 SAMPLE_ROWS = 1 << 19
@@ -169,7 +171,7 @@ def fit_store(params, store, rng, seed, previous=None):
     state.reflections.mean_intensity = evaluate_curve(curve, state.reflections.dhkl)
     network = _scale_network(params, state, rng, previous, image_scale)
     posterior = start_posterior(params, state, previous,
-                                lambda family: _robust_start_merge(params, source, state, network, family))
+                                partial(_robust_start_merge, params, source, state, network))
     model = merging_model(params, state, posterior, network, None if previous is None else previous[1])
     batches = StoreBatches(params, source, state, survey.image_counts, seed)
     trainer = Trainer(model, trained_variables(params, model), batches, learning_rate=params.learning_rate,
@@ -285,9 +287,11 @@ def _quick_image_scales(params, source, state, merged):
     return k, merged, merged_sigma
 
 
-def _robust_start_merge(params, source, state, network, family):
+def _robust_start_merge(params, source, state, network, family, family_prior):
     """:func:`~skmerge.baseline.robust_mean` of every observation scaled by its starting
-    scale, per ``family`` of reflections, in passes (see the module docstring)."""
+    scale, per ``family`` of reflections, in passes (see the module docstring), from each
+    family's :func:`~skmerge.model.initialisation.probable_observations` among those kept
+    under ``family_prior`` (from the medians if None)."""
     from .._tf import tf
 
     # Compiled once for pieces of any length: eagerly, the network's chunked map runs op by op.
@@ -318,11 +322,16 @@ def _robust_start_merge(params, source, state, network, family):
         filled = np.minimum(filled + in_group, RESERVOIR)
     has = np.isfinite(kept[0])
     kept_group = np.nonzero(has)[0]
-    mean = group_median(kept_group, kept[0][has], n_groups)
     stands_for = (counts / np.maximum(filled, 1))[kept_group]
+    # As robust_mean: the first round's scatter about the medians, whatever the start.
+    centre = group_median(kept_group, kept[0][has], n_groups)
+    mean = centre
+    if family_prior is not None:
+        mean = probable_observations(kept_group, kept[0][has].astype(np.float64), kept[1][has].astype(np.float64),
+                                     n_groups, *family_prior, weights=stands_for)
     error = None
     for _ in range(_ROBUST_ROUNDS):
-        residual = np.abs(kept[0][has] - mean[kept_group]) / kept[1][has]
+        residual = np.abs(kept[0][has] - centre[kept_group]) / kept[1][has]
         finite = np.isfinite(residual)
         spread = residual_spread(residual[finite], stands_for[finite]) if finite.any() else np.inf
         weight_sum, weighted_sum = np.zeros(n_groups), np.zeros(n_groups)
@@ -333,6 +342,7 @@ def _robust_start_merge(params, source, state, network, family):
             weight_sum += np.bincount(group, weights=w, minlength=n_groups)
             weighted_sum += np.bincount(group, weights=w * values, minlength=n_groups)
         mean, error = means_of_sums(weight_sum, weighted_sum)
+        centre = mean
     return mean, error
 
 
