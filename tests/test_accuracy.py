@@ -74,9 +74,10 @@ def outliers():
 
 def test_studentt_beats_normal_with_outliers(outliers):
     X, truth = outliers
-    # 600 steps: the gap is wide long before either fit has converged.
-    normal = VariationalMerger(metadata=METADATA, likelihood="normal", max_iter=600, random_state=0).fit(X)
-    studentt = VariationalMerger(metadata=METADATA, likelihood=StudentTLikelihood(dof=4.0), max_iter=600,
+    # 300 steps: the gap is wide long before either fit has converged (0.048 of mean
+    # per-shell CC at 300 steps, 0.074 at 600: the normal fit follows the outliers).
+    normal = VariationalMerger(metadata=METADATA, likelihood="normal", max_iter=300, random_state=0).fit(X)
+    studentt = VariationalMerger(metadata=METADATA, likelihood=StudentTLikelihood(dof=4.0), max_iter=300,
                                  random_state=0).fit(X)
     _, cc_normal = _cc(normal.transform(X), truth)
     _, cc_studentt = _cc(studentt.transform(X), truth)
@@ -88,7 +89,7 @@ def test_held_out_score_prefers_studentt_with_outliers(outliers):
     train, test = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0).split(X, groups=X["image_id"]))
     X_train, X_test = X.iloc[train], X.iloc[test]
     scores = {
-        name: VariationalMerger(metadata=METADATA, likelihood=likelihood, max_iter=600, random_state=0).fit(
+        name: VariationalMerger(metadata=METADATA, likelihood=likelihood, max_iter=300, random_state=0).fit(
             X_train).score(X_test)
         for name, likelihood in (("normal", "normal"), ("studentt", StudentTLikelihood(dof=4.0)))
     }
@@ -96,12 +97,12 @@ def test_held_out_score_prefers_studentt_with_outliers(outliers):
 
 
 def test_anomalous_differences_are_recovered():
-    X, truth = make_unmerged(n_images=180, anomalous=True, anomalous_signal=0.08, random_state=13)
+    X, truth = make_unmerged(n_images=100, anomalous=True, anomalous_signal=0.08, random_state=13)
     merged = VariationalMerger(anomalous=True, metadata=METADATA, random_state=0).fit(X).transform(X)
     paired = merged.dropna(subset=["DANO"])
     true = truth.merged.loc[paired.index]
-    # The signal is as large as the noise here: a correlation well above zero, not near one.
-    assert np.corrcoef(paired["DANO"], true["DANO"])[0, 1] > 0.5
+    # 0.90 here (0.94 with 180 images); the differences are 8 % of F.
+    assert np.corrcoef(paired["DANO"], true["DANO"])[0, 1] > 0.8
 
 
 @pytest.fixture(scope="module")

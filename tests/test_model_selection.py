@@ -229,7 +229,7 @@ def test_randomized_search_over_model_pieces(small):
         "image_scales": [True, False],
     }
     search = RandomizedSearchCV(
-        VariationalMerger(**{**FAST, "max_iter": 100}), space, n_iter=2, cv=ImageKFold(2), random_state=0
+        VariationalMerger(**{**FAST, "max_iter": 50}), space, n_iter=2, cv=ImageKFold(2), random_state=0
     ).fit(X)
     assert np.isfinite(search.cv_results_["mean_test_score"]).all()
     best, params = search.best_estimator_, search.best_params_
@@ -330,7 +330,7 @@ def _search(n_jobs=None):
     # A fixed ν: a learned one ("studentt") amplifies the float rounding that differs
     # between thread counts over a short fit, and this test is about the plumbing.
     return GridSearchCV(
-        VariationalMerger(**{**FAST, "max_iter": 100}),
+        VariationalMerger(**{**FAST, "max_iter": 50}),
         {"likelihood": ["normal", StudentTLikelihood(16.0)]},
         cv=ImageKFold(3),
         refit=False,
