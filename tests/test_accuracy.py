@@ -115,24 +115,32 @@ def misreported():
     return understated, proportional, truth
 
 
-def test_error_model_recovers_sdfac_and_sdadd(misreported):
-    understated, proportional, _ = misreported
-    fit = dict(metadata=METADATA, mlp_layers=4, error_model=True, random_state=0)
-    merger = VariationalMerger(**fit).fit(understated)
+def _error_model_fit(error_model):
+    return VariationalMerger(metadata=METADATA, mlp_layers=4, error_model=error_model, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def understated_with_error_model(misreported):
+    return _error_model_fit(True).fit(misreported[0])
+
+
+def test_error_model_recovers_sdfac_and_sdadd(misreported, understated_with_error_model):
+    _, proportional, _ = misreported
+    merger = understated_with_error_model
     # The simulated σ hold a 2 % proportional term, which SdAdd absorbs.
     assert 2.7 < merger.sdfac_ < 3.3
     assert merger.sdadd_ < 0.03
-    merger = VariationalMerger(**fit).fit(proportional)
+    merger = _error_model_fit(True).fit(proportional)
     assert 0.85 < merger.sdfac_ < 1.15
     assert 0.12 < merger.sdadd_ < 0.18
 
 
-def test_error_model_keeps_sigf_calibrated_when_sigma_is_understated(misreported):
+def test_error_model_keeps_sigf_calibrated_when_sigma_is_understated(misreported, understated_with_error_model):
     understated, _, truth = misreported
     z_spread = {}
     for error_model in (False, True):
-        merged = VariationalMerger(metadata=METADATA, mlp_layers=4, error_model=error_model, random_state=0).fit(
-            understated).transform(understated)
+        merger = understated_with_error_model if error_model else _error_model_fit(False).fit(understated)
+        merged = merger.transform(understated)
         f, sigf = merged["F"].to_numpy(float), merged["SIGF"].to_numpy(float)
         f_true = truth.merged.loc[merged.index, "F"].to_numpy(float)
         shell, _ = resolution_shells(truth.merged.loc[merged.index, "dHKL"].to_numpy(), 10)
