@@ -59,6 +59,7 @@ def variants():
         "two-piece": dict(likelihood="two-piece"),
         "two-piece+grid": dict(likelihood="two-piece", marginals="grid"),
         "image-layers": dict(image_layers=2),
+        "image-heads": dict(image_heads=True),
     }
 
 

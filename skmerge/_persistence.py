@@ -9,6 +9,7 @@ source you trust.
 """
 
 import hashlib
+import inspect
 import types
 
 import numpy as np
@@ -44,7 +45,14 @@ class PersistentMixin:
             raise DamagedFileError("this saved merger is damaged: its content does not match the checksum it was "
                                    "saved with. Save it again from the fit, or refit.")
         state.pop(_FORMAT_KEY, None)
-        super().__setstate__(state)
+        # A merger pickled before one of today's parameters existed gets its default,
+        # which reproduces what its fit did (a new parameter's default keeps the old model).
+        super().__setstate__({**_init_defaults(type(self)), **state})
+
+
+def _init_defaults(cls):
+    return {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
 
 
 def check_version(version, fmt, expected_fmt):

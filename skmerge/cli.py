@@ -26,7 +26,7 @@ from .signals import interrupt_on_sigterm
 # Flags whose destination is the VariationalMerger parameter of that name.
 ESTIMATOR_DESTS = ("anomalous", "separate_files", "likelihood", "mlp_layers", "mlp_width", "image_scales",
                    "positional_encoding", "max_iter", "learning_rate", "mc_samples", "batch_size", "early_stopping",
-                   "random_state", "image_model", "marginals")
+                   "random_state", "image_model", "image_heads", "marginals")
 LAUE_DESTS = ("wavelength_key", "wavelength_range")
 
 
@@ -138,6 +138,10 @@ def _add_mono_arguments(mono, defaults):
                        help="how images get their own scale: an offset per image, or an embedding computed from "
                        "each image's own observations, which serves images the fit never saw (default: "
                        "%(default)s)")
+    model.add_argument("--image-heads", action=argparse.BooleanOptionalAction, default=defaults["image_heads"],
+                       help="give each image its own weights on learned combinations of the scale network's last "
+                       "hidden layer, with a prior whose width the fit learns from how much the images differ "
+                       "(needs --image-model offsets; default: off)")
     model.add_argument("-L", "--positional-encoding-frequencies", type=int, metavar="N", dest="positional_encoding",
                        default=defaults["positional_encoding"], help="positional encoding of every metadata "
                        "column with N frequencies (default: %(default)s; 0 is none)")

@@ -208,8 +208,8 @@ def transfer(args, params, usage_error):
     if args.scale_file is not None:
         _, path = transfer_source(args.scale_file, "--scale-file", usage_error)
         merger = load(path)
-        for name in ("mlp_layers", "mlp_width", "image_layers", "positional_encoding", "image_scales", "scale_bijector",
-                     "standardize_metadata", "positional_encoding_keys", "error_model", "likelihood"):
+        for name in ("mlp_layers", "mlp_width", "image_layers", "image_heads", "positional_encoding", "image_scales",
+                     "scale_bijector", "standardize_metadata", "positional_encoding_keys", "error_model", "likelihood"):
             if name not in params or params[name] == args.estimator_defaults[name]:
                 params[name] = merger.get_params()[name]
         params["warm_start"] = "scales"

@@ -117,6 +117,17 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         absorption or detector response), at the cost of ``mlp_width² + mlp_width``
         weights per image and layer. Images the fit never saw get the mean image's.
         Needs ``image_model="offsets"``.
+    image_heads : bool, default=False
+        Give each image of the fit its own weights on three learned combinations of the
+        scale network's last hidden layer, added to its log-scale: lighter than image
+        layers, and Bayesian — the weights have a Gaussian posterior and a prior whose
+        width per combination is fitted to how much the images' heads differ, so that
+        images bend their scales only as far as the data show they must, and the heads'
+        uncertainty widens the scales'. Images the fit never saw draw a head from that
+        prior. Stills and rotation data gain (thermolysin's CC1/2 0.855 → 0.921), Laue
+        data lose; not the default, as a bad image's observations then pass for sound
+        ones under a wide scale, and tied Friedel mates' SIGDANO is overstated
+        (bench/RESULTS.md). Needs ``image_model="offsets"``.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
     batch_size : int, default=None
@@ -357,6 +368,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "image_scales": ["boolean"],
         "image_model": [StrOptions({"offsets", "encoder"})],
         "image_layers": [Interval(Integral, 0, None, closed="left")],
+        "image_heads": ["boolean"],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -396,8 +408,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, mc_samples=1,
-        batch_size=None, max_iter=2000,
+        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, image_heads=False,
+        mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
         spectrum=None, lorentz_correction=False, posterior_init="data", warm_start=False, freeze=None, kl_weight=1.0,
@@ -416,6 +428,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         self.image_scales = image_scales
         self.image_model = image_model
         self.image_layers = image_layers
+        self.image_heads = image_heads
         self.mc_samples = mc_samples
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -870,9 +883,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
-        if self.image_layers and self.image_model != "offsets":
-            raise ParameterError(f"image_layers={self.image_layers} gives each image of the fit weights of its own; "
-                                 "the image encoder has none (use image_model=\"offsets\" or image_layers=0).")
+        if (self.image_layers or self.image_heads) and self.image_model != "offsets":
+            own = f"image_layers={self.image_layers}" if self.image_layers else "image_heads=True"
+            raise ParameterError(f"{own} gives each image of the fit weights of its own; the image encoder has none "
+                                 "(use image_model=\"offsets\", or image_layers=0 and image_heads=False).")
         if (self.spectrum is not None or self.lorentz_correction) and not self.laue:
             raise ParameterError("spectrum and lorentz_correction describe polychromatic data; set laue=True.")
         if self.spectrum is not None:

@@ -268,9 +268,35 @@ def test_image_layers_change_the_model_fit_and_persist(tmp_path):
     assert layered.scale_weights_[-5].shape == (4, 6, 6)
 
 
+def test_image_heads_fit_persist_and_serve_unseen_images(tmp_path):
+    """Per-image heads: trained weights of each image on the last hidden layer, saved and
+    loaded, a head from their prior for an image the fit never saw (scales less certain
+    than a seen image's), and warm-started on a subset of the images."""
+    X, _ = make_unmerged(n_images=6, random_state=0)
+    common = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, mlp_width=6, max_iter=80, random_state=0)
+    headed = VariationalMerger(**common, image_heads=True).fit(X)
+    loc, raw_scale = headed.scale_weights_[-3:-1]
+    assert loc.shape == raw_scale.shape == (6, 3)
+    assert np.abs(loc).max() > 1e-4, "the heads were trained (they start at zero)"
+    assert np.isfinite(headed.loss_curve_).all() and headed.loss_curve_[-1, 0] < headed.loss_curve_[0, 0]
+    loaded = skmerge.load(headed.save(tmp_path / "m.npz"))
+    assert loaded.image_heads
+    np.testing.assert_array_equal(loaded.predict(X), headed.predict(X))
+    seen = X[X["image_id"] == 0].copy()
+    unseen = seen.assign(image_id=99)
+    (_, scale_seen, sd_seen), (_, scale_unseen, sd_unseen) = (headed.predict(x, return_scale=True)
+                                                              for x in (seen, unseen))
+    assert np.isfinite(sd_unseen).all()
+    assert np.median(sd_unseen / scale_unseen) > np.median(sd_seen / scale_seen)
+    headed.set_params(warm_start=True, max_iter=5).fit(X[X["image_id"] < 4])
+    assert headed.scale_weights_[-3].shape == (4, 3)
+
+
 @pytest.mark.parametrize("params, message", [
     (dict(image_layers=-1), "image_layers"),
     (dict(image_layers=1, image_model="encoder"), "image encoder has none"),
+    (dict(image_heads=True, image_model="encoder"), "image_heads=True gives"),
+    (dict(image_heads=1.5), "image_heads"),
 ])
 def test_bad_image_layers(params, message):
     X, _ = make_unmerged(n_images=3, random_state=0)

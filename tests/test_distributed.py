@@ -146,14 +146,15 @@ def test_bad_worker_flags_exit_2(flags, message, tmp_path, capsys):
 @pytest.mark.parametrize("laue", [False, True])
 def test_shares_of_the_images_add_up_to_the_full_loss(laue):
     """The loss terms of the workers' shares sum to the full-data loss: each reflection's
-    KL once, each observation's likelihood once, over the observations of all shares."""
+    KL once, each observation's likelihood once, over the observations of all shares, and
+    the image heads' KL once (a third of it on each of three workers)."""
     from skmerge.model.build import build_model
     from skmerge.model.data import encode, laue_band
     from skmerge.model.distributed import _shard
     from skmerge._tf import tf
 
     X, _ = make_unmerged(n_images=6 if laue else 9, laue=laue, random_state=1)
-    merger = VariationalMerger(mlp_layers=2, mc_samples=400, laue=laue, metadata=["dHKL"])
+    merger = VariationalMerger(mlp_layers=2, mc_samples=400, laue=laue, metadata=["dHKL"], image_heads=not laue)
     harmonics = None
     if laue:
         bands, dmin = laue_band(X, "Wavelength", None)
@@ -161,10 +162,15 @@ def test_shares_of_the_images_add_up_to_the_full_loss(laue):
     observations = encode(X, None, anomalous=False, separate_files=False, harmonics=harmonics)
     model, data, state = build_model(merger, observations, np.random.RandomState(0), harmonics=harmonics)
     seed = tf.constant([3, 4])
+    heads = model.scale_network.head_loc
+    if heads is not None:  # their KL, global, is shared out over the workers
+        heads.assign(np.random.default_rng(2).normal(0, 0.1, heads.shape).astype(np.float32))
+        assert float(model.scale_network.heads_kl()) > 0.1
     full = model.loss_terms(data, seed).numpy()
     order = np.random.default_rng(0).permutation(len(state.image_ids))
     shares = [_shard(data, np.sort(order[k::3]), state.reflection_counts).full_batch() for k in range(3)]
     assert sum(int(s["intensity"].shape[0]) for s in shares) == int(data["intensity"].shape[0])
+    model.scale_kl_share = 1 / 3
     summed = sum(model.loss_terms(share, seed).numpy() for share in shares)
     np.testing.assert_allclose(summed[2], full[2], rtol=1e-4)  # the KL, for the same samples of F
     np.testing.assert_allclose(summed[1], full[1], rtol=0.02)  # the likelihood, up to the scales' noise

@@ -164,6 +164,46 @@ def test_image_layers_in_blocks_match_a_kernel_per_row(n_rows, n_images):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * max(np.abs(g_ref).max(), 1.0))
 
 
+def test_image_heads_add_their_mean_and_variance_to_log_scale():
+    """Each row's image head adds z·m to μ of log Σ and (z·s)² to its variance, z = h·P
+    the learned basis of the last hidden layer h; rows of image −1 get the prior's head (mean 0, standard deviation τ,
+    the root mean square of the heads over the images). Heads at zero leave the network
+    as without them; the heads start with the KL zero."""
+    rng = np.random.RandomState(3)
+    features = tf.constant(rng.normal(size=(50, 3)).astype(np.float32))
+    image = tf.constant(rng.randint(-1, 4, 50).astype(np.int32))
+    plain = ScaleNetwork(3, 2, 6, 4, np.random.RandomState(0))
+    headed = ScaleNetwork(3, 2, 6, 4, np.random.RandomState(0), image_heads=True, n_layer_images=4)
+    assert float(headed.heads_kl()) == pytest.approx(0.0, abs=1e-4)
+    for v in (plain.out_kernel, plain.image_offsets):
+        v.assign(rng.normal(0, 0.3, v.shape).astype(np.float32))
+    basis = headed.head_basis.numpy()
+    dense = len(plain.get_weights()) - 1
+    headed.set_weights(plain.get_weights()[:dense] + [basis, np.zeros((4, 3)), np.full((4, 3), -30.0),
+                                                      plain.get_weights()[-1]])
+    for a, b in zip(plain(features, image), headed(features, image)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+    loc, scale = rng.normal(0, 0.2, (4, 3)), rng.uniform(0.01, 0.3, (4, 3))
+    headed.head_loc.assign(loc.astype(np.float32))
+    headed.head_raw_scale.assign(np.log(np.expm1(scale)).astype(np.float32))
+    mu, spread = (v.numpy() for v in headed(features, image))
+    mu_plain, spread_plain = (v.numpy() for v in plain(features, image))
+    hidden = headed._hidden(tf.transpose(features)).numpy().T @ basis
+    tau = np.sqrt((loc**2 + scale**2).mean(0))
+    row_loc = np.where((image.numpy() >= 0)[:, None], loc[np.maximum(image.numpy(), 0)], 0.0)
+    row_scale = np.where((image.numpy() >= 0)[:, None], scale[np.maximum(image.numpy(), 0)], tau)
+    np.testing.assert_allclose(mu, mu_plain + (hidden * row_loc).sum(1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(spread, np.sqrt(spread_plain**2 + ((hidden * row_scale) ** 2).sum(1)), rtol=1e-4)
+    kl = np.log(tau / scale) + (scale**2 + loc**2) / (2 * tau**2) - 0.5
+    assert float(headed.heads_kl()) == pytest.approx(kl.sum(), rel=1e-4)
+    # τ is the prior width that maximises the ELBO: any other width gives a larger KL.
+    for factor in (0.8, 1.25):
+        t = factor * tau
+        assert (np.log(t / scale) + (scale**2 + loc**2) / (2 * t**2) - 0.5).sum() > kl.sum()
+    assert len(headed.per_image_weights()) == 3 and headed.get_weights()[-3].shape == (4, 3)
+
+
 def test_first_xla_compilation_is_quiet():
     """XLA logs its start-up through absl at the first compilation of a process; the
     trainer keeps it off standard error (a fresh process, so this is the first)."""

@@ -197,3 +197,35 @@ def test_a_likelihood_keeps_its_learned_parameters(tmp_path, likelihood, names):
     loaded = VariationalMerger.load(tmp_path / "m.npz")
     assert [getattr(loaded, name) for name in names] == learned
     np.testing.assert_array_equal(loaded.predict(X), merger.predict(X))
+
+
+def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
+    """Files of both formats written before ``image_heads`` existed (their fits had no
+    heads) load as mergers without heads and predict as they did: a pickle without the
+    attribute gets the parameter's default."""
+    import pickle
+
+    from skmerge._persistence import _CHECKSUM_KEY, _checksum
+
+    X, _ = make_unmerged(n_images=4, random_state=0)
+    merger = VariationalMerger(image_heads=False, **FAST).fit(X)
+    expected = merger.predict(X)
+
+    path = merger.save(tmp_path / "m.npz")
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    document = json.loads(str(arrays.pop("document")[()]))
+    del document["checksum"], document["params"]["image_heads"]
+    document["checksum"] = _checksum({"document": document, "arrays": arrays})
+    np.savez(tmp_path / "old.npz", document=np.array(json.dumps(document)), **arrays)
+    loaded = VariationalMerger.load(tmp_path / "old.npz")
+    assert loaded.image_heads is False
+    np.testing.assert_array_equal(loaded.predict(X), expected)
+
+    state = merger.__getstate__()
+    del state["image_heads"], state[_CHECKSUM_KEY]
+    state[_CHECKSUM_KEY] = _checksum({k: v for k, v in state.items()})
+    unpickled = VariationalMerger.__new__(VariationalMerger)
+    unpickled.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert unpickled.image_heads is False
+    np.testing.assert_array_equal(unpickled.predict(X), expected)

@@ -155,7 +155,7 @@ def restore_model(params, state, weights):
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
                            np.random.RandomState(0), spread_bijector=params.scale_bijector,
                            encoder=image_model(params) == "encoder", image_layers=params.image_layers,
-                           n_layer_images=len(state.image_ids))
+                           n_layer_images=len(state.image_ids), image_heads=params.image_heads)
     network.set_weights(weights.scale)
     model = merging_model(params, state, posterior, network, weights)
     if weights.marginals is not None:
@@ -204,7 +204,7 @@ def _scale_network(params, state, rng, previous, image_scale):
     offsets = np.log(image_scale) if previous is None and n_images else None
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
                            params.scale_bijector, encoder=kind == "encoder", image_layers=params.image_layers,
-                           n_layer_images=len(state.image_ids))
+                           n_layer_images=len(state.image_ids), image_heads=params.image_heads)
     if previous is not None:
         network.set_weights(_per_image_weights_for(network, state, *previous))
     return network
@@ -220,7 +220,7 @@ def _per_image_weights_for(network, state, old_state, old_weights):
     shared = [i for i in range(len(current)) if i not in per_image]
     if len(weights) != len(current) or any(np.shape(weights[i]) != np.shape(current[i]) for i in shared):
         raise ParameterError("warm_start needs the scale network of the previous fit: refit from scratch after "
-                             "changing metadata, mlp_layers, mlp_width, image_layers or image_model.")
+                             "changing metadata, mlp_layers, mlp_width, image_layers, image_heads or image_model.")
     rows = lookup_keys(old_state.image_ids, state.image_ids)
     known = rows >= 0
     for i in per_image:

@@ -246,6 +246,7 @@ def data_parallel_trainer(strategy, params, model, variables, data, state, seed,
     # Each worker draws its own Monte Carlo samples, as independent as the
     # single-process fit's samples of different images.
     worker_seed = int(np.random.SeedSequence([seed, worker]).generate_state(1)[0] % 2**31)
+    model.scale_kl_share = 1.0 / n_workers
     return DataParallelTrainer(strategy, model, variables, share, seed=worker_seed, **options)
 
 

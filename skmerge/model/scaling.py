@@ -8,19 +8,31 @@ the image encoder, (μᵢ, sᵢ) = network(metadataᵢ, eᵢₘₐ₉ₑ) instea
 embedding e is computed from the image's own observations (:class:`ImageEncoder`).
 Image layers (careless's ``--image-layers``) are residual layers between the shared
 stack and the output whose weights belong to each image, so that every image can bend
-the metadata's effect on its scale its own way. A known factor of the rows (a Laue
-spectrum and Lorentz factor, ``log_known_scale``) adds to μ.
+the metadata's effect on its scale its own way. Image heads are each image's own
+weights on a few learned combinations of the shared stack's last hidden layer, added to
+μ, with a Gaussian posterior and a hierarchical prior whose width the fit learns
+(:meth:`ScaleNetwork.heads_kl`), so that images bend their scales only as far as the
+images together show they must. A known factor of the rows (a Laue spectrum and Lorentz
+factor, ``log_known_scale``) adds to μ.
 """
 
 import numpy as np
 
-from .._tf import tf
+from .._tf import tf, tfd
 from ..features import split_metadata
 from .posterior import softplus_inverse
 
 _LEAK = 0.01
 _INITIAL_SPREAD = 0.05
 _MIN_SPREAD = 1e-3
+# The image heads' posterior standard deviation at the start (equal for every weight, so
+# that the posterior starts as the prior: KL 0).
+_INITIAL_HEAD_SCALE = 1e-3
+# Size of the learned basis the image heads weigh: a head on all `width` hidden units
+# spends a step's time on per-row arithmetic over `width` columns (1.6× the step of a
+# fit without heads on hypf); on a few learned combinations of them it is cheap, and a
+# fit uses only a few (most units' heads shrank to zero on simulated data).
+_HEAD_BASIS = 3
 _CHUNK_ROWS = 4096
 _PARALLEL_CHUNKS = 2
 # Rows per block of the image layers (every block holds rows of one image).
@@ -174,12 +186,20 @@ class ScaleNetwork(tf.Module):
         Residual layers with a width × width kernel and a bias per image, after the
         shared stack. They start at zero, so that the network starts as without them.
     n_layer_images : int, default=0
-        Number of images with layers of their own (rows of image −1 get the mean
-        image's layers).
+        Number of images with layers or heads of their own (rows of image −1 get the
+        mean image's layers and a head drawn from the heads' prior).
+    image_heads : bool, default=False
+        Give each image a head: weights w of its own on ``_HEAD_BASIS`` learned linear
+        combinations z = h·P of the last hidden layer h (P shared by the images), so that
+        μ gains z·w. The weights' posterior is Normal(m, s) per weight and their prior
+        Normal(0, τⱼ) per combination j, τⱼ² the mean of m² + s² over the images (the
+        prior that maximises the ELBO, :meth:`heads_kl`). As log Σ is normal given w,
+        the heads' uncertainty adds (z·s)² to the variance of log Σ instead of being
+        sampled.
     """
 
     def __init__(self, n_features, n_layers, width, n_images, rng, image_offsets=None, spread_bijector="softplus",
-                 encoder=False, image_layers=0, n_layer_images=0, name="scale"):
+                 encoder=False, image_layers=0, n_layer_images=0, image_heads=False, name="scale"):
         super().__init__(name=name)
         sizes = [max(n_features + (_EMBEDDING_SIZE if encoder else 0), 1)] + [width] * n_layers
         self.kernels, self.biases = [], []
@@ -205,6 +225,12 @@ class ScaleNetwork(tf.Module):
         self.image_kernels = [tf.Variable(np.zeros((n_layer_images, width, width), np.float32))
                               for _ in range(image_layers)]
         self.image_biases = [tf.Variable(np.zeros((n_layer_images, width), np.float32)) for _ in range(image_layers)]
+        self.head_basis = self.head_loc = self.head_raw_scale = None
+        if image_heads:
+            self.head_basis = tf.Variable(rng.normal(0, np.sqrt(1.0 / width), (width, _HEAD_BASIS)).astype(np.float32))
+            self.head_loc = tf.Variable(np.zeros((n_layer_images, _HEAD_BASIS), np.float32))
+            self.head_raw_scale = tf.Variable(np.full((n_layer_images, _HEAD_BASIS),
+                                                      softplus_inverse(_INITIAL_HEAD_SCALE), np.float32))
 
     def __call__(self, features, image, image_inputs=None, image_embedding=None):
         """(μ, s) of log Σ for each observation.
@@ -229,14 +255,51 @@ class ScaleNetwork(tf.Module):
                                         self.out_kernel.shape[0])
             out = self._output(self._image_stack(hidden, image))
         else:
-            out = self._checkpointed(features, self._dense, self._dense_variables(), 2)
+            out = self._checkpointed(features, self._dense, self._dense_variables(), self._n_outputs())
         mu = out[:, 0]
+        positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
+        spread = positive(out[:, 1]) + _MIN_SPREAD
+        if self.head_loc is not None:
+            mu, spread = self._with_heads(mu, spread, out[:, 2:], image)
         if self.image_offsets.shape[0] > 0:
             known = image >= 0
             offset = tf.gather(self.image_offsets, tf.maximum(image, 0))
             mu = mu + tf.where(known, offset, tf.reduce_mean(self.image_offsets))
-        positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
-        return mu, positive(out[:, 1]) + _MIN_SPREAD
+        return mu, spread
+
+    def _head_scale(self):
+        return tf.nn.softplus(self.head_raw_scale)
+
+    def _head_prior_scale(self):
+        """τⱼ of every combination of the basis: the root mean square of the heads'
+        posterior over the images, the prior width that maximises the ELBO for the
+        posterior given."""
+        return tf.sqrt(tf.reduce_mean(tf.square(self.head_loc) + tf.square(self._head_scale()), 0))
+
+    def _with_heads(self, mu, spread, basis, image):
+        """(μ, s) of log Σ with every row's image head on the rows' ``basis`` values z:
+        mean z·m and variance (z·s)² added; rows of image −1 get a head from the prior
+        (mean 0, standard deviation τ)."""
+        n_images = self.head_loc.shape[0]
+        loc = tf.concat([self.head_loc, tf.zeros([1, _HEAD_BASIS])], 0)
+        scale = tf.concat([self._head_scale(), self._head_prior_scale()[None]], 0)
+        own = tf.where(image >= 0, image, n_images)
+        mu = mu + tf.reduce_sum(basis * tf.gather(loc, own), 1)
+        head_var = tf.reduce_sum(tf.square(basis * tf.gather(scale, own)), 1)
+        return mu, tf.sqrt(tf.square(spread) + head_var)
+
+    def heads_kl(self):
+        """KL(q‖p) of the image heads, summed over the images' weights (0 without heads).
+
+        The prior Normal(0, τⱼ) has τⱼ² = mean over images of m² + s², which maximises the
+        ELBO for the posterior given (and the gradient through τ is then zero, so it is
+        held fixed): a hierarchical prior whose width the images decide, as wide as
+        their heads differ and no wider — images whose scales the shared network
+        explains get heads near zero."""
+        if self.head_loc is None:
+            return tf.constant(0.0)
+        prior = tfd.Normal(0.0, tf.stop_gradient(self._head_prior_scale()))
+        return tf.reduce_sum(tfd.kl_divergence(tfd.Normal(self.head_loc, self._head_scale()), prior))
 
     def of(self, data):
         """(μ, s) of log Σ for the rows of a dict of tensors
@@ -265,11 +328,21 @@ class ScaleNetwork(tf.Module):
         return h
 
     def _dense(self, h):
-        """The shared stack and the output layer, (features, rows) → (2, rows)."""
-        return tf.matmul(self.out_kernel, self._hidden(h), transpose_a=True) + self.out_bias[:, None]
+        """The shared stack and the output layer, (features, rows) → (outputs, rows): the
+        raw μ and spread, then the heads' basis values."""
+        return tf.matmul(self._out_kernel(), self._hidden(h), transpose_a=True) + self._out_bias()[:, None]
 
     def _output(self, hidden):
-        return tf.matmul(hidden, self.out_kernel) + self.out_bias
+        return tf.matmul(hidden, self._out_kernel()) + self._out_bias()
+
+    def _out_kernel(self):
+        return self.out_kernel if self.head_basis is None else tf.concat([self.out_kernel, self.head_basis], 1)
+
+    def _out_bias(self):
+        return self.out_bias if self.head_basis is None else tf.pad(self.out_bias, [[0, _HEAD_BASIS]])
+
+    def _n_outputs(self):
+        return 2 if self.head_basis is None else 2 + _HEAD_BASIS
 
     def _image_stack(self, hidden, image):
         """The image layers on rows (rows, width) → (rows, width): each row through its
@@ -335,14 +408,19 @@ class ScaleNetwork(tf.Module):
                 v.assign(value)
 
     def _dense_variables(self):
-        return [*self.kernels, *self.biases, self.out_kernel, self.out_bias]
+        basis = [] if self.head_basis is None else [self.head_basis]
+        return [*self.kernels, *self.biases, self.out_kernel, self.out_bias, *basis]
 
     def _ordered(self):
         encoder = self.encoder.variables_in_order() if self.encoder is not None else []
-        return [*self._dense_variables(), *encoder, *self.image_kernels, *self.image_biases, self.image_offsets]
+        return [*self._dense_variables(), *encoder, *self.image_kernels, *self.image_biases, *self._heads(),
+                self.image_offsets]
+
+    def _heads(self):
+        return [] if self.head_loc is None else [self.head_loc, self.head_raw_scale]
 
     def per_image_weights(self):
         """Positions in :meth:`get_weights` of the weights whose first axis runs over
-        the images (the image layers' and the offsets)."""
+        the images (the image layers', the heads' and the offsets)."""
         n = len(self._ordered())
-        return list(range(n - 1 - 2 * len(self.image_kernels), n))
+        return list(range(n - 1 - 2 * len(self.image_kernels) - len(self._heads()), n))

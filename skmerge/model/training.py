@@ -61,6 +61,10 @@ class MergingModel(tf.Module):
         self.mc_samples = int(mc_samples)
         self.error_model = error_model
         self.kl_weight = float(kl_weight)
+        # The share of the scale model's KL (its image heads', global) that this process's
+        # loss carries: 1/n of it on each of the n workers of a data-parallel fit whose
+        # losses add up.
+        self.scale_kl_share = 1.0
         # The marginals of the amplitudes on grids after training (GridMarginals), which
         # the merged table reports instead of the mean-field posterior's moments.
         self.marginals = None
@@ -93,8 +97,8 @@ class MergingModel(tf.Module):
 
     def loss_terms(self, data, seed):
         """−ELBO per observation and its parts: the expected negative log-likelihood and
-        the KL divergence of the amplitudes, both divided by the number of observations
-        (the loss weighs the KL by ``kl_weight``).
+        the KL divergence of the amplitudes (and of the scale model's image heads), both
+        divided by the number of observations (the loss weighs the KL by ``kl_weight``).
 
         A minibatch carries ``weight`` (of each observation: N/batch for the images drawn,
         0 for padding), ``kl_weight`` (of each row: the same factor over the number of
@@ -115,6 +119,7 @@ class MergingModel(tf.Module):
             n_total = tf.cast(tf.shape(data["intensity"])[0], tf.float32)
             nll = -tf.reduce_sum(log_lik) / n_total
             kl = tf.reduce_sum(kl) / n_total
+        kl = kl + self.scale_kl_share * self.scale_network.heads_kl() / n_total
         return tf.stack([nll + self.kl_weight * kl, nll, kl])
 
     def amplitude_moments(self, extra_prior=None):
