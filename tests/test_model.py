@@ -166,8 +166,8 @@ def test_image_layers_in_blocks_match_a_kernel_per_row(n_rows, n_images):
 
 def test_image_heads_add_their_mean_and_variance_to_log_scale():
     """Each row's image head adds z·m to μ of log Σ and (z·s)² to its variance, z = h·P
-    the learned basis of the last hidden layer h; rows of image −1 get the prior's head (mean 0, standard deviation τ,
-    the root mean square of the heads over the images). Heads at zero leave the network
+    the learned basis of the last hidden layer h; rows of image −1 get the prior's head
+    (mean 0, standard deviation τ, the root mean square of the heads over the images). Heads at zero leave the network
     as without them; the heads start with the KL zero."""
     rng = np.random.RandomState(3)
     features = tf.constant(rng.normal(size=(50, 3)).astype(np.float32))

@@ -54,6 +54,13 @@ def image_model(params):
     return params.image_model if own else None
 
 
+def _own_image(image, n_images):
+    """Every row's image, with rows of image −1 (images the fit never saw) numbered
+    ``n_images``: the row of the table of per-image weights that ends with the weights
+    such images get."""
+    return tf.where(image >= 0, image, n_images)
+
+
 def _image_blocks(image, n_images):
     """Where each row goes when rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows
     of one image (the rows of image −1 in blocks of the mean image, numbered
@@ -64,7 +71,7 @@ def _image_blocks(image, n_images):
     that the shapes depend on the number of rows only; the unused blocks are empty and
     belong to the mean image."""
     n_rows = tf.shape(image)[0]
-    own = tf.where(image >= 0, image, n_images)
+    own = _own_image(image, n_images)
     order = tf.argsort(own, stable=True)
     ordered = tf.gather(own, order)
     counts = tf.math.bincount(own, minlength=n_images + 1, maxlength=n_images + 1, dtype=tf.int32)
@@ -280,10 +287,9 @@ class ScaleNetwork(tf.Module):
         """(μ, s) of log Σ with every row's image head on the rows' ``basis`` values z:
         mean z·m and variance (z·s)² added; rows of image −1 get a head from the prior
         (mean 0, standard deviation τ)."""
-        n_images = self.head_loc.shape[0]
         loc = tf.concat([self.head_loc, tf.zeros([1, _HEAD_BASIS])], 0)
         scale = tf.concat([self._head_scale(), self._head_prior_scale()[None]], 0)
-        own = tf.where(image >= 0, image, n_images)
+        own = _own_image(image, self.head_loc.shape[0])
         mu = mu + tf.reduce_sum(basis * tf.gather(loc, own), 1)
         head_var = tf.reduce_sum(tf.square(basis * tf.gather(scale, own)), 1)
         return mu, tf.sqrt(tf.square(spread) + head_var)
