@@ -162,15 +162,14 @@ def test_shares_of_the_images_add_up_to_the_full_loss(laue):
     observations = encode(X, None, anomalous=False, separate_files=False, harmonics=harmonics)
     model, data, state = build_model(merger, observations, np.random.RandomState(0), harmonics=harmonics)
     seed = tf.constant([3, 4])
-    heads = model.scale_network.head_loc
-    if heads is not None:  # their KL, global, is shared out over the workers
+    if not laue:  # the image heads' KL, global, is shared out over the workers
+        heads = model.scale_network.heads.loc
         heads.assign(np.random.default_rng(2).normal(0, 0.1, heads.shape).astype(np.float32))
         assert float(model.scale_network.heads_kl()) > 0.1
     full = model.loss_terms(data, seed).numpy()
     order = np.random.default_rng(0).permutation(len(state.image_ids))
-    shares = [_shard(data, np.sort(order[k::3]), state.reflection_counts).full_batch() for k in range(3)]
+    shares = [_shard(data, np.sort(order[k::3]), state.reflection_counts, 3).full_batch() for k in range(3)]
     assert sum(int(s["intensity"].shape[0]) for s in shares) == int(data["intensity"].shape[0])
-    model.scale_kl_share = 1 / 3
     summed = sum(model.loss_terms(share, seed).numpy() for share in shares)
     np.testing.assert_allclose(summed[2], full[2], rtol=1e-4)  # the KL, for the same samples of F
     np.testing.assert_allclose(summed[1], full[1], rtol=0.02)  # the likelihood, up to the scales' noise

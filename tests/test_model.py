@@ -177,7 +177,7 @@ def test_image_heads_add_their_mean_and_variance_to_log_scale():
     assert float(headed.heads_kl()) == pytest.approx(0.0, abs=1e-4)
     for v in (plain.out_kernel, plain.image_offsets):
         v.assign(rng.normal(0, 0.3, v.shape).astype(np.float32))
-    basis = headed.head_basis.numpy()
+    basis = headed.heads.basis.numpy()
     dense = len(plain.get_weights()) - 1
     headed.set_weights(plain.get_weights()[:dense] + [basis, np.zeros((4, 3)), np.full((4, 3), -30.0),
                                                       plain.get_weights()[-1]])
@@ -185,8 +185,8 @@ def test_image_heads_add_their_mean_and_variance_to_log_scale():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
     loc, scale = rng.normal(0, 0.2, (4, 3)), rng.uniform(0.01, 0.3, (4, 3))
-    headed.head_loc.assign(loc.astype(np.float32))
-    headed.head_raw_scale.assign(np.log(np.expm1(scale)).astype(np.float32))
+    headed.heads.loc.assign(loc.astype(np.float32))
+    headed.heads.raw_scale.assign(np.log(np.expm1(scale)).astype(np.float32))
     mu, spread = (v.numpy() for v in headed(features, image))
     mu_plain, spread_plain = (v.numpy() for v in plain(features, image))
     hidden = headed._hidden(tf.transpose(features)).numpy().T @ basis

@@ -236,28 +236,28 @@ def data_parallel_trainer(strategy, params, model, variables, data, state, seed,
         raise ParameterError(f"batch_size={batch_size}: a data-parallel fit over {n_workers} workers draws at "
                              "least one image per worker in every step; give at least that many.")
     images = np.sort(np.random.default_rng(seed).permutation(n_images)[worker::n_workers])
-    share = _shard(data, images, state.reflection_counts)
+    share = _shard(data, images, state.reflection_counts, n_workers)
     if batch_size is not None and batch_size < n_images:
         own_batch = min(batch_size // n_workers + (worker < batch_size % n_workers), len(images))
         share = ImageBatches(share.data, share.image, share.n_rows_per_reflection, own_batch, spot=share.spot,
-                             n_total=share.n_total)
+                             n_total=share.n_total, global_kl_share=share.global_kl_share)
     else:
         share = share.full_batch()
     # Each worker draws its own Monte Carlo samples, as independent as the
     # single-process fit's samples of different images.
     worker_seed = int(np.random.SeedSequence([seed, worker]).generate_state(1)[0] % 2**31)
-    model.scale_kl_share = 1.0 / n_workers
     return DataParallelTrainer(strategy, model, variables, share, seed=worker_seed, **options)
 
 
 class _Shard:
     """The rows and observations of some images: the data dict, the images' numbers
     0 … k−1 by row, each row's number of rows of its reflection in all the data, the
-    rows' observations (Laue spots) and the number of observations of all shards."""
+    rows' observations (Laue spots), the number of observations of all shards and the
+    share of the scale model's global KL this shard's loss carries (1 / shards)."""
 
-    def __init__(self, data, image, n_rows_per_reflection, spot, n_total):
+    def __init__(self, data, image, n_rows_per_reflection, spot, n_total, global_kl_share):
         self.data, self.image, self.n_rows_per_reflection = data, image, n_rows_per_reflection
-        self.spot, self.n_total = spot, n_total
+        self.spot, self.n_total, self.global_kl_share = spot, n_total, global_kl_share
 
     def full_batch(self):
         """The data with weights: every observation of the shard in every step, the KL of
@@ -266,10 +266,11 @@ class _Shard:
         n_obs = int(self.data["intensity"].shape[0])
         return dict(self.data, weight=tf.ones([n_obs]), kl_weight=tf.constant(1.0 / self.n_rows_per_reflection,
                                                                                tf.float32),
-                    n_total=tf.constant(self.n_total, tf.float32))
+                    n_total=tf.constant(self.n_total, tf.float32),
+                    global_kl_share=tf.constant(self.global_kl_share, tf.float32))
 
 
-def _shard(data, images, reflection_counts):
+def _shard(data, images, reflection_counts, n_shards):
     image = data["image"].numpy()
     rows = np.flatnonzero(np.isin(image, images))
     spot = data["spot"].numpy()[rows] if "spot" in data else None
@@ -280,7 +281,8 @@ def _shard(data, images, reflection_counts):
         spot = np.searchsorted(observations, spot)
         share["spot"] = tf.constant(spot, tf.int32)
     counts = reflection_counts[data["refl"].numpy()[rows]]
-    return _Shard(share, np.searchsorted(images, image[rows]), counts, spot, float(data["intensity"].shape[0]))
+    return _Shard(share, np.searchsorted(images, image[rows]), counts, spot, float(data["intensity"].shape[0]),
+                  1.0 / n_shards)
 
 
 def _replica_id(strategy):

@@ -11,7 +11,7 @@ stack and the output whose weights belong to each image, so that every image can
 the metadata's effect on its scale its own way. Image heads are each image's own
 weights on a few learned combinations of the shared stack's last hidden layer, added to
 μ, with a Gaussian posterior and a hierarchical prior whose width the fit learns
-(:meth:`ScaleNetwork.heads_kl`), so that images bend their scales only as far as the
+(:class:`ImageHeads`), so that images bend their scales only as far as the
 images together show they must. A known factor of the rows (a Laue spectrum and Lorentz
 factor, ``log_known_scale``) adds to μ.
 """
@@ -153,6 +153,63 @@ class ImageEncoder(tf.Module):
         return [v for layer in (*self.observation_layers, *self.image_layers) for v in layer]
 
 
+class ImageHeads(tf.Module):
+    """Each image's head: weights w of its own on ``_HEAD_BASIS`` learned linear
+    combinations z = h·P of the scale network's last hidden layer h (the basis P shared
+    by the images), which add z·w to μ of log Σ.
+
+    The weights' posterior is Normal(m, s) per weight and their prior Normal(0, τⱼ) per
+    combination j, τⱼ² the mean of m² + s² over the images: the prior width that
+    maximises the ELBO for the posterior given (:meth:`kl`). As log Σ is normal given w,
+    the heads' uncertainty adds (z·s)² to the variance of log Σ instead of being sampled.
+
+    Parameters
+    ----------
+    n_images : int
+        Number of images with a head of their own.
+    width : int
+        Width of the hidden layer the basis combines.
+    rng : numpy.random.RandomState
+        Draws the basis.
+    """
+
+    def __init__(self, n_images, width, rng, name="image_heads"):
+        super().__init__(name=name)
+        self.basis = tf.Variable(rng.normal(0, np.sqrt(1.0 / width), (width, _HEAD_BASIS)).astype(np.float32))
+        self.loc = tf.Variable(np.zeros((n_images, _HEAD_BASIS), np.float32))
+        self.raw_scale = tf.Variable(np.full((n_images, _HEAD_BASIS), softplus_inverse(_INITIAL_HEAD_SCALE),
+                                             np.float32))
+
+    def __call__(self, mu, spread, basis_values, image):
+        """(μ, s) of log Σ with every row's image head on the rows' ``basis_values`` z:
+        mean z·m and variance (z·s)² added; rows of image −1 get a head from the prior
+        (mean 0, standard deviation τ)."""
+        loc = tf.concat([self.loc, tf.zeros([1, _HEAD_BASIS])], 0)
+        scale = tf.concat([self.scale(), self.prior_scale()[None]], 0)
+        own = _own_image(image, self.loc.shape[0])
+        mu = mu + tf.reduce_sum(basis_values * tf.gather(loc, own), 1)
+        head_var = tf.reduce_sum(tf.square(basis_values * tf.gather(scale, own)), 1)
+        return mu, tf.sqrt(tf.square(spread) + head_var)
+
+    def scale(self):
+        return tf.nn.softplus(self.raw_scale)
+
+    def prior_scale(self):
+        """τⱼ of every combination of the basis: the root mean square of the heads'
+        posterior over the images."""
+        return tf.sqrt(tf.reduce_mean(tf.square(self.loc) + tf.square(self.scale()), 0))
+
+    def kl(self):
+        """KL(q‖p) of the heads, summed over the images' weights.
+
+        With τ the ELBO-optimal width for the posterior given, the gradient through τ is
+        zero, so it is held fixed: a hierarchical prior whose width the images decide, as
+        wide as their heads differ and no wider — images whose scales the shared network
+        explains get heads near zero."""
+        prior = tfd.Normal(0.0, tf.stop_gradient(self.prior_scale()))
+        return tf.reduce_sum(tfd.kl_divergence(tfd.Normal(self.loc, self.scale()), prior))
+
+
 def _dense_layers(sizes, rng):
     """(kernel, bias) of each layer of a perceptron, He-initialised."""
     return [(tf.Variable(rng.normal(0, np.sqrt(2.0 / fan_in), (fan_in, fan_out)).astype(np.float32)),
@@ -196,13 +253,8 @@ class ScaleNetwork(tf.Module):
         Number of images with layers or heads of their own (rows of image −1 get the
         mean image's layers and a head drawn from the heads' prior).
     image_heads : bool, default=False
-        Give each image a head: weights w of its own on ``_HEAD_BASIS`` learned linear
-        combinations z = h·P of the last hidden layer h (P shared by the images), so that
-        μ gains z·w. The weights' posterior is Normal(m, s) per weight and their prior
-        Normal(0, τⱼ) per combination j, τⱼ² the mean of m² + s² over the images (the
-        prior that maximises the ELBO, :meth:`heads_kl`). As log Σ is normal given w,
-        the heads' uncertainty adds (z·s)² to the variance of log Σ instead of being
-        sampled.
+        Give each image a head on the last hidden layer (:class:`ImageHeads`), whose
+        basis values are the output layer's extra columns.
     """
 
     def __init__(self, n_features, n_layers, width, n_images, rng, image_offsets=None, spread_bijector="softplus",
@@ -232,12 +284,7 @@ class ScaleNetwork(tf.Module):
         self.image_kernels = [tf.Variable(np.zeros((n_layer_images, width, width), np.float32))
                               for _ in range(image_layers)]
         self.image_biases = [tf.Variable(np.zeros((n_layer_images, width), np.float32)) for _ in range(image_layers)]
-        self.head_basis = self.head_loc = self.head_raw_scale = None
-        if image_heads:
-            self.head_basis = tf.Variable(rng.normal(0, np.sqrt(1.0 / width), (width, _HEAD_BASIS)).astype(np.float32))
-            self.head_loc = tf.Variable(np.zeros((n_layer_images, _HEAD_BASIS), np.float32))
-            self.head_raw_scale = tf.Variable(np.full((n_layer_images, _HEAD_BASIS),
-                                                      softplus_inverse(_INITIAL_HEAD_SCALE), np.float32))
+        self.heads = ImageHeads(n_layer_images, width, rng) if image_heads else None
 
     def __call__(self, features, image, image_inputs=None, image_embedding=None):
         """(μ, s) of log Σ for each observation.
@@ -266,46 +313,17 @@ class ScaleNetwork(tf.Module):
         mu = out[:, 0]
         positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
         spread = positive(out[:, 1]) + _MIN_SPREAD
-        if self.head_loc is not None:
-            mu, spread = self._with_heads(mu, spread, out[:, 2:], image)
+        if self.heads is not None:
+            mu, spread = self.heads(mu, spread, out[:, 2:], image)
         if self.image_offsets.shape[0] > 0:
             known = image >= 0
             offset = tf.gather(self.image_offsets, tf.maximum(image, 0))
             mu = mu + tf.where(known, offset, tf.reduce_mean(self.image_offsets))
         return mu, spread
 
-    def _head_scale(self):
-        return tf.nn.softplus(self.head_raw_scale)
-
-    def _head_prior_scale(self):
-        """τⱼ of every combination of the basis: the root mean square of the heads'
-        posterior over the images, the prior width that maximises the ELBO for the
-        posterior given."""
-        return tf.sqrt(tf.reduce_mean(tf.square(self.head_loc) + tf.square(self._head_scale()), 0))
-
-    def _with_heads(self, mu, spread, basis, image):
-        """(μ, s) of log Σ with every row's image head on the rows' ``basis`` values z:
-        mean z·m and variance (z·s)² added; rows of image −1 get a head from the prior
-        (mean 0, standard deviation τ)."""
-        loc = tf.concat([self.head_loc, tf.zeros([1, _HEAD_BASIS])], 0)
-        scale = tf.concat([self._head_scale(), self._head_prior_scale()[None]], 0)
-        own = _own_image(image, self.head_loc.shape[0])
-        mu = mu + tf.reduce_sum(basis * tf.gather(loc, own), 1)
-        head_var = tf.reduce_sum(tf.square(basis * tf.gather(scale, own)), 1)
-        return mu, tf.sqrt(tf.square(spread) + head_var)
-
     def heads_kl(self):
-        """KL(q‖p) of the image heads, summed over the images' weights (0 without heads).
-
-        The prior Normal(0, τⱼ) has τⱼ² = mean over images of m² + s², which maximises the
-        ELBO for the posterior given (and the gradient through τ is then zero, so it is
-        held fixed): a hierarchical prior whose width the images decide, as wide as
-        their heads differ and no wider — images whose scales the shared network
-        explains get heads near zero."""
-        if self.head_loc is None:
-            return tf.constant(0.0)
-        prior = tfd.Normal(0.0, tf.stop_gradient(self._head_prior_scale()))
-        return tf.reduce_sum(tfd.kl_divergence(tfd.Normal(self.head_loc, self._head_scale()), prior))
+        """KL(q‖p) of the image heads (:meth:`ImageHeads.kl`; 0 without heads)."""
+        return tf.constant(0.0) if self.heads is None else self.heads.kl()
 
     def of(self, data):
         """(μ, s) of log Σ for the rows of a dict of tensors
@@ -342,13 +360,13 @@ class ScaleNetwork(tf.Module):
         return tf.matmul(hidden, self._out_kernel()) + self._out_bias()
 
     def _out_kernel(self):
-        return self.out_kernel if self.head_basis is None else tf.concat([self.out_kernel, self.head_basis], 1)
+        return self.out_kernel if self.heads is None else tf.concat([self.out_kernel, self.heads.basis], 1)
 
     def _out_bias(self):
-        return self.out_bias if self.head_basis is None else tf.pad(self.out_bias, [[0, _HEAD_BASIS]])
+        return self.out_bias if self.heads is None else tf.pad(self.out_bias, [[0, _HEAD_BASIS]])
 
     def _n_outputs(self):
-        return 2 if self.head_basis is None else 2 + _HEAD_BASIS
+        return 2 if self.heads is None else 2 + _HEAD_BASIS
 
     def _image_stack(self, hidden, image):
         """The image layers on rows (rows, width) → (rows, width): each row through its
@@ -414,7 +432,7 @@ class ScaleNetwork(tf.Module):
                 v.assign(value)
 
     def _dense_variables(self):
-        basis = [] if self.head_basis is None else [self.head_basis]
+        basis = [] if self.heads is None else [self.heads.basis]
         return [*self.kernels, *self.biases, self.out_kernel, self.out_bias, *basis]
 
     def _ordered(self):
@@ -423,7 +441,7 @@ class ScaleNetwork(tf.Module):
                 self.image_offsets]
 
     def _heads(self):
-        return [] if self.head_loc is None else [self.head_loc, self.head_raw_scale]
+        return [] if self.heads is None else [self.heads.loc, self.heads.raw_scale]
 
     def per_image_weights(self):
         """Positions in :meth:`get_weights` of the weights whose first axis runs over

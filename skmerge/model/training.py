@@ -61,10 +61,6 @@ class MergingModel(tf.Module):
         self.mc_samples = int(mc_samples)
         self.error_model = error_model
         self.kl_weight = float(kl_weight)
-        # The share of the scale model's KL (its image heads', global) that this process's
-        # loss carries: 1/n of it on each of the n workers of a data-parallel fit whose
-        # losses add up.
-        self.scale_kl_share = 1.0
         # The marginals of the amplitudes on grids after training (GridMarginals), which
         # the merged table reports instead of the mean-field posterior's moments.
         self.marginals = None
@@ -104,6 +100,8 @@ class MergingModel(tf.Module):
         0 for padding), ``kl_weight`` (of each row: the same factor over the number of
         rows of the row's reflection, so that the rows of all images together count each
         reflection's KL once) and ``n_total``; without them the batch is the whole data.
+        A shard of a data-parallel fit carries ``global_kl_share``, the share of the scale
+        model's KL (global, not per row) its loss holds: 1/n on each of n workers.
         """
         posterior = self.posterior.distribution()
         samples = posterior.sample(self.mc_samples, seed=seed)
@@ -119,7 +117,7 @@ class MergingModel(tf.Module):
             n_total = tf.cast(tf.shape(data["intensity"])[0], tf.float32)
             nll = -tf.reduce_sum(log_lik) / n_total
             kl = tf.reduce_sum(kl) / n_total
-        kl = kl + self.scale_kl_share * self.scale_network.heads_kl() / n_total
+        kl = kl + data.get("global_kl_share", 1.0) * self.scale_network.heads_kl() / n_total
         return tf.stack([nll + self.kl_weight * kl, nll, kl])
 
     def amplitude_moments(self, extra_prior=None):
@@ -195,11 +193,13 @@ class ImageBatches:
     ``image`` numbers the images of the rows 0 … n−1 (``data["image"]``, what the scale
     model reads, may number them otherwise); ``n_total``, the number of observations
     the loss is divided by, defaults to those of ``data`` (a shard of a data-parallel
-    fit divides by those of all shards).
+    fit divides by those of all shards, and its batches carry ``global_kl_share``, the
+    share of the scale model's KL its loss holds).
     """
 
-    def __init__(self, data, image, n_rows_per_reflection, batch_size, spot=None, n_total=None):
+    def __init__(self, data, image, n_rows_per_reflection, batch_size, spot=None, n_total=None, global_kl_share=None):
         self.data = data
+        self.global_kl_share = global_kl_share
         self.batch_size = int(batch_size)
         self.n_images = int(image.max()) + 1
         self.n_total = float(len(data["intensity"]) if n_total is None else n_total)
@@ -226,6 +226,8 @@ class ImageBatches:
         batch["image"] = tf.where(row_ok > 0, batch["image"], -1)
         batch["kl_weight"] = factor * row_ok * tf.gather(self.kl_per_row, rows)
         batch["n_total"] = tf.constant(self.n_total, tf.float32)
+        if self.global_kl_share is not None:
+            batch["global_kl_share"] = tf.constant(self.global_kl_share, tf.float32)
         if self.spot_table is None:
             obs, obs_ok = rows, row_ok
         else:
