@@ -97,11 +97,11 @@ def test_held_out_score_prefers_studentt_with_outliers(outliers):
 
 
 def test_anomalous_differences_are_recovered():
-    X, truth = make_unmerged(n_images=100, anomalous=True, anomalous_signal=0.08, random_state=13)
+    X, truth = make_unmerged(n_images=60, anomalous=True, anomalous_signal=0.08, random_state=13)
     merged = VariationalMerger(anomalous=True, metadata=METADATA, random_state=0).fit(X).transform(X)
     paired = merged.dropna(subset=["DANO"])
     true = truth.merged.loc[paired.index]
-    # 0.90 here (0.94 with 180 images); the differences are 8 % of F.
+    # 0.88 here (0.90 with 100 images, 0.94 with 180); the differences are 8 % of F.
     assert np.corrcoef(paired["DANO"], true["DANO"])[0, 1] > 0.8
 
 
