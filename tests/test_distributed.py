@@ -173,3 +173,16 @@ def test_shares_of_the_images_add_up_to_the_full_loss(laue):
     summed = sum(model.loss_terms(share, seed).numpy() for share in shares)
     np.testing.assert_allclose(summed[2], full[2], rtol=1e-4)  # the KL, for the same samples of F
     np.testing.assert_allclose(summed[1], full[1], rtol=0.02)  # the likelihood, up to the scales' noise
+    if not laue:  # a share drawn in image batches carries its third of the heads' KL too
+        from skmerge.model.training import ImageBatches
+
+        share = _shard(data, np.sort(order[:3]), state.reflection_counts, 3)
+        batches = ImageBatches(share.data, share.image, share.n_rows_per_reflection, 2, n_total=share.n_total,
+                               global_kl_share=share.global_kl_share)
+        batch = batches.draw(seed)
+        with_heads = model.loss_terms(batch, seed).numpy()[2]
+        heads_kl = float(model.scale_network.heads_kl())
+        heads.assign(np.zeros(heads.shape, np.float32))
+        assert float(model.scale_network.heads_kl()) < 1e-3 * heads_kl
+        without = model.loss_terms(batch, seed).numpy()[2]
+        assert with_heads - without == pytest.approx(heads_kl / 3 / share.n_total, rel=1e-2)
