@@ -157,9 +157,10 @@ def test_held_out_score_prefers_the_error_model_when_sigma_is_understated(misrep
     understated, _, _ = misreported
     groups = understated["image_id"]
     train, test = next(GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0).split(understated, groups=groups))
+    # 300 steps: −34.0 against −12.7 nats per held-out observation (−6.6 at convergence).
     scores = {
         error_model: VariationalMerger(metadata=METADATA, mlp_layers=4, likelihood="normal", error_model=error_model,
-                                       random_state=0)
+                                       max_iter=300, random_state=0)
         .fit(understated.iloc[train])
         .score(understated.iloc[test])
         for error_model in (False, True)
