@@ -1,6 +1,6 @@
 """skmerge on simulated data with known truth: the small signals and the honesty of σ.
 
-Three data sets from ``skmerge.datasets.make_unmerged`` (P 2₁2₁2₁, 2 Å, 1° images; a full
+Four data sets from ``skmerge.datasets.make_unmerged`` (P 2₁2₁2₁, 2 Å, 1° images; a full
 180° sweep unless ``--images`` says otherwise):
 
 - **anomalous**: 1 % gross outliers (×3–10 zingers and shadowed spots), two images at a
@@ -8,6 +8,11 @@ Three data sets from ``skmerge.datasets.make_unmerged`` (P 2₁2₁2₁, 2 Å, 1
 - **understated**: the same with every reported σ divided by 3;
 - **time-resolved**: two states (``time_points=2``, every structure factor changed by a
   random 0.3·√(εΣ)), 1 % outliers, merged with ``separate_files``.
+- **stills**: serial stills (``stills=True``, two thirds as many images as the rotation
+  sets), anomalous, 1 % outliers, two images at a third of their scale, each still's
+  partiality width spread log-normally by 0.5 about the mean (``mosaicity_spread``, which
+  the data do not report), metadata dHKL, EWALD_OFFSET, XDET, YDET. Not run by default
+  (``--datasets stills``).
 
 For every variant of the estimator (``--variants``; names below) the script reports
 CC(F, truth) (over every merged reflection, and over those the reference has); the z-scores z = (F − F_true')/SIGF with F_true' the truth brought onto the
@@ -65,12 +70,15 @@ def variants():
 
 def simulate(name, seed, n_images=180):
     """A data set of ``n_images`` 1° images (a third of them per state of the time-resolved
-    pair), with its truth."""
+    pair, two thirds as many stills), with its truth."""
     from skmerge.datasets import make_unmerged
 
     options = dict(n_images=n_images, outlier_fraction=0.01, random_state=seed)
     if name == "time-resolved":
         X, truth = make_unmerged(time_points=2, **{**options, "n_images": n_images // 3})
+    elif name == "stills":
+        X, truth = make_unmerged(stills=True, mosaicity_spread=0.5, anomalous=True, anomalous_signal=0.05,
+                                 **{**options, "n_images": 2 * n_images // 3})
     else:
         X, truth = make_unmerged(anomalous=True, anomalous_signal=0.05, **options)
     # Two images at a third of their scale (the truth's scale knows it).
@@ -185,7 +193,8 @@ def main(argv=None):
 
                     params["prior"] = DoubleWilsonPrior(parents=[None, 0])
                 t0 = time.perf_counter()
-                merger = VariationalMerger(metadata=["dHKL", "BATCH", "XDET", "YDET"], anomalous=not separate,
+                metadata = ["dHKL", "EWALD_OFFSET" if name == "stills" else "BATCH", "XDET", "YDET"]
+                merger = VariationalMerger(metadata=metadata, anomalous=not separate,
                                            separate_files=separate, random_state=seed, **params).fit(X)
                 row = {"data": name, "images": args.images, "seed": seed, "variant": variant, "steps": int(merger.n_iter_),
                        "fit s": round(time.perf_counter() - t0, 1),

@@ -46,6 +46,7 @@ def make_unmerged(
     laue=False,
     stills=False,
     mosaicity=0.002,
+    mosaicity_spread=0.0,
     reindexed_fraction=0.0,
     wavelength_range=(0.9, 1.9),
     resolve_harmonics=False,
@@ -109,6 +110,10 @@ def make_unmerged(
         Stills: the width in Å⁻¹ of the Gaussian partiality of a reflection against its
         distance from the Ewald sphere (mosaic spread and beam bandwidth together); sets
         the number of reflections per image.
+    mosaicity_spread : float, default=0.0
+        Stills: the log-normal spread of each image's partiality width about
+        ``mosaicity`` (crystals differ in mosaic spread, shots in bandwidth), which the
+        data do not report; 0 gives every image the same width.
     reindexed_fraction : float, default=0.0
         Fraction of the images (chosen at random) whose reported indices are
         transformed by a twin law of the lattice (:func:`gemmi.find_twin_laws`, one
@@ -178,6 +183,8 @@ def make_unmerged(
     if not 0.0 <= outlier_fraction < 1.0:
         raise InputError(f"outlier_fraction={outlier_fraction} must lie in [0, 1).")
 
+    if mosaicity_spread < 0 or (mosaicity_spread and not stills):
+        raise InputError(f"mosaicity_spread={mosaicity_spread} needs stills=True and a spread ≥ 0.")
     if stills and laue:
         raise InputError("stills=True simulates monochromatic stills; laue=True already holds the crystal still.")
     # Known for every monochromatic lattice, so that a simulation draws the same numbers
@@ -195,6 +202,7 @@ def make_unmerged(
     amplitudes = _wilson_amplitudes(sphere, sg, uc, wilson_b, anomalous_signal if anomalous else 0.0, rng)
     experiment = dict(n_images=n_images, dmin=dmin, oscillation=oscillation, wavelength=wavelength,
                       mean_intensity=mean_intensity, anomalous=anomalous, laue=laue, stills=stills, mosaicity=mosaicity,
+                      mosaicity_spread=mosaicity_spread,
                       wavelength_range=wavelength_range, resolve_harmonics=resolve_harmonics,
                       outlier_fraction=outlier_fraction, twin_laws=twin_laws, reindexed_fraction=reindexed_fraction)
     writer = None if store is None else StoreWriter(store, anomalous=anomalous)
@@ -322,7 +330,7 @@ def _changed(amplitudes, fraction, change, rng):
 
 
 def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
-                anomalous, laue, stills, mosaicity, wavelength_range, resolve_harmonics, outlier_fraction, twin_laws,
+                anomalous, laue, stills, mosaicity, mosaicity_spread, wavelength_range, resolve_harmonics, outlier_fraction, twin_laws,
                 reindexed_fraction, chunk_images):
     """One pass of the experiment on a crystal with ``amplitudes``, ``chunk_images`` images
     at a time: yields the raw observations of each chunk (an unmerged ``rs.DataSet``) and
@@ -335,6 +343,9 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
         rotations = Rotation.random(n_images, random_state=rng).as_matrix()
         image_scale = np.exp(0.3 * rng.standard_normal(n_images))
         decay_b = np.zeros(n_images)
+        # Drawn only with a spread, so that the other simulations draw the same numbers.
+        widths = mosaicity * (np.exp(mosaicity_spread * rng.standard_normal(n_images)) if mosaicity_spread else
+                              np.ones(n_images))
     else:
         image_scale = np.exp(
             0.3 * np.sin(2 * np.pi * np.arange(n_images) / max(n_images, 1) + 0.5)
@@ -357,7 +368,7 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
     for start in range(0, n_images, chunk_images):
         images = range(start, min(start + chunk_images, n_images))
         if stills:
-            obs = _still_observations(sphere, reciprocal, images, rotations, wavelength, mosaicity)
+            obs = _still_observations(sphere, reciprocal, images, rotations, wavelength, widths)
             harmonics = None
         elif laue:
             obs, harmonics = _laue_spots(sphere, reciprocal, images, oscillation, wavelength_range, dmin, uc)
@@ -517,12 +528,12 @@ def _rotation_observations(sphere, reciprocal, n_images, images, oscillation, wa
     }
 
 
-def _still_observations(sphere, reciprocal, images, rotations, wavelength, mosaicity):
+def _still_observations(sphere, reciprocal, images, rotations, wavelength, widths):
     """Reflections near the Ewald sphere of still crystals in the given orientations.
 
     The distance of q from the sphere is ε = |s0 + q| − 1/λ (beam along +z); a
-    reflection is recorded when |ε| < 3 × ``mosaicity``, with partiality
-    exp(−ε²/(2·mosaicity²)).
+    reflection is recorded when |ε| < 3w, with partiality exp(−ε²/(2w²)), w the image's
+    partiality width (``widths``, one per image).
     """
     q2 = (reciprocal**2).sum(axis=1)
     d = 1 / np.sqrt(q2)
@@ -532,12 +543,12 @@ def _still_observations(sphere, reciprocal, images, rotations, wavelength, mosai
         # Only the beam component of q decides the distance from the sphere.
         q_beam = reciprocal @ rotation[2]
         offset = np.sqrt(1.0 / wavelength**2 + q2 + 2 * q_beam / wavelength) - 1.0 / wavelength
-        rows = np.flatnonzero(np.abs(offset) < 3 * mosaicity)
+        rows = np.flatnonzero(np.abs(offset) < 3 * widths[image])
         x, y = _detector_position(reciprocal[rows] @ rotation.T, wavelength)
         parts.append((rows, np.full(len(rows), image), offset[rows], x, y))
     rows, image, offset, x, y = (np.concatenate(a) for a in zip(*parts))
     return {"hkl": sphere[rows], "phi": np.zeros(len(rows)), "image": image, "d": d[rows], "x": x, "y": y,
-            "offset": offset, "partiality": np.exp(-0.5 * (offset / mosaicity) ** 2)}
+            "offset": offset, "partiality": np.exp(-0.5 * (offset / widths[image]) ** 2)}
 
 
 def _image_operators(n_images, twin_laws, fraction, rng):

@@ -270,3 +270,32 @@ def test_laue_spot_is_reported_at_its_lowest_harmonic(sim_laue):
     np.testing.assert_allclose(first["Wavelength"].to_numpy(), column(X, "Wavelength"), rtol=1e-6)
     np.testing.assert_array_equal(first[["H", "K", "L"]].to_numpy(), X[["H", "K", "L"]].to_numpy())
     np.testing.assert_allclose(first["scale"].to_numpy(), truth.scale)
+
+
+def test_stills_partiality_widths_spread_per_image():
+    """With ``mosaicity_spread`` every still gets its own partiality width, log-normally
+    spread about ``mosaicity``; without it every still has ``mosaicity``. A still records
+    the reflections within three widths of the Ewald sphere, so its outermost spot tells
+    its width."""
+    def widths(X):
+        offset = pd.Series(np.abs(X["EWALD_OFFSET"].to_numpy(np.float64)))
+        return offset.groupby(X["image_id"].to_numpy()).max().to_numpy() / 3
+
+    same, _ = make_unmerged(n_images=40, stills=True, random_state=0)
+    spread, truth = make_unmerged(n_images=40, stills=True, mosaicity_spread=0.5, random_state=0)
+    np.testing.assert_allclose(widths(same), 0.002, rtol=0.02)
+    assert 0.35 < np.log(widths(spread)).std() < 0.65
+    # Each row's true scale holds its partiality exp(−ε²/2w²) with its still's width w:
+    # without it, what is left varies within a still only with the detector position.
+    offset = spread["EWALD_OFFSET"].to_numpy(np.float64)
+    image = spread["image_id"].to_numpy()
+    rest = np.log(truth.scale) + offset**2 / (2 * widths(spread)[image] ** 2)
+    assert pd.Series(rest).groupby(image).std().max() < 0.1
+
+
+@pytest.mark.parametrize("options", [dict(mosaicity_spread=0.5), dict(stills=True, mosaicity_spread=-0.1)])
+def test_mosaicity_spread_needs_stills_and_a_positive_spread(options):
+    from skmerge.errors import InputError
+
+    with pytest.raises(InputError, match="mosaicity_spread"):
+        make_unmerged(n_images=2, **options)
