@@ -330,8 +330,8 @@ def _changed(amplitudes, fraction, change, rng):
 
 
 def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
-                anomalous, laue, stills, mosaicity, mosaicity_spread, wavelength_range, resolve_harmonics, outlier_fraction, twin_laws,
-                reindexed_fraction, chunk_images):
+                anomalous, laue, stills, mosaicity, mosaicity_spread, wavelength_range, resolve_harmonics,
+                outlier_fraction, twin_laws, reindexed_fraction, chunk_images):
     """One pass of the experiment on a crystal with ``amplitudes``, ``chunk_images`` images
     at a time: yields the raw observations of each chunk (an unmerged ``rs.DataSet``) and
     their truth. The crystal, the image scales, the stills' orientations and the images'
