@@ -74,13 +74,14 @@ def simulate(name, seed, n_images=180):
     from skmerge.datasets import make_unmerged
 
     options = dict(n_images=n_images, outlier_fraction=0.01, random_state=seed)
+    anomalous = dict(anomalous=True, anomalous_signal=0.05)
     if name == "time-resolved":
         X, truth = make_unmerged(time_points=2, **{**options, "n_images": n_images // 3})
     elif name == "stills":
-        X, truth = make_unmerged(stills=True, mosaicity_spread=0.5, anomalous=True, anomalous_signal=0.05,
+        X, truth = make_unmerged(stills=True, mosaicity_spread=0.5, **anomalous,
                                  **{**options, "n_images": 2 * n_images // 3})
     else:
-        X, truth = make_unmerged(anomalous=True, anomalous_signal=0.05, **options)
+        X, truth = make_unmerged(**anomalous, **options)
     # Two images at a third of their scale (the truth's scale knows it).
     images = np.unique(X["image_id"].to_numpy())
     bad = np.isin(X["image_id"].to_numpy(), images[[len(images) // 3, 2 * len(images) // 3]])
@@ -185,6 +186,7 @@ def main(argv=None):
         for seed in map(int, args.seeds.split(",")):
             X, truth = simulate(name, seed, args.images)
             separate = name == "time-resolved"
+            metadata = ["dHKL", "EWALD_OFFSET" if name == "stills" else "BATCH", "XDET", "YDET"]
             ref = reference(X, truth, separate)
             for variant in args.variants.split(","):
                 params = dict(variants()[variant])
@@ -193,7 +195,6 @@ def main(argv=None):
 
                     params["prior"] = DoubleWilsonPrior(parents=[None, 0])
                 t0 = time.perf_counter()
-                metadata = ["dHKL", "EWALD_OFFSET" if name == "stills" else "BATCH", "XDET", "YDET"]
                 merger = VariationalMerger(metadata=metadata, anomalous=not separate,
                                            separate_files=separate, random_state=seed, **params).fit(X)
                 row = {"data": name, "images": args.images, "seed": seed, "variant": variant, "steps": int(merger.n_iter_),

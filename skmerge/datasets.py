@@ -343,9 +343,9 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
         rotations = Rotation.random(n_images, random_state=rng).as_matrix()
         image_scale = np.exp(0.3 * rng.standard_normal(n_images))
         decay_b = np.zeros(n_images)
-        # Drawn only with a spread, so that the other simulations draw the same numbers.
-        widths = mosaicity * (np.exp(mosaicity_spread * rng.standard_normal(n_images)) if mosaicity_spread else
-                              np.ones(n_images))
+        widths = np.full(n_images, float(mosaicity))
+        if mosaicity_spread:  # drawn only then, so that the other simulations draw the same numbers
+            widths *= np.exp(mosaicity_spread * rng.standard_normal(n_images))
     else:
         image_scale = np.exp(
             0.3 * np.sin(2 * np.pi * np.arange(n_images) / max(n_images, 1) + 0.5)

@@ -294,7 +294,7 @@ def test_stills_partiality_widths_spread_per_image():
 
 
 @pytest.mark.parametrize("options", [dict(mosaicity_spread=0.5), dict(stills=True, mosaicity_spread=-0.1)])
-def test_mosaicity_spread_needs_stills_and_a_positive_spread(options):
+def test_mosaicity_spread_needs_stills_and_a_spread_of_at_least_zero(options):
     from skmerge.errors import InputError
 
     with pytest.raises(InputError, match="mosaicity_spread"):
