@@ -45,13 +45,20 @@ class PersistentMixin:
             raise DamagedFileError("this saved merger is damaged: its content does not match the checksum it was "
                                    "saved with. Save it again from the fit, or refit.")
         state.pop(_FORMAT_KEY, None)
-        # A merger pickled before one of today's parameters existed gets its default,
-        # which reproduces what its fit did (a new parameter's default keeps the old model).
-        super().__setstate__({**_init_defaults(type(self)), **state})
+        super().__setstate__({**values_before_parameters_existed(type(self)), **state})
 
 
-def _init_defaults(cls):
-    return {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()
+# Parameters whose default changed after they came: the value that reproduces what a fit
+# made before they existed did (image heads came off by default, then became "auto").
+_VALUES_BEFORE_THEY_EXISTED = {"image_heads": False}
+
+
+def values_before_parameters_existed(cls):
+    """The value of each of ``cls``'s parameters for a merger saved before it existed:
+    the value that reproduces what its fit did — the parameter's default unless
+    that has changed since (a new parameter's default keeps the old model)."""
+    return {name: _VALUES_BEFORE_THEY_EXISTED.get(name, parameter.default)
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
             if parameter.default is not inspect.Parameter.empty}
 
 

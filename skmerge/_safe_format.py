@@ -22,6 +22,7 @@ import importlib
 import json
 import math
 import zipfile
+from tokenize import TokenError
 from pathlib import Path
 
 import gemmi
@@ -32,7 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
-from ._persistence import _checksum, check_version
+from ._persistence import _checksum, check_version, values_before_parameters_existed
 from .errors import DamagedFileError, IncompatibleVersionError, InputError, NotSerializableError
 from .features import PositionalEncoding, make_metadata_transformer
 
@@ -88,7 +89,8 @@ def load(cls, path):
         document = json.loads(str(arrays.pop(_DOCUMENT)[()]))
         checksum = document.pop("checksum")
         kind, fmt, version = document["kind"], document["format"], document["skmerge_version"]
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+    # numpy parses an array's header with Python's tokenizer: a damaged header can raise its errors.
+    except (OSError, ValueError, KeyError, TypeError, EOFError, SyntaxError, TokenError, zipfile.BadZipFile) as exc:
         raise DamagedFileError(f"{path}: not a merger saved by skmerge's save ({type(exc).__name__}: {exc}); "
                                "the file is damaged or of another kind.") from exc
     if kind != _KIND:
@@ -101,7 +103,7 @@ def load(cls, path):
     except IncompatibleVersionError as exc:
         raise IncompatibleVersionError(f"{path}: {exc}") from None
     decoder = _Decoder(arrays)
-    estimator = cls(**decoder.decode(document["params"]))
+    estimator = cls(**{**values_before_parameters_existed(cls), **decoder.decode(document["params"])})
     estimator.__dict__.update(decoder.decode(document["attributes"]))
     return estimator
 

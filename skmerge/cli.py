@@ -141,7 +141,8 @@ def _add_mono_arguments(mono, defaults):
     model.add_argument("--image-heads", action=argparse.BooleanOptionalAction, default=defaults["image_heads"],
                        help="give each image its own weights on learned combinations of the scale network's last "
                        "hidden layer, with a prior whose width the fit learns from how much the images differ "
-                       "(needs --image-model offsets; default: off)")
+                       "(needs --image-model offsets; default: on for serial stills, off for rotation series and "
+                       "Laue data)")
     model.add_argument("-L", "--positional-encoding-frequencies", type=int, metavar="N", dest="positional_encoding",
                        default=defaults["positional_encoding"], help="positional encoding of every metadata "
                        "column with N frequencies (default: %(default)s; 0 is none)")

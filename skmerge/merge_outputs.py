@@ -154,7 +154,7 @@ def fitted_error_model(merger):
 
 def fit_messages(merger):
     """The status lines on a finished fit: its steps and error model, the learned
-    likelihood and the double-Wilson r.
+    likelihood, the image heads and the double-Wilson r.
 
     Examples
     --------
@@ -178,6 +178,9 @@ def fit_messages(merger):
                         f"prediction, {learned['dof_above']:.3g} above (learned)")
     elif learned:
         messages.append(f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
+    if getattr(merger, "image_heads_", False):
+        messages.append("image heads: each image bends its scale its own way"
+                        + (" (the images are stills)" if merger.image_heads == "auto" else ""))
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         messages.append("double-Wilson prior: r " + "; ".join(
@@ -224,7 +227,7 @@ def statistics_document(result):
     :class:`~skmerge.workflow.MergeResult` or
     :class:`~skmerge.streamed_merge.StreamedMergeResult`): the run, and each data set's
     statistics and calibration, the error model, the CCdiff parents, the learned
-    likelihood and the double-Wilson r.
+    likelihood, whether the images had heads and the double-Wilson r.
 
     Examples
     --------
@@ -249,6 +252,8 @@ def statistics_document(result):
     learned = learned_likelihood(merger)
     if learned:
         document["likelihood"] = learned
+    if hasattr(merger, "image_heads_"):
+        document["image_heads"] = bool(merger.image_heads_)
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]

@@ -117,17 +117,22 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         absorption or detector response), at the cost of ``mlp_width² + mlp_width``
         weights per image and layer. Images the fit never saw get the mean image's.
         Needs ``image_model="offsets"``.
-    image_heads : bool, default=False
+    image_heads : "auto" or bool, default="auto"
         Give each image of the fit its own weights on three learned combinations of the
         scale network's last hidden layer, added to its log-scale: lighter than image
         layers, and Bayesian — the weights have a Gaussian posterior and a prior whose
         width per combination is fitted to how much the images' heads differ, so that
         images bend their scales only as far as the data show they must, and the heads'
         uncertainty widens the scales'. Images the fit never saw draw a head from that
-        prior. Stills and rotation data gain (thermolysin's CC1/2 0.855 → 0.921), Laue
-        data lose; not the default, as a bad image's observations then pass for sound
-        ones under a wide scale, and tied Friedel mates' SIGDANO is overstated
-        (bench/RESULTS.md). Needs ``image_model="offsets"``.
+        prior. "auto" gives heads to serial stills (each still's partiality depends on
+        its own mosaic spread and bandwidth, which no column reports: thermolysin's
+        CC1/2 0.855 → 0.921) and not to rotation series or Laue data (Laue data lose;
+        on rotation data a bad image's observations pass for sound ones under a wide
+        scale, and tied Friedel mates' SIGDANO is overstated; bench/RESULTS.md). The
+        images are stills when the beam directions that consecutive images' spots give
+        in the crystal's frame differ by more than 20° in the median
+        (:func:`skmerge.geometry.recorded_as_stills`); the choice is ``image_heads_``.
+        True needs ``image_model="offsets"``.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
     batch_size : int, default=None
@@ -276,6 +281,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     wilson_curve_ : (ndarray, ndarray)
         Mean 1/d² and mean I/ε of the resolution shells of the quick merge: the Σ of the
         Wilson prior, in standardised units.
+    image_heads_ : bool
+        Whether the images have heads (``image_heads``, "auto" decided from the data).
     wavelength_bands_, dmin_ : (float, float) or dict, float
         Laue only: the band (per file_id when taken from the data) and the resolution
         limit of the harmonic expansion.
@@ -368,7 +375,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "image_scales": ["boolean"],
         "image_model": [StrOptions({"offsets", "encoder"})],
         "image_layers": [Interval(Integral, 0, None, closed="left")],
-        "image_heads": ["boolean"],
+        "image_heads": [StrOptions({"auto"}), "boolean"],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -408,7 +415,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, image_heads=False,
+        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, image_heads="auto",
         mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
@@ -883,7 +890,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
-        if (self.image_layers or self.image_heads) and self.image_model != "offsets":
+        heads = not isinstance(self.image_heads, str) and bool(self.image_heads)  # "auto" only where they can be
+        if (self.image_layers or heads) and self.image_model != "offsets":
             own = f"image_layers={self.image_layers}" if self.image_layers else "image_heads=True"
             raise ParameterError(f"{own} gives each image of the fit weights of its own; the image encoder has none "
                                  "(use image_model=\"offsets\", or image_layers=0 and image_heads=False).")

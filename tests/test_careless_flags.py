@@ -297,6 +297,7 @@ def test_image_heads_fit_persist_and_serve_unseen_images(tmp_path):
     (dict(image_layers=1, image_model="encoder"), "image encoder has none"),
     (dict(image_heads=True, image_model="encoder"), "image_heads=True gives"),
     (dict(image_heads=1.5), "image_heads"),
+    (dict(image_heads="sometimes"), "image_heads"),
 ])
 def test_bad_image_layers(params, message):
     X, _ = make_unmerged(n_images=3, random_state=0)

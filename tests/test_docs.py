@@ -32,6 +32,7 @@ PUBLIC_MODULES = [
     "skmerge.stats",
     "skmerge.calibration",
     "skmerge.laue",
+    "skmerge.geometry",
     "skmerge.store",
     "skmerge.ambiguity",
     "skmerge.analysis",

@@ -201,8 +201,8 @@ def test_a_likelihood_keeps_its_learned_parameters(tmp_path, likelihood, names):
 
 def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     """Files of both formats written before ``image_heads`` existed (their fits had no
-    heads) load as mergers without heads and predict as they did: a pickle without the
-    attribute gets the parameter's default."""
+    heads) load as mergers without heads and predict as they did: a file without the
+    parameter gets the value of fits before it (False, not today's default "auto")."""
     import pickle
 
     from skmerge._persistence import _CHECKSUM_KEY, _checksum
@@ -215,7 +215,7 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     with np.load(path) as archive:
         arrays = {name: archive[name] for name in archive.files}
     document = json.loads(str(arrays.pop("document")[()]))
-    del document["checksum"], document["params"]["image_heads"]
+    del document["checksum"], document["params"]["image_heads"], document["attributes"]["image_heads_"]
     document["checksum"] = _checksum({"document": document, "arrays": arrays})
     np.savez(tmp_path / "old.npz", document=np.array(json.dumps(document)), **arrays)
     loaded = VariationalMerger.load(tmp_path / "old.npz")
@@ -223,7 +223,7 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     np.testing.assert_array_equal(loaded.predict(X), expected)
 
     state = merger.__getstate__()
-    del state["image_heads"], state[_CHECKSUM_KEY]
+    del state["image_heads"], state["image_heads_"], state[_CHECKSUM_KEY]
     state[_CHECKSUM_KEY] = _checksum({k: v for k, v in state.items()})
     unpickled = VariationalMerger.__new__(VariationalMerger)
     unpickled.__setstate__(pickle.loads(pickle.dumps(state)))

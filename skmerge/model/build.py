@@ -26,7 +26,8 @@ _START_STEPS = 300
 _START_LEARNING_RATE = 0.01
 
 
-def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False):
+def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False,
+                image_heads=False):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -36,6 +37,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     harmonic overlap). ``harmonics`` is the Laue expansion the observations were
     encoded with. With ``previous_as_prior`` the previous posterior of every reflection
     it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
+    ``image_heads`` says whether the images get heads of their own (the estimator's
+    ``image_heads`` with "auto" decided).
 
     Returns
     -------
@@ -75,7 +78,7 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
         curve = previous[0].wilson_curve
     reflections.mean_intensity = evaluate_curve(curve, reflections.dhkl)
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
-                     features.shape[1], curve, harmonics)
+                     features.shape[1], curve, harmonics, image_heads)
 
     encoder = image_model(params) == "encoder"
     data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
@@ -155,7 +158,7 @@ def restore_model(params, state, weights):
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
                            np.random.RandomState(0), spread_bijector=params.scale_bijector,
                            encoder=image_model(params) == "encoder", image_layers=params.image_layers,
-                           n_layer_images=len(state.image_ids), image_heads=params.image_heads)
+                           n_layer_images=len(state.image_ids), image_heads=state.image_heads)
     network.set_weights(weights.scale)
     model = merging_model(params, state, posterior, network, weights)
     if weights.marginals is not None:
@@ -204,7 +207,7 @@ def _scale_network(params, state, rng, previous, image_scale):
     offsets = np.log(image_scale) if previous is None and n_images else None
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
                            params.scale_bijector, encoder=kind == "encoder", image_layers=params.image_layers,
-                           n_layer_images=len(state.image_ids), image_heads=params.image_heads)
+                           n_layer_images=len(state.image_ids), image_heads=state.image_heads)
     if previous is not None:
         network.set_weights(_per_image_weights_for(network, state, *previous))
     return network

@@ -37,6 +37,8 @@ class FitState:
     wilson_curve: tuple
     harmonics: dict = None
     """The keywords of :func:`skmerge.laue.expand_harmonics` fixed by the fit (Laue)."""
+    image_heads: bool = False
+    """Whether the images have heads of their own (``image_heads``, "auto" resolved)."""
 
     def attributes(self):
         """The estimator's fitted attributes that hold this state."""
@@ -44,7 +46,7 @@ class FitState:
             "reflections_": self.reflections, "image_ids_": self.image_ids,
             "reflection_counts_": self.reflection_counts, "intensity_scale_": self.intensity_scale,
             "metadata_transformer_": self.metadata_transformer, "n_metadata_features_": self.n_metadata_features,
-            "wilson_curve_": self.wilson_curve,
+            "wilson_curve_": self.wilson_curve, "image_heads_": self.image_heads,
         }
         if self.harmonics is not None:
             attributes["wavelength_bands_"] = self.harmonics["wavelength_range"]
@@ -58,9 +60,13 @@ class FitState:
         if estimator.laue:
             harmonics = {"wavelength_key": estimator.wavelength_key, "wavelength_range": estimator.wavelength_bands_,
                          "dmin": estimator.dmin_}
+        # Fits made before image_heads could be "auto" have no image_heads_: theirs was the parameter.
+        image_heads = getattr(estimator, "image_heads_", None)
+        if image_heads is None:
+            image_heads = not isinstance(estimator.image_heads, str) and bool(estimator.image_heads)
         return cls(estimator.reflections_, estimator.image_ids_, estimator.reflection_counts_,
                    estimator.intensity_scale_, estimator.metadata_transformer_, estimator.n_metadata_features_,
-                   estimator.wilson_curve_, harmonics)
+                   estimator.wilson_curve_, harmonics, image_heads)
 
     def encode(self, params, X, y=None):
         """X encoded as the fit encoded its training data."""

@@ -78,7 +78,8 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
         bands, dmin = laue_band(X, params.wavelength_key, params.wavelength_range)
         harmonics = {"wavelength_key": params.wavelength_key, "wavelength_range": bands, "dmin": dmin}
     encoding = {"anomalous": params.anomalous, "separate_files": params.separate_files, "harmonics": harmonics}
-    start = {"previous": previous, "harmonics": harmonics, "previous_as_prior": previous_as_prior}
+    start = {"previous": previous, "harmonics": harmonics, "previous_as_prior": previous_as_prior,
+             "image_heads": resolved_image_heads(params, X, previous)}
     if not params.early_stopping:
         return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, held_out=X_held_out, **start)
     rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
@@ -92,21 +93,36 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
     return result
 
 
+def resolved_image_heads(params, X, previous=None):
+    """The estimator's ``image_heads`` for the table X, "auto" decided: heads for serial
+    stills (:func:`skmerge.geometry.recorded_as_stills`) with per-image offsets, not for
+    rotation series or Laue data; a warm start keeps those of the fit it continues."""
+    from ..geometry import recorded_as_stills
+    from .scaling import image_model
+
+    if not isinstance(params.image_heads, str):
+        return bool(params.image_heads)
+    if previous is not None:
+        return previous[0].image_heads
+    return image_model(params) == "offsets" and not params.laue and recorded_as_stills(X)
+
+
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
-          stop=True, held_out=None, previous_as_prior=False):
+          stop=True, held_out=None, previous_as_prior=False, image_heads=False):
     """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
     is recorded every ``validation_frequency`` steps without steering training.
-    ``previous`` and ``previous_as_prior`` are :func:`fit_model`'s."""
+    ``previous`` and ``previous_as_prior`` are :func:`fit_model`'s; ``image_heads`` is
+    :func:`resolved_image_heads`'s."""
     from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
     strategy = active_strategy()
     if strategy is not None:
         check_workers(strategy, params, observations, seed)
-    model, data, state = build_model(params, observations, rng, previous, harmonics, previous_as_prior)
+    model, data, state = build_model(params, observations, rng, previous, harmonics, previous_as_prior, image_heads)
     variables = trained_variables(params, model)
     if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)
@@ -173,7 +189,7 @@ def joined_with_previous(params, old_state, old_weights, result):
         if len(scale[i]) == len(state.image_ids):  # not the empty table of a model without offsets
             scale[i] = values_on_union(images, old_state.image_ids, old_weights.scale[i], state.image_ids, scale[i])
     union_state = FitState(union, images, counts, state.intensity_scale, state.metadata_transformer,
-                           state.n_metadata_features, state.wilson_curve, state.harmonics)
+                           state.n_metadata_features, state.wilson_curve, state.harmonics, state.image_heads)
     # The marginals of the reflections seen before stand with their posterior; without
     # marginals on both sides there are none.
     marginals = None

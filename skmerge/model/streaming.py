@@ -54,7 +54,7 @@ from ..symmetry import lookup_keys
 from .build import _metadata_transformer, _scale_network, checked_intensity_scale, merging_model, start_posterior
 from .data import Reflections, encode
 from .fitted import FitState
-from .fitting import Training, _progress, trained_variables, with_grid_marginals
+from .fitting import Training, _progress, resolved_image_heads, trained_variables, with_grid_marginals
 from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, probable_observations, scale_floor,
                              wilson_curve)
 
@@ -190,8 +190,9 @@ def fit_store(params, store, rng, seed, previous=None):
 
 class _Survey:
     """The first pass: reflections, images, intensity unit, first merge, metadata
-    transformer (see the module docstring); a warm start keeps the ``previous`` fit's
-    unit and transformer."""
+    transformer (see the module docstring), and whether images get heads (read from the
+    first piece's images); a warm start keeps the ``previous`` fit's unit and
+    transformer."""
 
     def __init__(self, params, source, seed, previous=None):
         sample_rng = np.random.default_rng(seed)
@@ -205,6 +206,7 @@ class _Survey:
             if self.head is None:
                 self.head = X.iloc[:0]
                 transformer = _metadata_transformer(params, X) if previous is None else None
+                image_heads = resolved_image_heads(params, X, previous)
             observations = encode(X, anomalous=params.anomalous, separate_files=params.separate_files)
             chunk_keys, first, inverse = np.unique(observations.keys, return_index=True, return_inverse=True)
             inverse = inverse.ravel()
@@ -232,7 +234,8 @@ class _Survey:
             c = previous[0].intensity_scale
         image_ids = np.flatnonzero(image_counts)
         self.image_counts = image_counts[image_ids]
-        self.state = FitState(reflections, image_ids, count.astype(np.int64), c, transformer, n_features, None)
+        self.state = FitState(reflections, image_ids, count.astype(np.int64), c, transformer, n_features, None,
+                              image_heads=image_heads)
         # The merge of the unscaled data in standardised units: ΣwI/c over Σw/c² with w = 1/σ².
         self.first_merge = means_of_sums(weight * c * c, weighted * c)[0]
 

@@ -1,0 +1,86 @@
+"""Beam directions from the observed Miller indices, stills told from rotation series, and
+the image heads that "auto" gives stills."""
+
+import json
+
+import numpy as np
+import pytest
+
+from skmerge import VariationalMerger
+from skmerge.datasets import make_unmerged
+from skmerge.geometry import MIN_SPOTS, beam_directions, consecutive_beam_angles, recorded_as_stills
+from skmerge.merge_outputs import fit_messages
+
+FAST = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, mlp_width=6, max_iter=30, random_state=0)
+
+
+def _beams(X):
+    image_ids, image = np.unique(X["image_id"].to_numpy(), return_inverse=True)
+    return beam_directions(X[["Hobs", "Kobs", "Lobs"]].to_numpy(), X.cell, image.ravel(), len(image_ids))
+
+
+@pytest.mark.parametrize("oscillation", [0.2, 1.0, 3.0])
+def test_consecutive_rotation_images_turn_the_beam_by_the_oscillation(oscillation):
+    X, _ = make_unmerged(n_images=8, oscillation=oscillation, random_state=0)
+    angles = consecutive_beam_angles(X)
+    assert len(angles) == 7
+    np.testing.assert_allclose(angles, oscillation, rtol=0.05, atol=0.05)
+    assert not recorded_as_stills(X)
+
+
+def test_the_spots_of_a_still_lie_on_the_ewald_sphere_of_its_beam():
+    X, _ = make_unmerged(n_images=4, stills=True, wavelength=1.0, random_state=2)
+    s = X[["Hobs", "Kobs", "Lobs"]].to_numpy(float) @ np.array(X.cell.frac.mat.tolist())
+    beams = _beams(X)
+    image = X["image_id"].to_numpy()
+    k = beams[image] / 1.0  # |k| = 1/λ
+    assert np.median(np.abs(np.linalg.norm(s + k, axis=1) - 1.0)) < 0.005
+
+
+def test_stills_point_their_beams_anywhere():
+    X, _ = make_unmerged(n_images=20, stills=True, random_state=1)
+    assert np.median(consecutive_beam_angles(X)) > 45
+    assert recorded_as_stills(X)
+
+
+def test_images_with_too_few_spots_or_no_observed_indices_tell_nothing():
+    X, _ = make_unmerged(n_images=6, stills=True, random_state=1)
+    sparse = X[(X["image_id"] != 2) | (X.groupby("image_id").cumcount() < MIN_SPOTS - 1)]
+    beams = _beams(sparse)
+    assert np.isnan(beams[2]).all() and np.isfinite(np.delete(beams, 2, axis=0)).all()
+    assert len(consecutive_beam_angles(sparse)) == 3  # pairs (0,1), (3,4), (4,5)
+    assert not recorded_as_stills(X.drop(columns=["Hobs", "Kobs", "Lobs"]))
+    assert not recorded_as_stills(X[X["image_id"] < 2])  # a single pair
+
+
+def test_images_of_different_files_are_not_compared():
+    X, _ = make_unmerged(n_images=6, random_state=0)
+    X["file_id"] = (X["image_id"] >= 3).astype(np.int32)  # two sweeps of the same rotation
+    assert len(consecutive_beam_angles(X)) == 4
+
+
+def test_auto_gives_heads_to_stills_only(tmp_path):
+    stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
+    rotation, _ = make_unmerged(n_images=8, random_state=0)
+    merger = VariationalMerger(**FAST).fit(stills)
+    assert merger.image_heads == "auto" and merger.image_heads_
+    assert merger.scale_weights_[-3].shape == (8, 3)
+    assert any("the images are stills" in line for line in fit_messages(merger))
+    merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
+    assert merger.image_heads_  # a warm start keeps the fit's heads
+    for params, X in ((dict(), rotation), (dict(image_heads=False), stills), (dict(image_model="encoder"), stills)):
+        fitted = VariationalMerger(**FAST, **params).fit(X)
+        assert not fitted.image_heads_, params
+        assert not any("image heads" in line for line in fit_messages(fitted))
+    assert VariationalMerger(**FAST, image_heads=True).fit(rotation).image_heads_
+
+
+def test_the_choice_is_in_the_statistics_json(tmp_path):
+    from skmerge.cli import main
+
+    from test_cli import _write_unmerged
+
+    X, _ = make_unmerged(n_images=6, stills=True, random_state=0)
+    path = _write_unmerged(X, tmp_path / "stills.mtz")
+    main(["mono", "--iterations", "10", "--mlp-layers", "2", "dHKL", str(path), str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out_stats.json").read_text())["image_heads"] is True
