@@ -2,7 +2,7 @@
 
 Every spot of a monochromatic image lies on the Ewald sphere, which passes through the
 origin of reciprocal space: with s the spot's reciprocal-lattice vector and k the beam's
-wave vector, both in the crystal's frame, |s + k| = |k|, i.e. 2 s·k = −|s|². The spots of
+wave vector, both in the crystal's frame, s + k is as long as k, i.e. 2 s·k = −s·s. The spots of
 one image therefore give its beam direction in the crystal's frame by linear least
 squares. In a rotation series the crystal turns by the oscillation from one image to the
 next, and so does the beam in its frame; serial stills are crystals in orientations of

@@ -29,7 +29,7 @@ from .features import split_metadata
 from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
-from .model.fitted import FitState, Weights, evaluation_chunks
+from .model.fitted import FitState, Weights, evaluation_chunks, heads_asked_for
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union, with_grid_marginals
 from .model.streaming import StoreSource, as_source, evaluate_store, store_keys
 
@@ -126,9 +126,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         uncertainty widens the scales'. Images the fit never saw draw a head from that
         prior. "auto" gives heads to serial stills (each still's partiality depends on
         its own mosaic spread and bandwidth, which no column reports: thermolysin's
-        CC1/2 0.855 → 0.921) and not to rotation series or Laue data (Laue data lose;
-        on rotation data a bad image's observations pass for sound ones under a wide
-        scale, and tied Friedel mates' SIGDANO is overstated; bench/RESULTS.md). The
+        CC1/2 0.855 → 0.921), unless ``image_layers`` gives them layers of their own,
+        and not to rotation series or Laue data (Laue data lose; on rotation data a bad
+        image's observations pass for sound ones under a wide scale, and tied Friedel
+        mates' SIGDANO is overstated; bench/RESULTS.md). The
         images are stills when the beam directions that consecutive images' spots give
         in the crystal's frame differ by more than 20° in the median
         (:func:`skmerge.geometry.recorded_as_stills`); the choice is ``image_heads_``.
@@ -890,8 +891,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
-        heads = not isinstance(self.image_heads, str) and bool(self.image_heads)  # "auto" only where they can be
-        if (self.image_layers or heads) and self.image_model != "offsets":
+        if (self.image_layers or heads_asked_for(self)) and self.image_model != "offsets":
             own = f"image_layers={self.image_layers}" if self.image_layers else "image_heads=True"
             raise ParameterError(f"{own} gives each image of the fit weights of its own; the image encoder has none "
                                  "(use image_model=\"offsets\", or image_layers=0 and image_heads=False).")

@@ -68,7 +68,8 @@ def test_auto_gives_heads_to_stills_only(tmp_path):
     assert any("the images are stills" in line for line in fit_messages(merger))
     merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
     assert merger.image_heads_  # a warm start keeps the fit's heads
-    for params, X in ((dict(), rotation), (dict(image_heads=False), stills), (dict(image_model="encoder"), stills)):
+    for params, X in ((dict(), rotation), (dict(image_heads=False), stills), (dict(image_model="encoder"), stills),
+                      (dict(image_layers=1), stills)):
         fitted = VariationalMerger(**FAST, **params).fit(X)
         assert not fitted.image_heads_, params
         assert not any("image heads" in line for line in fit_messages(fitted))

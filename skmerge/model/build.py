@@ -15,7 +15,7 @@ from ..errors import InputError, ParameterError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
 from .data import tensor_data
-from .fitted import FitState, prior_of
+from .fitted import FitState, heads_asked_for, prior_of
 from .initialisation import (evaluate_curve, french_wilson, probable_observations, quick_image_scales, table_start,
                              wilson_curve, wilson_moments)
 
@@ -27,7 +27,7 @@ _START_LEARNING_RATE = 0.01
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False,
-                image_heads=False):
+                image_heads=None):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -38,7 +38,7 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     encoded with. With ``previous_as_prior`` the previous posterior of every reflection
     it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
     ``image_heads`` says whether the images get heads of their own (the estimator's
-    ``image_heads`` with "auto" decided).
+    ``image_heads`` with "auto" decided; None: only if the estimator asks for them).
 
     Returns
     -------
@@ -77,6 +77,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     else:
         curve = previous[0].wilson_curve
     reflections.mean_intensity = evaluate_curve(curve, reflections.dhkl)
+    if image_heads is None:
+        image_heads = heads_asked_for(params)
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
                      features.shape[1], curve, harmonics, image_heads)
 

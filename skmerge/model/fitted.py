@@ -24,6 +24,12 @@ from .initialisation import evaluate_curve
 _COVARIANCE_SAMPLES = 32
 
 
+def heads_asked_for(params):
+    """Whether an estimator's ``image_heads`` asks for heads whatever the data ("auto"
+    asks for nothing yet)."""
+    return not isinstance(params.image_heads, str) and bool(params.image_heads)
+
+
 @dataclass
 class FitState:
     """What a fit learns besides its weights (see the module docstring)."""
@@ -63,7 +69,7 @@ class FitState:
         # Fits made before image_heads could be "auto" have no image_heads_: theirs was the parameter.
         image_heads = getattr(estimator, "image_heads_", None)
         if image_heads is None:
-            image_heads = not isinstance(estimator.image_heads, str) and bool(estimator.image_heads)
+            image_heads = heads_asked_for(estimator)
         return cls(estimator.reflections_, estimator.image_ids_, estimator.reflection_counts_,
                    estimator.intensity_scale_, estimator.metadata_transformer_, estimator.n_metadata_features_,
                    estimator.wilson_curve_, harmonics, image_heads)

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
-from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, likelihood_attributes
+from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, Weights, heads_asked_for, likelihood_attributes
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
@@ -95,16 +95,18 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
 
 def resolved_image_heads(params, X, previous=None):
     """The estimator's ``image_heads`` for the table X, "auto" decided: heads for serial
-    stills (:func:`skmerge.geometry.recorded_as_stills`) with per-image offsets, not for
-    rotation series or Laue data; a warm start keeps those of the fit it continues."""
+    stills (:func:`skmerge.geometry.recorded_as_stills`) with per-image offsets and no
+    image layers (which give images freedom of their own already), not for rotation
+    series or Laue data; a warm start keeps those of the fit it continues."""
     from ..geometry import recorded_as_stills
     from .scaling import image_model
 
     if not isinstance(params.image_heads, str):
-        return bool(params.image_heads)
+        return heads_asked_for(params)
     if previous is not None:
         return previous[0].image_heads
-    return image_model(params) == "offsets" and not params.laue and recorded_as_stills(X)
+    return (image_model(params) == "offsets" and not params.laue and not params.image_layers
+            and recorded_as_stills(X))
 
 
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
