@@ -2,9 +2,9 @@
 
 Every spot of a monochromatic image lies on the Ewald sphere, which passes through the
 origin of reciprocal space: with s the spot's reciprocal-lattice vector and k the beam's
-wave vector, both in the crystal's frame, s + k is as long as k, i.e. 2 s·k = −s·s. The spots of
-one image therefore give its beam direction in the crystal's frame by linear least
-squares. In a rotation series the crystal turns by the oscillation from one image to the
+wave vector, both in the crystal's frame, s + k is as long as k, i.e. 2 s·k = −s·s. The
+spots of one image therefore give its beam direction in the crystal's frame by linear
+least squares. In a rotation series the crystal turns by the oscillation from one image to the
 next, and so does the beam in its frame; serial stills are crystals in orientations of
 their own, whose beams point anywhere (a median angle of 90° between two random
 directions).
@@ -39,7 +39,7 @@ def beam_directions(hkl, cell, image, n_images):
 
     Examples
     --------
-    >>> import gemmi, numpy as np
+    >>> import numpy as np
     >>> from skmerge.geometry import beam_directions
     >>> from skmerge.datasets import make_unmerged
     >>> X, _ = make_unmerged(n_images=2, random_state=0)

@@ -129,9 +129,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         CC1/2 0.855 → 0.921), unless ``image_layers`` gives them layers of their own,
         and not to rotation series or Laue data (Laue data lose; on rotation data a bad
         image's observations pass for sound ones under a wide scale, and tied Friedel
-        mates' SIGDANO is overstated; bench/RESULTS.md). The
-        images are stills when the beam directions that consecutive images' spots give
-        in the crystal's frame differ by more than 20° in the median
+        mates' SIGDANO is overstated; bench/RESULTS.md). The images are stills when
+        the beam directions that consecutive images' spots give in the crystal's frame
+        differ by more than 20° in the median
         (:func:`skmerge.geometry.recorded_as_stills`); the choice is ``image_heads_``.
         True needs ``image_model="offsets"``.
     mc_samples : int, default=1

@@ -110,7 +110,7 @@ def resolved_image_heads(params, X, previous=None):
 
 
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
-          stop=True, held_out=None, previous_as_prior=False, image_heads=False):
+          stop=True, held_out=None, previous_as_prior=False, image_heads=None):
     """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
