@@ -47,7 +47,7 @@ def beam_directions(hkl, cell, image, n_images):
     >>> round(float(np.degrees(np.arccos(beams[0] @ beams[1]))), 1)  # the simulated 1° images
     1.0
     """
-    s = np.asarray(hkl, np.float64) @ np.array(cell.frac.mat.tolist())
+    s = np.asarray(hkl, np.float64) @ np.array(cell.frac.mat)
     # The normal equations of every image at once (bincount sums: one pass over the
     # observations, where a least-squares call per image would loop over them).
     outer = (s[:, :, None] * s[:, None, :]).reshape(len(s), 9)

@@ -59,7 +59,7 @@ def test_images_of_different_files_are_not_compared():
     assert len(consecutive_beam_angles(X)) == 4
 
 
-def test_auto_gives_heads_to_stills_only(tmp_path):
+def test_auto_gives_heads_to_stills_only():
     stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
     rotation, _ = make_unmerged(n_images=8, random_state=0)
     merger = VariationalMerger(**FAST).fit(stills)

@@ -101,7 +101,7 @@ def resolved_image_heads(params, X, previous=None):
     from ..geometry import recorded_as_stills
     from .scaling import image_model
 
-    if not isinstance(params.image_heads, str):
+    if params.image_heads != "auto":
         return heads_asked_for(params)
     if previous is not None:
         return previous[0].image_heads
