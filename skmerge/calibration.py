@@ -18,8 +18,12 @@ by a common factor (which the calibration table shows), the limit grows with the
 scatter of the bulk instead of calling a large part of the data outliers; and it never
 falls below 4, although the observations the fit saw have smaller z than new ones. The
 rule is the same whatever the likelihood, and nothing is removed. Images are listed when
-most of their observations are outliers, or when their scale is far from that of their
-neighbours (robustly, against a rolling median over the image order).
+most of their observations are outliers, when their scale is far from that of their
+neighbours (robustly, against a rolling median over the image order), or when their
+observations scatter about the predictions far more widely than the typical image's (the
+robust SD of their z against the images' median): a still of the wrong crystal, indexed
+wrongly or with its intensities garbled, has few gross outliers and an unremarkable scale,
+but none of its observations agree with the rest.
 
 A data set whose predictions do not fit in memory (a streamed merge of an observation
 store) is calibrated piece by piece by :func:`streamed_calibration`, with the report of
@@ -61,6 +65,12 @@ SCALE_LIMIT = 5.0
 images) from the rolling median, and ..."""
 SCALE_MIN_RATIO = 1.5
 """... at least this factor from it: smooth scales give tiny robust SDs."""
+SPREAD_LIMIT = 5.0
+"""An image is listed when the robust SD of its z exceeds the images' median by more than
+this many robust SDs over the images and this many of its own sampling errors, and ..."""
+SPREAD_MIN_RATIO = 1.5
+"""... is at least this factor above the median."""
+_MAD_SD_ERROR = 1.166  # the SD of the MAD estimate of a normal law's SD from n values: 1.166·σ/√n
 LEVELS = (0.68, 0.95)
 """Probabilities of the predictive intervals whose coverage is reported."""
 HISTOGRAM_EDGES = np.linspace(-6.0, 6.0, 49)
@@ -264,7 +274,8 @@ class Calibration:
     images : pandas.DataFrame
         One row per image (index image_id): n_obs, n_outliers, outlier_fraction, scale
         (median over its observations), scale_ratio (to the rolling median of its
-        neighbours'), reason ("" unless the image is listed).
+        neighbours'), z_robust_sd (of its observations' z), spread_ratio (that over the
+        images' median), reason ("" unless the image is listed).
     histogram : dict
         Counts of z in :data:`HISTOGRAM_EDGES` (``edges``): ``test`` (held-out) and
         ``fitted`` observations.
@@ -622,11 +633,15 @@ class _Tally:
 def image_report(predictions, outlier):
     """Outliers and scale per image, and the images to list (see :class:`Calibration`).
 
-    An image is listed when more than half its observations are outliers, or when its
+    An image is listed when more than half its observations are outliers; when its
     scale (the median of its observations') differs from the rolling median over the
     :data:`SCALE_WINDOW` images around it (in image order, within its file) by more than
     :data:`SCALE_LIMIT` robust SDs of that log ratio over all images and by a factor of
-    at least :data:`SCALE_MIN_RATIO`.
+    at least :data:`SCALE_MIN_RATIO`; or when the robust SD of its z exceeds the median
+    over the images by a factor of at least :data:`SPREAD_MIN_RATIO` and by more than
+    :data:`SPREAD_LIMIT` times the larger of that SD's robust spread over the images and
+    its sampling error (1.166·median/√n for n observations). Fitted observations have z
+    below 1, so the images are compared with each other, not with 1.
     """
     return _listed_images(_image_counts(predictions, outlier))
 
@@ -637,10 +652,14 @@ def _image_counts(predictions, outlier):
         "image_id": predictions["image_id"].to_numpy(np.int64),
         "file_id": predictions["file_id"].to_numpy(np.int64) if "file_id" in predictions.columns else 0,
         "outlier": outlier, "scale": predictions["Scale"].to_numpy(np.float64),
+        "z": predictions["Z"].to_numpy(np.float64),
     })
-    return frame.groupby("image_id", sort=True).agg(
-        file_id=("file_id", "first"), n_obs=("outlier", "size"), n_outliers=("outlier", "sum"),
-        scale=("scale", "median"))
+    by_image = frame.groupby("image_id", sort=True)
+    frame["z_deviation"] = (frame["z"] - by_image["z"].transform("median")).abs()
+    counts = by_image.agg(file_id=("file_id", "first"), n_obs=("outlier", "size"), n_outliers=("outlier", "sum"),
+                          scale=("scale", "median"), z_robust_sd=("z_deviation", "median"))
+    counts["z_robust_sd"] *= _MAD_TO_SD
+    return counts
 
 
 def _listed_images(images):
@@ -654,16 +673,34 @@ def _listed_images(images):
     deviation = log_scale - neighbours
     images["scale_ratio"] = np.exp(deviation)
     limit = max(SCALE_LIMIT * robust_sd(deviation.dropna()), math.log(SCALE_MIN_RATIO))
+    spread_limit, typical_spread = _spread_limits(images)
+    images["spread_ratio"] = images["z_robust_sd"] / typical_spread
     reasons = []
-    for fraction, ratio, dev in zip(images["outlier_fraction"], images["scale_ratio"], deviation):
+    for fraction, ratio, dev, spread, spread_ratio, too_wide in zip(
+            images["outlier_fraction"], images["scale_ratio"], deviation, images["z_robust_sd"],
+            images["spread_ratio"], spread_limit):
         parts = []
         if fraction > OUTLIER_IMAGE_FRACTION:
             parts.append(f"{fraction:.0%} of its observations are outliers")
         if abs(dev) > limit:  # False for NaN: an image without a positive scale
             parts.append(f"scale {ratio:.2f}x its neighbours'")
+        if spread > too_wide:
+            parts.append(f"its observations scatter {spread_ratio:.1f}x as widely as the typical image's "
+                         f"(robust SD of z {spread:.2f} against {typical_spread:.2f})")
         reasons.append("; ".join(parts))
     images["reason"] = reasons
     return images.drop(columns="file_id")
+
+
+def _spread_limits(images):
+    """Per image, the robust SD of z beyond which it is listed (:func:`image_report`),
+    and the images' median of it."""
+    spread = images["z_robust_sd"].to_numpy(np.float64)
+    typical = float(np.nanmedian(spread)) if np.isfinite(spread).any() else np.nan
+    over_images = robust_sd(spread[np.isfinite(spread)])
+    with np.errstate(divide="ignore"):
+        sampling = _MAD_SD_ERROR * typical / np.sqrt(images["n_obs"].to_numpy(np.float64))
+    return np.maximum(SPREAD_MIN_RATIO * typical, typical + SPREAD_LIMIT * np.fmax(over_images, sampling)), typical
 
 
 # -------------------------------------------------------------------------- helpers

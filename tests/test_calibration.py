@@ -98,15 +98,38 @@ def test_the_outlier_limit_follows_understated_sigmas():
     assert report.shells.loc["overall", "n_outliers"] <= 2
 
 
-def test_images_listed_for_their_scale_or_their_outliers_and_no_other():
+def test_images_listed_for_their_scale_their_outliers_or_their_scatter_and_no_other():
     predictions = _synthetic_predictions()
-    predictions.loc[predictions["image_id"] == 7, "Scale"] /= 3
-    predictions.loc[predictions["image_id"] == 20, "Z"] = 9.0
-    predictions.loc[predictions["image_id"] == 25, "Z"] = 9.0  # the last image: a half window
-    images = calibration_report(predictions).flagged
-    assert images.index.tolist() == [7, 20, 25]
+    image = predictions["image_id"]
+    predictions.loc[image == 7, "Scale"] /= 3
+    predictions.loc[image == 20, "Z"] = 9.0
+    predictions.loc[image == 25, "Z"] = 9.0  # the last image: a half window
+    predictions.loc[image == 12, "Z"] *= 2.5  # few beyond the outlier limit, but all scattered
+    predictions.loc[image == 13, "Z"] *= 1.3  # within the spread real images have
+    report = calibration_report(predictions)
+    images = report.flagged
+    assert images.index.tolist() == [7, 12, 20, 25]
     assert images.loc[7, "scale_ratio"] == pytest.approx(1 / 3, rel=0.02)
     assert "scale 0.33x" in images.loc[7, "reason"] and "100% of its observations" in images.loc[20, "reason"]
+    assert images.loc[12, "outlier_fraction"] < 0.2 and "its observations scatter 2." in images.loc[12, "reason"]
+    z = predictions.loc[image == 12, "Z"]
+    assert images.loc[12, "z_robust_sd"] == pytest.approx(1.4826 * np.median(np.abs(z - np.median(z))))
+    assert images.loc[12, "spread_ratio"] == pytest.approx(2.5, rel=0.15)
+    assert report.images.loc[13, "spread_ratio"] == pytest.approx(1.3, rel=0.15)
+
+
+def test_a_still_of_garbled_intensities_is_listed(tmp_path):
+    """Stills have no neighbours to compare scales with; a still whose intensities belong
+    to no reflection it is indexed as (shuffled here) still stands out by its scatter."""
+    X, _ = make_unmerged(n_images=30, stills=True, mosaicity_spread=0.5, spacegroup="P 4 3 2",
+                         cell=(40, 40, 40, 90, 90, 90), dmin=2.5, outlier_fraction=0.02, random_state=0)
+    garbled = X["image_id"].to_numpy() == 11
+    X.loc[garbled, "Iobs"] = np.random.default_rng(0).permutation(X.loc[garbled, "Iobs"].to_numpy())
+    result = skmerge.run_merge(X, tmp_path / "stills", metadata=["dHKL", "EWALD_OFFSET", "XDET", "YDET"], shells=4,
+                               log=lambda *line: None, **FAST)
+    listed = result.calibration[0].flagged
+    assert listed.index.tolist() == [11]
+    assert "its observations scatter" in listed.loc[11, "reason"] and listed.loc[11, "spread_ratio"] > 2
 
 
 def test_report_round_trips_through_json():
