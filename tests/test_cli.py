@@ -663,7 +663,7 @@ def test_poly_flags_and_errors(sim_mtz, tmp_path, capsys):
 
 
 def test_demo_merges_a_simulated_data_set_and_prints_the_table(capsys):
-    code = main(["demo", "--images", "24", "--shells", "4", "--quiet"])
+    code = main(["demo", "--images", "12", "--shells", "4", "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
     assert "simulated" in out and "fitted in" in out and "CC1/2" in out

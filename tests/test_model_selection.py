@@ -342,7 +342,7 @@ def test_parallel_and_dask_searches_agree_with_the_serial_one():
     import dask
     from dask.distributed import Client, LocalCluster
 
-    X, _ = make_unmerged(n_images=30, outlier_fraction=0.03, random_state=2, **HEXAGONAL)
+    X, _ = make_unmerged(n_images=18, outlier_fraction=0.03, random_state=2, **HEXAGONAL)
     serial = _search().fit(X)
     assert repr(serial.best_params_) == "{'likelihood': StudentTLikelihood()}"
 
