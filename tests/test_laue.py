@@ -54,7 +54,7 @@ def test_deconvolution_recovers_what_overlap_hides(crystal):
     only_in_multiplets = in_multiplets - set(map(tuple, harmonics[size == 1][["H", "K", "L"]].to_numpy()))
     assert len(only_in_multiplets) > 100
 
-    # A larger learning rate for fewer steps: the same three comparisons hold with wider
+    # A larger learning rate for fewer steps: the same assertions hold, with wider
     # margins after 800 steps at 0.01 than after 1,500 at the default 0.003 (CC laue
     # 0.963 against resolved 0.978; only in multiplets 0.806 against 0.785), in half the time.
     network = {**NETWORK, "learning_rate": 0.01, "max_iter": 800}
