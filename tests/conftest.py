@@ -4,15 +4,18 @@ import os
 import signal
 from pathlib import Path
 
+import joblib
 import pytest
 
-# Each xdist worker gets its share of the cores (before anything imports TensorFlow, which
-# skmerge then limits to OMP_NUM_THREADS): without it every worker's TensorFlow and BLAS
-# start a thread per core, and on a 2-core machine the two workers' fits run about 10 %
-# slower for the contention. Left alone when the variable is set already.
+# Each xdist worker gets its share of the cores before anything imports TensorFlow, which
+# skmerge then limits to OMP_NUM_THREADS: without it every worker's TensorFlow starts a
+# thread per core, and on a 2-core machine the two workers' fits run about 10 % slower for
+# the contention. (numpy's BLAS is loaded by pytest's plugins before this file, so it keeps
+# its threads.) The share is of joblib's count, as joblib gives its own workers: it sees a
+# container's CPU quota. Left alone when the variable is set already.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+        "OMP_NUM_THREADS", str(max(1, joblib.cpu_count() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
