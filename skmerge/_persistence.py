@@ -49,8 +49,9 @@ class PersistentMixin:
 
 
 # Parameters whose default changed after they came: the value that reproduces what a fit
-# made before they existed did (image heads came off by default, then became "auto").
-_VALUES_BEFORE_THEY_EXISTED = {"image_heads": False}
+# made before they existed did (image heads came off by default, then became "auto";
+# image layers came as 0 by default, then became "auto").
+_VALUES_BEFORE_THEY_EXISTED = {"image_heads": False, "image_layers": 0}
 
 
 def values_before_parameters_existed(cls):

@@ -6,6 +6,7 @@ names, turns them into :class:`~skmerge.VariationalMerger` parameters, sets Tens
 as they ask, and reads the files of ``--scale-file`` and ``--structure-factor-file``.
 """
 
+import argparse
 import os
 from pathlib import Path
 
@@ -55,9 +56,10 @@ def add_arguments(parser, defaults):
                        "the scale network as they are (dHKL as 1/d²) instead of as z-scores")
     model.add_argument("--positional-encoding-keys", metavar="KEYS", help="comma-separated metadata keys that "
                        "-L encodes (default: every key)")
-    model.add_argument("--image-layers", type=int, metavar="N", default=defaults["image_layers"], help="add N "
-                       "layers whose weights belong to each image after the scale network, so that every image "
-                       "can bend the metadata's effect on its scale its own way (default: %(default)s)")
+    model.add_argument("--image-layers", type=_image_layers, metavar="N", default=defaults["image_layers"],
+                       help="add N layers whose weights belong to each image after the scale network, so that "
+                       "every image can bend the metadata's effect on its scale its own way; 'auto' gives two to "
+                       "serial stills and none to rotation series or Laue data (default: %(default)s)")
 
     optimiser = parser.add_argument_group("careless optimiser options")
     optimiser.add_argument("--beta-1", type=float, metavar="B1", default=defaults["beta_1"],
@@ -92,6 +94,19 @@ def add_arguments(parser, defaults):
                        "the run's result, merger and observation table")
     debug.add_argument("--save-data-manager", action="store_true", help="also write the observation table the "
                        "model was fitted on (OUT_data.joblib; careless pickles its data manager)")
+
+
+def _image_layers(text):
+    """--image-layers: "auto" or a count of layers."""
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of layers (0, 1, 2, …), got {text!r}")
+    return count
 
 
 def check_arguments(args, usage_error):

@@ -178,6 +178,9 @@ def fit_messages(merger):
                         f"prediction, {learned['dof_above']:.3g} above (learned)")
     elif learned:
         messages.append(f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
+    if getattr(merger, "image_layers_", 0):
+        messages.append(f"image layers: {merger.image_layers_} of each image's own bend its scale"
+                        + (" (the images are stills)" if merger.image_layers == "auto" else ""))
     if getattr(merger, "image_heads_", False):
         messages.append("image heads: each image bends its scale its own way"
                         + (" (the images are stills)" if merger.image_heads == "auto" else ""))
@@ -254,6 +257,8 @@ def statistics_document(result):
         document["likelihood"] = learned
     if hasattr(merger, "image_heads_"):
         document["image_heads"] = bool(merger.image_heads_)
+    if hasattr(merger, "image_layers_"):
+        document["image_layers"] = int(merger.image_layers_)
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]

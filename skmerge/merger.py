@@ -29,7 +29,7 @@ from .features import split_metadata
 from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
-from .model.fitted import FitState, Weights, evaluation_chunks, heads_asked_for
+from .model.fitted import FitState, Weights, evaluation_chunks, heads_asked_for, layers_asked_for
 from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union, with_grid_marginals
 from .model.streaming import StoreSource, as_source, evaluate_store, store_keys
 
@@ -110,12 +110,21 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         asinh(I/⟨I⟩) and log(σ/⟨I⟩), ⟨I⟩ the mean intensity at their resolution), so
         that the model's size does not depend on the number of images and images the
         fit never saw (``predict``, ``score``, a validation set) get scales of their own.
-    image_layers : int, default=0
+    image_layers : int or "auto", default="auto"
         Residual layers of ``mlp_width`` units after the shared scale network whose
         weights belong to each image (careless's ``--image-layers``): every image can
         then bend the metadata's effect on its scale its own way (e.g. its own
         absorption or detector response), at the cost of ``mlp_width² + mlp_width``
         weights per image and layer. Images the fit never saw get the mean image's.
+        "auto" gives two to serial stills (each still's partiality depends on its own
+        mosaic spread and bandwidth, which no column reports: thermolysin's CC1/2
+        0.921 → 0.937 and CCanom 0.043 → 0.085 against image heads, the previous
+        default for stills), unless ``image_heads=True`` asks for heads instead, and
+        none to rotation series or Laue data (on simulated rotation data they make SIGF
+        less honest; PYP's Laue images do not gain; bench/RESULTS.md). The images are
+        stills when the beam directions that consecutive images' spots give in the
+        crystal's frame differ by more than 20° in the median
+        (:func:`skmerge.geometry.recorded_as_stills`); the choice is ``image_layers_``.
         Needs ``image_model="offsets"``.
     image_heads : "auto" or bool, default="auto"
         Give each image of the fit its own weights on three learned combinations of the
@@ -124,16 +133,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         width per combination is fitted to how much the images' heads differ, so that
         images bend their scales only as far as the data show they must, and the heads'
         uncertainty widens the scales'. Images the fit never saw draw a head from that
-        prior. "auto" gives heads to serial stills (each still's partiality depends on
-        its own mosaic spread and bandwidth, which no column reports: thermolysin's
-        CC1/2 0.855 → 0.921), unless ``image_layers`` gives them layers of their own,
-        and not to rotation series or Laue data (Laue data lose; on rotation data a bad
-        image's observations pass for sound ones under a wide scale, and tied Friedel
-        mates' SIGDANO is overstated; bench/RESULTS.md). The images are stills when
-        the beam directions that consecutive images' spots give in the crystal's frame
-        differ by more than 20° in the median
-        (:func:`skmerge.geometry.recorded_as_stills`); the choice is ``image_heads_``.
-        True needs ``image_model="offsets"``.
+        prior. "auto" gives heads to serial stills that ``image_layers`` gives no layers
+        (``image_layers=0``; thermolysin's CC1/2 0.855 → 0.921), and not to rotation
+        series or Laue data (Laue data lose; on rotation data a bad image's observations
+        pass for sound ones under a wide scale, and tied Friedel mates' SIGDANO is
+        overstated; bench/RESULTS.md); the choice is ``image_heads_``. True needs
+        ``image_model="offsets"``.
     mc_samples : int, default=1
         Monte Carlo samples per step for the expected log-likelihood.
     batch_size : int, default=None
@@ -282,6 +287,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     wilson_curve_ : (ndarray, ndarray)
         Mean 1/d² and mean I/ε of the resolution shells of the quick merge: the Σ of the
         Wilson prior, in standardised units.
+    image_layers_ : int
+        The number of layers of their own the images have (``image_layers``, "auto"
+        decided from the data).
     image_heads_ : bool
         Whether the images have heads (``image_heads``, "auto" decided from the data).
     wavelength_bands_, dmin_ : (float, float) or dict, float
@@ -375,7 +383,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "mlp_width": [Interval(Integral, 1, None, closed="left")],
         "image_scales": ["boolean"],
         "image_model": [StrOptions({"offsets", "encoder"})],
-        "image_layers": [Interval(Integral, 0, None, closed="left")],
+        "image_layers": [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
         "image_heads": [StrOptions({"auto"}), "boolean"],
         "mc_samples": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [None, Interval(Integral, 1, None, closed="left")],
@@ -416,7 +424,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers=0, image_heads="auto",
+        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers="auto", image_heads="auto",
         mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
@@ -891,8 +899,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                     piece._validate_params()
         except InvalidParameterError as exc:
             raise ParameterError(str(exc)) from None
-        if (self.image_layers or heads_asked_for(self)) and self.image_model != "offsets":
-            own = f"image_layers={self.image_layers}" if self.image_layers else "image_heads=True"
+        if (layers_asked_for(self) or heads_asked_for(self)) and self.image_model != "offsets":
+            own = f"image_layers={self.image_layers}" if layers_asked_for(self) else "image_heads=True"
             raise ParameterError(f"{own} gives each image of the fit weights of its own; the image encoder has none "
                                  "(use image_model=\"offsets\", or image_layers=0 and image_heads=False).")
         if (self.spectrum is not None or self.lorentz_correction) and not self.laue:

@@ -65,9 +65,13 @@ def test_careless_flags_reach_the_estimator():
         "positional_encoding_keys": ["XDET", "YDET"], "posterior_init": 0.3, "jit_compile": True}
     assert params["prior"].b_factor == 0
     VariationalMerger(**{k: v for k, v in params.items() if k != "verbose"})._check_params()
-    assert params["image_layers"] == 0
-    assert merger_parameters(build_parser().parse_args(["mono", "--image-layers", "2", KEYS, "x.mtz", "out"]),
-                             KEYS.split(","))["image_layers"] == 2
+    assert params["image_layers"] == "auto"
+    for text, layers in (("2", 2), ("0", 0), ("auto", "auto")):
+        assert merger_parameters(build_parser().parse_args(["mono", "--image-layers", text, KEYS, "x.mtz", "out"]),
+                                 KEYS.split(","))["image_layers"] == layers
+    for text in ("-1", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["mono", "--image-layers", text, KEYS, "x.mtz", "out"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -294,6 +298,7 @@ def test_image_heads_fit_persist_and_serve_unseen_images(tmp_path):
 
 @pytest.mark.parametrize("params, message", [
     (dict(image_layers=-1), "image_layers"),
+    (dict(image_layers="sometimes"), "image_layers"),
     (dict(image_layers=1, image_model="encoder"), "image encoder has none"),
     (dict(image_heads=True, image_model="encoder"), "image_heads=True gives"),
     (dict(image_heads=1.5), "image_heads"),

@@ -160,7 +160,7 @@ def test_flags_map_to_estimator_parameters():
         "positional_encoding": 2, "batch_size": 16, "image_model": "encoder", "marginals": "grid",
         # careless's flags not given: the estimator's defaults
         "kl_weight": 1.0, "beta_1": 0.9, "beta_2": 0.99, "epsilon": 1e-4, "scale_bijector": "softplus",
-        "jit_compile": False, "standardize_metadata": True, "image_layers": 0, "image_heads": "auto",
+        "jit_compile": False, "standardize_metadata": True, "image_layers": "auto", "image_heads": "auto",
     }
     assert type(likelihood).__name__ == "StudentTLikelihood" and likelihood.dof == 8.0 and not likelihood.learn_dof
     assert error_model is None and prior == "wilson"

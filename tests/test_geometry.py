@@ -59,17 +59,34 @@ def test_images_of_different_files_are_not_compared():
     assert len(consecutive_beam_angles(X)) == 4
 
 
-def test_auto_gives_heads_to_stills_only():
+def test_auto_gives_layers_to_stills_only():
     stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
     rotation, _ = make_unmerged(n_images=8, random_state=0)
     merger = VariationalMerger(**FAST).fit(stills)
+    assert merger.image_layers == "auto" and merger.image_layers_ == 2 and not merger.image_heads_
+    assert merger.scale_weights_[-2].shape == (8, 6)  # the last image layer's bias: one per image
+    assert any("image layers: 2" in line and "the images are stills" in line for line in fit_messages(merger))
+    merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
+    assert merger.image_layers_ == 2  # a warm start keeps the fit's layers
+    for params, X in ((dict(), rotation), (dict(image_layers=0), stills), (dict(image_model="encoder"), stills),
+                      (dict(image_heads=True), stills)):
+        fitted = VariationalMerger(**FAST, **params).fit(X)
+        assert fitted.image_layers_ == 0, params
+        assert not any("image layers" in line for line in fit_messages(fitted))
+    assert VariationalMerger(**FAST, image_layers=1).fit(rotation).image_layers_ == 1
+
+
+def test_auto_gives_heads_to_stills_without_layers():
+    stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
+    rotation, _ = make_unmerged(n_images=8, random_state=0)
+    merger = VariationalMerger(**FAST, image_layers=0).fit(stills)
     assert merger.image_heads == "auto" and merger.image_heads_
     assert merger.scale_weights_[-3].shape == (8, 3)
-    assert any("the images are stills" in line for line in fit_messages(merger))
+    assert any("image heads" in line and "the images are stills" in line for line in fit_messages(merger))
     merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
     assert merger.image_heads_  # a warm start keeps the fit's heads
-    for params, X in ((dict(), rotation), (dict(image_heads=False), stills), (dict(image_model="encoder"), stills),
-                      (dict(image_layers=1), stills)):
+    for params, X in ((dict(image_layers=0), rotation), (dict(), stills), (dict(image_heads=False), stills),
+                      (dict(image_model="encoder"), stills), (dict(image_layers=1), stills)):
         fitted = VariationalMerger(**FAST, **params).fit(X)
         assert not fitted.image_heads_, params
         assert not any("image heads" in line for line in fit_messages(fitted))
@@ -84,4 +101,5 @@ def test_the_choice_is_in_the_statistics_json(tmp_path):
     X, _ = make_unmerged(n_images=6, stills=True, random_state=0)
     path = _write_unmerged(X, tmp_path / "stills.mtz")
     main(["mono", "--iterations", "10", "--mlp-layers", "2", "dHKL", str(path), str(tmp_path / "out")])
-    assert json.loads((tmp_path / "out_stats.json").read_text())["image_heads"] is True
+    document = json.loads((tmp_path / "out_stats.json").read_text())
+    assert document["image_layers"] == 2 and document["image_heads"] is False

@@ -200,9 +200,10 @@ def test_a_likelihood_keeps_its_learned_parameters(tmp_path, likelihood, names):
 
 
 def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
-    """Files of both formats written before ``image_heads`` existed (their fits had no
-    heads) load as mergers without heads and predict as they did: a file without the
-    parameter gets the value of fits before it (False, not today's default "auto")."""
+    """Files of both formats written before ``image_heads`` and ``image_layers`` existed
+    (their fits had neither) load as mergers without them and predict as they did: a
+    file without the parameter gets the value of fits before it (False and 0, not
+    today's default "auto"), and without the fitted attribute the parameter's."""
     import pickle
 
     from skmerge._persistence import _CHECKSUM_KEY, _checksum
@@ -216,16 +217,18 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
         arrays = {name: archive[name] for name in archive.files}
     document = json.loads(str(arrays.pop("document")[()]))
     del document["checksum"], document["params"]["image_heads"], document["attributes"]["image_heads_"]
+    del document["params"]["image_layers"], document["attributes"]["image_layers_"]
     document["checksum"] = _checksum({"document": document, "arrays": arrays})
     np.savez(tmp_path / "old.npz", document=np.array(json.dumps(document)), **arrays)
     loaded = VariationalMerger.load(tmp_path / "old.npz")
-    assert loaded.image_heads is False
+    assert loaded.image_heads is False and loaded.image_layers == 0
     np.testing.assert_array_equal(loaded.predict(X), expected)
 
     state = merger.__getstate__()
-    del state["image_heads"], state["image_heads_"], state[_CHECKSUM_KEY]
+    del state["image_heads"], state["image_heads_"], state["image_layers"], state["image_layers_"]
+    del state[_CHECKSUM_KEY]
     state[_CHECKSUM_KEY] = _checksum({k: v for k, v in state.items()})
     unpickled = VariationalMerger.__new__(VariationalMerger)
     unpickled.__setstate__(pickle.loads(pickle.dumps(state)))
-    assert unpickled.image_heads is False
+    assert unpickled.image_heads is False and unpickled.image_layers == 0
     np.testing.assert_array_equal(unpickled.predict(X), expected)

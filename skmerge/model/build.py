@@ -15,7 +15,7 @@ from ..errors import InputError, ParameterError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
 from .data import tensor_data
-from .fitted import FitState, heads_asked_for, prior_of
+from .fitted import FitState, heads_asked_for, layers_asked_for, prior_of
 from .initialisation import (evaluate_curve, french_wilson, probable_observations, quick_image_scales, table_start,
                              wilson_curve, wilson_moments)
 
@@ -27,7 +27,7 @@ _START_LEARNING_RATE = 0.01
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False,
-                image_heads=None):
+                image_freedom=None):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -37,8 +37,9 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     harmonic overlap). ``harmonics`` is the Laue expansion the observations were
     encoded with. With ``previous_as_prior`` the previous posterior of every reflection
     it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
-    ``image_heads`` says whether the images get heads of their own (the estimator's
-    ``image_heads`` with "auto" decided; None: only if the estimator asks for them).
+    ``image_freedom`` is the number of image layers and whether the images get heads
+    (the estimator's ``image_layers`` and ``image_heads`` with "auto" decided; None: only
+    what the estimator asks for whatever the data).
 
     Returns
     -------
@@ -77,10 +78,9 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     else:
         curve = previous[0].wilson_curve
     reflections.mean_intensity = evaluate_curve(curve, reflections.dhkl)
-    if image_heads is None:
-        image_heads = heads_asked_for(params)
+    image_layers, image_heads = image_freedom or (layers_asked_for(params), heads_asked_for(params))
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
-                     features.shape[1], curve, harmonics, image_heads)
+                     features.shape[1], curve, harmonics, image_heads, image_layers)
 
     encoder = image_model(params) == "encoder"
     data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
@@ -159,7 +159,7 @@ def restore_model(params, state, weights):
     posterior.set_weights(weights.posterior)
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
                            np.random.RandomState(0), spread_bijector=params.scale_bijector,
-                           encoder=image_model(params) == "encoder", image_layers=params.image_layers,
+                           encoder=image_model(params) == "encoder", image_layers=state.image_layers,
                            n_layer_images=len(state.image_ids), image_heads=state.image_heads)
     network.set_weights(weights.scale)
     model = merging_model(params, state, posterior, network, weights)
@@ -208,7 +208,7 @@ def _scale_network(params, state, rng, previous, image_scale):
     n_images = len(state.image_ids) if kind == "offsets" else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
     network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
-                           params.scale_bijector, encoder=kind == "encoder", image_layers=params.image_layers,
+                           params.scale_bijector, encoder=kind == "encoder", image_layers=state.image_layers,
                            n_layer_images=len(state.image_ids), image_heads=state.image_heads)
     if previous is not None:
         network.set_weights(_per_image_weights_for(network, state, *previous))

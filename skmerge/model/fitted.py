@@ -30,6 +30,12 @@ def heads_asked_for(params):
     return not isinstance(params.image_heads, str) and bool(params.image_heads)
 
 
+def layers_asked_for(params):
+    """The number of image layers an estimator's ``image_layers`` asks for whatever the
+    data ("auto" asks for none yet)."""
+    return 0 if isinstance(params.image_layers, str) else int(params.image_layers)
+
+
 @dataclass
 class FitState:
     """What a fit learns besides its weights (see the module docstring)."""
@@ -45,6 +51,8 @@ class FitState:
     """The keywords of :func:`skmerge.laue.expand_harmonics` fixed by the fit (Laue)."""
     image_heads: bool = False
     """Whether the images have heads of their own (``image_heads``, "auto" resolved)."""
+    image_layers: int = 0
+    """The number of layers of their own the images have (``image_layers``, "auto" resolved)."""
 
     def attributes(self):
         """The estimator's fitted attributes that hold this state."""
@@ -53,6 +61,7 @@ class FitState:
             "reflection_counts_": self.reflection_counts, "intensity_scale_": self.intensity_scale,
             "metadata_transformer_": self.metadata_transformer, "n_metadata_features_": self.n_metadata_features,
             "wilson_curve_": self.wilson_curve, "image_heads_": self.image_heads,
+            "image_layers_": self.image_layers,
         }
         if self.harmonics is not None:
             attributes["wavelength_bands_"] = self.harmonics["wavelength_range"]
@@ -70,9 +79,13 @@ class FitState:
         image_heads = getattr(estimator, "image_heads_", None)
         if image_heads is None:
             image_heads = heads_asked_for(estimator)
+        # Likewise image_layers_, before image_layers could be "auto".
+        image_layers = getattr(estimator, "image_layers_", None)
+        if image_layers is None:
+            image_layers = layers_asked_for(estimator)
         return cls(estimator.reflections_, estimator.image_ids_, estimator.reflection_counts_,
                    estimator.intensity_scale_, estimator.metadata_transformer_, estimator.n_metadata_features_,
-                   estimator.wilson_curve_, harmonics, image_heads)
+                   estimator.wilson_curve_, harmonics, image_heads, int(image_layers))
 
     def encode(self, params, X, y=None):
         """X encoded as the fit encoded its training data."""
