@@ -58,7 +58,7 @@ def add_arguments(parser, defaults):
                        "-L encodes (default: every key)")
     model.add_argument("--image-layers", type=_image_layers, metavar="N", default=defaults["image_layers"],
                        help="add N layers whose weights belong to each image after the scale network, so that "
-                       "every image can bend the metadata's effect on its scale its own way; 'auto' gives two to "
+                       "every image can bend the metadata's effect on its scale its own way; 'auto' gives three to "
                        "serial stills and none to rotation series or Laue data (default: %(default)s)")
 
     optimiser = parser.add_argument_group("careless optimiser options")

@@ -116,9 +116,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         then bend the metadata's effect on its scale its own way (e.g. its own
         absorption or detector response), at the cost of ``mlp_width² + mlp_width``
         weights per image and layer. Images the fit never saw get the mean image's.
-        "auto" gives two to serial stills (each still's partiality depends on its own
+        "auto" gives three to serial stills (each still's partiality depends on its own
         mosaic spread and bandwidth, which no column reports: thermolysin's CC1/2
-        0.921 → 0.937 and CCanom 0.043 → 0.085 against image heads, the previous
+        0.921 → 0.939 and CCanom 0.043 → 0.101 against image heads, the previous
         default for stills), unless ``image_heads=True`` asks for heads instead, and
         none to rotation series or Laue data (on simulated rotation data they make SIGF
         less honest; PYP's Laue images do not gain; bench/RESULTS.md). The images are

@@ -70,7 +70,7 @@ def test_careless_flags_reach_the_estimator():
         assert merger_parameters(build_parser().parse_args(["mono", "--image-layers", text, KEYS, "x.mtz", "out"]),
                                  KEYS.split(","))["image_layers"] == layers
     for text in ("-1", "two"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match=f"--image-layers: expected 'auto' or a number of layers.*'{text}'"):
             build_parser().parse_args(["mono", "--image-layers", text, KEYS, "x.mtz", "out"])
 
 

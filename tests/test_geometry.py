@@ -63,11 +63,11 @@ def test_auto_gives_layers_to_stills_only():
     stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
     rotation, _ = make_unmerged(n_images=8, random_state=0)
     merger = VariationalMerger(**FAST).fit(stills)
-    assert merger.image_layers == "auto" and merger.image_layers_ == 2 and not merger.image_heads_
+    assert merger.image_layers == "auto" and merger.image_layers_ == 3 and not merger.image_heads_
     assert merger.scale_weights_[-2].shape == (8, 6)  # the last image layer's bias: one per image
-    assert any("image layers: 2" in line and "the images are stills" in line for line in fit_messages(merger))
+    assert any("image layers: 3" in line and "the images are stills" in line for line in fit_messages(merger))
     merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
-    assert merger.image_layers_ == 2  # a warm start keeps the fit's layers
+    assert merger.image_layers_ == 3  # a warm start keeps the fit's layers
     for params, X in ((dict(), rotation), (dict(image_layers=0), stills), (dict(image_model="encoder"), stills),
                       (dict(image_heads=True), stills)):
         fitted = VariationalMerger(**FAST, **params).fit(X)
@@ -102,4 +102,4 @@ def test_the_choice_is_in_the_statistics_json(tmp_path):
     path = _write_unmerged(X, tmp_path / "stills.mtz")
     main(["mono", "--iterations", "10", "--mlp-layers", "2", "dHKL", str(path), str(tmp_path / "out")])
     document = json.loads((tmp_path / "out_stats.json").read_text())
-    assert document["image_layers"] == 2 and document["image_heads"] is False
+    assert document["image_layers"] == 3 and document["image_heads"] is False
