@@ -10,6 +10,7 @@ from skmerge import VariationalMerger
 from skmerge.datasets import make_unmerged
 from skmerge.geometry import MIN_SPOTS, beam_directions, consecutive_beam_angles, recorded_as_stills
 from skmerge.merge_outputs import fit_messages
+from skmerge.model.fitting import resolved_image_freedom
 
 FAST = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, mlp_width=6, max_iter=30, random_state=0)
 
@@ -59,38 +60,47 @@ def test_images_of_different_files_are_not_compared():
     assert len(consecutive_beam_angles(X)) == 4
 
 
-def test_auto_gives_layers_to_stills_only():
+@pytest.mark.parametrize("params, layers", [(dict(), 3), (dict(image_layers=0), 0)])
+def test_auto_gives_stills_layers_or_heads_and_a_warm_start_keeps_them(params, layers):
     stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
-    rotation, _ = make_unmerged(n_images=8, random_state=0)
-    merger = VariationalMerger(**FAST).fit(stills)
-    assert merger.image_layers == "auto" and merger.image_layers_ == 3 and not merger.image_heads_
-    assert merger.scale_weights_[-2].shape == (8, 6)  # the last image layer's bias: one per image
-    assert any("image layers: 3" in line and "the images are stills" in line for line in fit_messages(merger))
+    merger = VariationalMerger(**FAST, **params).fit(stills)
+    assert merger.image_layers_ == layers and merger.image_heads_ == (not layers)
+    if layers:
+        assert merger.scale_weights_[-2].shape == (8, 6)  # the last image layer's bias: one per image
+        assert any("image layers: 3" in line and "the images are stills" in line for line in fit_messages(merger))
+    else:
+        assert merger.scale_weights_[-3].shape == (8, 3)  # the heads' means
+        assert any("image heads" in line and "the images are stills" in line for line in fit_messages(merger))
+    assert sum("image layers" in line or "image heads" in line for line in fit_messages(merger)) == 1
     merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
-    assert merger.image_layers_ == 3  # a warm start keeps the fit's layers
-    for params, X in ((dict(), rotation), (dict(image_layers=0), stills), (dict(image_model="encoder"), stills),
-                      (dict(image_heads=True), stills)):
-        fitted = VariationalMerger(**FAST, **params).fit(X)
-        assert fitted.image_layers_ == 0, params
-        assert not any("image layers" in line for line in fit_messages(fitted))
-    assert VariationalMerger(**FAST, image_layers=1).fit(rotation).image_layers_ == 1
+    assert (merger.image_layers_, merger.image_heads_) == (layers, not layers)
 
 
-def test_auto_gives_heads_to_stills_without_layers():
-    stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
+@pytest.mark.parametrize("params, data, freedom", [
+    (dict(), "stills", (3, False)),
+    (dict(image_layers=0), "stills", (0, True)),
+    (dict(image_heads=True), "stills", (0, True)),
+    (dict(image_heads=False), "stills", (3, False)),
+    (dict(image_layers=1), "stills", (1, False)),
+    (dict(image_layers=0, image_heads=False), "stills", (0, False)),
+    (dict(image_layers=2, image_heads=True), "stills", (2, True)),
+    (dict(image_model="encoder"), "stills", (0, False)),
+    (dict(laue=True), "stills", (0, False)),
+    (dict(), "rotation", (0, False)),
+    (dict(image_layers=0), "rotation", (0, False)),
+    (dict(image_layers=1), "rotation", (1, False)),
+    (dict(image_heads=True), "rotation", (0, True)),
+])
+def test_auto_gives_image_freedom_to_serial_stills_only(params, data, freedom):
+    X, _ = make_unmerged(n_images=8, stills=data == "stills", random_state=0)
+    assert resolved_image_freedom(VariationalMerger(**FAST, **params), X) == freedom
+
+
+def test_explicit_image_freedom_reaches_the_fit():
     rotation, _ = make_unmerged(n_images=8, random_state=0)
-    merger = VariationalMerger(**FAST, image_layers=0).fit(stills)
-    assert merger.image_heads == "auto" and merger.image_heads_
-    assert merger.scale_weights_[-3].shape == (8, 3)
-    assert any("image heads" in line and "the images are stills" in line for line in fit_messages(merger))
-    merger.set_params(warm_start=True, max_iter=5).fit(stills[stills["image_id"] < 6])
-    assert merger.image_heads_  # a warm start keeps the fit's heads
-    for params, X in ((dict(image_layers=0), rotation), (dict(), stills), (dict(image_heads=False), stills),
-                      (dict(image_model="encoder"), stills), (dict(image_layers=1), stills)):
-        fitted = VariationalMerger(**FAST, **params).fit(X)
-        assert not fitted.image_heads_, params
-        assert not any("image heads" in line for line in fit_messages(fitted))
-    assert VariationalMerger(**FAST, image_heads=True).fit(rotation).image_heads_
+    merger = VariationalMerger(**FAST, image_layers=1, image_heads=True).fit(rotation)
+    assert (merger.image_layers_, merger.image_heads_) == (1, True)
+    assert merger.scale_weights_[-4].shape == (8, 6) and merger.scale_weights_[-3].shape == (8, 3)
 
 
 def test_the_choice_is_in_the_statistics_json(tmp_path):
