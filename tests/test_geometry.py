@@ -60,9 +60,16 @@ def test_images_of_different_files_are_not_compared():
     assert len(consecutive_beam_angles(X)) == 4
 
 
+@pytest.fixture(scope="module")
+def tables():
+    """Eight stills and eight rotation images, simulated once for the tests of "auto"."""
+    return {kind: make_unmerged(n_images=8, stills=kind == "stills", random_state=0)[0]
+            for kind in ("stills", "rotation")}
+
+
 @pytest.mark.parametrize("params, layers", [(dict(), 3), (dict(image_layers=0), 0)])
-def test_auto_gives_stills_layers_or_heads_and_a_warm_start_keeps_them(params, layers):
-    stills, _ = make_unmerged(n_images=8, stills=True, random_state=0)
+def test_auto_gives_stills_layers_or_heads_and_a_warm_start_keeps_them(tables, params, layers):
+    stills = tables["stills"]
     merger = VariationalMerger(**FAST, **params).fit(stills)
     assert merger.image_layers_ == layers and merger.image_heads_ == (not layers)
     if layers:
@@ -91,14 +98,12 @@ def test_auto_gives_stills_layers_or_heads_and_a_warm_start_keeps_them(params, l
     (dict(image_layers=1), "rotation", (1, False)),
     (dict(image_heads=True), "rotation", (0, True)),
 ])
-def test_auto_gives_image_freedom_to_serial_stills_only(params, data, freedom):
-    X, _ = make_unmerged(n_images=8, stills=data == "stills", random_state=0)
-    assert resolved_image_freedom(VariationalMerger(**FAST, **params), X) == freedom
+def test_auto_gives_image_freedom_to_serial_stills_only(tables, params, data, freedom):
+    assert resolved_image_freedom(VariationalMerger(**FAST, **params), tables[data]) == freedom
 
 
-def test_explicit_image_freedom_reaches_the_fit():
-    rotation, _ = make_unmerged(n_images=8, random_state=0)
-    merger = VariationalMerger(**FAST, image_layers=1, image_heads=True).fit(rotation)
+def test_explicit_image_freedom_reaches_the_fit(tables):
+    merger = VariationalMerger(**FAST, image_layers=1, image_heads=True).fit(tables["rotation"])
     assert (merger.image_layers_, merger.image_heads_) == (1, True)
     assert merger.scale_weights_[-4].shape == (8, 6) and merger.scale_weights_[-3].shape == (8, 3)
 
