@@ -13,6 +13,7 @@ from skmerge.model.posterior import TruncatedNormalPosterior
 from skmerge.model.priors import WilsonDistribution
 from skmerge.model.scaling import ScaleNetwork
 from skmerge.model.training import LOSS_TERMS, MergingModel, Trainer
+from skmerge.model import training
 
 def _small_model(likelihood, error_model=None):
     """A MergingModel of three reflections (one centric) seen by five observations."""
@@ -83,6 +84,46 @@ def test_trainer_recovers_from_non_finite_steps():
     assert history.shape[1] == len(LOSS_TERMS)
     assert trainer.learning_rate.numpy() < 2.0
     assert abs(model.x.numpy() - 3.0) < 0.05
+
+
+class _Bowl(tf.Module):
+    """Σ c·(v − target)² over variables of several shapes (a scalar, a vector, a matrix)."""
+
+    def __init__(self, rng):
+        super().__init__()
+        self.targets = [np.float32(1.5), rng.normal(size=4).astype(np.float32), rng.normal(size=(3, 2)).astype(np.float32)]
+        self.weights = [0.5, 2.0, 1.0]
+        self.vars = [tf.Variable(np.zeros_like(t)) for t in self.targets]
+
+    def loss_terms(self, data, seed):
+        loss = tf.add_n([c * tf.reduce_sum(tf.square(v - t)) for c, v, t in zip(self.weights, self.vars, self.targets)])
+        return tf.stack([loss, loss, 0.0 * loss])
+
+
+def test_trainer_steps_are_adam_with_warm_up_on_every_variable():
+    """Each variable moves as Adam (bias-corrected, with the trainer's linear warm-up of
+    the step size) moves it, whatever its shape: the moments of all variables are kept in
+    one vector, which must not mix them up."""
+    model = _Bowl(np.random.RandomState(4))
+    lr, beta_1, beta_2, n_steps = 0.05, 0.8, 0.95, 30
+    trainer = Trainer(model, model.vars, {}, learning_rate=lr, seed=0, jit_compile=False, beta_1=beta_1,
+                      beta_2=beta_2)
+    trainer.run(n_steps, tol=0.0, n_iter_no_change=10**6)
+
+    values = [np.zeros_like(t, dtype=np.float64) for t in model.targets]
+    m = [np.zeros_like(v) for v in values]
+    v2 = [np.zeros_like(v) for v in values]
+    for t in range(1, n_steps + 1):
+        step = min(1.0, t / training._WARMUP) * lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        for i, (c, target) in enumerate(zip(model.weights, model.targets)):
+            g = 2 * c * (values[i] - target)
+            m[i] = beta_1 * m[i] + (1 - beta_1) * g
+            v2[i] = beta_2 * v2[i] + (1 - beta_2) * g**2
+            values[i] = values[i] - step * m[i] / (np.sqrt(v2[i]) + training._EPS)
+    for var, expected in zip(model.vars, values):
+        assert var.shape == expected.shape
+        np.testing.assert_allclose(var.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert int(trainer.step.numpy()) == n_steps
 
 
 def test_trainer_raises_numerical_error_when_every_step_fails():

@@ -288,8 +288,12 @@ class Trainer:
         self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
         self.learning_rate = tf.Variable(float(learning_rate), trainable=False)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.m = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
-        self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
+        # Adam's moments of all variables end to end in one vector each, so that a step
+        # updates them with a dozen ops instead of a dozen per variable: a fit's fixed cost
+        # is mostly tracing and optimising the step's graph (bench/RESULTS.md).
+        self._sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.m = tf.Variable(tf.zeros([sum(self._sizes)]), trainable=False)
+        self.v = tf.Variable(tf.zeros([sum(self._sizes)]), trainable=False)
         # Traced without AutoGraph: the chunk is written in graph ops (tf.while_loop) and
         # Python loops that unroll, so AutoGraph's source conversion only costs tracing time.
         self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile, autograph=False)
@@ -317,13 +321,14 @@ class Trainer:
         warmup = tf.minimum(1.0, t / _WARMUP)
         beta_1, beta_2 = self.beta_1, self.beta_2
         lr = warmup * self.learning_rate * tf.sqrt(1 - beta_2**t) / (1 - beta_1**t)
-        for var, g, m, v in zip(self.variables, grads, self.m, self.v):
-            g = tf.where(ok, g, 0.0)
-            m_new = beta_1 * m + (1 - beta_1) * g
-            v_new = beta_2 * v + (1 - beta_2) * tf.square(g)
-            m.assign(tf.where(ok, m_new, m))
-            v.assign(tf.where(ok, v_new, v))
-            var.assign(tf.where(ok, var - lr * m_new / (tf.sqrt(v_new) + _EPS), var))
+        g = tf.where(ok, tf.concat([tf.reshape(g, [-1]) for g in grads], 0), 0.0)
+        m_new = beta_1 * self.m + (1 - beta_1) * g
+        v_new = beta_2 * self.v + (1 - beta_2) * tf.square(g)
+        self.m.assign(tf.where(ok, m_new, self.m))
+        self.v.assign(tf.where(ok, v_new, self.v))
+        update = tf.where(ok, lr * m_new / (tf.sqrt(v_new) + _EPS), 0.0)
+        for var, var_update in zip(self.variables, tf.split(update, self._sizes)):
+            var.assign_sub(tf.reshape(var_update, var.shape))
         self.step.assign_add(tf.cast(ok, tf.int64))
         return terms, ok
 
@@ -347,7 +352,7 @@ class Trainer:
         return grads
 
     def _state(self):
-        return [*self.variables, *self.m, *self.v, self.step]
+        return [*self.variables, self.m, self.v, self.step]
 
     def run(self, max_iter, *, tol, n_iter_no_change, progress=None, monitor=None, watch=None, watch_every=None):
         """Optimise for up to ``max_iter`` steps.
