@@ -414,10 +414,14 @@ class ScaleNetwork(tf.Module):
                     with tf.GradientTape() as tape:
                         tape.watch(x)
                         y = fn(x)
-                    return tape.gradient(y, [x, *variables], output_gradients=dy)
+                    d_x, *d_variables = tape.gradient(y, [x, *variables], output_gradients=dy)
+                    # The weights' gradients end to end: map_fn stacks each output
+                    # separately, with a handful of graph ops per output.
+                    return [d_x, tf.concat([tf.reshape(g, [-1]) for g in d_variables], 0)]
 
-                per_chunk = each_chunk(chunk_grad, (chunks, d_out), [tf.float32] * (len(variables) + 1))
-                return per_chunk[0], [tf.reduce_sum(g, 0) for g in per_chunk[1:]]
+                d_chunks, d_weights = each_chunk(chunk_grad, (chunks, d_out), [tf.float32, tf.float32])
+                d_weights = tf.split(tf.reduce_sum(d_weights, 0), [int(np.prod(v.shape)) for v in variables])
+                return d_chunks, [tf.reshape(g, v.shape) for g, v in zip(d_weights, variables)]
 
             return each_chunk(fn, chunks, tf.float32), grad
 
