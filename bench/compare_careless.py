@@ -142,16 +142,7 @@ def child_fit(spec_path):
     X = skmerge.read_unmerged(spec["files"], anomalous=spec["anomalous"], intensity_key=spec["intensity_key"],
                               sigma_key=spec["sigma_key"])
     t_read = time.perf_counter()
-    params = dict(metadata=spec["keys"].split(","), anomalous=spec["anomalous"], random_state=SEED,
-                  max_iter=spec["steps"], n_iter_no_change=spec["steps"], **NETWORK)
-    if spec["separate_files"]:
-        params["separate_files"] = True
-    if spec["mode"] == "poly":
-        params.update(laue=True, wavelength_key=spec["wavelength_key"])
-    if spec.get("batch_size"):
-        params["batch_size"] = spec["batch_size"]
-    if spec.get("extra"):  # a variant's estimator parameters, e.g. "prior=skmerge.DoubleWilsonPrior()"
-        params.update(eval(f"dict({spec['extra']})", {"skmerge": skmerge}))
+    params = estimator_params(spec)
     merger = skmerge.VariationalMerger(**params).fit(X)
     t_fit = time.perf_counter()
     merged = merger.transform(X)
@@ -167,6 +158,25 @@ def child_fit(spec_path):
                    for k, v in params.items() if k != "metadata"},
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
+
+
+def estimator_params(spec):
+    """The estimator parameters of the API runs: the case's keys and files, the shared
+    network, exactly ``spec["steps"]`` steps, and a variant's parameters (``spec["extra"]``,
+    e.g. "prior=skmerge.DoubleWilsonPrior()")."""
+    import skmerge
+
+    params = dict(metadata=spec["keys"].split(","), anomalous=spec["anomalous"], random_state=SEED,
+                  max_iter=spec["steps"], n_iter_no_change=spec["steps"], **NETWORK)
+    if spec["separate_files"]:
+        params["separate_files"] = True
+    if spec["mode"] == "poly":
+        params.update(laue=True, wavelength_key=spec["wavelength_key"])
+    if spec.get("batch_size"):
+        params["batch_size"] = spec["batch_size"]
+    if spec.get("extra"):
+        params.update(eval(f"dict({spec['extra']})", {"skmerge": skmerge}))
+    return params
 
 
 # ------------------------------------------------------------------------- runners
