@@ -40,10 +40,10 @@ def _trainers(X, case, settings, build_steps):
     spec = {"files": [str(f) for f in case.files], "keys": case.keys, "anomalous": case.anomalous,
             "separate_files": case.separate_files, "mode": case.mode, "wavelength_key": case.wavelength_key,
             "steps": build_steps}
-    trainers, run = {}, training.Trainer.run
+    trainers, started, run = {}, [], training.Trainer.run
 
     def recording_run(trainer, *args, **kwargs):
-        trainers.setdefault(name, trainer)
+        started.append(trainer)
         return run(trainer, *args, **kwargs)
 
     training.Trainer.run = recording_run
@@ -51,7 +51,9 @@ def _trainers(X, case, settings, build_steps):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a few steps neither converge nor need to
             for name, extra in settings:
+                started.clear()
                 VariationalMerger(**compare_careless.estimator_params({**spec, "extra": extra})).fit(X)
+                trainers[name] = started[0]
     finally:
         training.Trainer.run = run
     return trainers

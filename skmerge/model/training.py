@@ -321,7 +321,7 @@ class Trainer:
         warmup = tf.minimum(1.0, t / _WARMUP)
         beta_1, beta_2 = self.beta_1, self.beta_2
         lr = warmup * self.learning_rate * tf.sqrt(1 - beta_2**t) / (1 - beta_1**t)
-        g = tf.where(ok, tf.concat([tf.reshape(g, [-1]) for g in grads], 0), 0.0)
+        g = tf.where(ok, tf.concat([tf.reshape(grad, [-1]) for grad in grads], 0), 0.0)
         m_new = beta_1 * self.m + (1 - beta_1) * g
         v_new = beta_2 * self.v + (1 - beta_2) * tf.square(g)
         self.m.assign(tf.where(ok, m_new, self.m))
