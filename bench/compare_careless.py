@@ -89,6 +89,12 @@ class Case:
             flags += ["--wavelength-key", self.wavelength_key]
         return flags
 
+    def api_spec(self, steps):
+        """What an API run of ``steps`` steps needs of the case (:func:`estimator_params`)."""
+        return {"files": [str(f) for f in self.files], "keys": self.keys, "anomalous": self.anomalous,
+                "intensity_key": self.intensity_key, "sigma_key": self.sigma_key, "steps": steps,
+                "separate_files": self.separate_files, "mode": self.mode, "wavelength_key": self.wavelength_key}
+
 
 CASES = {
     "hypf": Case(
@@ -247,10 +253,8 @@ def run_careless(case, steps, merge_half, directory, args):
 def run_skmerge_fixed(case, steps, directory, args):
     """skmerge with exactly ``steps`` steps through the API runner (no half datasets)."""
     prefix = Path(directory) / case.name
-    spec = {"files": [str(f) for f in case.files], "keys": case.keys, "anomalous": case.anomalous,
-            "intensity_key": case.intensity_key, "sigma_key": case.sigma_key, "steps": steps,
-            "separate_files": case.separate_files, "mode": case.mode, "wavelength_key": case.wavelength_key,
-            "out": str(prefix), "result": str(Path(directory) / "child.json"), "batch_size": args.skmerge_batch_size}
+    spec = {**case.api_spec(steps), "out": str(prefix), "result": str(Path(directory) / "child.json"),
+            "batch_size": args.skmerge_batch_size}
     key = ["skmerge-api", spec]
     cached = _cached(directory, key, args.reuse)
     if cached:

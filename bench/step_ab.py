@@ -37,9 +37,7 @@ def _trainers(X, case, settings, build_steps):
     from skmerge import VariationalMerger
     from skmerge.model import training
 
-    spec = {"files": [str(f) for f in case.files], "keys": case.keys, "anomalous": case.anomalous,
-            "separate_files": case.separate_files, "mode": case.mode, "wavelength_key": case.wavelength_key,
-            "steps": build_steps}
+    spec = case.api_spec(build_steps)
     trainers, started, run = {}, [], training.Trainer.run
 
     def recording_run(trainer, *args, **kwargs):

@@ -19,6 +19,8 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # oneDNN's kernels run the scale network's (10, 10) @ (10, rows) products about twice as
 # fast as the default ones on CPUs with AVX-512 (hypf: 37 → 25 ms per training step).
@@ -129,3 +131,15 @@ def _quiet_import():
 tf, tfp = _quiet_import()
 tfd = tfp.distributions
 tfb = tfp.bijectors
+
+
+def concat_flat(tensors):
+    """The tensors' elements end to end in one vector (a graph op or two for a whole list,
+    where an op per tensor would grow a traced graph with the number of tensors)."""
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+
+
+def split_like(vector, like):
+    """:func:`concat_flat` undone: ``vector`` cut into tensors of the shapes of ``like``."""
+    pieces = tf.split(vector, [int(np.prod(t.shape)) for t in like])
+    return [tf.reshape(piece, t.shape) for piece, t in zip(pieces, like)]

@@ -7,13 +7,13 @@ from scipy import stats
 
 from skmerge._tf import tf, tfd
 from skmerge.errors import NumericalError
+from skmerge.model import training
 from skmerge.model.error_model import ErrorModel
 from skmerge.model.likelihoods import NormalLikelihood, StudentTLikelihood
 from skmerge.model.posterior import TruncatedNormalPosterior
 from skmerge.model.priors import WilsonDistribution
 from skmerge.model.scaling import ScaleNetwork
 from skmerge.model.training import LOSS_TERMS, MergingModel, Trainer
-from skmerge.model import training
 
 def _small_model(likelihood, error_model=None):
     """A MergingModel of three reflections (one centric) seen by five observations."""

@@ -18,7 +18,7 @@ factor, ``log_known_scale``) adds to μ.
 
 import numpy as np
 
-from .._tf import tf, tfd
+from .._tf import concat_flat, split_like, tf, tfd
 from ..features import split_metadata
 from .posterior import softplus_inverse
 
@@ -417,11 +417,10 @@ class ScaleNetwork(tf.Module):
                     d_x, *d_variables = tape.gradient(y, [x, *variables], output_gradients=dy)
                     # The weights' gradients end to end: map_fn stacks each output
                     # separately, with a handful of graph ops per output.
-                    return [d_x, tf.concat([tf.reshape(g, [-1]) for g in d_variables], 0)]
+                    return [d_x, concat_flat(d_variables)]
 
                 d_chunks, d_weights = each_chunk(chunk_grad, (chunks, d_out), [tf.float32, tf.float32])
-                d_weights = tf.split(tf.reduce_sum(d_weights, 0), [int(np.prod(v.shape)) for v in variables])
-                return d_chunks, [tf.reshape(g, v.shape) for g, v in zip(d_weights, variables)]
+                return d_chunks, split_like(tf.reduce_sum(d_weights, 0), variables)
 
             return each_chunk(fn, chunks, tf.float32), grad
 

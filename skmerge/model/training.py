@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .._tf import quiet_stderr, tf
+from .._tf import concat_flat, quiet_stderr, split_like, tf
 from ..errors import NumericalError
 from .linear_response import FamilyCovariance
 
@@ -291,9 +291,9 @@ class Trainer:
         # Adam's moments of all variables end to end in one vector each, so that a step
         # updates them with a dozen ops instead of a dozen per variable: a fit's fixed cost
         # is mostly tracing and optimising the step's graph (bench/RESULTS.md).
-        self._sizes = [int(np.prod(v.shape)) for v in self.variables]
-        self.m = tf.Variable(tf.zeros([sum(self._sizes)]), trainable=False)
-        self.v = tf.Variable(tf.zeros([sum(self._sizes)]), trainable=False)
+        n_weights = sum(int(np.prod(v.shape)) for v in self.variables)
+        self.m = tf.Variable(tf.zeros([n_weights]), trainable=False)
+        self.v = tf.Variable(tf.zeros([n_weights]), trainable=False)
         # Traced without AutoGraph: the chunk is written in graph ops (tf.while_loop) and
         # Python loops that unroll, so AutoGraph's source conversion only costs tracing time.
         self._chunk = tf.function(self._run_chunk, jit_compile=jit_compile, autograph=False)
@@ -321,14 +321,14 @@ class Trainer:
         warmup = tf.minimum(1.0, t / _WARMUP)
         beta_1, beta_2 = self.beta_1, self.beta_2
         lr = warmup * self.learning_rate * tf.sqrt(1 - beta_2**t) / (1 - beta_1**t)
-        g = tf.where(ok, tf.concat([tf.reshape(grad, [-1]) for grad in grads], 0), 0.0)
+        g = tf.where(ok, concat_flat(grads), 0.0)
         m_new = beta_1 * self.m + (1 - beta_1) * g
         v_new = beta_2 * self.v + (1 - beta_2) * tf.square(g)
         self.m.assign(tf.where(ok, m_new, self.m))
         self.v.assign(tf.where(ok, v_new, self.v))
         update = tf.where(ok, lr * m_new / (tf.sqrt(v_new) + _EPS), 0.0)
-        for var, var_update in zip(self.variables, tf.split(update, self._sizes)):
-            var.assign_sub(tf.reshape(var_update, var.shape))
+        for var, var_update in zip(self.variables, split_like(update, self.variables)):
+            var.assign_sub(var_update)
         self.step.assign_add(tf.cast(ok, tf.int64))
         return terms, ok
 
