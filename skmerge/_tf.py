@@ -107,6 +107,26 @@ def quiet_stderr():
             os.close(saved_fd)
 
 
+@contextlib.contextmanager
+def without_graph_rewrites():
+    """Instantiate the compiled functions called in the block without Grappler's graph
+    rewrites, and leave the process's setting as it was afterwards.
+
+    The training step is written op by op as it should run: Grappler's passes over it (and
+    over the bodies of its loops) take about half a second a fit and leave the time per
+    step as it was on rotation, stills and Laue data (bench/RESULTS.md), so a short fit
+    would pay them for nothing. The setting only matters when a function is first
+    called with a new signature.
+    """
+    options = tf.config.optimizer
+    previous = options.get_experimental_options().get("disable_meta_optimizer", False)
+    options.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        options.set_experimental_options({"disable_meta_optimizer": previous})
+
+
 def _quiet_import():
     limit = _thread_limit()
     if "tensorflow" in sys.modules:

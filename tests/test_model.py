@@ -126,6 +126,35 @@ def test_trainer_steps_are_adam_with_warm_up_on_every_variable():
     assert int(trainer.step.numpy()) == n_steps
 
 
+class _Recording(_Bowl):
+    """A bowl that records, each time its loss is traced, whether graph rewrites are off."""
+
+    def __init__(self, rng):
+        super().__init__(rng)
+        self.rewrites_off = []
+
+    def loss_terms(self, data, seed):
+        self.rewrites_off.append(tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"])
+        return super().loss_terms(data, seed)
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_trainer_compiles_its_step_without_graph_rewrites_and_keeps_the_setting(setting):
+    """Grappler's passes over the step cost a short fit much of its time and change no
+    step's speed (bench/RESULTS.md): the trainer traces and instantiates its step with
+    them off, and leaves the process's own setting as it found it."""
+    options = tf.config.optimizer
+    model = _Recording(np.random.RandomState(0))
+    options.set_experimental_options({"disable_meta_optimizer": setting})
+    try:
+        Trainer(model, model.vars, {}, learning_rate=0.1, seed=0, jit_compile=False).run(
+            5, tol=0.0, n_iter_no_change=10**6)
+        assert model.rewrites_off and all(model.rewrites_off)
+        assert options.get_experimental_options()["disable_meta_optimizer"] is setting
+    finally:
+        options.set_experimental_options({"disable_meta_optimizer": False})
+
+
 def test_trainer_raises_numerical_error_when_every_step_fails():
     model = _Quadratic(blow_up=-1.0)
     trainer = Trainer(model, [model.x], {}, learning_rate=0.1, seed=0, jit_compile=False)

@@ -6,11 +6,12 @@ per chunk: to read the loss terms, update the progress bar, check convergence an
 copy of the last good state.
 """
 
+import contextlib
 import math
 
 import numpy as np
 
-from .._tf import concat_flat, quiet_stderr, split_like, tf
+from .._tf import concat_flat, quiet_stderr, split_like, tf, without_graph_rewrites
 from ..errors import NumericalError
 from .linear_response import FamilyCovariance
 
@@ -379,11 +380,9 @@ class Trainer:
             if watch is not None:
                 n = min(n, watch_every - len(history) % watch_every)
             saved = [v.numpy() for v in self._state()]
-            if self._jit_compile and not history:
-                # The first XLA compilation of a process logs its start-up through absl.
-                with quiet_stderr():
-                    terms, n_bad = self._chunk(tf.constant(n))
-            else:
+            # The first XLA compilation of a process logs its start-up through absl.
+            quiet = quiet_stderr() if self._jit_compile and not history else contextlib.nullcontext()
+            with quiet, without_graph_rewrites():
                 terms, n_bad = self._chunk(tf.constant(n))
             terms = terms.numpy()[:n]
             if int(n_bad) > 0 or not np.isfinite(terms).all():
