@@ -113,10 +113,9 @@ def without_graph_rewrites():
     rewrites, and leave the process's setting as it was afterwards.
 
     The training step is written op by op as it should run: Grappler's passes over it (and
-    over the bodies of its loops) take about half a second a fit and leave the time per
-    step as it was on rotation, stills and Laue data (bench/RESULTS.md), so a short fit
-    would pay them for nothing. The setting only matters when a function is first
-    called with a new signature.
+    over the bodies of its loops) cost a small fit up to a third of its time and leave the
+    time per step as it was on rotation, stills and Laue data (bench/RESULTS.md). The
+    setting only matters when a function is first called with a new signature.
     """
     options = tf.config.optimizer
     previous = options.get_experimental_options().get("disable_meta_optimizer", False)
