@@ -144,6 +144,7 @@ def test_trainer_compiles_its_step_without_graph_rewrites_and_keeps_the_setting(
     step's speed (bench/RESULTS.md): the trainer traces and instantiates its step with
     them off, and leaves the process's own setting as it found it."""
     options = tf.config.optimizer
+    found = options.get_experimental_options()["disable_meta_optimizer"]
     model = _Recording(np.random.RandomState(0))
     options.set_experimental_options({"disable_meta_optimizer": setting})
     try:
@@ -152,7 +153,7 @@ def test_trainer_compiles_its_step_without_graph_rewrites_and_keeps_the_setting(
         assert model.rewrites_off and all(model.rewrites_off)
         assert options.get_experimental_options()["disable_meta_optimizer"] is setting
     finally:
-        options.set_experimental_options({"disable_meta_optimizer": False})
+        options.set_experimental_options({"disable_meta_optimizer": found})
 
 
 def test_trainer_raises_numerical_error_when_every_step_fails():
