@@ -115,7 +115,9 @@ def without_graph_rewrites():
     The training step is written op by op as it should run: Grappler's passes over it (and
     over the bodies of its loops) cost a small fit up to a third of its time and leave the
     time per step as it was on rotation, stills and Laue data (bench/RESULTS.md). The
-    setting only matters when a function is first called with a new signature.
+    setting is part of every call's configuration, and a function called under another
+    one is instantiated again (with the rewrites, and their rounding): so every call of
+    the step, not only the first, goes through this block.
     """
     options = tf.config.optimizer
     previous = options.get_experimental_options().get("disable_meta_optimizer", False)

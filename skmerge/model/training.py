@@ -380,7 +380,9 @@ class Trainer:
             if watch is not None:
                 n = min(n, watch_every - len(history) % watch_every)
             saved = [v.numpy() for v in self._state()]
-            # The first XLA compilation of a process logs its start-up through absl.
+            # The first XLA compilation of a process logs its start-up through absl. Every
+            # chunk runs without graph rewrites, not only the first: a call with them on
+            # would instantiate the step again.
             quiet = quiet_stderr() if self._jit_compile and not history else contextlib.nullcontext()
             with quiet, without_graph_rewrites():
                 terms, n_bad = self._chunk(tf.constant(n))
