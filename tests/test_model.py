@@ -142,15 +142,24 @@ class _Recording(_Bowl):
 def test_trainer_compiles_its_step_without_graph_rewrites_and_keeps_the_setting(setting):
     """Grappler's passes over the step cost a short fit much of its time and change no
     step's speed (bench/RESULTS.md): the trainer traces and instantiates its step with
-    them off, and leaves the process's own setting as it found it."""
+    them off, calls every chunk of steps with them off (a call with them on would
+    instantiate the step again), and leaves the process's own setting as it found it."""
     options = tf.config.optimizer
     found = options.get_experimental_options()["disable_meta_optimizer"]
     model = _Recording(np.random.RandomState(0))
+    trainer = Trainer(model, model.vars, {}, learning_rate=0.1, seed=0, jit_compile=False)
+    chunk, calls = trainer._chunk, []
+
+    def recording_chunk(n_steps):
+        calls.append(options.get_experimental_options()["disable_meta_optimizer"])
+        return chunk(n_steps)
+
+    trainer._chunk = recording_chunk
     options.set_experimental_options({"disable_meta_optimizer": setting})
     try:
-        Trainer(model, model.vars, {}, learning_rate=0.1, seed=0, jit_compile=False).run(
-            5, tol=0.0, n_iter_no_change=10**6)
+        trainer.run(3 * training._CHUNK, tol=0.0, n_iter_no_change=10**6)
         assert model.rewrites_off and all(model.rewrites_off)
+        assert calls == [True] * 3
         assert options.get_experimental_options()["disable_meta_optimizer"] is setting
     finally:
         options.set_experimental_options({"disable_meta_optimizer": found})
