@@ -55,10 +55,11 @@ RUN_FILES = {"merged": "_{i}.mtz", "predictions": "_predictions_{i}.mtz", "xval"
 WILSON_D_MAX = 4.5
 """Resolution (Å) beyond which a Wilson plot is straight: :func:`wilson_b` fits there."""
 BAD_IMAGE_LIMIT = 4.0
-"""Images whose CCpred is this many robust SDs (over the images) below the median, ..."""
+"""An image is bad when its CCpred falls short of its noise ceiling by this many robust SDs
+(over the images) more than the median image's does, ..."""
 BAD_IMAGE_MARGIN = 0.1
-"""... and at least this far below it, are named bad: among images of similar quality the
-robust SD is tiny."""
+"""... and by at least this much more: among images of similar quality the robust SD is
+tiny."""
 
 
 # ------------------------------------------------------------------------ the files
@@ -145,21 +146,21 @@ class CCpredReport:
         with held-out observations, n_test, cc_test.
     images : pandas.DataFrame
         One row per image, indexed by the predictions' image column (``image_id``, the
-        run's 0-based image numbering): n_obs, ccpred (all its observations) and, with
-        held-out observations, n_test, cc_test.
-    threshold : float
-        Images with ccpred below this are bad.
+        run's 0-based image numbering): n_obs, ccpred (all its observations), ceiling
+        (the CCpred its observations' noise allows), bad and, with held-out observations,
+        n_test, cc_test.
+    rule : str
+        What made an image bad, in words.
     """
 
     shells: pd.DataFrame
     images: pd.DataFrame
-    threshold: float
+    rule: str
 
     @property
     def bad_images(self):
         """The bad images' numbers, worst first."""
-        low = self.images[self.images["ccpred"] < self.threshold]
-        return low.sort_values("ccpred").index.tolist()
+        return self.images[self.images["bad"]].sort_values("ccpred").index.tolist()
 
     def to_string(self, title=None):
         """The per-shell table, the worst images and the bad ones named."""
@@ -170,7 +171,7 @@ class CCpredReport:
         lines.append("")
         lines.append(format_table(worst, title=f"the {len(worst)} images of lowest CCpred of {len(self.images)}"))
         bad = self.bad_images
-        lines.append(f"\n{len(bad)} bad image(s) (CCpred < {self.threshold:.3f})" + (
+        lines.append(f"\n{len(bad)} bad image(s) ({self.rule})" + (
             ": " + " ".join(str(i) for i in bad) if bad else ""))
         return "\n".join(lines)
 
@@ -190,8 +191,13 @@ def ccpred_report(predictions, *, shells=10, method="pearson", below=None):
     method : {"pearson", "spearman"}, default="pearson"
         Pearson weights every observation by 1/SIGIobs² (as ``skmerge stats`` does).
     below : float, optional
-        Images with a CCpred below this are bad. Default: :data:`BAD_IMAGE_LIMIT`
-        robust SDs and at least :data:`BAD_IMAGE_MARGIN` below the median image.
+        Images with a CCpred below this are bad. Default: an image is bad when its CCpred
+        falls short of its noise ceiling by :data:`BAD_IMAGE_LIMIT` robust SDs, and at
+        least :data:`BAD_IMAGE_MARGIN`, more than the median image's does. The ceiling is
+        the CCpred the image would have if its observations missed the predictions by
+        their noise alone (SIGIobs times the robust SD of every observation's
+        (Iobs − Ipred)/SIGIobs): a still with few strong spots has a low CCpred without
+        being wrong, and is not named for it.
 
     Returns
     -------
@@ -236,11 +242,20 @@ def ccpred_report(predictions, *, shells=10, method="pearson", below=None):
     if test.any():
         per_image["n_test"] = [int(g["test"].sum()) for g in groups.values()]
         per_image["cc_test"] = [_ccpred(g[g["test"]], method) for g in groups.values()]
+    spread = robust_sd((frame["Iobs"] - frame["Ipred"]).to_numpy() / frame["SIGIobs"].to_numpy())
+    per_image["ceiling"] = [_ccpred_ceiling(g, spread, method) for g in groups.values()]
     if below is None:
-        cc = per_image["ccpred"].dropna().to_numpy()
-        median = np.median(cc) if len(cc) else np.nan
-        below = min(median - BAD_IMAGE_LIMIT * robust_sd(cc), median - BAD_IMAGE_MARGIN) if len(cc) else -np.inf
-    return CCpredReport(table, per_image, float(below))
+        shortfall = (per_image["ceiling"] - per_image["ccpred"]).to_numpy()
+        known = shortfall[np.isfinite(shortfall)]
+        median = np.median(known) if len(known) else np.nan
+        limit = max(median + BAD_IMAGE_LIMIT * robust_sd(known), median + BAD_IMAGE_MARGIN)
+        with np.errstate(invalid="ignore"):
+            per_image["bad"] = shortfall > limit
+        rule = f"CCpred more than {limit:.3f} below its noise ceiling"
+    else:
+        per_image["bad"] = per_image["ccpred"].to_numpy() < below
+        rule = f"CCpred < {below:.3f}"
+    return CCpredReport(table, per_image, rule)
 
 
 def _shell_frame(bins):
@@ -274,6 +289,20 @@ def _ccpred(frame, method):
     """CCpred of some observations: 1/SIGIobs²-weighted Pearson, or Spearman."""
     weights = frame["SIGIobs"].to_numpy() ** -2.0 if method == "pearson" else None
     return correlation(frame["Iobs"].to_numpy(), frame["Ipred"].to_numpy(), method, weights)
+
+
+def _ccpred_ceiling(frame, spread, method):
+    """The CCpred of observations that would miss their predictions by noise alone, of SD
+    ``spread``·SIGIobs: √(V / (V + N)), V the variance of Ipred and N the mean noise
+    variance, both with CCpred's weights (Pearson's formula; for Spearman an
+    approximation)."""
+    sigma = frame["SIGIobs"].to_numpy()
+    weights = sigma**-2.0 if method == "pearson" else np.ones(len(frame))
+    ipred = frame["Ipred"].to_numpy()
+    total = weights.sum()
+    variance = np.sum(weights * (ipred - np.sum(weights * ipred) / total) ** 2) / total
+    noise = spread**2 * np.sum(weights * sigma**2) / total
+    return math.sqrt(variance / (variance + noise)) if variance + noise > 0 else np.nan
 
 
 def _image_column(table, image_key, what):

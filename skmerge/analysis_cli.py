@@ -37,11 +37,13 @@ def register(commands, formatter_class=argparse.RawDescriptionHelpFormatter):
     ccpred = command("ccpred", "CCpred (Iobs vs Ipred) per resolution shell and per image; names the bad images",
                      _ccpred, "CCpred, the correlation of the observed and the predicted intensities of "
                      "OUT_predictions_<i>.mtz, per resolution shell for the training and the held-out (test) "
-                     "observations, and per image (careless.ccpred and careless.image_ccpred). Images far below the "
+                     "observations, and per image (careless.ccpred and careless.image_ccpred). Images that fall far "
+                     "further below their noise ceiling (the CCpred their observations' noise allows) than the "
                      "others are named bad; 'skmerge filter-images' removes them.")
     _run_arguments(ccpred)
     ccpred.add_argument("--bad-below", type=float, metavar="CC", help="images with CCpred below CC are bad (default: "
-                        "4 robust SDs, and at least 0.1, below the median image)")
+                        "those whose CCpred falls short of its noise ceiling by 4 robust SDs, and at least 0.1, "
+                        "more than the median image's)")
     ccpred.add_argument("--image-csv", metavar="FILE", help="write the per-image table as CSV")
     ccpred.add_argument("--plot", metavar="PNG", help="draw CCpred against resolution and against the image")
 

@@ -173,10 +173,12 @@ def plot_ccpred(reports, labels=None):
         images = report.images
         by_image.plot(images.index.to_numpy(), images["ccpred"].to_numpy(float), ".", ms=3, color=colour,
                       label=f"{prefix}images")
+        by_image.plot(images.index.to_numpy(), images["ceiling"].to_numpy(float), "_", ms=4, alpha=0.5,
+                      color=colour, label=f"{prefix}noise ceiling")
         bad = images.loc[report.bad_images]
         if len(bad):
             by_image.plot(bad.index.to_numpy(), bad["ccpred"].to_numpy(float), "x", color="C3", ms=7,
-                          label=f"{prefix}bad (< {report.threshold:.2f})")
+                          label=f"{prefix}bad")
     by_shell.set_ylabel("CCpred")
     _resolution_axis(by_shell, reports[0].shells)
     by_image.set_xlabel("image")

@@ -88,7 +88,7 @@ def test_ccpred_names_the_scrambled_image_and_writes_its_tables(run, tmp_path, c
                                tmp_path / "images.csv", "--plot", tmp_path / "ccpred.png")
     assert status == 0
     last = text.strip().splitlines()[-1]
-    assert last.startswith("1 bad image(s) (CCpred < ") and last.endswith(f"): {SCRAMBLED_IMAGE}")
+    assert last.startswith("1 bad image(s) (CCpred more than ") and last.endswith(f"): {SCRAMBLED_IMAGE}")
     shells = pd.read_csv(tmp_path / "shells.csv")
     images = pd.read_csv(tmp_path / "images.csv").set_index("image_id")
     assert list(shells.columns) == ["data_set", "shell", "d_max", "d_min", "n_train", "cc_train", "n_test", "cc_test"]
@@ -96,6 +96,33 @@ def test_ccpred_names_the_scrambled_image_and_writes_its_tables(run, tmp_path, c
     assert images.loc[SCRAMBLED_IMAGE, "ccpred"] < 0.3 < images.drop(index=SCRAMBLED_IMAGE)["ccpred"].min()
     assert images["n_obs"].sum() == shells["n_train"].iloc[-1] + shells["n_test"].iloc[-1]
     assert (tmp_path / "ccpred.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ccpred_names_an_unrelated_image_not_a_weak_one():
+    """Weak images (stills with few strong spots) have a low CCpred because their noise is
+    large, not because they are wrong: the rule compares each image with the CCpred its
+    noise allows, which for honest noise is its CCpred."""
+    rng = np.random.default_rng(0)
+    per_image, n_images, weak, unrelated = 300, 40, [3, 17, 29], 11
+    image = np.repeat(np.arange(n_images), per_image)
+    ipred = rng.exponential(100.0, len(image))
+    sigma = np.where(np.isin(image, weak), 60.0, 10.0)
+    iobs = ipred + sigma * rng.normal(size=len(image))
+    rows = image == unrelated
+    iobs[rows] = rng.exponential(100.0, rows.sum()) + 10.0 * rng.normal(size=rows.sum())
+    predictions = rs.DataSet({"H": rng.integers(1, 30, len(image)), "K": rng.integers(0, 30, len(image)), "L": 1,
+                              "Iobs": iobs, "SIGIobs": sigma, "Ipred": ipred, "image_id": image},
+                             cell=gemmi.UnitCell(60, 60, 60, 90, 90, 90)).set_index(["H", "K", "L"])
+    report = analysis.ccpred_report(predictions)
+    images = report.images
+    # The weak images' CCpred are far below the others' (the old rule, 4 robust SDs and 0.1
+    # below the median image, named them) and at their ceiling.
+    assert images.loc[weak, "ccpred"].max() < images["ccpred"].median() - analysis.BAD_IMAGE_MARGIN
+    np.testing.assert_allclose(images.drop(index=unrelated)["ccpred"], images.drop(index=unrelated)["ceiling"],
+                               atol=0.03)
+    assert report.bad_images == [unrelated]
+    assert report.to_string().splitlines()[-1].startswith("1 bad image(s) (CCpred more than ")
+    assert set(analysis.ccpred_report(predictions, below=0.9).bad_images) == {unrelated, *weak}
 
 
 def test_ccpred_overall_test_value_is_the_stats_tables(run):
