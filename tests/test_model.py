@@ -231,7 +231,7 @@ def test_image_layers_in_blocks_match_a_kernel_per_row(n_rows, n_images):
 
     variables = [*network.image_kernels, *network.image_biases]
     results = []
-    for fn in (lambda: network._image_stack(hidden, image), per_row):
+    for fn in (lambda: network._image_stack(hidden, network.image_blocks(image)), per_row):
         with tf.GradientTape() as tape:
             tape.watch(hidden)
             out = fn()

@@ -64,8 +64,8 @@ def _own_image(image, n_images):
 def _image_blocks(image, n_images):
     """Where each row goes when rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows
     of one image (the rows of image −1 in blocks of the mean image, numbered
-    ``n_images``): every row's image so numbered, its slot, every block's image, and the
-    number of slots.
+    ``n_images``): every row's slot, every block's image so numbered, and the number of
+    slots.
 
     There are as many blocks as these rows could need (rows // block + images + 1), so
     that the shapes depend on the number of rows only; the unused blocks are empty and
@@ -83,7 +83,7 @@ def _image_blocks(image, n_images):
     n_blocks = n_rows // _IMAGE_BLOCK_ROWS + n_images + 1
     block_image = tf.minimum(tf.searchsorted(first_block + blocks, tf.range(n_blocks), side="right"), n_images)
     slot = tf.scatter_nd(order[:, None], ordered_slot, [n_rows])
-    return own, slot, block_image, n_blocks * _IMAGE_BLOCK_ROWS
+    return slot, block_image, n_blocks * _IMAGE_BLOCK_ROWS
 
 
 def observation_inputs(intensity, sigma, expected):
@@ -286,7 +286,7 @@ class ScaleNetwork(tf.Module):
         self.image_biases = [tf.Variable(np.zeros((n_layer_images, width), np.float32)) for _ in range(image_layers)]
         self.heads = ImageHeads(n_layer_images, width, rng) if image_heads else None
 
-    def __call__(self, features, image, image_inputs=None, image_embedding=None):
+    def __call__(self, features, image, image_inputs=None, image_embedding=None, image_blocks=None):
         """(μ, s) of log Σ for each observation.
 
         With offsets, ``image`` is −1 for images without an offset of their own
@@ -294,7 +294,8 @@ class ScaleNetwork(tf.Module):
         the images of the rows and ``image_inputs`` are the rows'
         :func:`observation_inputs`: each image's embedding pools its rows among those
         given, unless ``image_embedding`` (the table of every image's, from
-        :meth:`image_embeddings`) is given.
+        :meth:`image_embeddings`) is given. ``image_blocks`` is :meth:`image_blocks` of
+        ``image``, if computed already.
         """
         if self.encoder is not None:
             if image_embedding is None:
@@ -307,7 +308,7 @@ class ScaleNetwork(tf.Module):
         if self.image_kernels:
             hidden = self._checkpointed(features, self._hidden, [*self.kernels, *self.biases],
                                         self.out_kernel.shape[0])
-            out = self._output(self._image_stack(hidden, image))
+            out = self._output(self._image_stack(hidden, image_blocks or self.image_blocks(image)))
         else:
             out = self._checkpointed(features, self._dense, self._dense_variables(), self._n_outputs())
         mu = out[:, 0]
@@ -329,7 +330,8 @@ class ScaleNetwork(tf.Module):
         """(μ, s) of log Σ for the rows of a dict of tensors
         (:func:`~skmerge.model.data.tensor_data`), with the rows' known log scale
         (``log_known_scale``) added to μ."""
-        mu, spread = self(data["features"], data["image"], data.get("image_inputs"), data.get("image_embedding"))
+        mu, spread = self(data["features"], data["image"], data.get("image_inputs"), data.get("image_embedding"),
+                          data.get("image_blocks"))
         if "log_known_scale" in data:
             mu = mu + data["log_known_scale"]
         return mu, spread
@@ -368,24 +370,34 @@ class ScaleNetwork(tf.Module):
     def _n_outputs(self):
         return 2 if self.heads is None else 2 + _HEAD_BASIS
 
-    def _image_stack(self, hidden, image):
+    def image_blocks(self, image):
+        """The layout of rows of images ``image`` in the image layers' blocks
+        (:func:`_image_blocks`); None without image layers. It depends on the rows'
+        images only, so a full-batch fit computes it once, not at every step (argsort
+        and all: 10 ms of a 100 ms thermolysin step)."""
+        return _image_blocks(image, self.image_kernels[0].shape[0]) if self.image_kernels else None
+
+    def _image_stack(self, hidden, blocks):
         """The image layers on rows (rows, width) → (rows, width): each row through its
-        image's kernels and biases, the mean image's for rows of image −1.
+        image's kernels and biases, the mean image's for rows of image −1; ``blocks`` is
+        the rows' :meth:`image_blocks`.
 
         The rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows of one image each,
         so that a layer is one batched (block, width) @ (width, width) product; with a kernel
         gathered for every row a step of hypf with two layers took 3× as long
-        (bench/RESULTS.md).
+        (bench/RESULTS.md). They stay in that layout through every layer (the empty
+        slots compute values that are never read back): laid out anew for each layer, a
+        thermolysin step with three layers took 14 % longer.
         """
-        own, slot, block_image, n_slots = _image_blocks(image, self.image_kernels[0].shape[0])
+        slot, block_image, n_slots = blocks
         width = hidden.shape[1]
+        blocks = tf.reshape(tf.scatter_nd(slot[:, None], hidden, [n_slots, width]), [-1, _IMAGE_BLOCK_ROWS, width])
         for kernel, bias in zip(self.image_kernels, self.image_biases):
             kernel = tf.concat([kernel, tf.reduce_mean(kernel, 0, keepdims=True)], 0)
             bias = tf.concat([bias, tf.reduce_mean(bias, 0, keepdims=True)], 0)
-            blocks = tf.reshape(tf.scatter_nd(slot[:, None], hidden, [n_slots, width]), [-1, _IMAGE_BLOCK_ROWS, width])
-            product = tf.gather(tf.reshape(tf.matmul(blocks, tf.gather(kernel, block_image)), [-1, width]), slot)
-            hidden = hidden + tf.nn.leaky_relu(product + tf.gather(bias, own), _LEAK)
-        return hidden
+            product = tf.matmul(blocks, tf.gather(kernel, block_image)) + tf.gather(bias, block_image)[:, None, :]
+            blocks = blocks + tf.nn.leaky_relu(product, _LEAK)
+        return tf.gather(tf.reshape(blocks, [-1, width]), slot)
 
     def _checkpointed(self, features, fn, variables, n_out):
         """``fn`` (a stack on a chunk of rows held transposed, (features, rows) →

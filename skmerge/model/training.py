@@ -74,6 +74,12 @@ class MergingModel(tf.Module):
             sigma = self.error_model(sigma, predicted)
         return self.likelihood.log_prob(data["intensity"], predicted, sigma)
 
+    def prepared(self, data):
+        """``data`` (a dict of tensors) with what the scale model computes from its rows'
+        images alone (:meth:`~skmerge.model.scaling.ScaleNetwork.image_blocks`)."""
+        blocks = self.scale_network.image_blocks(data["image"])
+        return data if blocks is None else {**data, "image_blocks": blocks}
+
     def scales(self, data):
         """(μ, s) of log Σ per row; frozen scales are looked up instead of recomputed."""
         if "mu" in data:
@@ -283,7 +289,8 @@ class Trainer:
                  clipnorm=None, clipvalue=None, global_clipnorm=None):
         self.model = model
         self.variables = list(variables)
-        self.data = data
+        # What every step would compute from the full batch alone is computed here once.
+        self.data = model.prepared(data) if isinstance(data, dict) and hasattr(model, "prepared") else data
         self.seed = int(seed)
         self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
         self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
