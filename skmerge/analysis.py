@@ -249,8 +249,7 @@ def ccpred_report(predictions, *, shells=10, method="pearson", below=None):
         known = shortfall[np.isfinite(shortfall)]
         median = np.median(known) if len(known) else np.nan
         limit = max(median + BAD_IMAGE_LIMIT * robust_sd(known), median + BAD_IMAGE_MARGIN)
-        with np.errstate(invalid="ignore"):
-            per_image["bad"] = shortfall > limit
+        per_image["bad"] = shortfall > limit
         rule = f"CCpred more than {limit:.3f} below its noise ceiling"
     else:
         per_image["bad"] = per_image["ccpred"].to_numpy() < below
@@ -287,8 +286,12 @@ def _prediction_frame(predictions):
 
 def _ccpred(frame, method):
     """CCpred of some observations: 1/SIGIobs²-weighted Pearson, or Spearman."""
-    weights = frame["SIGIobs"].to_numpy() ** -2.0 if method == "pearson" else None
-    return correlation(frame["Iobs"].to_numpy(), frame["Ipred"].to_numpy(), method, weights)
+    return correlation(frame["Iobs"].to_numpy(), frame["Ipred"].to_numpy(), method, _ccpred_weights(frame, method))
+
+
+def _ccpred_weights(frame, method):
+    """CCpred's weight of every observation: 1/SIGIobs² for Pearson, None (equal) else."""
+    return frame["SIGIobs"].to_numpy() ** -2.0 if method == "pearson" else None
 
 
 def _ccpred_ceiling(frame, spread, method):
@@ -297,7 +300,8 @@ def _ccpred_ceiling(frame, spread, method):
     variance, both with CCpred's weights (Pearson's formula; for Spearman an
     approximation)."""
     sigma = frame["SIGIobs"].to_numpy()
-    weights = sigma**-2.0 if method == "pearson" else np.ones(len(frame))
+    weights = _ccpred_weights(frame, method)
+    weights = np.ones(len(frame)) if weights is None else weights
     ipred = frame["Ipred"].to_numpy()
     total = weights.sum()
     variance = np.sum(weights * (ipred - np.sum(weights * ipred) / total) ** 2) / total
