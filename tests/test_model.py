@@ -305,3 +305,51 @@ def test_first_xla_compilation_is_quiet():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_the_gauge_penalises_the_drift_of_each_shells_weighted_mean_log_amplitude():
+    from skmerge.model.gauge import MAX_WEIGHT, STRENGTH, FalloffGauge
+    from skmerge.model.posterior import PositiveTruncatedNormal
+
+    def law(loc, scale):
+        return PositiveTruncatedNormal(tf.constant(loc, tf.float32), tf.constant(scale, tf.float32))
+
+    rng = np.random.default_rng(0)
+    dhkl = rng.uniform(1.5, 10.0, 400)
+    loc, scale = rng.uniform(0.5, 3.0, 400), rng.uniform(0.02, 1.0, 400)
+    start = law(loc, scale)
+    gauge = FalloffGauge(dhkl, start)
+    shell = gauge.shell.numpy()
+    assert np.bincount(shell).tolist() == [100] * 4  # one shell per hundred reflections
+    assert float(gauge.penalty(start)) == pytest.approx(0.0, abs=1e-9)
+    # F × g in each shell (g = e^0.01 … e^0.03) drifts its mean log F by log g.
+    g = np.exp(0.01 * np.arange(4))[shell]
+    expected = STRENGTH * np.mean((0.01 * np.arange(4)) ** 2)
+    assert float(gauge.penalty(law(loc * g, scale * g))) == pytest.approx(expected, rel=1e-3)
+    # A weak reflection hardly counts, a strong one no more than MAX_WEIGHT allows.
+    mean, sd = start.mean().numpy(), start.stddev().numpy()
+    weight = np.minimum((mean / sd) ** 2, MAX_WEIGHT)
+    first = shell == 0
+    for row in (np.flatnonzero(first)[np.argmin(weight[first])], np.flatnonzero(first)[np.argmax(weight[first])]):
+        moved = loc.copy()
+        moved[row] *= 2.0  # far beyond its error bar for the strong one
+        drift = weight[row] / weight[first].sum() * np.log(law(moved, scale).mean().numpy()[row] / mean[row])
+        assert float(gauge.penalty(law(moved, scale))) == pytest.approx(STRENGTH * drift**2 / 4, rel=1e-2)
+    assert weight[first].max() == MAX_WEIGHT and weight[first].min() < 0.05 * MAX_WEIGHT
+
+
+@pytest.mark.parametrize("prior, held", [("double-wilson", True), ("wilson", True), ("b_factor", False),
+                                         ("reference", False)])
+def test_the_fall_off_is_held_where_the_prior_takes_it_from_the_data(prior, held):
+    import skmerge
+    from skmerge.datasets import make_unmerged
+    from skmerge.model.build import build_model
+    from skmerge.model.data import encode
+
+    X, truth = make_unmerged(n_images=6, random_state=1)
+    prior = {"b_factor": skmerge.WilsonPrior(b_factor=0.0),
+             "reference": skmerge.ReferencePrior(truth.merged[["F"]].assign(SIGF=1.0))}.get(prior, prior)
+    merger = skmerge.VariationalMerger(mlp_layers=2, metadata=["dHKL"], prior=prior)
+    observations = encode(X, None, anomalous=False, separate_files=False)
+    model, _, _ = build_model(merger, observations, np.random.RandomState(0))
+    assert (model.gauge is not None) == held

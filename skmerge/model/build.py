@@ -16,6 +16,7 @@ from ..features import check_metadata_columns, make_metadata_transformer, metada
 from ..symmetry import lookup_keys
 from .data import tensor_data
 from .fitted import FitState, heads_asked_for, layers_asked_for, prior_of
+from .gauge import FalloffGauge
 from .initialisation import (evaluate_curve, french_wilson, probable_observations, quick_image_scales, table_start,
                              wilson_curve, wilson_moments)
 
@@ -95,15 +96,30 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     posterior = start_posterior(params, state, previous, partial(_robust_start_merge, start, mu, spread),
                                 previous_as_prior)
     weights = previous[1] if previous is not None else None
-    model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None)
+    gauge = None
+    if _holds_falloff(prior_of(params)):
+        gauge = FalloffGauge(reflections.dhkl, posterior.distribution())
+    model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None, gauge)
     return model, data, state
 
 
-def merging_model(params, state, posterior, network, weights=None, previous=None):
+def _holds_falloff(prior):
+    """Whether the fit holds the amplitudes' fall-off where it starts
+    (:mod:`skmerge.model.gauge`): under Wilson's or the double-Wilson prior with the
+    data's own Σ (no ``b_factor``), whose fall-off the start already has. A prior with
+    a fall-off of its own (a ``b_factor``, a reference) pulls F to it instead."""
+    from .double_wilson import DoubleWilsonPrior
+    from .priors import WilsonPrior
+
+    return isinstance(prior, (WilsonPrior, DoubleWilsonPrior)) and prior.b_factor is None
+
+
+def merging_model(params, state, posterior, network, weights=None, previous=None, gauge=None):
     """The posterior and scale network joined with the prior, the likelihood and the
     error model: the error model at its starting values, or at fitted ``weights``; with
     ``previous`` (a fit's FitState and Weights) the prior of
-    :func:`previous_posterior_prior`."""
+    :func:`previous_posterior_prior`; with the fall-off's ``gauge`` (a
+    :class:`~skmerge.model.gauge.FalloffGauge`), if the fit holds one."""
     from .error_model import make_error_model
     from .likelihoods import make_likelihood
     from .training import MergingModel
@@ -118,7 +134,8 @@ def merging_model(params, state, posterior, network, weights=None, previous=None
     if previous is not None:
         prior = previous_posterior_prior(params, prior, state, *previous)
     likelihood = make_likelihood(params.likelihood).build(weights.likelihood if weights is not None else None)
-    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model, params.kl_weight)
+    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model, params.kl_weight,
+                        gauge)
 
 
 def previous_posterior_prior(params, prior, state, old_state, old_weights):
