@@ -16,7 +16,6 @@ from ..features import check_metadata_columns, make_metadata_transformer, metada
 from ..symmetry import lookup_keys
 from .data import tensor_data
 from .fitted import FitState, heads_asked_for, layers_asked_for, prior_of
-from .gauge import FalloffGauge
 from .initialisation import (evaluate_curve, french_wilson, probable_observations, quick_image_scales, table_start,
                              wilson_curve, wilson_moments)
 
@@ -98,6 +97,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     weights = previous[1] if previous is not None else None
     gauge = None
     if _holds_falloff(prior_of(params)):
+        from .gauge import FalloffGauge
+
         gauge = FalloffGauge(reflections.dhkl, posterior.distribution())
     model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None, gauge)
     return model, data, state
