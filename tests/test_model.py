@@ -338,18 +338,23 @@ def test_the_gauge_penalises_the_drift_of_each_shells_weighted_mean_log_amplitud
     assert weight[first].max() == MAX_WEIGHT and weight[first].min() < 0.05 * MAX_WEIGHT
 
 
-@pytest.mark.parametrize("prior, held", [("double-wilson", True), ("wilson", True), ("b_factor", False),
-                                         ("reference", False)])
-def test_the_fall_off_is_held_where_the_prior_takes_it_from_the_data(prior, held):
+@pytest.mark.parametrize("case, held", [("double-wilson", True), ("wilson", True), ("b_factor", False),
+                                        ("reference", False), ("frozen scales", False), ("stills", False),
+                                        ("laue", False)])
+def test_the_fall_off_is_held_where_the_start_has_the_priors(case, held):
     import skmerge
     from skmerge.datasets import make_unmerged
     from skmerge.model.build import build_model
     from skmerge.model.data import encode
+    from skmerge.model.fitting import falloff_held
 
-    X, truth = make_unmerged(n_images=6, random_state=1)
-    prior = {"b_factor": skmerge.WilsonPrior(b_factor=0.0),
-             "reference": skmerge.ReferencePrior(truth.merged[["F"]].assign(SIGF=1.0))}.get(prior, prior)
-    merger = skmerge.VariationalMerger(mlp_layers=2, metadata=["dHKL"], prior=prior)
+    X, truth = make_unmerged(n_images=6, random_state=1, stills=case == "stills")
+    params = {"b_factor": dict(prior=skmerge.WilsonPrior(b_factor=0.0)),
+              "reference": dict(prior=skmerge.ReferencePrior(truth.merged[["F"]].assign(SIGF=1.0))),
+              "frozen scales": dict(freeze="scales"), "laue": dict(laue=True),
+              "wilson": dict(prior="wilson")}.get(case, {})
+    merger = skmerge.VariationalMerger(mlp_layers=2, metadata=["dHKL"], **params)
+    assert falloff_held(merger, X) == held
     observations = encode(X, None, anomalous=False, separate_files=False)
-    model, _, _ = build_model(merger, observations, np.random.RandomState(0))
+    model, _, _ = build_model(merger, observations, np.random.RandomState(0), hold_falloff=held)
     assert (model.gauge is not None) == held

@@ -27,7 +27,7 @@ _START_LEARNING_RATE = 0.01
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False,
-                image_freedom=None):
+                image_freedom=None, hold_falloff=False):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -39,7 +39,8 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
     ``image_freedom`` is the number of image layers and whether the images get heads
     (the estimator's ``image_layers`` and ``image_heads`` with "auto" decided; None: only
-    what the estimator asks for whatever the data).
+    what the estimator asks for whatever the data). With ``hold_falloff`` the model holds
+    the amplitudes' fall-off where it starts (:mod:`skmerge.model.gauge`).
 
     Returns
     -------
@@ -96,23 +97,12 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
                                 previous_as_prior)
     weights = previous[1] if previous is not None else None
     gauge = None
-    if _holds_falloff(prior_of(params)):
+    if hold_falloff:
         from .gauge import FalloffGauge
 
         gauge = FalloffGauge(reflections.dhkl, posterior.distribution())
     model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None, gauge)
     return model, data, state
-
-
-def _holds_falloff(prior):
-    """Whether the fit holds the amplitudes' fall-off where it starts
-    (:mod:`skmerge.model.gauge`): under Wilson's or the double-Wilson prior with the
-    data's own Σ (no ``b_factor``), whose fall-off the start already has. A prior with
-    a fall-off of its own (a ``b_factor``, a reference) pulls F to it instead."""
-    from .double_wilson import DoubleWilsonPrior
-    from .priors import WilsonPrior
-
-    return isinstance(prior, (WilsonPrior, DoubleWilsonPrior)) and prior.b_factor is None
 
 
 def merging_model(params, state, posterior, network, weights=None, previous=None, gauge=None):
