@@ -10,8 +10,9 @@ simulated 180-image sweep the scales' mean error in the lowest-resolution twenti
 (after one overall scale and B) went from +0.5 % after five steps to −1.2 % after 300
 and −1.7 % after 1,300, bending F against the truth in a way one overall B cannot take.
 
-A fit therefore holds each resolution shell's mean log amplitude at its start, where
-the fall-off is the data's own (French–Wilson amplitudes of the starting merge; Wilson's
+A fit to a rotation series (:func:`~skmerge.model.fitting.falloff_held` says which fits)
+therefore holds each resolution shell's mean log amplitude at its start, where the
+fall-off is the data's own (French–Wilson amplitudes of the starting merge; Wilson's
 Σ is the same mean). The mean weighs every reflection by its starting precision on
 log F, (E[F]/sd F)², up to a cap, so that it follows the well-measured amplitudes and
 not the weak ones, which the error model and the prior move freely.
