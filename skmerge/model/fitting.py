@@ -133,8 +133,8 @@ def resolved_image_freedom(params, X, previous=None):
 def falloff_held(params, X):
     """Whether a fit to the table X holds the amplitudes' fall-off where it starts
     (:mod:`skmerge.model.gauge`): a rotation series whose scales and amplitudes are both
-    learned (nothing frozen), under
-    Wilson's or the double-Wilson prior with the data's own Σ (no ``b_factor``).
+    learned (nothing frozen), under Wilson's or the double-Wilson prior with the data's
+    own Σ (no ``b_factor``).
 
     The start's fall-off is the data's only where its per-image scales miss no factor
     that varies with resolution: the start of serial stills lacks their partiality, that
