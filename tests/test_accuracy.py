@@ -52,21 +52,6 @@ def test_scale_model_recovers_the_scales(rotation):
     assert np.corrcoef(np.log(scale), np.log(truth.scale))[0, 1] > 0.95
 
 
-def test_the_scales_fall_off_stays_the_datas(rotation):
-    """The likelihood cannot tell how the fall-off with resolution is shared between F
-    and the scales; the fit holds it where the data put it (skmerge.model.gauge), so the
-    scales' error, apart from one overall scale and B, stays flat with resolution (this
-    fit without the gauge: 1.5 % in the lowest-resolution twentieth)."""
-    X, truth, merger = rotation
-    _, _, scale, _ = merger.predict(X, return_std=True, return_scale=True)
-    error = np.log(scale / truth.scale)
-    s = 1 / X["dHKL"].to_numpy(float) ** 2
-    error -= np.polyval(np.polyfit(s, error, 1), s)
-    shell, _ = resolution_shells(X["dHKL"].to_numpy(float), 20)
-    by_shell = np.array([error[shell == i].mean() for i in range(20)])
-    assert np.abs(by_shell).max() < 0.006, np.round(100 * by_shell, 2)
-
-
 def test_sigf_is_calibrated(rotation):
     X, truth, merger = rotation
     merged = merger.transform(X)

@@ -27,7 +27,7 @@ _START_LEARNING_RATE = 0.01
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False,
-                image_freedom=None, hold_falloff=False):
+                image_freedom=None):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -39,8 +39,7 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
     ``image_freedom`` is the number of image layers and whether the images get heads
     (the estimator's ``image_layers`` and ``image_heads`` with "auto" decided; None: only
-    what the estimator asks for whatever the data). With ``hold_falloff`` the model holds
-    the amplitudes' fall-off where it starts (:mod:`skmerge.model.gauge`).
+    what the estimator asks for whatever the data).
 
     Returns
     -------
@@ -96,21 +95,15 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     posterior = start_posterior(params, state, previous, partial(_robust_start_merge, start, mu, spread),
                                 previous_as_prior)
     weights = previous[1] if previous is not None else None
-    gauge = None
-    if hold_falloff:
-        from .gauge import FalloffGauge
-
-        gauge = FalloffGauge(reflections.dhkl, posterior.distribution())
-    model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None, gauge)
+    model = merging_model(params, state, posterior, network, weights, previous if previous_as_prior else None)
     return model, data, state
 
 
-def merging_model(params, state, posterior, network, weights=None, previous=None, gauge=None):
+def merging_model(params, state, posterior, network, weights=None, previous=None):
     """The posterior and scale network joined with the prior, the likelihood and the
     error model: the error model at its starting values, or at fitted ``weights``; with
     ``previous`` (a fit's FitState and Weights) the prior of
-    :func:`previous_posterior_prior`; with the fall-off's ``gauge`` (a
-    :class:`~skmerge.model.gauge.FalloffGauge`), if the fit holds one."""
+    :func:`previous_posterior_prior`."""
     from .error_model import make_error_model
     from .likelihoods import make_likelihood
     from .training import MergingModel
@@ -125,8 +118,7 @@ def merging_model(params, state, posterior, network, weights=None, previous=None
     if previous is not None:
         prior = previous_posterior_prior(params, prior, state, *previous)
     likelihood = make_likelihood(params.likelihood).build(weights.likelihood if weights is not None else None)
-    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model, params.kl_weight,
-                        gauge)
+    return MergingModel(posterior, prior, likelihood, network, params.mc_samples, error_model, params.kl_weight)
 
 
 def previous_posterior_prior(params, prior, state, old_state, old_weights):

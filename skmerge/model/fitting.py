@@ -12,7 +12,7 @@ from ..errors import ParameterError
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
 from .fitted import (LIKELIHOOD_ATTRIBUTES, FitState, Weights, heads_asked_for, layers_asked_for,
-                     likelihood_attributes, prior_of)
+                     likelihood_attributes)
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
@@ -80,7 +80,7 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
         harmonics = {"wavelength_key": params.wavelength_key, "wavelength_range": bands, "dmin": dmin}
     encoding = {"anomalous": params.anomalous, "separate_files": params.separate_files, "harmonics": harmonics}
     start = {"previous": previous, "harmonics": harmonics, "previous_as_prior": previous_as_prior,
-             "image_freedom": resolved_image_freedom(params, X, previous), "hold_falloff": falloff_held(params, X)}
+             "image_freedom": resolved_image_freedom(params, X, previous)}
     if not params.early_stopping:
         return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, held_out=X_held_out, **start)
     rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
@@ -130,36 +130,15 @@ def resolved_image_freedom(params, X, previous=None):
     return layers, heads
 
 
-def falloff_held(params, X):
-    """Whether a fit to the table X holds the amplitudes' fall-off where it starts
-    (:mod:`skmerge.model.gauge`): a rotation series whose scales and amplitudes are both
-    learned (nothing frozen), under Wilson's or the double-Wilson prior with the data's
-    own Σ (no ``b_factor``).
-
-    The start's fall-off is the data's only where its per-image scales miss no factor
-    that varies with resolution: the start of serial stills lacks their partiality, that
-    of Laue data their spectrum, and the fit rightly moves the fall-off away from it
-    there (on simulated stills, holding it cost 0.02 of CC(F, truth) after an overall B).
-    A prior with a fall-off of its own (a ``b_factor``, a reference) pulls F to it.
-    """
-    from ..geometry import recorded_as_stills
-    from .double_wilson import DoubleWilsonPrior
-    from .priors import WilsonPrior
-
-    prior = prior_of(params)
-    data_falloff = isinstance(prior, (WilsonPrior, DoubleWilsonPrior)) and prior.b_factor is None
-    return data_falloff and params.freeze is None and not params.laue and not recorded_as_stills(X)
-
-
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
-          stop=True, held_out=None, previous_as_prior=False, image_freedom=None, hold_falloff=False):
+          stop=True, held_out=None, previous_as_prior=False, image_freedom=None):
     """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
     is recorded every ``validation_frequency`` steps without steering training.
     ``previous`` and ``previous_as_prior`` are :func:`fit_model`'s; ``image_freedom`` is
-    :func:`resolved_image_freedom`'s, ``hold_falloff`` :func:`falloff_held`'s."""
+    :func:`resolved_image_freedom`'s."""
     from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
@@ -167,7 +146,7 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     if strategy is not None:
         check_workers(strategy, params, observations, seed)
     model, data, state = build_model(params, observations, rng, previous, harmonics, previous_as_prior,
-                                     image_freedom, hold_falloff)
+                                     image_freedom)
     variables = trained_variables(params, model)
     if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)

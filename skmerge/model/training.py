@@ -51,13 +51,9 @@ class MergingModel(tf.Module):
         Refines every observation's σ before the likelihood sees it.
     kl_weight : float, default=1.0
         Weight of the KL term in the loss (1 is the ELBO).
-    gauge : FalloffGauge, optional
-        Holds the amplitudes' fall-off (:mod:`skmerge.model.gauge`); its penalty joins
-        the loss.
     """
 
-    def __init__(self, posterior, prior, likelihood, scale_network, mc_samples, error_model=None, kl_weight=1.0,
-                 gauge=None):
+    def __init__(self, posterior, prior, likelihood, scale_network, mc_samples, error_model=None, kl_weight=1.0):
         super().__init__(name="merging_model")
         self.posterior = posterior
         self.prior = prior
@@ -66,7 +62,6 @@ class MergingModel(tf.Module):
         self.mc_samples = int(mc_samples)
         self.error_model = error_model
         self.kl_weight = float(kl_weight)
-        self.gauge = gauge
         # The marginals of the amplitudes on grids after training (GridMarginals), which
         # the merged table reports instead of the mean-field posterior's moments.
         self.marginals = None
@@ -106,8 +101,7 @@ class MergingModel(tf.Module):
     def loss_terms(self, data, seed):
         """−ELBO per observation and its parts: the expected negative log-likelihood and
         the KL divergence of the amplitudes (and of the scale model's image heads), both
-        divided by the number of observations (the loss weighs the KL by ``kl_weight``,
-        and holds the ``gauge``'s penalty besides).
+        divided by the number of observations (the loss weighs the KL by ``kl_weight``).
 
         A minibatch carries ``weight`` (of each observation: N/batch for the images drawn,
         0 for padding), ``kl_weight`` (of each row: the same factor over the number of
@@ -131,10 +125,7 @@ class MergingModel(tf.Module):
             nll = -tf.reduce_sum(log_lik) / n_total
             kl = tf.reduce_sum(kl) / n_total
         kl = kl + data.get("global_kl_share", 1.0) * self.scale_network.heads_kl() / n_total
-        loss = nll + self.kl_weight * kl
-        if self.gauge is not None:
-            loss += data.get("global_kl_share", 1.0) * self.gauge.penalty(posterior)
-        return tf.stack([loss, nll, kl])
+        return tf.stack([nll + self.kl_weight * kl, nll, kl])
 
     def amplitude_moments(self, extra_prior=None):
         """Raw moments of F: the marginals' after training on grids, else the posterior's,
