@@ -231,7 +231,13 @@ def test_image_layers_in_blocks_match_a_kernel_per_row(n_rows, n_images):
 
     variables = [*network.image_kernels, *network.image_biases]
     results = []
-    for fn in (lambda: network._image_stack(hidden, network.image_blocks(image)), per_row):
+    def in_blocks():
+        # The stack reads and keeps the column of ones its kernels hold the biases for.
+        out = network._image_stack(tf.concat([hidden, tf.ones([n_rows, 1])], 1), network.image_blocks(image))
+        np.testing.assert_array_equal(out[:, -1].numpy(), 1.0)
+        return out[:, :-1]
+
+    for fn in (in_blocks, per_row):
         with tf.GradientTape() as tape:
             tape.watch(hidden)
             out = fn()
@@ -269,7 +275,7 @@ def test_image_heads_add_their_mean_and_variance_to_log_scale():
     headed.heads.raw_scale.assign(np.log(np.expm1(scale)).astype(np.float32))
     mu, spread = (v.numpy() for v in headed(features, image))
     mu_plain, spread_plain = (v.numpy() for v in plain(features, image))
-    hidden = headed._hidden(tf.transpose(features)).numpy().T @ basis
+    hidden = headed._hidden(tf.transpose(features), headed._stack_weights()).numpy()[:-1].T @ basis
     tau = np.sqrt((loc**2 + scale**2).mean(0))
     row_loc = np.where((image.numpy() >= 0)[:, None], loc[np.maximum(image.numpy(), 0)], 0.0)
     row_scale = np.where((image.numpy() >= 0)[:, None], scale[np.maximum(image.numpy(), 0)], tau)

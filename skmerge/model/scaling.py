@@ -306,11 +306,13 @@ class ScaleNetwork(tf.Module):
         elif self.n_features == 0:
             features = tf.zeros([tf.shape(image)[0], 1])
         if self.image_kernels:
-            hidden = self._checkpointed(features, self._hidden, [*self.kernels, *self.biases],
-                                        self.out_kernel.shape[0])
-            out = self._output(self._image_stack(hidden, image_blocks or self.image_blocks(image)))
+            hidden = self._checkpointed(features, self._hidden, self._stack_weights(),
+                                        self.out_kernel.shape[0] + 1)
+            out = tf.matmul(self._image_stack(hidden, image_blocks or self.image_blocks(image)),
+                            self._output_weights())
         else:
-            out = self._checkpointed(features, self._dense, self._dense_variables(), self._n_outputs())
+            out = self._checkpointed(features, self._dense, [*self._stack_weights(), self._output_weights()],
+                                     self._n_outputs())
         mu = out[:, 0]
         positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
         spread = positive(out[:, 1]) + _MIN_SPREAD
@@ -342,24 +344,42 @@ class ScaleNetwork(tf.Module):
         return self.encoder.table(((tf.concat([p["features"], p["image_inputs"]], 1), p["image"]) for p in pieces),
                                   n_images)
 
-    def _hidden(self, h):
-        """The shared stack on a chunk of rows held transposed, (features, rows) → (width, rows).
+    def _stack_weights(self):
+        """The shared stack's weights as :meth:`_hidden` reads them: the first layer's
+        kernel and bias, then each residual layer's kernel with its bias as an extra row
+        and a column of zeros (for the constant row of the hidden values)."""
+        residual = [tf.pad(tf.concat([kernel, bias[None]], 0), [[0, 0], [0, 1]])
+                    for kernel, bias in zip(self.kernels[1:], self.biases[1:])]
+        return [self.kernels[0], self.biases[0], *residual]
+
+    def _output_weights(self):
+        """The output layer's kernel with its bias as an extra row."""
+        return tf.concat([self._out_kernel(), self._out_bias()[None]], 0)
+
+    def _hidden(self, h, weights):
+        """The shared stack on a chunk of rows held transposed, (features, rows) → (width
+        + 1, rows): the last hidden values with a row of ones under them; ``weights`` are
+        :meth:`_stack_weights`.
 
         With rows along the last axis each 10 × 10 layer is one wide matrix product,
-        which the CPU kernels run faster than a tall (rows, 10) @ (10, 10) one.
+        which the CPU kernels run faster than a tall (rows, 10) @ (10, 10) one. The
+        residual layers hold their biases in their kernels, acting on the row of ones:
+        the stack is bound by the number of operations on each chunk of rows more than by
+        arithmetic, and a bias added apart is one more operation per layer forward and
+        backward (bench/RESULTS.md).
         """
-        h = tf.nn.leaky_relu(tf.matmul(self.kernels[0], h, transpose_a=True) + self.biases[0][:, None], _LEAK)
-        for kernel, bias in zip(self.kernels[1:], self.biases[1:]):
-            h = h + tf.nn.leaky_relu(tf.matmul(kernel, h, transpose_a=True) + bias[:, None], _LEAK)
+        first_kernel, first_bias, *residual = weights
+        h = tf.nn.leaky_relu(tf.matmul(first_kernel, h, transpose_a=True) + first_bias[:, None], _LEAK)
+        h = tf.concat([h, tf.ones([1, tf.shape(h)[1]])], 0)
+        for kernel in residual:
+            h = h + tf.nn.leaky_relu(tf.matmul(kernel, h, transpose_a=True), _LEAK)
         return h
 
-    def _dense(self, h):
+    def _dense(self, h, weights):
         """The shared stack and the output layer, (features, rows) → (outputs, rows): the
-        raw μ and spread, then the heads' basis values."""
-        return tf.matmul(self._out_kernel(), self._hidden(h), transpose_a=True) + self._out_bias()[:, None]
-
-    def _output(self, hidden):
-        return tf.matmul(hidden, self._out_kernel()) + self._out_bias()
+        raw μ and spread, then the heads' basis values; ``weights`` are
+        :meth:`_stack_weights` and :meth:`_output_weights`."""
+        return tf.matmul(weights[-1], self._hidden(h, weights[:-1]), transpose_a=True)
 
     def _out_kernel(self):
         return self.out_kernel if self.heads is None else tf.concat([self.out_kernel, self.heads.basis], 1)
@@ -378,31 +398,38 @@ class ScaleNetwork(tf.Module):
         return _image_blocks(image, self.image_kernels[0].shape[0]) if self.image_kernels else None
 
     def _image_stack(self, hidden, blocks):
-        """The image layers on rows (rows, width) → (rows, width): each row through its
-        image's kernels and biases, the mean image's for rows of image −1; ``blocks`` is
-        the rows' :meth:`image_blocks`.
+        """The image layers on rows (rows, width + 1) → (rows, width + 1), the last
+        column ones (as :meth:`_hidden` leaves them, transposed): each row through
+        its image's kernels and biases, the mean image's for rows of image −1; ``blocks``
+        is the rows' :meth:`image_blocks`.
 
         The rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows of one image each,
-        so that a layer is one batched (block, width) @ (width, width) product; with a kernel
+        so that a layer is one batched (block, width + 1) @ (width + 1, width + 1) product
+        (the biases act on the column of ones, as in the shared stack); with a kernel
         gathered for every row a step of hypf with two layers took 3× as long
         (bench/RESULTS.md). They stay in that layout through every layer (the empty
         slots compute values that are never read back): laid out anew for each layer, a
         thermolysin step with three layers took 14 % longer.
         """
         slot, block_image, n_slots = blocks
-        width = hidden.shape[1]
-        blocks = tf.reshape(tf.scatter_nd(slot[:, None], hidden, [n_slots, width]), [-1, _IMAGE_BLOCK_ROWS, width])
-        for kernel, bias in zip(self.image_kernels, self.image_biases):
-            kernel = tf.concat([kernel, tf.reduce_mean(kernel, 0, keepdims=True)], 0)
-            bias = tf.concat([bias, tf.reduce_mean(bias, 0, keepdims=True)], 0)
-            product = tf.matmul(blocks, tf.gather(kernel, block_image)) + tf.gather(bias, block_image)[:, None, :]
-            blocks = blocks + tf.nn.leaky_relu(product, _LEAK)
-        return tf.gather(tf.reshape(blocks, [-1, width]), slot)
+        size = hidden.shape[1]
+        blocks = tf.reshape(tf.scatter_nd(slot[:, None], hidden, [n_slots, size]), [-1, _IMAGE_BLOCK_ROWS, size])
+        for kernel in self._image_layer_weights():
+            blocks = blocks + tf.nn.leaky_relu(tf.matmul(blocks, tf.gather(kernel, block_image)), _LEAK)
+        return tf.gather(tf.reshape(blocks, [-1, size]), slot)
 
-    def _checkpointed(self, features, fn, variables, n_out):
+    def _image_layer_weights(self):
+        """Each image layer's kernels, every image's and the mean image's last, with the
+        bias as an extra row and a column of zeros (as :meth:`_stack_weights`)."""
+        for kernel, bias in zip(self.image_kernels, self.image_biases):
+            kernel = tf.concat([kernel, bias[:, None, :]], 1)
+            kernel = tf.concat([kernel, tf.reduce_mean(kernel, 0, keepdims=True)], 0)
+            yield tf.pad(kernel, [[0, 0], [0, 0], [0, 1]])
+
+    def _checkpointed(self, features, fn, weights, n_out):
         """``fn`` (a stack on a chunk of rows held transposed, (features, rows) →
-        (n_out, rows), whose weights are ``variables``) on every row, (rows, features) →
-        (rows, n_out), in chunks of rows.
+        (n_out, rows), called as ``fn(chunk, weights)`` with the tensors ``weights``) on
+        every row, (rows, features) → (rows, n_out), in chunks of rows.
 
         The stack is bound by memory traffic: kept for the backward pass, twenty
         activations of every row fall out of the CPU cache. So the gradient recomputes
@@ -419,24 +446,24 @@ class ScaleNetwork(tf.Module):
             return tf.map_fn(body, elems, parallel_iterations=_PARALLEL_CHUNKS, fn_output_signature=signature)
 
         @tf.custom_gradient
-        def stack(chunks):
-            def grad(d_out, variables=variables):
+        def stack(chunks, *weights):
+            def grad(d_out):
                 def chunk_grad(args):
                     x, dy = args
                     with tf.GradientTape() as tape:
-                        tape.watch(x)
-                        y = fn(x)
-                    d_x, *d_variables = tape.gradient(y, [x, *variables], output_gradients=dy)
+                        tape.watch([x, *weights])
+                        y = fn(x, weights)
+                    d_x, *d_weights = tape.gradient(y, [x, *weights], output_gradients=dy)
                     # The weights' gradients end to end: map_fn stacks each output
                     # separately, with a handful of graph ops per output.
-                    return [d_x, concat_flat(d_variables)]
+                    return [d_x, concat_flat(d_weights)]
 
                 d_chunks, d_weights = each_chunk(chunk_grad, (chunks, d_out), [tf.float32, tf.float32])
-                return d_chunks, split_like(tf.reduce_sum(d_weights, 0), variables)
+                return (d_chunks, *split_like(tf.reduce_sum(d_weights, 0), weights))
 
-            return each_chunk(fn, chunks, tf.float32), grad
+            return each_chunk(lambda x: fn(x, weights), chunks, tf.float32), grad
 
-        return tf.reshape(tf.transpose(stack(chunks), [0, 2, 1]), [-1, n_out])[:n]
+        return tf.reshape(tf.transpose(stack(chunks, *weights), [0, 2, 1]), [-1, n_out])[:n]
 
     def get_weights(self):
         return [v.numpy() for v in self._ordered()]
