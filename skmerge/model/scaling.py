@@ -437,6 +437,9 @@ class ScaleNetwork(tf.Module):
         per chunk), and two chunks run at a time, one per core. This is faster than the
         stack on all rows at once, compiled with XLA (bench/RESULTS.md).
         """
+        # Read as tensors: custom_gradient takes a variable among its inputs (the first
+        # layer's, or any under a distribution strategy) for one the function uses.
+        weights = [tf.convert_to_tensor(w) for w in weights]
         n = tf.shape(features)[0]
         n_chunks = (n + _CHUNK_ROWS - 1) // _CHUNK_ROWS
         padded = tf.pad(features, [[0, n_chunks * _CHUNK_ROWS - n], [0, 0]])
