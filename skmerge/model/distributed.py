@@ -242,7 +242,7 @@ def data_parallel_trainer(strategy, params, model, variables, data, state, seed,
         share = ImageBatches(share.data, share.image, share.n_rows_per_reflection, own_batch, spot=share.spot,
                              n_total=share.n_total, global_kl_share=share.global_kl_share)
     else:
-        share = share.full_batch()
+        share = model.prepared(share.full_batch())
     # Each worker draws its own Monte Carlo samples, as independent as the
     # single-process fit's samples of different images.
     worker_seed = int(np.random.SeedSequence([seed, worker]).generate_state(1)[0] % 2**31)

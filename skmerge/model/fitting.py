@@ -159,6 +159,8 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
         if params.batch_size is not None and params.batch_size < len(state.image_ids):
             data = ImageBatches(data, data["image"].numpy(), state.reflection_counts[data["refl"].numpy()],
                                 params.batch_size, spot=observations.spot)
+        else:
+            data = model.prepared(data)
         trainer = Trainer(model, variables, data, seed=seed, **options)
     scores = []
     monitor = watch = None

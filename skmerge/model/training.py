@@ -76,7 +76,9 @@ class MergingModel(tf.Module):
 
     def prepared(self, data):
         """``data`` (a dict of tensors) with what the scale model computes from its rows'
-        images alone (:meth:`~skmerge.model.scaling.ScaleNetwork.image_blocks`)."""
+        images alone (:meth:`~skmerge.model.scaling.ScaleNetwork.image_blocks`): the data
+        of full-batch steps, so that it is computed once, not in every step (minibatches,
+        whose rows change, compute theirs in the step)."""
         blocks = self.scale_network.image_blocks(data["image"])
         return data if blocks is None else {**data, "image_blocks": blocks}
 
@@ -272,9 +274,10 @@ class Trainer:
     gradient is not finite and a warm-up on the step size, which a stock optimiser does
     not offer.
 
-    ``data`` is the whole data (full-batch steps) or an object whose ``draw(seed)`` gives
-    a batch for every step (:class:`ImageBatches`, or
-    :class:`~skmerge.model.streaming.StoreBatches` fed from an observation store). Steps whose loss or gradient is not finite leave the state
+    ``data`` is the whole data (full-batch steps; for a :class:`MergingModel`, its
+    :meth:`~MergingModel.prepared` data) or an object whose ``draw(seed)`` gives a batch
+    for every step (:class:`ImageBatches`, or :class:`~skmerge.model.streaming.StoreBatches`
+    fed from an observation store). Steps whose loss or gradient is not finite leave the state
     untouched; a chunk with such steps restores the state from its start and halves the
     learning rate, and after repeated consecutive failures training stops with
     :class:`NumericalError`.
@@ -289,8 +292,7 @@ class Trainer:
                  clipnorm=None, clipvalue=None, global_clipnorm=None):
         self.model = model
         self.variables = list(variables)
-        # What every step would compute from the full batch alone is computed here once.
-        self.data = model.prepared(data) if isinstance(data, dict) and hasattr(model, "prepared") else data
+        self.data = data
         self.seed = int(seed)
         self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
         self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
