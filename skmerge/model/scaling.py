@@ -437,8 +437,9 @@ class ScaleNetwork(tf.Module):
         per chunk), and two chunks run at a time, one per core. This is faster than the
         stack on all rows at once, compiled with XLA (bench/RESULTS.md).
         """
-        # Read as tensors: custom_gradient takes a variable among its inputs (the first
-        # layer's, or any under a distribution strategy) for one the function uses.
+        # Read as tensors: custom_gradient counts a variable among its inputs (the first
+        # layer's kernel and bias, seen eagerly under a distribution strategy) as one the
+        # function reads, whose gradient `grad` would have to return apart.
         weights = [tf.convert_to_tensor(w) for w in weights]
         n = tf.shape(features)[0]
         n_chunks = (n + _CHUNK_ROWS - 1) // _CHUNK_ROWS
