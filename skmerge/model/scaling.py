@@ -217,6 +217,19 @@ def _dense_layers(sizes, rng):
             for fan_in, fan_out in zip(sizes[:-1], sizes[1:])]
 
 
+def _with_bias_row(kernel, bias):
+    """A kernel (…, fan_in, fan_out) with its bias (…, fan_out) as an extra last row, to
+    act on a constant input of one."""
+    return tf.concat([kernel, bias[..., None, :]], -2)
+
+
+def _residual_kernel(kernel, bias):
+    """:func:`_with_bias_row` with a column of zeros besides, so that a residual layer
+    keeps its input's constant one."""
+    zeros = [[0, 0]] * (len(kernel.shape) - 1)
+    return tf.pad(_with_bias_row(kernel, bias), [*zeros, [0, 1]])
+
+
 def _perceptron(layers, h, activate_last):
     for i, (kernel, bias) in enumerate(layers):
         h = tf.matmul(h, kernel) + bias
@@ -348,13 +361,12 @@ class ScaleNetwork(tf.Module):
         """The shared stack's weights as :meth:`_hidden` reads them: the first layer's
         kernel and bias, then each residual layer's kernel with its bias as an extra row
         and a column of zeros (for the constant row of the hidden values)."""
-        residual = [tf.pad(tf.concat([kernel, bias[None]], 0), [[0, 0], [0, 1]])
-                    for kernel, bias in zip(self.kernels[1:], self.biases[1:])]
+        residual = [_residual_kernel(kernel, bias) for kernel, bias in zip(self.kernels[1:], self.biases[1:])]
         return [self.kernels[0], self.biases[0], *residual]
 
     def _output_weights(self):
         """The output layer's kernel with its bias as an extra row."""
-        return tf.concat([self._out_kernel(), self._out_bias()[None]], 0)
+        return _with_bias_row(self._out_kernel(), self._out_bias())
 
     def _hidden(self, h, weights):
         """The shared stack on a chunk of rows held transposed, (features, rows) → (width
@@ -422,9 +434,8 @@ class ScaleNetwork(tf.Module):
         """Each image layer's kernels, every image's and the mean image's last, with the
         bias as an extra row and a column of zeros (as :meth:`_stack_weights`)."""
         for kernel, bias in zip(self.image_kernels, self.image_biases):
-            kernel = tf.concat([kernel, bias[:, None, :]], 1)
-            kernel = tf.concat([kernel, tf.reduce_mean(kernel, 0, keepdims=True)], 0)
-            yield tf.pad(kernel, [[0, 0], [0, 0], [0, 1]])
+            kernel = _residual_kernel(kernel, bias)
+            yield tf.concat([kernel, tf.reduce_mean(kernel, 0, keepdims=True)], 0)
 
     def _checkpointed(self, features, fn, weights, n_out):
         """``fn`` (a stack on a chunk of rows held transposed, (features, rows) →
