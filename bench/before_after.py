@@ -3,7 +3,8 @@
 A change that should not alter behaviour (a refactor) is checked here on the real data
 sets of ``compare_careless.py`` (hypf, thermolysin, PYP) with the defaults:
 
-- **quality**: ``skmerge mono|poly --merge-half-datasets`` with the benchmark's flags, run
+- **quality**: ``skmerge mono|poly --merge-half-datasets`` with the benchmark's flags
+  but skmerge's own scale network (not the 20 × 10 matched to careless), run
   from each checkout (``python -P -m skmerge`` with the checkout on ``PYTHONPATH``;
   ``-P`` keeps the working directory's skmerge out);
   overall half-dataset CC1/2 and CCanom from the ``_xval_`` files (the one function
@@ -70,7 +71,7 @@ def quality(case, label, checkout, args):
     directory = OUT / ((label if args.seed == compare_careless.SEED else f"{label}_seed{args.seed}") + tag) / case.name
     prefix = directory / case.name
     command = [sys.executable, "-P", "-m", "skmerge", case.mode, "--disable-progress-bar", "--merge-half-datasets",
-               *case.shared_flags(seed=False), "--seed", str(args.seed)]
+               *case.shared_flags(seed=False, network=False), "--seed", str(args.seed)]
     if case.anomalous:
         command.append("--anomalous")
     if label == "after" and args.flags:

@@ -73,10 +73,13 @@ class Case:
     timing: bool = True  # also measure time per step
     note: str = ""
 
-    def shared_flags(self, seed=True):
-        """Command-line flags both careless and skmerge take, with the same meaning."""
-        flags = ["--mlp-layers", str(NETWORK["mlp_layers"]), "--mlp-width", str(NETWORK["mlp_width"]),
-                 "--mc-samples", str(NETWORK["mc_samples"])]
+    def shared_flags(self, seed=True, network=True):
+        """Command-line flags both careless and skmerge take, with the same meaning;
+        ``network=False`` leaves the scale network and MC samples at the program's defaults."""
+        flags = []
+        if network:
+            flags += ["--mlp-layers", str(NETWORK["mlp_layers"]), "--mlp-width", str(NETWORK["mlp_width"]),
+                      "--mc-samples", str(NETWORK["mc_samples"])]
         if seed:
             flags += ["--seed", str(SEED)]
         if self.intensity_key:
