@@ -1,10 +1,11 @@
 """skmerge against an earlier skmerge: the same runs from two checkouts, side by side.
 
 A change that should not alter behaviour (a refactor) is checked here on the real data
-sets of ``compare_careless.py`` (hypf, thermolysin, PYP) with the defaults:
+sets of ``compare_careless.py`` (hypf, thermolysin, PYP) with the defaults — skmerge's
+own scale network too, not the 20 × 10 that ``compare_careless.py`` matches to careless,
+so that a change of the defaults is measured:
 
-- **quality**: ``skmerge mono|poly --merge-half-datasets`` with the benchmark's flags
-  but skmerge's own scale network (not the 20 × 10 matched to careless), run
+- **quality**: ``skmerge mono|poly --merge-half-datasets`` with the benchmark's flags, run
   from each checkout (``python -P -m skmerge`` with the checkout on ``PYTHONPATH``;
   ``-P`` keeps the working directory's skmerge out);
   overall half-dataset CC1/2 and CCanom from the ``_xval_`` files (the one function
@@ -98,7 +99,7 @@ def seconds_per_step(case, label, checkout, args):
                 "intensity_key": case.intensity_key, "sigma_key": case.sigma_key, "steps": steps,
                 "separate_files": case.separate_files, "mode": case.mode, "wavelength_key": case.wavelength_key,
                 "out": str(directory / case.name), "result": str(directory / "child.json"), "batch_size": None,
-                "extra": extra}
+                "extra": extra, "network": False}
         spec_path = directory / "spec.json"
         command = [sys.executable, "-P", str(HERE / "compare_careless.py"), "--child", str(spec_path)]
         spec_path.write_text(json.dumps(spec, indent=1))

@@ -171,12 +171,14 @@ def child_fit(spec_path):
 
 def estimator_params(spec):
     """The estimator parameters of the API runs: the case's keys and files, the shared
-    network, exactly ``spec["steps"]`` steps, and a variant's parameters (``spec["extra"]``,
-    e.g. "prior=skmerge.DoubleWilsonPrior()")."""
+    network (skmerge's own with ``spec["network"]`` false), exactly ``spec["steps"]``
+    steps, and a variant's parameters (``spec["extra"]``, e.g.
+    "prior=skmerge.DoubleWilsonPrior()")."""
     import skmerge
 
     params = dict(metadata=spec["keys"].split(","), anomalous=spec["anomalous"], random_state=SEED,
-                  max_iter=spec["steps"], n_iter_no_change=spec["steps"], **NETWORK)
+                  max_iter=spec["steps"], n_iter_no_change=spec["steps"],
+                  **(NETWORK if spec.get("network", True) else {}))
     if spec["separate_files"]:
         params["separate_files"] = True
     if spec["mode"] == "poly":
