@@ -52,6 +52,9 @@ import _careless  # noqa: E402
 DATA = (HERE.parent.parent / "shared" / "data").resolve()
 OUT = HERE / "out"
 
+# careless's scale network, given to both programs so that they fit the same model. skmerge's
+# own default depth ("auto") gives serial stills six layers, not twenty: its thermolysin rows
+# here are at careless's depth, not skmerge's defaults (before_after.py runs those).
 NETWORK = {"mlp_layers": 20, "mlp_width": 10, "mc_samples": 1}
 SEED = 0
 

@@ -68,6 +68,7 @@ def variants():
         "two-piece+grid": dict(likelihood="two-piece", marginals="grid"),
         "image-layers": dict(image_layers=2),
         "image-heads": dict(image_heads=True),
+        **{f"mlp{depth}": dict(mlp_layers=depth) for depth in (6, 10, 20)},
     }
 
 

@@ -56,7 +56,7 @@ def add_arguments(parser, defaults):
                        "the scale network as they are (dHKL as 1/d²) instead of as z-scores")
     model.add_argument("--positional-encoding-keys", metavar="KEYS", help="comma-separated metadata keys that "
                        "-L encodes (default: every key)")
-    model.add_argument("--image-layers", type=_image_layers, metavar="N", default=defaults["image_layers"],
+    model.add_argument("--image-layers", type=auto_or_count(0), metavar="N", default=defaults["image_layers"],
                        help="add N layers whose weights belong to each image after the scale network, so that "
                        "every image can bend the metadata's effect on its scale its own way; 'auto' gives three to "
                        "serial stills and none to rotation series or Laue data (default: %(default)s)")
@@ -96,17 +96,20 @@ def add_arguments(parser, defaults):
                        "model was fitted on (OUT_data.joblib; careless pickles its data manager)")
 
 
-def _image_layers(text):
-    """--image-layers: "auto" or a count of layers."""
-    if text == "auto":
-        return text
-    try:
-        count = int(text)
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of layers (0, 1, 2, …), got {text!r}")
-    return count
+def auto_or_count(minimum):
+    """An argparse type: "auto" or a whole number of layers, at least ``minimum``."""
+    def parse(text):
+        if text == "auto":
+            return text
+        try:
+            count = int(text)
+        except ValueError:
+            count = minimum - 1
+        if count < minimum:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number of layers ({minimum}, {minimum + 1}, "
+                                             f"…), got {text!r}")
+        return count
+    return parse
 
 
 def check_arguments(args, usage_error):

@@ -23,7 +23,7 @@ from . import __version__
 from .calibration import observation_scores
 from .errors import NotSerializableError
 from .io import writers
-from .model.fitted import learned_likelihood, prior_of
+from .model.fitted import MLP_LAYERS, learned_likelihood, prior_of
 from .shells import ResolutionShells
 
 __all__ = ["caught_warnings", "dataset_statistics", "fit_messages", "fitted_error_model", "merged_halves",
@@ -178,6 +178,8 @@ def fit_messages(merger):
                         f"prediction, {learned['dof_above']:.3g} above (learned)")
     elif learned:
         messages.append(f"Student-t likelihood: {learned['dof']:.3g} degrees of freedom (learned)")
+    if merger.mlp_layers == "auto" and getattr(merger, "mlp_layers_", MLP_LAYERS) != MLP_LAYERS:
+        messages.append(f"scale network: {merger.mlp_layers_} layers deep (the images are stills)")
     if getattr(merger, "image_layers_", 0):
         messages.append(f"image layers: {merger.image_layers_} of each image's own bend its scale"
                         + (" (the images are stills)" if merger.image_layers == "auto" else ""))
@@ -257,8 +259,9 @@ def statistics_document(result):
         document["likelihood"] = learned
     if hasattr(merger, "image_heads_"):
         document["image_heads"] = bool(merger.image_heads_)
-    if hasattr(merger, "image_layers_"):
-        document["image_layers"] = int(merger.image_layers_)
+    for name in ("mlp_layers", "image_layers"):
+        if hasattr(merger, f"{name}_"):
+            document[name] = int(getattr(merger, f"{name}_"))
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]

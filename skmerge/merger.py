@@ -98,8 +98,16 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     positional_encoding : int, default=0
         Frequencies of :class:`~skmerge.features.PositionalEncoding` applied to every
         metadata column by the default transformer (0: none).
-    mlp_layers, mlp_width : int, default=20, 10
-        Depth and width of the scale network (careless's defaults).
+    mlp_layers : int or "auto", default="auto"
+        Depth of the scale network. "auto" gives serial stills six layers and rotation
+        series and Laue data twenty (careless's default): a still's own image layers
+        (``image_layers``) carry what is each image's own, and a deep shared network
+        then fits noise (thermolysin's CCanom 0.10–0.12 with twenty layers, 0.20–0.26
+        with six, CC1/2 0.94 → 0.96, and a step a third shorter), whereas hypf's rotation
+        data lose a little anomalous signal with fewer (bench/RESULTS.md). The images are
+        stills as ``image_layers`` says; the choice is ``mlp_layers_``.
+    mlp_width : int, default=10
+        Width of the scale network (careless's default).
     image_scales : bool, default=True
         Give every image a scale of its own, of the kind ``image_model`` says.
     image_model : {"offsets", "encoder"}, default="offsets"
@@ -287,6 +295,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     wilson_curve_ : (ndarray, ndarray)
         Mean 1/d² and mean I/ε of the resolution shells of the quick merge: the Σ of the
         Wilson prior, in standardised units.
+    mlp_layers_ : int
+        The scale network's depth (``mlp_layers``, "auto" decided from the data).
     image_layers_ : int
         The number of layers of their own the images have (``image_layers``, "auto"
         decided from the data).
@@ -379,7 +389,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         "error_model": [None, "boolean", HasMethods(["build"])],
         "metadata": [None, list, tuple, HasMethods(["fit", "transform"])],
         "positional_encoding": [Interval(Integral, 0, None, closed="left")],
-        "mlp_layers": [Interval(Integral, 1, None, closed="left")],
+        "mlp_layers": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "mlp_width": [Interval(Integral, 1, None, closed="left")],
         "image_scales": ["boolean"],
         "image_model": [StrOptions({"offsets", "encoder"})],
@@ -424,7 +434,7 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
 
     def __init__(
         self, *, prior="double-wilson", likelihood="studentt", error_model=True, metadata=None, positional_encoding=0,
-        mlp_layers=20, mlp_width=10, image_scales=True, image_model="offsets", image_layers="auto", image_heads="auto",
+        mlp_layers="auto", mlp_width=10, image_scales=True, image_model="offsets", image_layers="auto", image_heads="auto",
         mc_samples=1, batch_size=None, max_iter=2000,
         learning_rate=0.003, tol=1e-3, n_iter_no_change=200, early_stopping=False, validation_fraction=0.1,
         anomalous=False, separate_files=False, laue=False, wavelength_key="Wavelength", wavelength_range=None,
@@ -919,9 +929,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         # The shared stack's kernels come first, then its biases (one axis).
         layers = next(i for i, w in enumerate(self.scale_weights_) if np.ndim(w) == 1)
         width = self.scale_weights_[0].shape[1]
-        if (layers, width) != (self.mlp_layers, self.mlp_width):
+        asked = (layers if self.mlp_layers == "auto" else self.mlp_layers, self.mlp_width)
+        if (layers, width) != asked:
             raise ParameterError(f"the previous fit's scale network has mlp_layers={layers}, mlp_width={width}; a "
-                                 f"warm start needs the same, not {self.mlp_layers}, {self.mlp_width}.")
+                                 f"warm start needs the same (or mlp_layers=\"auto\"), not {self.mlp_layers}, "
+                                 f"{self.mlp_width}.")
         if isinstance(self.metadata, (list, tuple)):
             fitted = [name for name, _, _ in self.metadata_transformer_.transformers_ if name != "remainder"]
             if fitted != split_metadata(self.metadata)[0]:

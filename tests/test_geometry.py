@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from skmerge import VariationalMerger
+from skmerge.errors import ParameterError
 from skmerge.datasets import make_unmerged
 from skmerge.geometry import MIN_SPOTS, beam_directions, consecutive_beam_angles, recorded_as_stills
 from skmerge.merge_outputs import fit_messages
-from skmerge.model.fitting import resolved_image_freedom
+from skmerge.model.fitting import resolved_network_shape
 
 FAST = dict(metadata=["dHKL", "XDET", "YDET"], mlp_layers=2, mlp_width=6, max_iter=30, random_state=0)
 
@@ -99,7 +100,38 @@ def test_auto_gives_stills_layers_or_heads_and_a_warm_start_keeps_them(tables, p
     (dict(image_heads=True), "rotation", (0, True)),
 ])
 def test_auto_gives_image_freedom_to_serial_stills_only(tables, params, data, freedom):
-    assert resolved_image_freedom(VariationalMerger(**FAST, **params), tables[data]) == freedom
+    shape = resolved_network_shape(VariationalMerger(**FAST, **params), tables[data])
+    assert shape == (FAST["mlp_layers"], *freedom)
+
+
+@pytest.mark.parametrize("params, data, depth", [
+    (dict(), "stills", 6),
+    (dict(image_model="encoder"), "stills", 6),
+    (dict(image_layers=0, image_heads=False), "stills", 6),
+    (dict(laue=True), "stills", 20),
+    (dict(), "rotation", 20),
+    (dict(mlp_layers=3), "stills", 3),
+    (dict(mlp_layers=3), "rotation", 3),
+])
+def test_auto_gives_serial_stills_a_shallower_scale_network(tables, params, data, depth):
+    merger = VariationalMerger(**{**FAST, "mlp_layers": "auto", **params})
+    assert resolved_network_shape(merger, tables[data]).mlp_layers == depth
+
+
+def test_the_auto_depth_reaches_the_fit_the_log_and_a_warm_start(tables):
+    stills = tables["stills"]
+    merger = VariationalMerger(**{**FAST, "mlp_layers": "auto"}).fit(stills)
+    assert merger.mlp_layers_ == 6
+    # The shared stack's kernels come first, one per layer, then its biases.
+    assert next(i for i, w in enumerate(merger.scale_weights_) if np.ndim(w) == 1) == 6
+    assert any(line == "scale network: 6 layers deep (the images are stills)" for line in fit_messages(merger))
+    merger.set_params(warm_start=True, max_iter=3).fit(stills[stills["image_id"] < 6])
+    assert merger.mlp_layers_ == 6 and np.isfinite(merger.predict(stills)).all()
+    with pytest.raises(ParameterError, match="mlp_layers=6, mlp_width=6; a warm start needs the same"):
+        merger.set_params(mlp_layers=20).fit(stills)
+    rotation = VariationalMerger(**{**FAST, "mlp_layers": "auto", "max_iter": 3}).fit(tables["rotation"])
+    assert rotation.mlp_layers_ == 20
+    assert not any("scale network" in line for line in fit_messages(rotation))
 
 
 def test_explicit_image_freedom_reaches_the_fit(tables):
@@ -117,4 +149,4 @@ def test_the_choice_is_in_the_statistics_json(tmp_path):
     path = _write_unmerged(X, tmp_path / "stills.mtz")
     main(["mono", "--iterations", "10", "--mlp-layers", "2", "dHKL", str(path), str(tmp_path / "out")])
     document = json.loads((tmp_path / "out_stats.json").read_text())
-    assert document["image_layers"] == 3 and document["image_heads"] is False
+    assert document["image_layers"] == 3 and document["image_heads"] is False and document["mlp_layers"] == 2

@@ -218,6 +218,7 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     document = json.loads(str(arrays.pop("document")[()]))
     del document["checksum"], document["params"]["image_heads"], document["attributes"]["image_heads_"]
     del document["params"]["image_layers"], document["attributes"]["image_layers_"]
+    del document["attributes"]["mlp_layers_"]  # before mlp_layers could be "auto"
     document["checksum"] = _checksum({"document": document, "arrays": arrays})
     np.savez(tmp_path / "old.npz", document=np.array(json.dumps(document)), **arrays)
     loaded = VariationalMerger.load(tmp_path / "old.npz")
@@ -225,7 +226,7 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     np.testing.assert_array_equal(loaded.predict(X), expected)
 
     state = merger.__getstate__()
-    del state["image_heads"], state["image_heads_"], state["image_layers"], state["image_layers_"]
+    del state["image_heads"], state["image_heads_"], state["image_layers"], state["image_layers_"], state["mlp_layers_"]
     del state[_CHECKSUM_KEY]
     state[_CHECKSUM_KEY] = _checksum({k: v for k, v in state.items()})
     unpickled = VariationalMerger.__new__(VariationalMerger)

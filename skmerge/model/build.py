@@ -15,7 +15,7 @@ from ..errors import InputError, ParameterError
 from ..features import check_metadata_columns, make_metadata_transformer, metadata_features, split_metadata
 from ..symmetry import lookup_keys
 from .data import tensor_data
-from .fitted import FitState, heads_asked_for, layers_asked_for, prior_of
+from .fitted import FitState, prior_of, shape_asked_for
 from .initialisation import (evaluate_curve, french_wilson, probable_observations, quick_image_scales, table_start,
                              wilson_curve, wilson_moments)
 
@@ -27,7 +27,7 @@ _START_LEARNING_RATE = 0.01
 
 
 def build_model(params, observations, rng, previous=None, harmonics=None, previous_as_prior=False,
-                image_freedom=None):
+                network_shape=None):
     """The model, its training data and the fit state for encoded observations.
 
     A fresh fit standardises the intensities, fits the metadata transformer, scales the
@@ -37,9 +37,9 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     harmonic overlap). ``harmonics`` is the Laue expansion the observations were
     encoded with. With ``previous_as_prior`` the previous posterior of every reflection
     it has is that reflection's prior (:func:`previous_posterior_prior`) and its start.
-    ``image_freedom`` is the number of image layers and whether the images get heads
-    (the estimator's ``image_layers`` and ``image_heads`` with "auto" decided; None: only
-    what the estimator asks for whatever the data).
+    ``network_shape`` is the scale network's :class:`~skmerge.model.fitted.NetworkShape`
+    (the estimator's ``mlp_layers``, ``image_layers`` and ``image_heads`` with "auto"
+    decided; None: what the estimator asks for whatever the data).
 
     Returns
     -------
@@ -78,9 +78,9 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
     else:
         curve = previous[0].wilson_curve
     reflections.mean_intensity = evaluate_curve(curve, reflections.dhkl)
-    image_layers, image_heads = image_freedom or (layers_asked_for(params), heads_asked_for(params))
+    shape = network_shape or shape_asked_for(params)
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
-                     features.shape[1], curve, harmonics, image_heads, image_layers)
+                     features.shape[1], curve, harmonics, shape.image_heads, shape.image_layers, shape.mlp_layers)
 
     encoder = image_model(params) == "encoder"
     data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,
@@ -157,7 +157,7 @@ def restore_model(params, state, weights):
     n = len(state.reflections)
     posterior = TruncatedNormalPosterior(np.ones(n), np.ones(n), params.epsilon)
     posterior.set_weights(weights.posterior)
-    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, len(weights.scale[-1]),
+    network = ScaleNetwork(state.n_metadata_features, state.mlp_layers, params.mlp_width, len(weights.scale[-1]),
                            np.random.RandomState(0), spread_bijector=params.scale_bijector,
                            encoder=image_model(params) == "encoder", image_layers=state.image_layers,
                            n_layer_images=len(state.image_ids), image_heads=state.image_heads)
@@ -207,7 +207,7 @@ def _scale_network(params, state, rng, previous, image_scale):
     kind = image_model(params)
     n_images = len(state.image_ids) if kind == "offsets" else 0
     offsets = np.log(image_scale) if previous is None and n_images else None
-    network = ScaleNetwork(state.n_metadata_features, params.mlp_layers, params.mlp_width, n_images, rng, offsets,
+    network = ScaleNetwork(state.n_metadata_features, state.mlp_layers, params.mlp_width, n_images, rng, offsets,
                            params.scale_bijector, encoder=kind == "encoder", image_layers=state.image_layers,
                            n_layer_images=len(state.image_ids), image_heads=state.image_heads)
     if previous is not None:

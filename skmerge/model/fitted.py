@@ -11,6 +11,7 @@ training has succeeded, and rebuilds them from those attributes to evaluate.
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,20 @@ from .initialisation import evaluate_curve
 _COVARIANCE_SAMPLES = 32
 
 
+# The scale network's depth on data other than serial stills (careless's default).
+MLP_LAYERS = 20
+
+
+class NetworkShape(NamedTuple):
+    """The scale network's shape a fit decided: its depth and the images' own freedom
+    (the estimator's ``mlp_layers``, ``image_layers`` and ``image_heads``, "auto"
+    resolved)."""
+
+    mlp_layers: int
+    image_layers: int
+    image_heads: bool
+
+
 def heads_asked_for(params):
     """Whether an estimator's ``image_heads`` asks for heads whatever the data ("auto"
     asks for nothing yet)."""
@@ -34,6 +49,13 @@ def layers_asked_for(params):
     """The number of image layers an estimator's ``image_layers`` asks for whatever the
     data ("auto" asks for none yet)."""
     return 0 if isinstance(params.image_layers, str) else int(params.image_layers)
+
+
+def shape_asked_for(params):
+    """The :class:`NetworkShape` an estimator asks for whatever the data ("auto" depth
+    is ``MLP_LAYERS``, "auto" image freedom none)."""
+    depth = MLP_LAYERS if isinstance(params.mlp_layers, str) else int(params.mlp_layers)
+    return NetworkShape(depth, layers_asked_for(params), heads_asked_for(params))
 
 
 @dataclass
@@ -53,6 +75,12 @@ class FitState:
     """Whether the images have heads of their own (``image_heads``, "auto" resolved)."""
     image_layers: int = 0
     """The number of layers of their own the images have (``image_layers``, "auto" resolved)."""
+    mlp_layers: int = MLP_LAYERS
+    """The scale network's depth (``mlp_layers``, "auto" resolved)."""
+
+    @property
+    def network_shape(self):
+        return NetworkShape(self.mlp_layers, self.image_layers, self.image_heads)
 
     def attributes(self):
         """The estimator's fitted attributes that hold this state."""
@@ -61,7 +89,7 @@ class FitState:
             "reflection_counts_": self.reflection_counts, "intensity_scale_": self.intensity_scale,
             "metadata_transformer_": self.metadata_transformer, "n_metadata_features_": self.n_metadata_features,
             "wilson_curve_": self.wilson_curve, "image_heads_": self.image_heads,
-            "image_layers_": self.image_layers,
+            "image_layers_": self.image_layers, "mlp_layers_": self.mlp_layers,
         }
         if self.harmonics is not None:
             attributes["wavelength_bands_"] = self.harmonics["wavelength_range"]
@@ -75,17 +103,14 @@ class FitState:
         if estimator.laue:
             harmonics = {"wavelength_key": estimator.wavelength_key, "wavelength_range": estimator.wavelength_bands_,
                          "dmin": estimator.dmin_}
-        # Fits made before image_heads could be "auto" have no image_heads_: theirs was the parameter.
-        image_heads = getattr(estimator, "image_heads_", None)
-        if image_heads is None:
-            image_heads = heads_asked_for(estimator)
-        # Likewise image_layers_, before image_layers could be "auto".
-        image_layers = getattr(estimator, "image_layers_", None)
-        if image_layers is None:
-            image_layers = layers_asked_for(estimator)
+        # Fits made before mlp_layers, image_layers or image_heads could be "auto" have no
+        # fitted attribute for it: theirs was the parameter.
+        asked = shape_asked_for(estimator)
+        shape = NetworkShape(*(getattr(estimator, f"{name}_", value) for name, value in asked._asdict().items()))
         return cls(estimator.reflections_, estimator.image_ids_, estimator.reflection_counts_,
                    estimator.intensity_scale_, estimator.metadata_transformer_, estimator.n_metadata_features_,
-                   estimator.wilson_curve_, harmonics, image_heads, int(image_layers))
+                   estimator.wilson_curve_, harmonics, bool(shape.image_heads), int(shape.image_layers),
+                   int(shape.mlp_layers))
 
     def encode(self, params, X, y=None):
         """X encoded as the fit encoded its training data."""

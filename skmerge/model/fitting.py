@@ -11,8 +11,7 @@ import numpy as np
 from ..errors import ParameterError
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
-from .fitted import (LIKELIHOOD_ATTRIBUTES, FitState, Weights, heads_asked_for, layers_asked_for,
-                     likelihood_attributes)
+from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, NetworkShape, Weights, likelihood_attributes, shape_asked_for
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
@@ -80,7 +79,7 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
         harmonics = {"wavelength_key": params.wavelength_key, "wavelength_range": bands, "dmin": dmin}
     encoding = {"anomalous": params.anomalous, "separate_files": params.separate_files, "harmonics": harmonics}
     start = {"previous": previous, "harmonics": harmonics, "previous_as_prior": previous_as_prior,
-             "image_freedom": resolved_image_freedom(params, X, previous)}
+             "network_shape": resolved_network_shape(params, X, previous)}
     if not params.early_stopping:
         return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, held_out=X_held_out, **start)
     rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
@@ -98,47 +97,49 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
 # thermolysin's CC1/2 0.921 → 0.939 and CCanom 0.043 → 0.101 against image heads; two
 # gave 0.937 and 0.090, and three beat two in each half-dataset split of two seeds.
 _STILLS_IMAGE_LAYERS = 3
+# The shared scale network's depth for serial stills, whose images' layers carry what is
+# each still's own: thermolysin's CCanom 0.101/0.124 (20 layers) → 0.257/0.200 (6) in
+# two seeds, CC1/2 up too, and a step 0.62× as long (bench/RESULTS.md).
+_STILLS_MLP_LAYERS = 6
 
 
-def resolved_image_freedom(params, X, previous=None):
-    """The estimator's ``image_layers`` and ``image_heads`` for the table X, "auto"
-    decided: serial stills (:func:`skmerge.geometry.recorded_as_stills`) with per-image
-    offsets get ``_STILLS_IMAGE_LAYERS`` image layers, or heads when ``image_layers``
-    gives them none (each is freedom of the images' own: one is enough); rotation series
-    and Laue data get neither. A warm start keeps those of the fit it continues.
-
-    Returns
-    -------
-    image_layers : int
-    image_heads : bool
+def resolved_network_shape(params, X, previous=None):
+    """The estimator's ``mlp_layers``, ``image_layers`` and ``image_heads`` for the
+    table X, "auto" decided (a :class:`~skmerge.model.fitted.NetworkShape`). Serial
+    stills (:func:`skmerge.geometry.recorded_as_stills`) get a ``_STILLS_MLP_LAYERS``
+    deep scale network and, with per-image offsets, ``_STILLS_IMAGE_LAYERS`` image
+    layers, or heads when ``image_layers`` gives them none (each is freedom of the
+    images' own: one is enough); rotation series and Laue data get ``MLP_LAYERS`` and
+    neither. A warm start keeps what the fit it continues decided.
     """
     from ..geometry import recorded_as_stills
     from .scaling import image_model
 
-    layers, heads = layers_asked_for(params), heads_asked_for(params)
-    auto_layers, auto_heads = params.image_layers == "auto", params.image_heads == "auto"
-    if not (auto_layers or auto_heads):
-        return layers, heads
+    asked = shape_asked_for(params)
+    auto = {name for name in NetworkShape._fields if getattr(params, name) == "auto"}
+    if not auto:
+        return asked
     if previous is not None:
-        return (previous[0].image_layers if auto_layers else layers,
-                previous[0].image_heads if auto_heads else heads)
-    stills = image_model(params) == "offsets" and not params.laue and recorded_as_stills(X)
-    if auto_layers:
-        layers = _STILLS_IMAGE_LAYERS if stills and not heads else 0
-    if auto_heads:
-        heads = stills and not layers
-    return layers, heads
+        return asked._replace(**{name: getattr(previous[0], name) for name in auto})
+    stills = not params.laue and recorded_as_stills(X)
+    layers, heads = asked.image_layers, asked.image_heads
+    if "image_layers" in auto:
+        layers = _STILLS_IMAGE_LAYERS if stills and image_model(params) == "offsets" and not heads else 0
+    if "image_heads" in auto:
+        heads = stills and image_model(params) == "offsets" and not layers
+    depth = _STILLS_MLP_LAYERS if "mlp_layers" in auto and stills else asked.mlp_layers
+    return NetworkShape(depth, layers, heads)
 
 
 def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics=None, validation=None,
-          stop=True, held_out=None, previous_as_prior=False, image_freedom=None):
+          stop=True, held_out=None, previous_as_prior=False, network_shape=None):
     """Build the model on encoded ``observations`` and optimise it for up to ``max_iter``
     steps: until the training loss levels off; with ``validation`` (a table of held-out
     images) until their loss stops improving (the best state is kept); or, with
     ``stop=False``, for exactly ``max_iter`` steps. The loss of the table ``held_out``
     is recorded every ``validation_frequency`` steps without steering training.
-    ``previous`` and ``previous_as_prior`` are :func:`fit_model`'s; ``image_freedom`` is
-    :func:`resolved_image_freedom`'s."""
+    ``previous`` and ``previous_as_prior`` are :func:`fit_model`'s; ``network_shape`` is
+    :func:`resolved_network_shape`'s."""
     from .distributed import active_strategy, check_workers, data_parallel_trainer
     from .training import ImageBatches, Trainer
 
@@ -146,7 +147,7 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
     if strategy is not None:
         check_workers(strategy, params, observations, seed)
     model, data, state = build_model(params, observations, rng, previous, harmonics, previous_as_prior,
-                                     image_freedom)
+                                     network_shape)
     variables = trained_variables(params, model)
     if params.freeze == "scales":
         data["mu"], data["spread"] = model.scale_network.of(data)
@@ -216,7 +217,7 @@ def joined_with_previous(params, old_state, old_weights, result):
             scale[i] = values_on_union(images, old_state.image_ids, old_weights.scale[i], state.image_ids, scale[i])
     union_state = FitState(union, images, counts, state.intensity_scale, state.metadata_transformer,
                            state.n_metadata_features, state.wilson_curve, state.harmonics, state.image_heads,
-                           state.image_layers)
+                           state.image_layers, state.mlp_layers)
     # The marginals of the reflections seen before stand with their posterior; without
     # marginals on both sides there are none.
     marginals = None

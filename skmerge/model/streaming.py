@@ -54,7 +54,7 @@ from ..symmetry import lookup_keys
 from .build import _metadata_transformer, _scale_network, checked_intensity_scale, merging_model, start_posterior
 from .data import Reflections, encode
 from .fitted import FitState
-from .fitting import Training, _progress, resolved_image_freedom, trained_variables, with_grid_marginals
+from .fitting import Training, _progress, resolved_network_shape, trained_variables, with_grid_marginals
 from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, probable_observations, scale_floor,
                              wilson_curve)
 
@@ -206,7 +206,7 @@ class _Survey:
             if self.head is None:
                 self.head = X.iloc[:0]
                 transformer = _metadata_transformer(params, X) if previous is None else None
-                image_layers, image_heads = resolved_image_freedom(params, X, previous)
+                shape = resolved_network_shape(params, X, previous)
             observations = encode(X, anomalous=params.anomalous, separate_files=params.separate_files)
             chunk_keys, first, inverse = np.unique(observations.keys, return_index=True, return_inverse=True)
             inverse = inverse.ravel()
@@ -235,7 +235,8 @@ class _Survey:
         image_ids = np.flatnonzero(image_counts)
         self.image_counts = image_counts[image_ids]
         self.state = FitState(reflections, image_ids, count.astype(np.int64), c, transformer, n_features, None,
-                              image_heads=image_heads, image_layers=image_layers)
+                              image_heads=shape.image_heads, image_layers=shape.image_layers,
+                              mlp_layers=shape.mlp_layers)
         # The merge of the unscaled data in standardised units: ΣwI/c over Σw/c² with w = 1/σ².
         self.first_merge = means_of_sums(weight * c * c, weighted * c)[0]
 
