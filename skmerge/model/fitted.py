@@ -78,10 +78,6 @@ class FitState:
     mlp_layers: int = MLP_LAYERS
     """The scale network's depth (``mlp_layers``, "auto" resolved)."""
 
-    @property
-    def network_shape(self):
-        return NetworkShape(self.mlp_layers, self.image_layers, self.image_heads)
-
     def attributes(self):
         """The estimator's fitted attributes that hold this state."""
         attributes = {

@@ -98,8 +98,8 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
 # gave 0.937 and 0.090, and three beat two in each half-dataset split of two seeds.
 _STILLS_IMAGE_LAYERS = 3
 # The shared scale network's depth for serial stills, whose images' layers carry what is
-# each still's own: thermolysin's CCanom 0.101/0.124 (20 layers) → 0.257/0.200 (6) in
-# two seeds, CC1/2 up too, and a step 0.62× as long (bench/RESULTS.md).
+# each still's own: thermolysin's CCanom 0.101/0.124/0.128 (20 layers) → 0.257/0.200/0.237
+# (6) in three seeds, CC1/2 up too, and a step 0.62× as long (bench/RESULTS.md).
 _STILLS_MLP_LAYERS = 6
 
 
