@@ -103,9 +103,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         series and Laue data twenty (careless's default): a still's own image layers
         (``image_layers``) carry what is each image's own, and a deep shared network
         then fits noise (thermolysin's CCanom 0.10–0.13 with twenty layers, 0.20–0.26
-        with six, CC1/2 0.94–0.96 → 0.96, and a step 0.62× as long), whereas hypf's rotation
-        data lose a little anomalous signal with fewer (bench/RESULTS.md). The images are
-        stills as ``image_layers`` says; the choice is ``mlp_layers_``.
+        with six, CC1/2 0.94–0.96 → 0.96, and a step 0.62× as long; simulated stills
+        lose a little), whereas hypf's rotation data lose a little anomalous signal
+        with fewer (bench/RESULTS.md). The images are stills as ``image_layers`` says;
+        the choice is ``mlp_layers_``.
     mlp_width : int, default=10
         Width of the scale network (careless's default).
     image_scales : bool, default=True
