@@ -1,5 +1,5 @@
 """Beam directions from the observed Miller indices, stills told from rotation series, and
-the image heads that "auto" gives stills."""
+the image layers or heads and the shallower scale network that "auto" gives stills."""
 
 import json
 
