@@ -129,8 +129,8 @@ def _add_mono_arguments(mono, defaults):
     model.add_argument("--double-wilson-reindexing-ops", metavar="OPS", help="per file, the operator from its "
                        "indices to its parent's, separated by ';', e.g. 'x,y,z;-x,-y,z'")
     model.add_argument("--mlp-layers", type=cli_flags.auto_or_count(1), metavar="N", default=defaults["mlp_layers"],
-                       help="layers of the scale network; 'auto' gives six to serial stills and twenty to rotation "
-                       "series and Laue data (default: %(default)s)")
+                       help="layers of the scale network; 'auto' gives six to serial stills with image layers and "
+                       "twenty to the rest (default: %(default)s)")
     model.add_argument("--mlp-width", type=int, metavar="N", default=defaults["mlp_width"],
                        help="width of the scale network (default: %(default)s)")
     model.add_argument("--disable-image-scales", action="store_false", dest="image_scales",

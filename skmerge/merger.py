@@ -99,8 +99,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         Frequencies of :class:`~skmerge.features.PositionalEncoding` applied to every
         metadata column by the default transformer (0: none).
     mlp_layers : int or "auto", default="auto"
-        Depth of the scale network. "auto" gives serial stills six layers and rotation
-        series and Laue data twenty (careless's default): a still's own image layers
+        Depth of the scale network. "auto" gives serial stills with image layers six
+        layers, and everything else (rotation series, Laue data, stills without image
+        layers) twenty (careless's default): a still's own image layers
         (``image_layers``) carry what is each image's own, and a deep shared network
         then fits noise (thermolysin's CCanom 0.10–0.13 with twenty layers, 0.20–0.26
         with six, CC1/2 0.94–0.96 → 0.96, and a step 0.62× as long; simulated stills

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from skmerge import VariationalMerger
-from skmerge.errors import ParameterError
 from skmerge.datasets import make_unmerged
+from skmerge.errors import ParameterError
 from skmerge.geometry import MIN_SPOTS, beam_directions, consecutive_beam_angles, recorded_as_stills
 from skmerge.merge_outputs import fit_messages
 from skmerge.model.fitting import resolved_network_shape
@@ -106,14 +106,17 @@ def test_auto_gives_image_freedom_to_serial_stills_only(tables, params, data, fr
 
 @pytest.mark.parametrize("params, data, depth", [
     (dict(), "stills", 6),
-    (dict(image_model="encoder"), "stills", 6),
-    (dict(image_layers=0, image_heads=False), "stills", 6),
+    (dict(image_layers=1), "stills", 6),
+    (dict(image_heads=False), "stills", 6),
+    (dict(image_model="encoder"), "stills", 20),
+    (dict(image_layers=0), "stills", 20),
+    (dict(image_heads=True), "stills", 20),
     (dict(laue=True), "stills", 20),
     (dict(), "rotation", 20),
     (dict(mlp_layers=3), "stills", 3),
     (dict(mlp_layers=3), "rotation", 3),
 ])
-def test_auto_gives_serial_stills_a_shallower_scale_network(tables, params, data, depth):
+def test_auto_gives_serial_stills_with_image_layers_a_shallower_scale_network(tables, params, data, depth):
     merger = VariationalMerger(**{**FAST, "mlp_layers": "auto", **params})
     assert resolved_network_shape(merger, tables[data]).mlp_layers == depth
 

@@ -106,11 +106,12 @@ _STILLS_MLP_LAYERS = 6
 def resolved_network_shape(params, X, previous=None):
     """The estimator's ``mlp_layers``, ``image_layers`` and ``image_heads`` for the
     table X, "auto" decided (a :class:`~skmerge.model.fitted.NetworkShape`). Serial
-    stills (:func:`skmerge.geometry.recorded_as_stills`) get a ``_STILLS_MLP_LAYERS``
-    deep scale network and, with per-image offsets, ``_STILLS_IMAGE_LAYERS`` image
-    layers, or heads when ``image_layers`` gives them none (each is freedom of the
-    images' own: one is enough); rotation series and Laue data get ``MLP_LAYERS`` and
-    neither. A warm start keeps what the fit it continues decided.
+    stills (:func:`skmerge.geometry.recorded_as_stills`) with per-image offsets get
+    ``_STILLS_IMAGE_LAYERS`` image layers, or heads when ``image_layers`` gives them
+    none (each is freedom of the images' own: one is enough), and under image layers a
+    ``_STILLS_MLP_LAYERS`` deep shared network; the rest (rotation series, Laue data,
+    stills without image layers) get ``MLP_LAYERS`` and no image freedom of their own
+    but what is asked. A warm start keeps what the fit it continues decided.
     """
     from ..geometry import recorded_as_stills
     from .scaling import image_model
@@ -127,7 +128,8 @@ def resolved_network_shape(params, X, previous=None):
         layers = _STILLS_IMAGE_LAYERS if stills and image_model(params) == "offsets" and not heads else 0
     if "image_heads" in auto:
         heads = stills and image_model(params) == "offsets" and not layers
-    depth = _STILLS_MLP_LAYERS if "mlp_layers" in auto and stills else asked.mlp_layers
+    # Only what was measured: stills whose images have layers of their own.
+    depth = _STILLS_MLP_LAYERS if "mlp_layers" in auto and stills and layers else asked.mlp_layers
     return NetworkShape(depth, layers, heads)
 
 
