@@ -123,11 +123,12 @@ def resolved_network_shape(params, X, previous=None):
     if previous is not None:
         return asked._replace(**{name: getattr(previous[0], name) for name in auto})
     stills = not params.laue and recorded_as_stills(X)
+    own_weights = stills and image_model(params) == "offsets"  # the encoder gives images no weights of their own
     layers, heads = asked.image_layers, asked.image_heads
     if "image_layers" in auto:
-        layers = _STILLS_IMAGE_LAYERS if stills and image_model(params) == "offsets" and not heads else 0
+        layers = _STILLS_IMAGE_LAYERS if own_weights and not heads else 0
     if "image_heads" in auto:
-        heads = stills and image_model(params) == "offsets" and not layers
+        heads = own_weights and not layers
     # Only what was measured: stills whose images have layers of their own.
     depth = _STILLS_MLP_LAYERS if "mlp_layers" in auto and stills and layers else asked.mlp_layers
     return NetworkShape(depth, layers, heads)
