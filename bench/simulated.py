@@ -20,10 +20,11 @@ again after an overall B: each merge's F times exp(B/(4d²)), B chosen for the l
 since the fall-off shared between F and the scales is not in the data — the reference,
 which divides by the true scales, knows it); the z-scores z = (F − F_true')/SIGF with F_true' the truth brought onto the
 merge by a fitted scale and B (least squares of log F over reflections with
-F/SIGF > 3), their SD and robust SD (1.4826·MAD); and CC(ΔF, truth) of the anomalous
-(F(+) − F(−)) or time-resolved (F₁ − F₀) differences. The reference is a perfect
-scaler: the observations divided by their true scales, outliers removed, merged by
-inverse-variance weights, F = √max(I, 0).
+F/SIGF > 3), their SD and robust SD (1.4826·MAD), and for the anomalous sets those of
+DANO's z (DANO − DANO_true')/SIGDANO, over the acentric pairs with both halves measured;
+and CC(ΔF, truth) of the anomalous (F(+) − F(−)) or time-resolved (F₁ − F₀) differences.
+The reference is a perfect scaler: the observations divided by their true scales,
+outliers removed, merged by inverse-variance weights, F = √max(I, 0).
 
 Usage::
 
@@ -157,6 +158,10 @@ def score(merged, X, truth, name, ref):
         acentric = both["DANO_true"].to_numpy(float) != 0
         measured = (both["N(+)"] > 0).to_numpy() & (both["N(-)"] > 0).to_numpy() & acentric
         out["CC(ΔF)"] = np.corrcoef(both["DANO"][measured], both["DANO_true"][measured])[0, 1]
+        # DANO's z with the truth on the merge's scale and B, as F's.
+        z_dano = ((both["DANO"] - np.exp(log_k - b * s / 4) * both["DANO_true"]) / both["SIGDANO"])[measured]
+        out["DANO z SD"] = z_dano.std()
+        out["robust DANO z SD"] = 1.4826 * np.median(np.abs(z_dano - np.median(z_dano)))
         from skmerge.symmetry import pack_hkl
 
         hkl = both[["H", "K", "L"]].to_numpy(np.int32)

@@ -154,7 +154,8 @@ def fitted_error_model(merger):
 
 def fit_messages(merger):
     """The status lines on a finished fit: its steps and error model, the learned
-    likelihood, the image heads and the double-Wilson r.
+    likelihood, the scale network's shape, the sandwich ratio of SIGF and the
+    double-Wilson r.
 
     Examples
     --------
@@ -186,6 +187,11 @@ def fit_messages(merger):
     if getattr(merger, "image_heads_", False):
         messages.append("image heads: each image bends its scale its own way"
                         + (" (the images are stills)" if merger.image_heads == "auto" else ""))
+    ratio = getattr(merger, "sandwich_ratio_", None)
+    if ratio is not None:
+        messages.append(f"SIGF: the likelihood's score varies {ratio:.3g} times its curvature (J/H), "
+                        + (f"so SIGF is the posterior's SD times {ratio ** 0.5:.3g}" if ratio > 1
+                           else "so SIGF is the posterior's SD"))
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         messages.append("double-Wilson prior: r " + "; ".join(
@@ -232,7 +238,8 @@ def statistics_document(result):
     :class:`~skmerge.workflow.MergeResult` or
     :class:`~skmerge.streamed_merge.StreamedMergeResult`): the run, and each data set's
     statistics and calibration, the error model, the CCdiff parents, the learned
-    likelihood, whether the images had heads and the double-Wilson r.
+    likelihood, whether the images had heads, the scale network's shape, the sandwich
+    ratio of SIGF and the double-Wilson r.
 
     Examples
     --------
@@ -262,6 +269,8 @@ def statistics_document(result):
     for name in ("mlp_layers", "image_layers"):
         if hasattr(merger, f"{name}_"):
             document[name] = int(getattr(merger, f"{name}_"))
+    if hasattr(merger, "sandwich_ratio_"):
+        document["sandwich_ratio"] = float(merger.sandwich_ratio_)
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]

@@ -30,7 +30,8 @@ from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
 from .model.fitted import FitState, Weights, evaluation_chunks, heads_asked_for, layers_asked_for
-from .model.fitting import OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union, with_grid_marginals
+from .model.fitting import (OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union,
+                            with_posterior_corrections)
 from .model.streaming import StoreSource, as_source, evaluate_store, store_keys
 
 _SCORE_SAMPLES = 32
@@ -316,6 +317,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         With ``marginals="grid"``: E[F], E[F²], E[F⁴] of every reflection's marginal
         posterior and its covariance with its double-Wilson parent (0 for roots), in
         standardised units.
+    sandwich_ratio_ : float
+        J/H of the fitted likelihood on the training data: the variance of its score
+        over its curvature, pooled over the reflections with two or more observations
+        (:mod:`skmerge.model.sandwich`). Where it is above 1 the posterior variances of
+        the reflections the fit saw are multiplied by it in :meth:`transform`'s SIGF and
+        SIGI (Friedel halves sharing the extra variance, so that SIGDANO stands).
     prior_r_ : ndarray of shape (n_files, n_shells)
         With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),
@@ -628,8 +635,9 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
                                                             0 if previous is not None else _MAX_SETTING_ROUNDS)
         # Once, for the final model (not for each round of settings).
         model, state = result.model, result.state
-        with_grid_marginals(self, model, lambda: evaluation_chunks(model, state.evaluation_data(self, X_fit, y)[0]),
-                            len(state.reflections))
+        with_posterior_corrections(self, model,
+                                   lambda: evaluation_chunks(model, state.evaluation_data(self, X_fit, y)[0]),
+                                   len(state.reflections))
         return result, seed, settings
 
     def _fit_store(self, store, y, X_held_out):
@@ -800,7 +808,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         -------
         rs.DataSet
             Indexed by the ASU H, K, L, with F, SIGF (posterior mean and standard
-            deviation of F), I = E[F²] = F² + SIGF², SIGI = √(E[F⁴] − I²) and N
+            deviation of F, widened by ``sandwich_ratio_`` where it is above 1),
+            I = E[F²], SIGI = √(E[F⁴] − I²) (widened alike) and N
             (observations used in the fit). With ``anomalous=True`` also F(±), SIGF(±),
             I(±), SIGI(±), N(±), DANO = F(+) − F(−) and SIGDANO. With
             ``separate_files=True`` a ``file_id`` column tells the files apart (the

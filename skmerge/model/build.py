@@ -163,6 +163,7 @@ def restore_model(params, state, weights):
                            n_layer_images=len(state.image_ids), image_heads=state.image_heads)
     network.set_weights(weights.scale)
     model = merging_model(params, state, posterior, network, weights)
+    model.sandwich_ratio = float(weights.sandwich_ratio)
     if weights.marginals is not None:
         from .marginals import GridMarginals
 

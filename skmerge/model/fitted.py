@@ -181,27 +181,38 @@ class FitState:
 
     def table(self, params, model, keys):
         """The merged table of the reflections with the given sorted keys."""
+        from .sandwich import applied_ratio, shared_correlation
+
         refl, extra = self.locate(params, keys)
-        m1, m2, _, m4 = (m.numpy().astype(np.float64)[refl] for m in model.amplitude_moments(extra))
+        moments = [m.numpy().astype(np.float64) for m in model.amplitude_moments(extra)]
+        m1, m2, _, m4 = (m[refl] for m in moments)
         counts = np.append(self.reflection_counts, 0)[np.minimum(refl, len(self.reflections))]
         root, c = math.sqrt(self.intensity_scale), self.intensity_scale
         sigf, sigi = np.sqrt(np.maximum(m2 - m1**2, 0.0)), np.sqrt(np.maximum(m4 - m2**2, 0.0))
         hkl = unpack_hkl(keys)
         group = unpack_group(keys) if params.separate_files else None
+        fitted = refl < len(self.reflections)
+        variance = np.maximum(moments[1] - moments[0] ** 2, 0.0)[:len(self.reflections)]
         covariance = model.amplitude_covariance(_COVARIANCE_SAMPLES, getattr(params, "seed_", 0))
-        mate_correlation = None
+        # SIGI follows SIGF's corrections: Var I ≈ 4F²·Var F for the reflections it matters for.
         if covariance is not None:
-            fitted = refl < len(self.reflections)
-            widened = np.sqrt(covariance.variance[refl[fitted]])
-            # SIGI follows SIGF's correction: Var I ≈ 4F²·Var F for the reflections it matters for.
+            variance = covariance.variance
+            widened = np.sqrt(variance[refl[fitted]])
             sigi[fitted] *= np.divide(widened, sigf[fitted], out=np.ones_like(widened), where=sigf[fitted] > 0)
             sigf[fitted] = widened
-            if params.anomalous:
-                mate = lookup_keys(self.reflections.keys, pack_hkl(-hkl, group))
-                both = fitted & (mate >= 0)
-                mate_correlation = np.zeros(len(refl))
+        ratio = applied_ratio(model.sandwich_ratio)
+        sigf[fitted] *= math.sqrt(ratio)
+        sigi[fitted] *= math.sqrt(ratio)
+        mate_correlation = None
+        if params.anomalous:
+            mate = lookup_keys(self.reflections.keys, pack_hkl(-hkl, group))
+            both = fitted & (mate >= 0)
+            pair_variance = variance[refl[both]], variance[mate[both]]
+            mate_correlation = np.zeros(len(refl))
+            if covariance is not None:
                 mate_correlation[both] = covariance.covariance(refl[both], mate[both]) / np.sqrt(
-                    covariance.variance[refl[both]] * covariance.variance[mate[both]])
+                    pair_variance[0] * pair_variance[1])
+            mate_correlation[both] = shared_correlation(mate_correlation[both], *pair_variance, ratio)
         columns = {"F": m1 * root, "SIGF": sigf * root, "I": m2 * c, "SIGI": sigi * c, "N": counts.astype(np.int32)}
         spacegroup, cell = self.reflections.spacegroup, self.reflections.cell
         if params.anomalous:
@@ -269,6 +280,9 @@ class Weights:
     marginals: np.ndarray = None
     """The grid marginals' values (:class:`~skmerge.model.marginals.GridMarginals`), if
     the fit computed them."""
+    sandwich_ratio: float = 1.0
+    """J/H, the factor of the posterior variances in the merged table
+    (:mod:`skmerge.model.sandwich`; 1 for fits saved before it)."""
 
     @classmethod
     def from_attributes(cls, estimator):
@@ -278,7 +292,7 @@ class Weights:
         learned = list(learned_likelihood(estimator).values())
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
                    getattr(estimator, "prior_r_", None), np.array(learned) if learned else None,
-                   getattr(estimator, "marginal_moments_", None))
+                   getattr(estimator, "marginal_moments_", None), getattr(estimator, "sandwich_ratio_", 1.0))
 
     @classmethod
     def of(cls, model):
@@ -287,7 +301,7 @@ class Weights:
         prior, likelihood = (getattr(piece, "get_weights", lambda: None)() for piece in (model.prior, model.likelihood))
         marginals = model.marginals.values if model.marginals is not None else None
         return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood,
-                   marginals)
+                   marginals, model.sandwich_ratio)
 
 
 # The fitted attributes of a likelihood's learned parameters, in the order its weights

@@ -49,6 +49,7 @@ class Training:
             attributes["prior_r_"] = weights.prior
         if weights.marginals is not None:
             attributes["marginal_moments_"] = weights.marginals
+        attributes["sandwich_ratio_"] = weights.sandwich_ratio
         if weights.likelihood is not None:
             attributes.update(likelihood_attributes(self.model.likelihood, weights.likelihood))
         if self.held_out_loss is not None:
@@ -184,14 +185,19 @@ def train(params, observations, rng, seed, max_iter, *, previous=None, harmonics
                     np.asarray(scores) if validation is not None else None, held_out_loss)
 
 
-def with_grid_marginals(params, model, data_chunks, n_reflections):
-    """Set a trained model's grid marginals (:mod:`skmerge.model.marginals`) when the
-    estimator's ``marginals`` asks for them (not for amplitudes frozen at given values);
-    ``data_chunks`` gives the training data."""
+def with_posterior_corrections(params, model, data_chunks, n_reflections):
+    """Set what a trained model's merged table needs beyond its posterior (not for
+    amplitudes frozen at given values): its grid marginals
+    (:mod:`skmerge.model.marginals`) when the estimator's ``marginals`` asks for them, and
+    the sandwich ratio that widens SIGF (:mod:`skmerge.model.sandwich`). ``data_chunks``
+    gives the training data."""
     from .marginals import grid_marginals
+    from .sandwich import sandwich_ratio
 
-    wanted = params.marginals == "grid" and params.freeze != "posterior"
-    model.marginals = grid_marginals(model, data_chunks, n_reflections) if wanted else None
+    fitted = params.freeze != "posterior"
+    grid = fitted and params.marginals == "grid"
+    model.marginals = grid_marginals(model, data_chunks, n_reflections) if grid else None
+    model.sandwich_ratio = sandwich_ratio(model, data_chunks, n_reflections) if fitted else 1.0
 
 
 def joined_with_previous(params, old_state, old_weights, result):

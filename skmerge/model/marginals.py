@@ -246,8 +246,11 @@ class _Rows:
     implied_max: np.ndarray
 
 
-def _row_terms(model, chunks, n_reflections):
-    pieces = []
+def row_pieces(model, chunks):
+    """Per piece of ``chunks`` (evaluation data): every row's reflection, observed
+    intensity and σ, expected scale, and what the other harmonics of its spot are
+    predicted to add (0 without harmonics) — a Laue spot's intensity and σ on each of its
+    harmonics' rows."""
     for chunk in chunks:
         mean, _, scale, _ = (v.numpy().astype(np.float64) for v in model.predict(chunk))
         intensity, sigma = chunk["intensity"].numpy(), chunk["sigma"].numpy()
@@ -256,8 +259,12 @@ def _row_terms(model, chunks, n_reflections):
             spot = chunk["spot"].numpy()
             offset = np.bincount(spot, mean, len(intensity))[spot] - mean
             intensity, sigma = intensity[spot], sigma[spot]
-        # Single precision: a streamed fit keeps these for every observation of its store.
-        pieces.append((chunk["refl"].numpy(), *(v.astype(np.float32) for v in (intensity, sigma, scale, offset))))
+        yield chunk["refl"].numpy(), intensity, sigma, scale, offset
+
+
+def _row_terms(model, chunks, n_reflections):
+    # Single precision: a streamed fit keeps these for every observation of its store.
+    pieces = [(refl, *(v.astype(np.float32) for v in values)) for refl, *values in row_pieces(model, chunks)]
     refl, intensity, sigma, scale, offset = (np.concatenate(p) for p in zip(*pieces))
     implied_max = np.zeros(n_reflections)
     np.maximum.at(implied_max, refl, np.sqrt(np.maximum(intensity - offset, 0.0) / scale.astype(np.float64)))

@@ -54,7 +54,8 @@ from ..symmetry import lookup_keys
 from .build import _metadata_transformer, _scale_network, checked_intensity_scale, merging_model, start_posterior
 from .data import Reflections, encode
 from .fitted import FitState
-from .fitting import Training, _progress, resolved_network_shape, trained_variables, with_grid_marginals
+from .fitting import (Training, _progress, resolved_network_shape, trained_variables,
+                      with_posterior_corrections)
 from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, probable_observations, scale_floor,
                              wilson_curve)
 
@@ -183,8 +184,9 @@ def fit_store(params, store, rng, seed, previous=None):
                                              n_iter_no_change=params.n_iter_no_change, progress=progress)
     finally:
         batches.close()
-    with_grid_marginals(params, model, lambda: (state.evaluation_data(params, X)[0] for X, _ in source.chunks()),
-                        len(state.reflections))
+    with_posterior_corrections(params, model,
+                               lambda: (state.evaluation_data(params, X)[0] for X, _ in source.chunks()),
+                               len(state.reflections))
     return Training(model, state, history, converged, trainer.kept_step), survey.head
 
 

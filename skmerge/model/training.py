@@ -65,6 +65,9 @@ class MergingModel(tf.Module):
         # The marginals of the amplitudes on grids after training (GridMarginals), which
         # the merged table reports instead of the mean-field posterior's moments.
         self.marginals = None
+        # J/H of the likelihood on the training data after training, which widens the
+        # merged table's SIGF (skmerge.model.sandwich).
+        self.sandwich_ratio = 1.0
 
     def observation_log_likelihood(self, data, predicted):
         """log p(Iᵢ | ``predicted``) of every observation of ``data`` (its ``intensity`` and
