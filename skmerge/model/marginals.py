@@ -250,7 +250,12 @@ def row_pieces(model, chunks):
     """Per piece of ``chunks`` (evaluation data): every row's reflection, observed
     intensity and σ, expected scale, and what the other harmonics of its spot are
     predicted to add (0 without harmonics) — a Laue spot's intensity and σ on each of its
-    harmonics' rows."""
+    harmonics' rows.
+
+    Examples
+    --------
+    >>> refl, intensity, sigma, scale, offset = next(row_pieces(model, chunks))  # doctest: +SKIP
+    """
     for chunk in chunks:
         mean, _, scale, _ = (v.numpy().astype(np.float64) for v in model.predict(chunk))
         intensity, sigma = chunk["intensity"].numpy(), chunk["sigma"].numpy()

@@ -107,7 +107,13 @@ def applied_ratio(ratio):
     sandwich ratio is ``ratio``: the ratio, but never below 1. Residuals narrower than
     the likelihood claims come from the scale model's own freedom absorbing them, not from
     a likelihood wider than the noise: simulated stills, whose per-image layers have much
-    freedom, gave J/H 0.95 with a z SD of 1.43."""
+    freedom, gave J/H 0.95 with a z SD of 1.43.
+
+    Examples
+    --------
+    >>> applied_ratio(1.2), applied_ratio(0.9)
+    (1.2, 1.0)
+    """
     return max(float(ratio), 1.0)
 
 
