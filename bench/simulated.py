@@ -20,7 +20,8 @@ again after an overall B: each merge's F times exp(B/(4d²)), B chosen for the l
 since the fall-off shared between F and the scales is not in the data — the reference,
 which divides by the true scales, knows it); the z-scores z = (F − F_true')/SIGF with F_true' the truth brought onto the
 merge by a fitted scale and B (least squares of log F over reflections with
-F/SIGF > 3), their SD and robust SD (1.4826·MAD), and for the anomalous sets those of
+F/SIGF > 3), their SD and robust SD (1.4826·MAD) — also with SIGF the posterior's, before
+the sandwich ratio J/H widens it (``posterior`` columns) — and for the anomalous sets those of
 DANO's z (DANO − DANO_true')/SIGDANO, over the acentric pairs with both halves measured;
 and CC(ΔF, truth) of the anomalous (F(+) − F(−)) or time-resolved (F₁ − F₀) differences.
 The reference is a perfect scaler: the observations divided by their true scales,
@@ -180,6 +181,17 @@ def score(merged, X, truth, name, ref):
     return out
 
 
+def _posterior_table(merger, X):
+    """The merged table with SIGF the posterior's, not widened by the sandwich ratio
+    (skmerge.model.sandwich), to show what the ratio does on the same fit."""
+    model = merger._get_model()
+    ratio, model.sandwich_ratio = model.sandwich_ratio, 1.0
+    try:
+        return merger.transform(X)
+    finally:
+        model.sandwich_ratio = ratio
+
+
 def _cc_after_overall_b(f, f_true, s):
     """The largest CC(F·exp(B·s/4), truth) over an overall B (s = 1/d²)."""
     from scipy.optimize import minimize_scalar
@@ -217,9 +229,12 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 merger = VariationalMerger(metadata=metadata, anomalous=not separate,
                                            separate_files=separate, random_state=seed, **params).fit(X)
+                posterior = score(_posterior_table(merger, X), X, truth, name, ref)
                 row = {"data": name, "images": args.images, "seed": seed, "variant": variant, "steps": int(merger.n_iter_),
                        "fit s": round(time.perf_counter() - t0, 1),
                        **{k: round(float(v), 4) for k, v in score(merger.transform(X), X, truth, name, ref).items()},
+                       "J/H": round(float(merger.sandwich_ratio_), 3),
+                       **{f"{k}, posterior": round(float(posterior[k]), 4) for k in ("z SD", "robust z SD")},
                        "likelihood": {k: round(v, 3) for k, v in learned_likelihood(merger).items()}}
                 table.append(row)
                 print(json.dumps(row), flush=True)

@@ -20,6 +20,7 @@ import skmerge
 from skmerge import InputError, StudentTLikelihood, VariationalMerger
 from skmerge.datasets import make_unmerged
 from skmerge.errors import ParameterError
+from skmerge.model.sandwich import applied_ratio
 
 FAST = dict(mlp_layers=2, mlp_width=8, max_iter=150, random_state=0)
 
@@ -55,8 +56,10 @@ def test_transform_returns_merged_table_with_mtz_types(small, fitted):
 
 
 def test_intensity_is_second_moment_of_amplitude(small, fitted):
+    # Of the posterior: SIGF is the posterior's SD widened by the sandwich, I is not.
     merged = fitted.transform(small[0])
-    np.testing.assert_allclose(merged["I"], merged["F"] ** 2 + merged["SIGF"] ** 2, rtol=1e-4)
+    posterior_var = merged["SIGF"] ** 2 / applied_ratio(fitted.sandwich_ratio_)
+    np.testing.assert_allclose(merged["I"], merged["F"] ** 2 + posterior_var, rtol=1e-4)
 
 
 def test_outputs_are_in_the_units_of_the_input(small, fitted):
