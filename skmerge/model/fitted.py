@@ -20,7 +20,6 @@ from ..merged import anomalous_table, merged_table
 from ..symmetry import lookup_keys, pack_hkl, resolution, unpack_group, unpack_hkl
 from .data import Reflections, chunks, encode, tensor_data
 from .initialisation import evaluate_curve
-from .sandwich import applied_ratio, shared_correlation
 
 # Posterior samples of the expected prior curvature behind the linear-response SIGF.
 _COVARIANCE_SAMPLES = 32
@@ -182,6 +181,10 @@ class FitState:
 
     def table(self, params, model, keys):
         """The merged table of the reflections with the given sorted keys."""
+        # Imported here: the sandwich module loads TensorFlow, and this module must not
+        # (the command line's --help and --version import it without TensorFlow).
+        from .sandwich import applied_ratio, shared_correlation
+
         refl, extra = self.locate(params, keys)
         moments = [m.numpy().astype(np.float64) for m in model.amplitude_moments(extra)]
         m1, m2, _, m4 = (m[refl] for m in moments)
