@@ -23,7 +23,11 @@ merge by a fitted scale and B (least squares of log F over reflections with
 F/SIGF > 3), their SD and robust SD (1.4826·MAD) — also with SIGF the posterior's, before
 the sandwich ratio J/H widens it (``posterior`` columns) — and for the anomalous sets those of
 DANO's z (DANO − DANO_true')/SIGDANO, over the acentric pairs with both halves measured;
-and CC(ΔF, truth) of the anomalous (F(+) − F(−)) or time-resolved (F₁ − F₀) differences.
+CC(ΔF, truth) of the anomalous (F(+) − F(−)) or time-resolved (F₁ − F₀) differences; and
+for each fifth of the inlying observations by true intensity the robust SD of their
+residuals about the fit over that about the truth, the amplitude's share of each
+observation divided out (1 when the scales absorb none of the noise; below 1 where they
+follow it).
 The reference is a perfect scaler: the observations divided by their true scales,
 outliers removed, merged by inverse-variance weights, F = √max(I, 0).
 
@@ -94,6 +98,7 @@ def simulate(name, seed, n_images=180):
     X.loc[bad, "Iobs"] = X.loc[bad, "Iobs"] / 3
     X.loc[bad, "SIGIobs"] = X.loc[bad, "SIGIobs"] / 3
     truth.scale = np.where(bad, truth.scale / 3, truth.scale)
+    truth.Itrue = np.where(bad, truth.Itrue / 3, truth.Itrue)
     if name == "understated":
         X["SIGIobs"] = X["SIGIobs"] / 3
     return X, truth
@@ -192,6 +197,45 @@ def _posterior_table(merger, X):
         model.sandwich_ratio = ratio
 
 
+def _absorbed(merger, X, truth, fifths=5):
+    """How much of the observations' noise the fit's scales absorb: for each fifth of the
+    inlying observations by true intensity, the robust SD of their residuals about the
+    fit's prediction over that about the truth, both in units of the reported σ.
+
+    The truth's residuals are the simulated noise. A fit follows some of it with its own
+    parameters: its amplitude takes observation i's share hᵢ = wᵢ/Σw of its reflection's
+    weight (w = (true scale/σ)²), which leaves a residual √(1 − hᵢ) as wide — divided out
+    here (observations with hᵢ > ½ left out), so that what stays below 1 is what the
+    scales absorbed. A noise model fitted to such residuals claims more than the data
+    hold, and no residual-based correction of SIGF (the error model, the sandwich J/H)
+    can see it."""
+    import pandas as pd
+
+    prediction = merger.predict(X)
+    sigma = X["SIGIobs"].to_numpy(float)
+    observed = X["Iobs"].to_numpy(float)
+    inlier = ~np.asarray(truth.outlier, bool)
+    true = np.asarray(truth.Itrue, float)
+    # The merge's reflections: Friedel halves apart in anomalous merges, files apart in
+    # separate ones.
+    asu = X.copy().hkl_to_asu(anomalous=merger.anomalous).reset_index()
+    columns = ["H", "K", "L"] + (["file_id"] if merger.separate_files else [])
+    weight = pd.Series(np.where(inlier, (np.asarray(truth.scale, float) / sigma) ** 2, 0.0))
+    share = weight / weight.groupby([asu[c] for c in columns]).transform("sum")
+    rank = np.argsort(np.argsort(np.where(inlier, true, np.inf)))
+    fifth = rank * fifths // inlier.sum()
+    # Observations that outweigh the rest of their reflection are left out: their
+    # residual is mostly the amplitude's, and √(1 − h) divides noise by almost nothing.
+    kept = inlier & (share.to_numpy() <= 0.5)
+    fit_residual = (observed - prediction) / sigma / np.sqrt(1 - share.to_numpy())
+
+    def robust(v):
+        return 1.4826 * np.median(np.abs(v - np.median(v)))
+
+    return [round(float(robust(fit_residual[sel]) / robust((observed - true)[sel] / sigma[sel])), 3)
+            for sel in (kept & (fifth == k) for k in range(fifths))]
+
+
 def _cc_after_overall_b(f, f_true, s):
     """The largest CC(F·exp(B·s/4), truth) over an overall B (s = 1/d²)."""
     from scipy.optimize import minimize_scalar
@@ -234,14 +278,15 @@ def main(argv=None):
                        "fit s": round(time.perf_counter() - t0, 1),
                        **{k: round(float(v), 4) for k, v in score(merger.transform(X), X, truth, name, ref).items()},
                        "J/H": round(float(merger.sandwich_ratio_), 3),
+                       "fit/true residual by fifth of I": _absorbed(merger, X, truth),
                        **{f"{k}, posterior": round(float(posterior[k]), 4) for k in ("z SD", "robust z SD")},
                        "likelihood": {k: round(v, 3) for k, v in learned_likelihood(merger).items()}}
                 table.append(row)
                 print(json.dumps(row), flush=True)
-    columns = list(table[0])
+    columns = list(dict.fromkeys(c for row in table for c in row))
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in table:
-        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     OUT.mkdir(exist_ok=True)
     (OUT / "simulated.json").write_text(json.dumps(table, indent=1))
 
