@@ -21,7 +21,8 @@ since the fall-off shared between F and the scales is not in the data — the re
 which divides by the true scales, knows it); the z-scores z = (F − F_true')/SIGF with F_true' the truth brought onto the
 merge by a fitted scale and B (least squares of log F over reflections with
 F/SIGF > 3), their SD and robust SD (1.4826·MAD) — also with SIGF the posterior's, before
-the sandwich ratio J/H widens it (``posterior`` columns) — and for the anomalous sets those of
+the images' scale weights' factors (median and 90th percentile reported) and the sandwich
+ratio J/H widen it (``posterior`` columns) — and for the anomalous sets those of
 DANO's z (DANO − DANO_true')/SIGDANO, over the acentric pairs with both halves measured;
 CC(ΔF, truth) of the anomalous (F(+) − F(−)) or time-resolved (F₁ − F₀) differences; and
 for each fifth of the inlying observations by true intensity the robust SD of their
@@ -188,13 +189,15 @@ def score(merged, X, truth, name, ref):
 
 def _posterior_table(merger, X):
     """The merged table with SIGF the posterior's, not widened by the sandwich ratio
-    (skmerge.model.sandwich), to show what the ratio does on the same fit."""
+    (skmerge.model.sandwich) nor for the images' scale weights
+    (skmerge.model.scale_uncertainty), to show what they do on the same fit."""
     model = merger._get_model()
-    ratio, model.sandwich_ratio = model.sandwich_ratio, 1.0
+    ratio, own = model.sandwich_ratio, model.image_weight_ratio
+    model.sandwich_ratio, model.image_weight_ratio = 1.0, None
     try:
         return merger.transform(X)
     finally:
-        model.sandwich_ratio = ratio
+        model.sandwich_ratio, model.image_weight_ratio = ratio, own
 
 
 def _absorbed(merger, X, truth, fifths=5):
@@ -278,6 +281,8 @@ def main(argv=None):
                        "fit s": round(time.perf_counter() - t0, 1),
                        **{k: round(float(v), 4) for k, v in score(merger.transform(X), X, truth, name, ref).items()},
                        "J/H": round(float(merger.sandwich_ratio_), 3),
+                       "image weight ratio median, p90": [round(float(q), 3) for q in np.quantile(
+                           getattr(merger, "image_weight_ratio_", np.ones(1)), [0.5, 0.9])],
                        "fit/true residual by fifth of I": _absorbed(merger, X, truth),
                        **{f"{k}, posterior": round(float(posterior[k]), 4) for k in ("z SD", "robust z SD")},
                        "likelihood": {k: round(v, 3) for k, v in learned_likelihood(merger).items()}}

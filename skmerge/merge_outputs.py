@@ -154,8 +154,8 @@ def fitted_error_model(merger):
 
 def fit_messages(merger):
     """The status lines on a finished fit: its steps and error model, the learned
-    likelihood, the scale network's shape, the sandwich ratio of SIGF and the
-    double-Wilson r.
+    likelihood, the scale network's shape, the sandwich ratio of SIGF and its images'
+    scale weights' factors, and the double-Wilson r.
 
     Examples
     --------
@@ -192,6 +192,12 @@ def fit_messages(merger):
         messages.append(f"SIGF: the likelihood's score varies {ratio:.3g} times its curvature (J/H), "
                         + (f"so SIGF is the posterior's SD times {ratio ** 0.5:.3g}" if ratio > 1
                            else "so SIGF is the posterior's SD"))
+    own = getattr(merger, "image_weight_ratio_", None)
+    if own is not None and len(own):
+        median, high = np.quantile(own, [0.5, 0.9])
+        messages.append(f"SIGF: the images' own scale weights are uncertain too; the posterior variances are "
+                        f"multiplied by {median:.3g} (median) to {high:.3g} (90th percentile) for it, the most "
+                        "precisely measured reflections' most")
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         messages.append("double-Wilson prior: r " + "; ".join(
@@ -239,7 +245,8 @@ def statistics_document(result):
     :class:`~skmerge.streamed_merge.StreamedMergeResult`): the run, and each data set's
     statistics and calibration, the error model, the CCdiff parents, the learned
     likelihood, whether the images had heads, the scale network's shape, the sandwich
-    ratio of SIGF and the double-Wilson r.
+    ratio of SIGF, the median and 90th percentile of its images' scale weights'
+    factors, and the double-Wilson r.
 
     Examples
     --------
@@ -271,6 +278,9 @@ def statistics_document(result):
             document[name] = int(getattr(merger, f"{name}_"))
     if hasattr(merger, "sandwich_ratio_"):
         document["sandwich_ratio"] = float(merger.sandwich_ratio_)
+    own = getattr(merger, "image_weight_ratio_", None)
+    if own is not None and len(own):
+        document["image_weight_ratio"] = {"median": float(np.median(own)), "p90": float(np.quantile(own, 0.9))}
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]

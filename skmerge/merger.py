@@ -323,6 +323,14 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         (:mod:`skmerge.model.sandwich`). Where it is above 1 the posterior variances of
         the reflections the fit saw are multiplied by it in :meth:`transform`'s SIGF and
         SIGI (Friedel halves sharing the extra variance, so that SIGDANO stands).
+    image_weight_ratio_ : ndarray of shape (n_reflections,)
+        When the scale model has weights of each image's own (offsets, image layers):
+        the factor of each reflection's posterior variance for their uncertainty, the
+        information about its amplitude that its images' weights take
+        (:mod:`skmerge.model.scale_uncertainty`). :meth:`transform` multiplies the
+        variances behind SIGF and SIGI by it (and by the sandwich's J/H); Friedel halves
+        share the extra variance (the prior ties them, so an image's scale error moves
+        both), so that SIGDANO stands.
     prior_r_ : ndarray of shape (n_files, n_shells)
         With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),
@@ -808,7 +816,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         -------
         rs.DataSet
             Indexed by the ASU H, K, L, with F, SIGF (posterior mean and standard
-            deviation of F, widened by ``sandwich_ratio_`` where it is above 1),
+            deviation of F, widened by ``image_weight_ratio_`` and by ``sandwich_ratio_``
+            where it is above 1),
             I = E[F²], SIGI = √(E[F⁴] − I²) (widened alike) and N
             (observations used in the fit). With ``anomalous=True`` also F(±), SIGF(±),
             I(±), SIGI(±), N(±), DANO = F(+) − F(−) and SIGDANO. With

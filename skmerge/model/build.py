@@ -164,6 +164,7 @@ def restore_model(params, state, weights):
     network.set_weights(weights.scale)
     model = merging_model(params, state, posterior, network, weights)
     model.sandwich_ratio = float(weights.sandwich_ratio)
+    model.image_weight_ratio = weights.image_weight_ratio
     if weights.marginals is not None:
         from .marginals import GridMarginals
 

@@ -202,19 +202,27 @@ class FitState:
             widened = np.sqrt(variance[refl[fitted]])
             sigi[fitted] *= np.divide(widened, sigf[fitted], out=np.ones_like(widened), where=sigf[fitted] > 0)
             sigf[fitted] = widened
+        # Each reflection's own factor (its images' scale weights), then the sandwich's,
+        # common to all.
+        own = np.ones(len(self.reflections)) if model.image_weight_ratio is None else \
+            np.asarray(model.image_weight_ratio, np.float64)
         ratio = applied_ratio(model.sandwich_ratio)
-        sigf[fitted] *= math.sqrt(ratio)
-        sigi[fitted] *= math.sqrt(ratio)
+        widening = np.sqrt(ratio * own[refl[fitted]])
+        sigf[fitted] *= widening
+        sigi[fitted] *= widening
         mate_correlation = None
         if params.anomalous:
             mate = lookup_keys(self.reflections.keys, pack_hkl(-hkl, group))
             both = fitted & (mate >= 0)
-            pair_variance = variance[refl[both]], variance[mate[both]]
+            pair = refl[both], mate[both]
             mate_correlation = np.zeros(len(refl))
             if covariance is not None:
-                mate_correlation[both] = covariance.covariance(refl[both], mate[both]) / np.sqrt(
-                    pair_variance[0] * pair_variance[1])
-            mate_correlation[both] = shared_correlation(mate_correlation[both], *pair_variance, ratio)
+                mate_correlation[both] = covariance.covariance(*pair) / np.sqrt(variance[pair[0]] * variance[pair[1]])
+            # The images' weights' share is shared by the halves as the sandwich's is: the
+            # prior ties a reflection to its mate, so an image's scale error moves both
+            # (widened each on its own, DANO's z on simulated stills fell from 1.03 to 0.84).
+            mate_correlation[both] = shared_correlation(mate_correlation[both], variance[pair[0]],
+                                                        variance[pair[1]], ratio * own[pair[0]], ratio * own[pair[1]])
         columns = {"F": m1 * root, "SIGF": sigf * root, "I": m2 * c, "SIGI": sigi * c, "N": counts.astype(np.int32)}
         spacegroup, cell = self.reflections.spacegroup, self.reflections.cell
         if params.anomalous:
@@ -285,6 +293,9 @@ class Weights:
     sandwich_ratio: float = 1.0
     """J/H, the factor of the posterior variances in the merged table
     (:mod:`skmerge.model.sandwich`; 1 for fits saved before it)."""
+    image_weight_ratio: np.ndarray = None
+    """Per reflection, the factor of its posterior variance for its images' own scale
+    weights (:mod:`skmerge.model.scale_uncertainty`; None: 1, as for fits saved before it)."""
 
     @classmethod
     def from_attributes(cls, estimator):
@@ -294,7 +305,8 @@ class Weights:
         learned = list(learned_likelihood(estimator).values())
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
                    getattr(estimator, "prior_r_", None), np.array(learned) if learned else None,
-                   getattr(estimator, "marginal_moments_", None), getattr(estimator, "sandwich_ratio_", 1.0))
+                   getattr(estimator, "marginal_moments_", None), getattr(estimator, "sandwich_ratio_", 1.0),
+                   getattr(estimator, "image_weight_ratio_", None))
 
     @classmethod
     def of(cls, model):
@@ -303,7 +315,7 @@ class Weights:
         prior, likelihood = (getattr(piece, "get_weights", lambda: None)() for piece in (model.prior, model.likelihood))
         marginals = model.marginals.values if model.marginals is not None else None
         return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood,
-                   marginals, model.sandwich_ratio)
+                   marginals, model.sandwich_ratio, model.image_weight_ratio)
 
 
 # The fitted attributes of a likelihood's learned parameters, in the order its weights

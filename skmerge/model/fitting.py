@@ -15,7 +15,8 @@ from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, NetworkShape, Weights, like
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
-OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "marginal_moments_", *LIKELIHOOD_ATTRIBUTES,
+OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "marginal_moments_", "image_weight_ratio_",
+                       *LIKELIHOOD_ATTRIBUTES,
                        "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_",
                        "held_out_loss_curve_")
 
@@ -50,6 +51,8 @@ class Training:
         if weights.marginals is not None:
             attributes["marginal_moments_"] = weights.marginals
         attributes["sandwich_ratio_"] = weights.sandwich_ratio
+        if weights.image_weight_ratio is not None:
+            attributes["image_weight_ratio_"] = weights.image_weight_ratio
         if weights.likelihood is not None:
             attributes.update(likelihood_attributes(self.model.likelihood, weights.likelihood))
         if self.held_out_loss is not None:
@@ -189,15 +192,20 @@ def with_posterior_corrections(params, model, data_chunks, n_reflections):
     """Set what a trained model's merged table needs beyond its posterior (not for
     amplitudes frozen at given values): its grid marginals
     (:mod:`skmerge.model.marginals`) when the estimator's ``marginals`` asks for them, and
-    the sandwich ratio that widens SIGF (:mod:`skmerge.model.sandwich`). ``data_chunks``
-    gives the training data."""
+    the sandwich ratio that widens SIGF (:mod:`skmerge.model.sandwich`), and the factors
+    that carry the uncertainty of each image's own scale weights into SIGF
+    (:mod:`skmerge.model.scale_uncertainty`). ``data_chunks`` gives the training data."""
     from .marginals import grid_marginals
     from .sandwich import sandwich_ratio
+    from .scale_uncertainty import image_weight_ratio
 
     fitted = params.freeze != "posterior"
     grid = fitted and params.marginals == "grid"
     model.marginals = grid_marginals(model, data_chunks, n_reflections) if grid else None
     model.sandwich_ratio = sandwich_ratio(model, data_chunks, n_reflections) if fitted else 1.0
+    # Scales held at a previous fit's values were not fitted to these observations.
+    scales_fitted = fitted and params.freeze != "scales"
+    model.image_weight_ratio = image_weight_ratio(model, data_chunks, n_reflections) if scales_fitted else None
 
 
 def joined_with_previous(params, old_state, old_weights, result):
@@ -232,8 +240,18 @@ def joined_with_previous(params, old_state, old_weights, result):
     marginals = None
     if weights.marginals is not None and old_weights.marginals is not None:
         marginals = values_on_union(keys, old_keys, old_weights.marginals.T, new_keys, weights.marginals.T).T
-    union_weights = dataclasses.replace(weights, posterior=posterior, scale=scale, marginals=marginals)
+    # Reflections without a factor on one side (or fits without one) keep their posterior's.
+    ratio = None
+    if weights.image_weight_ratio is not None or old_weights.image_weight_ratio is not None:
+        ratio = values_on_union(keys, old_keys, _ratio_or_ones(old_weights.image_weight_ratio, len(old_keys)),
+                                new_keys, _ratio_or_ones(weights.image_weight_ratio, len(new_keys)))
+    union_weights = dataclasses.replace(weights, posterior=posterior, scale=scale, marginals=marginals,
+                                        image_weight_ratio=ratio)
     return dataclasses.replace(result, model=restore_model(params, union_state, union_weights), state=union_state)
+
+
+def _ratio_or_ones(ratio, n):
+    return np.ones(n, np.float32) if ratio is None else ratio
 
 
 def values_on_union(keys, old_keys, old_values, new_keys, new_values):

@@ -74,7 +74,9 @@ def sandwich_ratio(model, data_chunks, n_reflections):
     score_sq, curvature = np.zeros(n_reflections), np.zeros(n_reflections)
     count = np.zeros(n_reflections, np.int64)
     for refl, intensity, sigma, scale, offset in row_pieces(model, data_chunks()):
-        score, minus_hessian = _score_and_curvature(model, f_mean[refl], intensity, sigma, scale, offset)
+        scale, offset = tf.constant(scale, tf.float32), tf.constant(offset, tf.float32)
+        score, minus_hessian = likelihood_derivatives(model, f_mean[refl], intensity, sigma,
+                                                      lambda f: scale * tf.square(f) + offset)
         score_sq += np.bincount(refl, score**2, n_reflections)
         curvature += np.bincount(refl, minus_hessian, n_reflections)
         count += np.bincount(refl, minlength=n_reflections)
@@ -85,20 +87,20 @@ def sandwich_ratio(model, data_chunks, n_reflections):
     return float(np.sum(bessel * score_sq[pooled]) / np.sum(curvature[pooled]))
 
 
-def _score_and_curvature(model, f, intensity, sigma, scale, offset):
-    """∂ log p/∂F and −∂² log p/∂F² of every row's likelihood at F = ``f``."""
-    f = tf.constant(f, tf.float32)
+def likelihood_derivatives(model, x, intensity, sigma, predicted):
+    """∂ log p/∂x and −∂² log p/∂x² of every row's likelihood at ``x`` (one value per
+    row), the rows' predicted intensities being ``predicted(x)`` (a function of tensors)."""
+    x = tf.constant(x, tf.float32)
     data = {"intensity": tf.constant(intensity, tf.float32), "sigma": tf.constant(sigma, tf.float32)}
-    scale, offset = tf.constant(scale, tf.float32), tf.constant(offset, tf.float32)
     with tf.GradientTape() as outer:
-        outer.watch(f)
+        outer.watch(x)
         with tf.GradientTape() as inner:
-            inner.watch(f)
-            log_likelihood = model.observation_log_likelihood(data, scale * tf.square(f) + offset)
-        # Each row's log-likelihood depends on its own F alone, so the gradient of the sum
+            inner.watch(x)
+            log_likelihood = model.observation_log_likelihood(data, predicted(x))
+        # Each row's log-likelihood depends on its own x alone, so the gradient of the sum
         # is every row's own derivative.
-        score = inner.gradient(log_likelihood, f)
-    curvature = -outer.gradient(score, f)
+        score = inner.gradient(log_likelihood, x)
+    curvature = -outer.gradient(score, x)
     return score.numpy().astype(np.float64), curvature.numpy().astype(np.float64)
 
 
@@ -117,16 +119,18 @@ def applied_ratio(ratio):
     return max(float(ratio), 1.0)
 
 
-def shared_correlation(correlation, variance, mate_variance, ratio):
-    """The correlation of Friedel halves whose variances are multiplied by ``ratio`` that
-    keeps the variance of their difference (DANO) as it was.
+def shared_correlation(correlation, variance, mate_variance, ratio, mate_ratio=None):
+    """The correlation of Friedel halves whose variances are multiplied by ``ratio`` and
+    ``mate_ratio`` (the same by default) that keeps the variance of their difference
+    (DANO) as it was.
 
     The excess spread the ratio measures is shared by the two halves of a pair: on the
     simulated anomalous sets the z of F was 1.12 (robust) while that of DANO, which
     cancels what the halves share (their scales, measured on the same images), was 0.96,
     and widening both halves independently took DANO's to 0.90. The extra variance is
-    therefore added to the halves' covariance as well: Var(F₊ − F₋) stands, and Var of
-    their mean grows by (ratio − 1)·(V₊ + V₋)/2.
+    therefore added to the halves' covariance as well, half of each half's: Var(F₊ − F₋)
+    stands, and Var of their mean grows by the mean of the extra variances (while the
+    correlation stays within ±1; halves widened very unequally widen DANO a little).
 
     Examples
     --------
@@ -135,7 +139,9 @@ def shared_correlation(correlation, variance, mate_variance, ratio):
     >>> float(rho[0]), float(1.5 * (2 - 2 * rho[0]))
     (0.3333333333333333, 2.0)
     """
+    mate_ratio = ratio if mate_ratio is None else mate_ratio
     product = np.sqrt(variance * mate_variance)
-    shared = (ratio - 1) * (variance + mate_variance) + 2 * correlation * product
-    widened = np.divide(shared, 2 * ratio * product, out=np.asarray(correlation, np.float64).copy(), where=product > 0)
+    shared = (ratio - 1) * variance + (mate_ratio - 1) * mate_variance + 2 * correlation * product
+    widened = np.divide(shared, 2 * np.sqrt(ratio * mate_ratio) * product,
+                        out=np.asarray(correlation, np.float64).copy(), where=product > 0)
     return np.clip(widened, -1.0, 1.0)

@@ -316,25 +316,83 @@ class ScaleNetwork(tf.Module):
             else:
                 embedding = tf.gather(image_embedding, image)
             features = tf.concat([features, embedding], 1)
-        elif self.n_features == 0:
-            features = tf.zeros([tf.shape(image)[0], 1])
+        blocks = (image_blocks or self.image_blocks(image)) if self.image_kernels else None
+        out = self._output(self._inputs(features, image), lambda hidden: self._image_stack(hidden, blocks))
+        offset = None
+        if self.image_offsets.shape[0] > 0:
+            known = image >= 0
+            offset = tf.where(known, tf.gather(self.image_offsets, tf.maximum(image, 0)),
+                              tf.reduce_mean(self.image_offsets))
+        return self._mu_and_spread(out, image, offset)
+
+    @property
+    def image_weight_count(self):
+        """The number of point-estimated weights of each image's own — its offset and its
+        image layers' kernels and biases — that :meth:`image_parameter_gradients` covers
+        (0 with the image encoder, whose embeddings are not weights of their own)."""
+        if self.encoder is not None:
+            return 0
+        width = self.out_kernel.shape[0]
+        return int(self.image_offsets.shape[0] > 0) + len(self.image_kernels) * (width * width + width)
+
+    def image_parameter_gradients(self, data):
+        """Each row's gradient of log E[Σ] (μ + s²/2) with respect to the weights of its
+        own image that :attr:`image_weight_count` counts — its offset, then each image
+        layer's kernel and bias — as a float32 array of shape (rows, weights per image).
+        Rows of image −1 (no weights of their own) get zeros."""
+        image = data["image"]
+        rows = self._own_weight_gradients(self._inputs(data["features"], image), image).numpy()
+        rows[image.numpy() < 0] = 0.0
+        return rows
+
+    @tf.function(reduce_retracing=True)
+    def _own_weight_gradients(self, inputs, image):
+        # A row's scale depends on its own image's weights alone, so the gradient of the
+        # rows' sum with respect to a copy of the weights per row is every row's own.
+        own = tf.maximum(image, 0)
+        has_offsets = self.image_offsets.shape[0] > 0
+        layers = [[tf.gather(kernel, own), tf.gather(bias, own)]
+                  for kernel, bias in zip(self.image_kernels, self.image_biases)]
+        copies = ([tf.gather(self.image_offsets, own)] if has_offsets else []) + [w for pair in layers for w in pair]
+
+        def own_layers(hidden):
+            for kernel, bias in layers:
+                hidden = hidden + tf.nn.leaky_relu(tf.einsum("ri,rio->ro", hidden, _residual_kernel(kernel, bias)),
+                                                   _LEAK)
+            return hidden
+
+        with tf.GradientTape() as tape:
+            tape.watch(copies)
+            mu, spread = self._mu_and_spread(self._output(inputs, own_layers), image,
+                                             copies[0] if has_offsets else None)
+            log_scale = mu + tf.square(spread) / 2
+        gradients = tape.gradient(log_scale, copies, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.concat([tf.reshape(g, [tf.shape(image)[0], -1]) for g in gradients], 1)
+
+    def _output(self, inputs, image_stack):
+        """The output layer's values of every row: the shared stack, then (with image
+        layers) ``image_stack`` on its hidden values (rows, width + 1), then the output
+        layer."""
         if self.image_kernels:
-            hidden = self._checkpointed(features, self._hidden, self._stack_weights(),
-                                        self.out_kernel.shape[0] + 1)
-            out = tf.matmul(self._image_stack(hidden, image_blocks or self.image_blocks(image)),
-                            self._output_weights())
-        else:
-            out = self._checkpointed(features, self._dense, [*self._stack_weights(), self._output_weights()],
-                                     self._n_outputs())
+            hidden = self._checkpointed(inputs, self._hidden, self._stack_weights(), self.out_kernel.shape[0] + 1)
+            return tf.matmul(image_stack(hidden), self._output_weights())
+        return self._checkpointed(inputs, self._dense, [*self._stack_weights(), self._output_weights()],
+                                  self._n_outputs())
+
+    def _inputs(self, features, image):
+        """The shared stack's input: the features, or a column of zeros without any."""
+        return tf.zeros([tf.shape(image)[0], 1]) if self.n_features == 0 and self.encoder is None else features
+
+    def _mu_and_spread(self, out, image, offset):
+        """(μ, s) from the output layer's values: the spread made positive, the heads and
+        the rows' image offsets (None without) added."""
         mu = out[:, 0]
         positive = tf.exp if self.spread_bijector == "exp" else tf.nn.softplus
         spread = positive(out[:, 1]) + _MIN_SPREAD
         if self.heads is not None:
             mu, spread = self.heads(mu, spread, out[:, 2:], image)
-        if self.image_offsets.shape[0] > 0:
-            known = image >= 0
-            offset = tf.gather(self.image_offsets, tf.maximum(image, 0))
-            mu = mu + tf.where(known, offset, tf.reduce_mean(self.image_offsets))
+        if offset is not None:
+            mu = mu + offset
         return mu, spread
 
     def heads_kl(self):

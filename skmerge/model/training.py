@@ -68,6 +68,9 @@ class MergingModel(tf.Module):
         # J/H of the likelihood on the training data after training, which widens the
         # merged table's SIGF (skmerge.model.sandwich).
         self.sandwich_ratio = 1.0
+        # Per reflection, the factor of its posterior variance that carries its images'
+        # own scale weights' uncertainty (skmerge.model.scale_uncertainty); None for 1.
+        self.image_weight_ratio = None
 
     def observation_log_likelihood(self, data, predicted):
         """log p(Iᵢ | ``predicted``) of every observation of ``data`` (its ``intensity`` and
