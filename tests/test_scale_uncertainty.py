@@ -11,7 +11,6 @@ from skmerge.datasets import make_unmerged
 from skmerge.model.fitted import evaluation_chunks
 from skmerge.model.marginals import row_pieces
 from skmerge.model.sandwich import shared_correlation
-from skmerge.model.scale_uncertainty import image_weight_ratio
 from skmerge.model.scaling import ScaleNetwork
 
 FAST = dict(mlp_layers=2, max_iter=150, random_state=0)
