@@ -139,7 +139,9 @@ def test_error_model_keeps_sigf_calibrated_when_sigma_is_understated(misreported
             s = shell == i
             z[s] = (f[s] - np.sum(f[s] * f_true[s]) / np.sum(f_true[s] ** 2) * f_true[s]) / sigf[s]
         z_spread[error_model] = z.std()
-    assert z_spread[False] > 1.8  # understated σ give overconfident SIGF ...
+    # Understated σ give overconfident SIGF (the sandwich and the images' offsets widen it
+    # a little, not to calibration) ...
+    assert z_spread[False] > 1.6
     assert 0.7 <= z_spread[True] <= 1.5  # ... which the error model repairs
 
 
