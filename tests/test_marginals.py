@@ -160,8 +160,9 @@ def test_transform_reports_the_grid_marginals_and_variational_the_fit(prior):
     root = np.sqrt(merger.intensity_scale_)
     m1, m2 = (m[np.unique(rows)] for m in merger.marginal_moments_[:2])  # the merged table's order
     np.testing.assert_allclose(merged["F"].to_numpy(), m1 * root, rtol=1e-5)
-    sandwich = np.sqrt(applied_ratio(merger.sandwich_ratio_))
-    np.testing.assert_allclose(merged["SIGF"].to_numpy(), np.sqrt(m2 - m1**2) * root * sandwich, rtol=1e-3)
+    # Widened by the sandwich's J/H and each reflection's factor for its images' offsets.
+    widening = np.sqrt(applied_ratio(merger.sandwich_ratio_) * merger.image_weight_ratio_[np.unique(rows)])
+    np.testing.assert_allclose(merged["SIGF"].to_numpy(), np.sqrt(m2 - m1**2) * root * widening, rtol=1e-3)
     variational = VariationalMerger(**{**merger.get_params(), "marginals": "variational"}).fit(X)
     assert not hasattr(variational, "marginal_moments_")
     q_mean = variational.posterior().mean().numpy().astype(np.float64)
