@@ -59,7 +59,8 @@ def image_weight_ratio(model, data_chunks, n_reflections):
     data_chunks : callable
         Returns an iterator over the training data in pieces (dicts of tensors as the
         model reads them, never splitting a Laue spot); called twice for every group of
-        images whose information matrices fit in memory together (once for most data).
+        images whose information matrices fit in memory together (one group for most
+        data), and once when the images' own weights are their offsets alone.
     n_reflections : int
 
     Returns
@@ -97,13 +98,17 @@ def _image_weight_ratio(model, data_chunks, n_reflections):
     group = max(1, _MAX_ENTRIES // n_weights**2)
     for start in range(0, n_images, group):
         images = np.arange(start, min(start + group, n_images))
+        # Offsets alone: every image in one group and one number per row, so the rows are
+        # kept for the second sum instead of computed again.
+        information_pass, cross_pass = _two_passes(lambda: _rows_of(model, data_chunks, f_mean, images),
+                                                   keep=n_weights == 1 and group >= n_images)
         information = np.zeros((len(images), n_weights, n_weights))
-        for rows in _rows_of(model, data_chunks, f_mean, images):
+        for rows in information_pass:
             for k, of_image in _by_image(rows.image - start):
                 weights = rows.weights[of_image].astype(np.float64)
                 information[k] += (weights * rows.curvature[of_image, None]).T @ weights
         inverse_roots = [_inverse_root(a) for a in information]
-        for rows in _rows_of(model, data_chunks, f_mean, images):
+        for rows in cross_pass:
             for k, of_image in _by_image(rows.image - start):
                 # Each reflection's cross information with the image's weights (the rows of
                 # an image come together, so a reflection is rarely split between pieces).
@@ -115,6 +120,15 @@ def _image_weight_ratio(model, data_chunks, n_reflections):
                 lost += np.bincount(refl[first], np.sum((cross @ inverse_roots[k]) ** 2, 1), n_reflections)
     remaining = np.maximum(precision - lost, precision / _MAX_RATIO)
     return (precision / remaining).astype(np.float32)
+
+
+def _two_passes(pieces, keep):
+    """Two iterables over the pieces that ``pieces()`` yields: the same list twice when
+    ``keep``, else two generators (each computes the pieces as it is read)."""
+    if keep:
+        kept = list(pieces())
+        return kept, kept
+    return pieces(), pieces()
 
 
 def _by_image(image):

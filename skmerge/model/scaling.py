@@ -341,7 +341,12 @@ class ScaleNetwork(tf.Module):
         layer's kernel and bias — as a float32 array of shape (rows, weights per image).
         Rows of image −1 (no weights of their own) get zeros."""
         image = data["image"]
-        rows = self._own_weight_gradients(self._inputs(data["features"], image), image).numpy()
+        if self.image_kernels:
+            rows = self._own_weight_gradients(self._inputs(data["features"], image), image).numpy()
+        else:
+            # An offset adds to μ alone, so every row's gradient is 1; tracing the general
+            # gradient took a fifth of a small rotation fit's time.
+            rows = np.ones((len(image), 1), np.float32)
         rows[image.numpy() < 0] = 0.0
         return rows
 
