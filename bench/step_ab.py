@@ -7,7 +7,9 @@ setting in its own process. Here every setting is fitted for a few steps (which 
 its compiled training step), then the settings' steps run in turn, ``--steps`` steps per
 setting per round, for ``--rounds`` rounds. Each setting's figure is the median over
 the rounds of its time divided by the first setting's time in the same round, so that
-drift slower than a round cancels.
+drift slower than a round cancels. Each setting gets skmerge's own network (serial stills
+a shallower shared stack under their image layers) unless ``--benchmark-network`` gives
+every one careless's 20 × 10, as the quality benchmark does.
 
 Usage (from the checkout to measure; settings are ``name=estimator parameters``)::
 
@@ -31,13 +33,13 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's skmerge, and the
 import compare_careless  # noqa: E402
 
 
-def _trainers(X, case, settings, build_steps):
+def _trainers(X, case, settings, build_steps, benchmark_network):
     """Each setting's Trainer after a short fit. The estimator keeps no handle on its
     trainer, so the trainer is recorded as it starts to run."""
     from skmerge import VariationalMerger
     from skmerge.model import training
 
-    spec = case.api_spec(build_steps)
+    spec = {**case.api_spec(build_steps), "network": benchmark_network}
     trainers, started, run = {}, [], training.Trainer.run
 
     def recording_run(trainer, *args, **kwargs):
@@ -64,6 +66,9 @@ def main(argv=None):
                         help="NAME=PARAMETERS, e.g. \"heads=image_layers=0\"; the first is the reference")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=50, help="steps per setting per round (one compiled chunk)")
+    parser.add_argument("--benchmark-network", action="store_true",
+                        help="give every setting the quality benchmark's network (careless's 20 x 10, "
+                             "compare_careless.NETWORK) instead of skmerge's own (its depth by kind of data)")
     args = parser.parse_args(argv)
     settings = [tuple(s.split("=", 1)) if "=" in s else (s, "") for s in args.setting]
 
@@ -73,7 +78,7 @@ def main(argv=None):
     case = compare_careless.CASES[args.dataset]
     X = skmerge.read_unmerged([str(f) for f in case.files], anomalous=case.anomalous,
                               intensity_key=case.intensity_key, sigma_key=case.sigma_key)
-    trainers = _trainers(X, case, settings, build_steps=args.steps)
+    trainers = _trainers(X, case, settings, build_steps=args.steps, benchmark_network=args.benchmark_network)
     n_steps = tf.constant(args.steps)
     ms = {name: [] for name, _ in settings}
     for _ in range(args.rounds):

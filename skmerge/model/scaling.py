@@ -64,8 +64,8 @@ def _own_image(image, n_images):
 def _image_blocks(image, n_images):
     """Where each row goes when rows are laid out in blocks of ``_IMAGE_BLOCK_ROWS`` rows
     of one image (the rows of image −1 in blocks of the mean image, numbered
-    ``n_images``): every row's slot, every block's image so numbered, and the number of
-    slots.
+    ``n_images``): every row's slot, every slot's row (the number of rows for an empty
+    slot), and every block's image so numbered.
 
     There are as many blocks as these rows could need (rows // block + images + 1), so
     that the shapes depend on the number of rows only; the unused blocks are empty and
@@ -83,7 +83,34 @@ def _image_blocks(image, n_images):
     n_blocks = n_rows // _IMAGE_BLOCK_ROWS + n_images + 1
     block_image = tf.minimum(tf.searchsorted(first_block + blocks, tf.range(n_blocks), side="right"), n_images)
     slot = tf.scatter_nd(order[:, None], ordered_slot, [n_rows])
-    return slot, block_image, n_blocks * _IMAGE_BLOCK_ROWS
+    empty = tf.fill([n_blocks * _IMAGE_BLOCK_ROWS], n_rows)
+    slot_row = tf.tensor_scatter_nd_update(empty, ordered_slot[:, None], order)
+    return slot, slot_row, block_image
+
+
+def _to_slots(rows, slot, slot_row):
+    """Rows (rows, k) laid out in their slots (slots, k), empty slots zero (``slot`` and
+    ``slot_row`` from :func:`_image_blocks`).
+
+    The layout moves each row to one slot, so each direction's gradient is the other
+    direction's gather: no scatter either way. With a scatter one way the layout took 1.3×
+    as long, and a thermolysin step about 6 % longer (bench/RESULTS.md, session 33)."""
+    @tf.custom_gradient
+    def moved(rows):
+        with_empty = tf.concat([rows, tf.zeros([1, tf.shape(rows)[1]])], 0)
+        return tf.gather(with_empty, slot_row), lambda d_slots: _to_rows(d_slots, slot, slot_row)
+
+    return moved(rows)
+
+
+def _to_rows(slots, slot, slot_row):
+    """The rows' values (rows, k) read back from their slots (slots, k): the inverse of
+    :func:`_to_slots`."""
+    @tf.custom_gradient
+    def moved(slots):
+        return tf.gather(slots, slot), lambda d_rows: _to_slots(d_rows, slot, slot_row)
+
+    return moved(slots)
 
 
 def observation_inputs(intensity, sigma, expected):
@@ -486,12 +513,12 @@ class ScaleNetwork(tf.Module):
         slots compute values that are never read back): laid out anew for each layer, a
         thermolysin step with three layers took 14 % longer.
         """
-        slot, block_image, n_slots = blocks
+        slot, slot_row, block_image = blocks
         size = hidden.shape[1]
-        blocks = tf.reshape(tf.scatter_nd(slot[:, None], hidden, [n_slots, size]), [-1, _IMAGE_BLOCK_ROWS, size])
+        blocks = tf.reshape(_to_slots(hidden, slot, slot_row), [-1, _IMAGE_BLOCK_ROWS, size])
         for kernel in self._image_layer_weights():
             blocks = blocks + tf.nn.leaky_relu(tf.matmul(blocks, tf.gather(kernel, block_image)), _LEAK)
-        return tf.gather(tf.reshape(blocks, [-1, size]), slot)
+        return _to_rows(tf.reshape(blocks, [-1, size]), slot, slot_row)
 
     def _image_layer_weights(self):
         """Each image layer's kernels, every image's and the mean image's last, with the
