@@ -98,10 +98,10 @@ def _image_weight_ratio(model, data_chunks, n_reflections):
     group = max(1, _MAX_ENTRIES // n_weights**2)
     for start in range(0, n_images, group):
         images = np.arange(start, min(start + group, n_images))
-        # Offsets alone: every image in one group and one number per row, so the rows are
-        # kept for the second sum instead of computed again.
+        # Offsets alone: one number per row (and every image in one group), so the rows
+        # are kept for the second sum instead of computed again.
         information_pass, cross_pass = _two_passes(lambda: _rows_of(model, data_chunks, f_mean, images),
-                                                   keep=n_weights == 1 and group >= n_images)
+                                                   keep=n_weights == 1)
         information = np.zeros((len(images), n_weights, n_weights))
         for rows in information_pass:
             for k, of_image in _by_image(rows.image - start):
