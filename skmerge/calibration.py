@@ -5,8 +5,8 @@ Every observation gets a predictive z-score
     z = (Iobs − Ipred) / σpred,   σpred² = σ'² + SD(Ipred)²,
 
 where σ' is its σ after the fitted error model (σ itself without one) and SD(Ipred) the
-spread of its prediction over the posterior and the scale (``VariationalMerger.predict``
-with ``return_std=True``). On observations held out of the fit, z has standard deviation 1
+spread of its prediction over the posterior and the scale, the uncertainty of its image's
+own scale weights included (``VariationalMerger.predict`` with ``return_std=True``). On observations held out of the fit, z has standard deviation 1
 and the intervals Ipred ± 1·σpred and Ipred ± 1.96·σpred hold 68 % and 95 % of them when
 the uncertainties are honest; :func:`calibration_report` checks this per resolution shell
 and per bin of Ipred.

@@ -278,9 +278,10 @@ def statistics_document(result):
             document[name] = int(getattr(merger, f"{name}_"))
     if hasattr(merger, "sandwich_ratio_"):
         document["sandwich_ratio"] = float(merger.sandwich_ratio_)
-    own = getattr(merger, "image_weight_ratio_", None)
-    if own is not None and len(own):
-        document["image_weight_ratio"] = {"median": float(np.median(own)), "p90": float(np.quantile(own, 0.9))}
+    for name in ("image_weight_ratio", "image_scale_variance"):
+        values = getattr(merger, f"{name}_", None)
+        if values is not None and len(values):
+            document[name] = {"median": float(np.median(values)), "p90": float(np.quantile(values, 0.9))}
     prior_r = getattr(merger, "prior_r_", None)
     if prior_r is not None and np.isfinite(prior_r).any():
         document["prior_r"] = [[None if np.isnan(v) else float(v) for v in row] for row in prior_r]

@@ -331,6 +331,11 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         variances behind SIGF and SIGI by it (and by the sandwich's J/H); Friedel halves
         share the extra variance (the prior ties them, so an image's scale error moves
         both), so that SIGDANO stands.
+    image_scale_variance_ : ndarray of shape (n_images,)
+        With those weights: per image, the variance of its observations' log Σ that the
+        uncertainty of its weights gives, averaged over its observations
+        (:mod:`skmerge.model.scale_uncertainty`). :meth:`predict`'s standard deviations
+        of I and Σ carry it (images the fit never saw have none).
     prior_r_ : ndarray of shape (n_files, n_shells)
         With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),

@@ -221,6 +221,7 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     del document["attributes"]["mlp_layers_"]  # before mlp_layers could be "auto"
     del document["attributes"]["sandwich_ratio_"]  # before the sandwich widened SIGF
     del document["attributes"]["image_weight_ratio_"]  # before the images' scale weights did
+    del document["attributes"]["image_scale_variance_"]  # before predictions carried them
     document["checksum"] = _checksum({"document": document, "arrays": arrays})
     np.savez(tmp_path / "old.npz", document=np.array(json.dumps(document)), **arrays)
     loaded = VariationalMerger.load(tmp_path / "old.npz")
@@ -229,6 +230,7 @@ def test_a_merger_saved_before_image_heads_existed_loads_without_them(tmp_path):
     # SIGF as such a fit reported it: the posterior's.
     assert loaded._get_model().sandwich_ratio == 1.0
     assert loaded._get_model().image_weight_ratio is None
+    assert loaded._get_model().image_scale_variance is None
 
     state = merger.__getstate__()
     del state["image_heads"], state["image_heads_"], state["image_layers"], state["image_layers_"], state["mlp_layers_"]

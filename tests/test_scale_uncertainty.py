@@ -79,15 +79,17 @@ def _offset_reference(merger, X):
     b = np.bincount(pair, c * 2 * scale * f * scale * f**2, n_refl * n_images).reshape(n_refl, n_images)
     lost = (b**2 / a).sum(1)
     precision = 1 / (f_square - f_mean**2)
-    return precision / np.maximum(precision - lost, precision / 25)
+    # An offset is log Σ itself, so each image's Var(log Σ) is 1/Aⱼ.
+    return precision / np.maximum(precision - lost, precision / 25), 1 / a
 
 
 def test_image_offsets_lose_what_the_scalar_reference_computes():
     X, _ = make_unmerged(n_images=8, random_state=0)
     merger = VariationalMerger(likelihood="normal", error_model=None, prior="wilson", **FAST).fit(X)
     assert merger._get_model().scale_network.image_weight_count == 1
-    reference = _offset_reference(merger, X)
+    reference, scale_variance = _offset_reference(merger, X)
     np.testing.assert_allclose(merger.image_weight_ratio_, reference, rtol=2e-3)
+    np.testing.assert_allclose(merger.image_scale_variance_, scale_variance, rtol=2e-3)
     # Eight images of a few hundred observations each: a little, and most for the
     # reflections measured most precisely.
     assert (merger.image_weight_ratio_ >= 1).all() and np.median(merger.image_weight_ratio_) < 1.1
@@ -97,8 +99,9 @@ def test_image_offsets_lose_what_the_scalar_reference_computes():
 def test_fits_without_image_weights_or_with_given_scales_have_no_factors():
     X, _ = make_unmerged(n_images=6, random_state=0)
     merger = VariationalMerger(image_scales=False, image_layers=0, **FAST).fit(X)
-    assert not hasattr(merger, "image_weight_ratio_")
+    assert not hasattr(merger, "image_weight_ratio_") and not hasattr(merger, "image_scale_variance_")
     assert merger._get_model().image_weight_ratio is None
+    assert merger._get_model().image_scale_variance is None
 
 
 def test_stills_image_layers_widen_the_strongest_reflections_most():
@@ -115,6 +118,29 @@ def test_stills_image_layers_widen_the_strongest_reflections_most():
     fifth = np.argsort(np.argsort(posterior_precision)) * 5 // len(ratio)
     assert ratio[fifth == 4].mean() > ratio[fifth == 0].mean()
     assert np.isfinite(merger.transform(X)["SIGF"]).all()
+
+
+def test_predictions_carry_their_images_scale_variance():
+    X, _ = make_unmerged(n_images=12, stills=True, random_state=0)
+    merger = VariationalMerger(**FAST).fit(X)
+    variance = merger.image_scale_variance_
+    assert variance.shape == (12,) and (variance > 0).all()
+    # An image the fit never saw (its rows get image −1) has no weights of its own.
+    renamed = X.copy()
+    last = np.flatnonzero(X["image_id"] == X["image_id"].max())
+    renamed.iloc[last, renamed.columns.get_loc("image_id")] += 1000
+    X_both = renamed.iloc[np.r_[np.flatnonzero(X["image_id"] == 3), last]]
+    n_seen = len(X_both) - len(last)
+    mean, sd, scale, scale_sd = merger.predict(X_both, return_std=True, return_scale=True)
+    model = merger._get_model()
+    model.image_scale_variance = None
+    mean0, sd0, scale0, scale_sd0 = merger.predict(X_both, return_std=True, return_scale=True)
+    np.testing.assert_array_equal(mean, mean0)
+    np.testing.assert_array_equal(scale, scale0)
+    own = np.r_[np.full(n_seen, variance[3]), np.zeros(len(last))]
+    np.testing.assert_allclose(sd, np.sqrt(sd0**2 + own * mean**2), rtol=1e-6)
+    np.testing.assert_allclose(scale_sd, np.sqrt(scale_sd0**2 + own * scale**2), rtol=1e-6)
+    assert (sd[:n_seen] > sd0[:n_seen]).all()
 
 
 def test_unequal_ratios_keep_the_variance_of_the_difference():

@@ -165,6 +165,7 @@ def restore_model(params, state, weights):
     model = merging_model(params, state, posterior, network, weights)
     model.sandwich_ratio = float(weights.sandwich_ratio)
     model.image_weight_ratio = weights.image_weight_ratio
+    model.image_scale_variance = weights.image_scale_variance
     if weights.marginals is not None:
         from .marginals import GridMarginals
 

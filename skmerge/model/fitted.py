@@ -244,13 +244,23 @@ class FitState:
             for out, value in zip(outputs, model.predict(chunk, extra)):
                 out.append(value.numpy().astype(np.float64))
         mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
+        image = data["image"].numpy()
         if "spot" in data:
             spot = data["spot"].numpy()
             n_obs = int(data["intensity"].shape[0])
             first = np.unique(spot, return_index=True)[1]
             mean = np.bincount(spot, weights=mean, minlength=n_obs)
             sd = np.sqrt(np.bincount(spot, weights=sd**2, minlength=n_obs))
-            scale, scale_sd = scale[first], scale_sd[first]
+            scale, scale_sd, image = scale[first], scale_sd[first], image[first]
+        if model.image_scale_variance is not None:
+            # The uncertainty of each image's own scale weights, which the fit holds at
+            # point estimates (skmerge.model.scale_uncertainty): Var(log Σ) = v moves Σ
+            # and I by the same factor, adding v·Σ² and v·I² (a Laue spot's harmonics
+            # share it). Images the fit never saw have no weights of their own.
+            per_image = np.asarray(model.image_scale_variance, np.float64)
+            variance = np.where(image >= 0, per_image[np.maximum(image, 0)], 0.0)
+            sd = np.sqrt(sd**2 + variance * mean**2)
+            scale_sd = np.sqrt(scale_sd**2 + variance * scale**2)
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
 
     def log_predictive(self, params, model, X, y, n_samples, seed):
@@ -296,6 +306,9 @@ class Weights:
     image_weight_ratio: np.ndarray = None
     """Per reflection, the factor of its posterior variance for its images' own scale
     weights (:mod:`skmerge.model.scale_uncertainty`; None: 1, as for fits saved before it)."""
+    image_scale_variance: np.ndarray = None
+    """Per image, the variance of its log scale from its own weights, which predictions
+    carry (:mod:`skmerge.model.scale_uncertainty`; None: 0, as for fits saved before it)."""
 
     @classmethod
     def from_attributes(cls, estimator):
@@ -306,7 +319,7 @@ class Weights:
         return cls(estimator.posterior_weights_, estimator.scale_weights_, error_model,
                    getattr(estimator, "prior_r_", None), np.array(learned) if learned else None,
                    getattr(estimator, "marginal_moments_", None), getattr(estimator, "sandwich_ratio_", 1.0),
-                   getattr(estimator, "image_weight_ratio_", None))
+                   getattr(estimator, "image_weight_ratio_", None), getattr(estimator, "image_scale_variance_", None))
 
     @classmethod
     def of(cls, model):
@@ -315,7 +328,7 @@ class Weights:
         prior, likelihood = (getattr(piece, "get_weights", lambda: None)() for piece in (model.prior, model.likelihood))
         marginals = model.marginals.values if model.marginals is not None else None
         return cls(model.posterior.get_weights(), model.scale_network.get_weights(), error_model, prior, likelihood,
-                   marginals, model.sandwich_ratio, model.image_weight_ratio)
+                   marginals, model.sandwich_ratio, model.image_weight_ratio, model.image_scale_variance)
 
 
 # The fitted attributes of a likelihood's learned parameters, in the order its weights

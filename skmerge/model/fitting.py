@@ -16,6 +16,7 @@ from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, NetworkShape, Weights, like
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
 OPTIONAL_ATTRIBUTES = ("sdfac_", "sdadd_", "prior_r_", "marginal_moments_", "image_weight_ratio_",
+                       "image_scale_variance_",
                        *LIKELIHOOD_ATTRIBUTES,
                        "validation_scores_", "best_validation_score_", "wavelength_bands_", "dmin_",
                        "held_out_loss_curve_")
@@ -53,6 +54,8 @@ class Training:
         attributes["sandwich_ratio_"] = weights.sandwich_ratio
         if weights.image_weight_ratio is not None:
             attributes["image_weight_ratio_"] = weights.image_weight_ratio
+        if weights.image_scale_variance is not None:
+            attributes["image_scale_variance_"] = weights.image_scale_variance
         if weights.likelihood is not None:
             attributes.update(likelihood_attributes(self.model.likelihood, weights.likelihood))
         if self.held_out_loss is not None:
@@ -194,10 +197,11 @@ def with_posterior_corrections(params, model, data_chunks, n_reflections):
     (:mod:`skmerge.model.marginals`) when the estimator's ``marginals`` asks for them, and
     the sandwich ratio that widens SIGF (:mod:`skmerge.model.sandwich`), and the factors
     that carry the uncertainty of each image's own scale weights into SIGF
-    (:mod:`skmerge.model.scale_uncertainty`). ``data_chunks`` gives the training data."""
+    (:mod:`skmerge.model.scale_uncertainty`), with the variance of each image's log scale
+    that predictions carry. ``data_chunks`` gives the training data."""
     from .marginals import grid_marginals
     from .sandwich import sandwich_ratio
-    from .scale_uncertainty import image_weight_ratio
+    from .scale_uncertainty import image_weight_uncertainty
 
     fitted = params.freeze != "posterior"
     grid = fitted and params.marginals == "grid"
@@ -205,7 +209,8 @@ def with_posterior_corrections(params, model, data_chunks, n_reflections):
     model.sandwich_ratio = sandwich_ratio(model, data_chunks, n_reflections) if fitted else 1.0
     # Scales held at a previous fit's values were not fitted to these observations.
     scales_fitted = fitted and params.freeze != "scales"
-    model.image_weight_ratio = image_weight_ratio(model, data_chunks, n_reflections) if scales_fitted else None
+    uncertainty = image_weight_uncertainty(model, data_chunks, n_reflections) if scales_fitted else None
+    model.image_weight_ratio, model.image_scale_variance = uncertainty or (None, None)
 
 
 def joined_with_previous(params, old_state, old_weights, result):
@@ -243,15 +248,21 @@ def joined_with_previous(params, old_state, old_weights, result):
     # Reflections without a factor on one side (or fits without one) keep their posterior's.
     ratio = None
     if weights.image_weight_ratio is not None or old_weights.image_weight_ratio is not None:
-        ratio = values_on_union(keys, old_keys, _ratio_or_ones(old_weights.image_weight_ratio, len(old_keys)),
-                                new_keys, _ratio_or_ones(weights.image_weight_ratio, len(new_keys)))
+        ratio = values_on_union(keys, old_keys, _values_or(old_weights.image_weight_ratio, len(old_keys), 1.0),
+                                new_keys, _values_or(weights.image_weight_ratio, len(new_keys), 1.0))
+    # Images without a variance on one side (or fits without one) get none.
+    scale_variance = None
+    if weights.image_scale_variance is not None or old_weights.image_scale_variance is not None:
+        scale_variance = values_on_union(
+            images, old_state.image_ids, _values_or(old_weights.image_scale_variance, len(old_state.image_ids), 0.0),
+            state.image_ids, _values_or(weights.image_scale_variance, len(state.image_ids), 0.0))
     union_weights = dataclasses.replace(weights, posterior=posterior, scale=scale, marginals=marginals,
-                                        image_weight_ratio=ratio)
+                                        image_weight_ratio=ratio, image_scale_variance=scale_variance)
     return dataclasses.replace(result, model=restore_model(params, union_state, union_weights), state=union_state)
 
 
-def _ratio_or_ones(ratio, n):
-    return np.ones(n, np.float32) if ratio is None else ratio
+def _values_or(values, n, fill):
+    return np.full(n, fill, np.float32) if values is None else values
 
 
 def values_on_union(keys, old_keys, old_values, new_keys, new_values):

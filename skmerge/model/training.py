@@ -71,6 +71,9 @@ class MergingModel(tf.Module):
         # Per reflection, the factor of its posterior variance that carries its images'
         # own scale weights' uncertainty (skmerge.model.scale_uncertainty); None for 1.
         self.image_weight_ratio = None
+        # Per image, the variance of its log scale from those weights, which predictions
+        # carry; None for 0.
+        self.image_scale_variance = None
 
     def observation_log_likelihood(self, data, predicted):
         """log p(Iᵢ | ``predicted``) of every observation of ``data`` (its ``intensity`` and
