@@ -335,7 +335,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         With those weights: per image, the variance of its observations' log Σ that the
         uncertainty of its weights gives, averaged over its observations
         (:mod:`skmerge.model.scale_uncertainty`). :meth:`predict`'s standard deviations
-        of I and Σ carry it (images the fit never saw have none).
+        of I and Σ carry it; an image the fit never saw gets the images' mean of it
+        plus the variance of the images' offsets.
     prior_r_ : ndarray of shape (n_files, n_shells)
         With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),

@@ -256,9 +256,9 @@ class FitState:
             # The uncertainty of each image's own scale weights, which the fit holds at
             # point estimates (skmerge.model.scale_uncertainty): Var(log Σ) = v moves Σ
             # and I by the same factor, adding v·Σ² and v·I² (a Laue spot's harmonics
-            # share it). Images the fit never saw have no weights of their own.
+            # share it).
             per_image = np.asarray(model.image_scale_variance, np.float64)
-            variance = np.where(image >= 0, per_image[np.maximum(image, 0)], 0.0)
+            variance = np.where(image >= 0, per_image[np.maximum(image, 0)], unseen_image_variance(model))
             sd = np.sqrt(sd**2 + variance * mean**2)
             scale_sd = np.sqrt(scale_sd**2 + variance * scale**2)
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
@@ -273,6 +273,16 @@ class FitState:
         values = [model.log_predictive(chunk, n_samples, seed, extra).numpy()
                   for chunk in evaluation_chunks(model, data)]
         return np.concatenate(values).astype(np.float64) - math.log(self.intensity_scale)
+
+
+def unseen_image_variance(model):
+    """Var(log Σ) of an image the fit never saw, whose offset is the images' mean: the
+    spread of the images' offsets about it, and the uncertainty a fitted image's own
+    weights have on average. The spread of image layers (for stills) is not included:
+    an image the fit never saw gets the mean image's layers as its own."""
+    offsets = model.scale_network.image_offsets.numpy().astype(np.float64)
+    spread = float(np.var(offsets)) if len(offsets) else 0.0
+    return spread + float(np.mean(model.image_scale_variance))
 
 
 def evaluation_chunks(model, data):
