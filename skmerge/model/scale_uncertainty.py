@@ -31,8 +31,9 @@ per image, so each image keeps one number, the mean of gᵀAⱼ⁺g over its tra
 observations, which ``predict`` adds to every one of its observations' Var(log Σ). On
 thermolysin's stills (six shared and three image layers) held-out observations scattered
 about Ipred with SD(z) 1.24 and a 95 % interval held 88.7 % of them; with the images' scale
-variance 0.98 and 95.2 % (bench/RESULTS.md, session 34). Per observation gᵀAⱼ⁺g gave
-0.92 and 96.0 %: the per-image mean loses little.
+variance 0.94 and 95.8 % (bench/RESULTS.md, session 34; on the held-out observations of
+reflections the fit saw, the per-image mean gave 0.98 and 95.2 %, each observation's own
+gᵀAⱼ⁺g 0.92 and 96.0 %: the mean loses little).
 """
 
 from typing import NamedTuple
