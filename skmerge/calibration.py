@@ -6,10 +6,11 @@ Every observation gets a predictive z-score
 
 where σ' is its σ after the fitted error model (σ itself without one) and SD(Ipred) the
 spread of its prediction over the posterior and the scale, the uncertainty of its image's
-own scale weights included (``VariationalMerger.predict`` with ``return_std=True``). On observations held out of the fit, z has standard deviation 1
-and the intervals Ipred ± 1·σpred and Ipred ± 1.96·σpred hold 68 % and 95 % of them when
-the uncertainties are honest; :func:`calibration_report` checks this per resolution shell
-and per bin of Ipred.
+own scale weights included (``VariationalMerger.predict`` with ``return_std=True``). On
+observations held out of the fit, z has standard deviation 1 and the intervals
+Ipred ± 1·σpred and Ipred ± 1.96·σpred hold 68 % and 95 % of them when the uncertainties
+are honest; :func:`calibration_report` checks this per resolution shell and per bin of
+Ipred.
 
 Outliers are judged on every observation: an observation is an outlier when
 ``|z|`` > 4·max(1, rSD), rSD the robust standard deviation (1.4826·MAD) of the z of every

@@ -129,7 +129,7 @@ def _image_weight_uncertainty(model, data_chunks, n_reflections):
         information = np.zeros((len(images), n_weights, n_weights))
         for rows in information_pass:
             for k, of_image in _by_image(rows.image - start):
-                weights = rows.weights[of_image].astype(np.float64)
+                weights = rows.intensity_gradient(of_image).astype(np.float64)
                 information[k] += (weights * rows.curvature[of_image, None]).T @ weights
         inverse_roots = [_inverse_root(a) for a in information]
         for rows in cross_pass:
@@ -140,11 +140,11 @@ def _image_weight_uncertainty(model, data_chunks, n_reflections):
                 refl = rows.refl[of_image]
                 first = np.flatnonzero(np.r_[True, refl[1:] != refl[:-1]])
                 cross = np.add.reduceat(
-                    rows.weights[of_image] * (rows.curvature * rows.amplitude_gradient)[of_image, None], first)
+                    rows.intensity_gradient(of_image) * (rows.curvature * rows.amplitude_gradient)[of_image, None],
+                    first)
                 lost += np.bincount(refl[first], np.sum((cross @ inverse_roots[k]) ** 2, 1), n_reflections)
-                # Var(log Σ) = gᵀA⁺g with g = ∂ log Σ/∂φ = Gᵢ/(Σ·F²).
-                log_scale_gradient = rows.weights[of_image] / rows.scaled_intensity[of_image, None]
-                scale_variance[start + k] += np.sum((log_scale_gradient @ inverse_roots[k]) ** 2)
+                # Var(log Σ) = gᵀA⁺g, g = ∂ log Σ/∂φ.
+                scale_variance[start + k] += np.sum((rows.log_scale_gradient[of_image] @ inverse_roots[k]) ** 2)
                 n_rows[start + k] += len(of_image)
     remaining = np.maximum(precision - lost, precision / _MAX_RATIO)
     return ImageWeightUncertainty((precision / remaining).astype(np.float32),
@@ -170,15 +170,19 @@ def _by_image(image):
 
 class _Rows(NamedTuple):
     """One piece's rows of some images: reflection, image, the likelihood's curvature in
-    the predicted intensity, ∂I/∂F, ∂I/∂φ of the image's weights, and Σ·F² (the part of
-    I that the scale multiplies)."""
+    the predicted intensity, ∂I/∂F, ∂ log Σ/∂φ of the image's weights, and Σ·F² (the part
+    of I that the scale multiplies)."""
 
     refl: np.ndarray
     image: np.ndarray
     curvature: np.ndarray
     amplitude_gradient: np.ndarray
-    weights: np.ndarray
+    log_scale_gradient: np.ndarray
     scaled_intensity: np.ndarray
+
+    def intensity_gradient(self, rows):
+        """∂I/∂φ = Σ·F²·∂ log Σ/∂φ of the given rows."""
+        return self.log_scale_gradient[rows] * self.scaled_intensity[rows, None].astype(np.float32)
 
 
 def _rows_of(model, data_chunks, f_mean, images):
@@ -195,10 +199,7 @@ def _rows_of(model, data_chunks, f_mean, images):
         # Gauss–Newton: a likelihood's curvature can be negative far in its tail (a
         # Student-t's outliers), where it holds no information.
         _, curvature = likelihood_derivatives(model, predicted, intensity[mine], sigma[mine], lambda i: i)
-        # ∂I/∂φ = scale·F²·∂ log Σ/∂φ.
-        scaled = scale * f**2
-        yield _Rows(refl[mine], image[mine], np.maximum(curvature, 0.0), 2 * scale * f,
-                    gradients * scaled[:, None].astype(np.float32), scaled)
+        yield _Rows(refl[mine], image[mine], np.maximum(curvature, 0.0), 2 * scale * f, gradients, scale * f**2)
 
 
 def _inverse_root(information):
