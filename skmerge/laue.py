@@ -13,7 +13,7 @@ import pandas as pd
 
 from .errors import InputError
 from .symmetry import systematically_absent
-from .table import _finish_table
+from .table import assemble_table, with_symmetry
 
 SPOT_ID = "spot_id"
 HARMONIC = "harmonic"
@@ -94,7 +94,10 @@ def expand_harmonics(X, *, wavelength_key="Wavelength", wavelength_range=None, d
     rows[wavelength_key] = (lam1[spot] / n).astype(np.float32)
     rows[SPOT_ID] = spot.astype(np.int32)
     rows[HARMONIC] = n.astype(np.int32)
-    return _finish_table(rows, hkl_rows.astype(np.int32), X.spacegroup, X.cell, anomalous)
+    # The spots' image ids stay as given: numbered anew, the images of a subset of X (a
+    # fold of whole images, one image) would become those of the first images of the fit.
+    return assemble_table(with_symmetry(rows, hkl_rows.astype(np.int32), X.spacegroup, anomalous), X.spacegroup,
+                          X.cell, image_id=rows["image_id"].to_numpy(np.int64))
 
 
 def _band(wavelength, file_id, wavelength_range):

@@ -115,7 +115,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         Give every image a scale of its own, of the kind ``image_model`` says.
     image_model : {"offsets", "encoder"}, default="offsets"
         How images get their own scale. "offsets": a learned log-scale offset per image
-        of the fit (images the fit never saw get the mean offset). "encoder": an
+        of the fit (an image the fit never saw is predicted as each of the fit's images
+        in turn: :meth:`predict` and :meth:`score` give that mixture). "encoder": an
         embedding of each image, appended to the scale network's input, that a set
         encoder computes from the image's own observations (their metadata features,
         asinh(I/⟨I⟩) and log(σ/⟨I⟩), ⟨I⟩ the mean intensity at their resolution), so
@@ -126,7 +127,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         weights belong to each image (careless's ``--image-layers``): every image can
         then bend the metadata's effect on its scale its own way (e.g. its own
         absorption or detector response), at the cost of ``mlp_width² + mlp_width``
-        weights per image and layer. Images the fit never saw get the mean image's.
+        weights per image and layer. An image the fit never saw is predicted with the
+        weights of each of the fit's images in turn (at most 64 of them), a mixture.
         "auto" gives three to serial stills (each still's partiality depends on its own
         mosaic spread and bandwidth, which no column reports: thermolysin's CC1/2
         0.921 → 0.939 and CCanom 0.043 → 0.101 against image heads, the previous
@@ -335,8 +337,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         With those weights: per image, the variance of its observations' log Σ that the
         uncertainty of its weights gives, averaged over its observations
         (:mod:`skmerge.model.scale_uncertainty`). :meth:`predict`'s standard deviations
-        of I and Σ carry it; an image the fit never saw gets the images' mean of it
-        plus the variance of the images' offsets.
+        of I and Σ and :meth:`score`'s draws of Σ carry it; an image the fit never saw
+        is the mixture of the fit's images, each with its own.
     prior_r_ : ndarray of shape (n_files, n_shells)
         With a :class:`~skmerge.DoubleWilsonPrior`: the correlation of each file's
         amplitudes with their parents' (Friedel mates for the roots of anomalous data),
@@ -569,7 +571,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         reflections absent from the chunk keep their posterior untouched, the
         observation counts (``reflection_counts_``, N) add up, and
         :meth:`transform`, :meth:`predict` and :meth:`score` work on all of them (as
-        after :meth:`fit`, images never fitted get the mean offset). ``loss_curve_``,
+        after :meth:`fit`, images never fitted are predicted as a mixture of the fitted
+        ones). ``loss_curve_``,
         ``n_iter_`` and ``converged_`` describe the last update.
 
         Parameters
@@ -847,6 +850,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         of its harmonics); with ``return_scale`` also each observation's scale Σ and its
         standard deviation (a Laue spot's are its first harmonic's). Returns ``mean``,
         or the tuple ``(mean[, std][, scale, scale_std])``.
+
+        With images' own weights, an observation of an image the fit never saw gets
+        the mean and standard deviation of the mixture of its predictions as each of
+        the fit's images (at most 64): a skewed law when the images' scales differ
+        widely, for which mean ± 2 SD is not a 95 % interval (:meth:`score_samples`
+        gives its density).
         """
         if _is_path(X):
             state, source = self._check_store(X)
@@ -874,8 +883,10 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         """Mean log predictive density per observation of X (higher is better).
 
         Each observation's likelihood is averaged over the posterior of its reflection
-        (the prior for reflections the fit never saw) and over its scale (with offsets,
-        images the fit never saw use the mean offset; with the image encoder, every image
+        (the prior for reflections the fit never saw) and over its scale, with the
+        uncertainty of its image's own weights (an image the fit never saw is the
+        mixture, with equal weights, of the predictions as each of the fit's images, at
+        most 64 of them; with the image encoder, every image
         gets the scale of its own observations); the log of that average is then
         averaged over observations. Densities are per unit of the input intensities, so
         scores of different models on the same data compare directly.

@@ -80,6 +80,21 @@ def test_predictions_and_scores_are_per_spot(crystal):
     rows = expand_harmonics(X, wavelength_range=BAND, dmin=2.0)
     np.testing.assert_allclose(merger.predict(rows), merger.predict(X), rtol=1e-5)
     assert np.corrcoef(merger.predict(X), X["Iobs"])[0, 1] > 0.8
+    # The spots of some images keep their images (and so their scales): a fold of whole
+    # images is predicted as within all of them.
+    later = np.flatnonzero(X["image_id"] >= X["image_id"].max() // 2)
+    assert np.ptp(merger.scale_weights_[-1]) > 0
+    np.testing.assert_allclose(merger.predict(X.iloc[later]), merger.predict(X)[later], rtol=1e-5)
+    assert (expand_harmonics(X.iloc[later], wavelength_range=BAND, dmin=2.0)["image_id"] >= X["image_id"].max() // 2).all()
+
+
+def test_partial_fit_keeps_the_images_of_every_chunk_apart(crystal):
+    (X, _), _ = crystal
+    merger = VariationalMerger(laue=True, wavelength_range=BAND, mlp_layers=2, max_iter=50, random_state=0)
+    first = X["image_id"] < X["image_id"].max() // 2
+    merger.partial_fit(X[first]).partial_fit(X[~first])
+    np.testing.assert_array_equal(merger.image_ids_, np.unique(X["image_id"]))
+    assert len(merger.scale_weights_[-1]) == len(merger.image_ids_)
 
 
 def test_laue_needs_a_wavelength_column(crystal):

@@ -2,13 +2,15 @@
 each row's gradient against TensorFlow's Jacobian, the factors against a reference
 computation for image offsets, and how the merged table applies them."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from skmerge import VariationalMerger
 from skmerge._tf import tf
 from skmerge.datasets import make_unmerged
-from skmerge.model.fitted import evaluation_chunks
+from skmerge.model.fitted import evaluation_chunks, mixture_images
 from skmerge.model.marginals import row_pieces
 from skmerge.model.sandwich import shared_correlation
 from skmerge.model.scaling import ScaleNetwork
@@ -125,25 +127,60 @@ def test_predictions_carry_their_images_scale_variance():
     merger = VariationalMerger(**FAST).fit(X)
     variance = merger.image_scale_variance_
     assert variance.shape == (12,) and (variance > 0).all()
-    # An image the fit never saw (its rows get image −1) has the mean offset: the spread
-    # of the images' offsets and the mean uncertainty of an image's weights.
-    renamed = X.copy()
-    last = np.flatnonzero(X["image_id"] == X["image_id"].max())
-    renamed.iloc[last, renamed.columns.get_loc("image_id")] += 1000
-    X_both = renamed.iloc[np.r_[np.flatnonzero(X["image_id"] == 3), last]]
-    n_seen = len(X_both) - len(last)
-    mean, sd, scale, scale_sd = merger.predict(X_both, return_std=True, return_scale=True)
+    seen = X.iloc[np.flatnonzero(X["image_id"] == 3)]
+    mean, sd, scale, scale_sd = merger.predict(seen, return_std=True, return_scale=True)
     model = merger._get_model()
     model.image_scale_variance = None
-    mean0, sd0, scale0, scale_sd0 = merger.predict(X_both, return_std=True, return_scale=True)
+    mean0, sd0, scale0, scale_sd0 = merger.predict(seen, return_std=True, return_scale=True)
+    # The variance v of the image's weights moves Σ and I by one factor: v·Σ² and v·I²
+    # are added, the means stay.
     np.testing.assert_array_equal(mean, mean0)
     np.testing.assert_array_equal(scale, scale0)
-    offsets = merger.scale_weights_[-1].astype(np.float64)
-    unseen = np.var(offsets) + np.mean(variance.astype(np.float64))
-    own = np.r_[np.full(n_seen, variance[3]), np.full(len(last), unseen)]
-    np.testing.assert_allclose(sd, np.sqrt(sd0**2 + own * mean**2), rtol=1e-6)
-    np.testing.assert_allclose(scale_sd, np.sqrt(scale_sd0**2 + own * scale**2), rtol=1e-6)
+    np.testing.assert_allclose(sd, np.sqrt(sd0**2 + variance[3] * mean**2), rtol=1e-5)
+    np.testing.assert_allclose(scale_sd, np.sqrt(scale_sd0**2 + variance[3] * scale**2), rtol=1e-5)
     assert (sd > sd0).all()
+
+
+@pytest.mark.parametrize("kind", ["stills", "laue"])
+def test_an_image_the_fit_never_saw_is_the_mixture_of_the_images_it_saw(kind):
+    if kind == "laue":
+        X, _ = make_unmerged(n_images=10, laue=True, wavelength_range=(0.95, 1.75), random_state=0)
+        merger = VariationalMerger(laue=True, wavelength_range=(0.95, 1.75), image_scales=True, **FAST).fit(X)
+    else:
+        X, _ = make_unmerged(n_images=12, stills=True, random_state=0)
+        merger = VariationalMerger(**FAST).fit(X)
+    new = X.iloc[np.flatnonzero(X["image_id"] == 3)].copy()
+    new["image_id"] += 1000
+    mean, sd, scale, scale_sd = merger.predict(new, return_std=True, return_scale=True)
+    log_density = merger.score_samples(new)
+    # The reference: the same rows given to each training image in turn (its own weights
+    # and their variance), mixed with equal weights.
+    parts, densities = [], []
+    for image in np.unique(X["image_id"]):
+        as_image = new.assign(image_id=image)
+        parts.append(merger.predict(as_image, return_std=True, return_scale=True))
+        densities.append(merger.score_samples(as_image))
+    parts = np.array(parts, np.float64)
+    for value, spread, (means, sds) in ((mean, sd, parts[:, :2].transpose(1, 0, 2)),
+                                        (scale, scale_sd, parts[:, 2:].transpose(1, 0, 2))):
+        np.testing.assert_allclose(value, means.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(spread**2, (sds**2 + means**2).mean(0) - means.mean(0) ** 2, rtol=1e-3)
+    reference = np.log(np.mean(np.exp(np.array(densities, np.float64)), 0))
+    np.testing.assert_allclose(log_density, reference, atol=1e-4)
+    # Wider than any one image's prediction where the images' scales disagree.
+    assert np.median(sd / parts[:, 1].max(0)) > 1
+
+
+def test_the_mixture_draws_a_fixed_subset_of_many_images():
+    network = ScaleNetwork(2, 1, 4, 500, np.random.RandomState(0))
+    model = SimpleNamespace(scale_network=network)
+    params = SimpleNamespace(seed_=7)
+    subset = mixture_images(model, 500, params)
+    assert len(subset) == 64 and len(np.unique(subset)) == 64 and subset.max() < 500
+    np.testing.assert_array_equal(subset, mixture_images(model, 500, params))
+    np.testing.assert_array_equal(mixture_images(model, 30, params), np.arange(30))
+    without_weights = SimpleNamespace(scale_network=ScaleNetwork(2, 1, 4, 0, np.random.RandomState(0)))
+    assert len(mixture_images(without_weights, 30, params)) == 0
 
 
 def test_unequal_ratios_keep_the_variance_of_the_difference():

@@ -237,10 +237,13 @@ def laue_band(X, wavelength_key, wavelength_range):
     return bands, float(X["dHKL"].min())
 
 
-def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs=None, log_known_scale=None):
+def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs=None, log_known_scale=None,
+                log_scale_variance=None):
     """The dict of tensors a :class:`~skmerge.model.training.MergingModel` reads
     (``image_inputs``: what an image encoder reads of each row besides its features;
-    ``log_known_scale``: the log of a factor each row's scale is known to carry)."""
+    ``log_known_scale``: the log of a factor each row's scale is known to carry;
+    ``log_scale_variance``: a variance each row's log scale has besides the scale
+    model's own spread)."""
     from .._tf import tf
 
     data = {
@@ -256,6 +259,8 @@ def tensor_data(refl, image, features, intensity, sigma, spot=None, image_inputs
         data["image_inputs"] = tf.constant(image_inputs, tf.float32)
     if log_known_scale is not None:
         data["log_known_scale"] = tf.constant(log_known_scale, tf.float32)
+    if log_scale_variance is not None:
+        data["log_scale_variance"] = tf.constant(log_scale_variance, tf.float32)
     return data
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy.special import logsumexp
 
 from ..features import metadata_features
 from ..merged import anomalous_table, merged_table
@@ -234,55 +235,134 @@ class FitState:
     def predict(self, params, model, X):
         """Mean and standard deviation of each observation's predicted intensity (in the
         input's units), and of its scale. A Laue spot sums its harmonics (their
-        variances added) and takes the scale of its first harmonic."""
+        variances added) and takes the scale of its first harmonic. An image the fit
+        never saw gets the mixture of the predictions with the weights of the images it
+        saw (:func:`mixture_images`)."""
         from .scaling import image_model
 
         # Only an image encoder reads the observed intensities (X may lack them otherwise).
-        data, extra = self.evaluation_data(params, X, None if image_model(params) == "encoder" else np.zeros(len(X)))
-        outputs = [[] for _ in range(4)]
-        for chunk in evaluation_chunks(model, data):
-            for out, value in zip(outputs, model.predict(chunk, extra)):
-                out.append(value.numpy().astype(np.float64))
-        mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
-        image = data["image"].numpy()
-        if "spot" in data:
-            spot = data["spot"].numpy()
-            n_obs = int(data["intensity"].shape[0])
-            first = np.unique(spot, return_index=True)[1]
-            mean = np.bincount(spot, weights=mean, minlength=n_obs)
-            sd = np.sqrt(np.bincount(spot, weights=sd**2, minlength=n_obs))
-            scale, scale_sd, image = scale[first], scale_sd[first], image[first]
-        if model.image_scale_variance is not None:
-            # The uncertainty of each image's own scale weights, which the fit holds at
-            # point estimates (skmerge.model.scale_uncertainty): Var(log Σ) = v moves Σ
-            # and I by the same factor, adding v·Σ² and v·I² (a Laue spot's harmonics
-            # share it).
-            per_image = np.asarray(model.image_scale_variance, np.float64)
-            variance = np.where(image >= 0, per_image[np.maximum(image, 0)], unseen_image_variance(model))
-            sd = np.sqrt(sd**2 + variance * mean**2)
-            scale_sd = np.sqrt(scale_sd**2 + variance * scale**2)
+        arrays, extra = self.evaluation_arrays(params, X, None if image_model(params) == "encoder" else np.zeros(len(X)))
+        mean, sd, scale, scale_sd = _moments(model, _with_scale_variance(model, arrays), extra)
+        unseen, components = _unseen_observations(arrays), mixture_images(model, len(self.image_ids), params)
+        if unseen.any() and len(components):
+            own = _observations_of(arrays, unseen)
+            parts = np.array([_moments(model, _as_image(model, own, image), extra) for image in components])
+            mean[unseen], sd[unseen] = _mixed(parts[:, 0], parts[:, 1])
+            scale[unseen], scale_sd[unseen] = _mixed(parts[:, 2], parts[:, 3])
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
 
     def log_predictive(self, params, model, X, y, n_samples, seed):
         """log p(Iᵢ | training data) of each observation of X, per unit of the input
-        intensities, from ``n_samples`` Monte Carlo samples."""
-        from .._tf import tf
+        intensities, from ``n_samples`` Monte Carlo samples; for an image the fit never
+        saw, of the mixture over the images it saw (:func:`mixture_images`)."""
+        arrays, extra = self.evaluation_arrays(params, X, y)
+        values = _log_predictive(model, _with_scale_variance(model, arrays), extra, n_samples, seed)
+        unseen, components = _unseen_observations(arrays), mixture_images(model, len(self.image_ids), params)
+        if unseen.any() and len(components):
+            own = _observations_of(arrays, unseen)
+            parts = [_log_predictive(model, _as_image(model, own, image), extra, n_samples, seed) for image in components]
+            values[unseen] = logsumexp(parts, axis=0) - math.log(len(components))
+        return values - math.log(self.intensity_scale)
 
-        data, extra = self.evaluation_data(params, X, y)
-        seed = tf.constant([seed, 2])
-        values = [model.log_predictive(chunk, n_samples, seed, extra).numpy()
-                  for chunk in evaluation_chunks(model, data)]
-        return np.concatenate(values).astype(np.float64) - math.log(self.intensity_scale)
+
+# An image the fit never saw is predicted as any of the images it saw, each in turn: from
+# at most this many of them (a fixed draw when there are more), which bounds the cost of
+# predicting new images at this many passes over their rows.
+_MIXTURE_IMAGES = 64
 
 
-def unseen_image_variance(model):
-    """Var(log Σ) of an image the fit never saw, whose offset is the images' mean: the
-    spread of the images' offsets about it, and the uncertainty a fitted image's own
-    weights have on average. The spread of image layers (for stills) is not included:
-    an image the fit never saw gets the mean image's layers as its own."""
-    offsets = model.scale_network.image_offsets.numpy().astype(np.float64)
-    spread = float(np.var(offsets)) if len(offsets) else 0.0
-    return spread + float(np.mean(model.image_scale_variance))
+def mixture_images(model, n_images, params):
+    """The training images whose weights an image the fit never saw is predicted with,
+    in a mixture of equal weights: every image, or ``_MIXTURE_IMAGES`` of them drawn
+    with the fit's seed; none when the images have no weights of their own (the
+    image encoder reads each image's own rows instead).
+
+    With images' own weights (offsets, image layers, heads), the scale of a still the fit
+    never saw is as uncertain as the spread of the images' scales: the mean image's
+    weights predict it with a bias (on thermolysin, log Σ of a still's own weights minus
+    the mean image's: mean 0.84, SD 1.9) and a normal law in Σ fits a spread that wide
+    poorly, where the mixture is the predictive the model implies."""
+    network = model.scale_network
+    if network.encoder is not None or (network.image_weight_count == 0 and network.heads is None):
+        return np.arange(0)
+    if n_images <= _MIXTURE_IMAGES:
+        return np.arange(n_images)
+    rng = np.random.default_rng(getattr(params, "seed_", 0))
+    return np.sort(rng.choice(n_images, _MIXTURE_IMAGES, replace=False))
+
+
+def _with_scale_variance(model, arrays):
+    """``arrays`` with each row's ``log_scale_variance``: the uncertainty of its image's
+    own scale weights (:mod:`skmerge.model.scale_uncertainty`), which the fit holds at
+    point estimates; 0 for rows of images the fit never saw (their mixture carries
+    each image's own)."""
+    if model.image_scale_variance is None:
+        return arrays
+    per_image = np.asarray(model.image_scale_variance, np.float32)
+    image = arrays["image"]
+    return {**arrays, "log_scale_variance": np.where(image >= 0, per_image[np.maximum(image, 0)], 0.0)}
+
+
+def _as_image(model, arrays, image):
+    """``arrays`` with every row given to training image ``image``."""
+    return _with_scale_variance(model, {**arrays, "image": np.full_like(arrays["image"], image)})
+
+
+def _unseen_observations(arrays):
+    """Whether each observation's image is one the fit never saw (image −1)."""
+    unseen = arrays["image"] < 0
+    if arrays.get("spot") is None:
+        return unseen
+    per_observation = np.zeros(len(arrays["intensity"]), bool)
+    per_observation[arrays["spot"]] = unseen
+    return per_observation
+
+
+def _observations_of(arrays, keep):
+    """The arrays of the observations ``keep`` (a mask over observations): their rows,
+    with a Laue spot's numbering among the kept observations."""
+    spot = arrays.get("spot")
+    rows = keep if spot is None else keep[spot]
+    taken = {key: None if value is None else value[keep if key in ("intensity", "sigma") else rows]
+             for key, value in arrays.items()}
+    if spot is not None:
+        taken["spot"] = (np.cumsum(keep) - 1)[spot[rows]]
+    return taken
+
+
+def _moments(model, arrays, extra):
+    """Per observation of ``arrays``, mean and SD of its predicted intensity (in the
+    model's units) and of its scale: a Laue spot sums its harmonics' (their variances
+    added) and takes its first harmonic's scale."""
+    data = tensor_data(**arrays)
+    outputs = [[] for _ in range(4)]
+    for chunk in evaluation_chunks(model, data):
+        for out, value in zip(outputs, model.predict(chunk, extra)):
+            out.append(value.numpy().astype(np.float64))
+    mean, sd, scale, scale_sd = (np.concatenate(o) for o in outputs)
+    spot = arrays.get("spot")
+    if spot is None:
+        return mean, sd, scale, scale_sd
+    n_obs = len(arrays["intensity"])
+    first = np.unique(spot, return_index=True)[1]
+    return (np.bincount(spot, weights=mean, minlength=n_obs), np.sqrt(np.bincount(spot, weights=sd**2, minlength=n_obs)),
+            scale[first], scale_sd[first])
+
+
+def _mixed(means, sds):
+    """Mean and SD of an equal mixture whose components' means and SDs are the rows."""
+    mean = means.mean(0)
+    return mean, np.sqrt(np.maximum((sds**2 + means**2).mean(0) - mean**2, 0.0))
+
+
+def _log_predictive(model, arrays, extra, n_samples, seed):
+    """log p(Iᵢ | training data) of each observation of ``arrays``, in the model's units."""
+    from .._tf import tf
+
+    data = tensor_data(**arrays)
+    seed = tf.constant([seed, 2])
+    return np.concatenate([model.log_predictive(chunk, n_samples, seed, extra).numpy()
+                           for chunk in evaluation_chunks(model, data)]).astype(np.float64)
 
 
 def evaluation_chunks(model, data):
