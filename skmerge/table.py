@@ -414,10 +414,6 @@ def dense_image_ids(file_id, image):
     return ids
 
 
-def _finish_table(table, hkl_obs, spacegroup, cell, anomalous):
-    return assemble_table(with_symmetry(table, hkl_obs, spacegroup, anomalous), spacegroup, cell)
-
-
 def _drop_repeated_rows(name, part):
     """The rows of one file without exact repeats, with a DataWarning when there were any.
 
