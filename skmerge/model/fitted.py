@@ -243,10 +243,8 @@ class FitState:
         # Only an image encoder reads the observed intensities (X may lack them otherwise).
         arrays, extra = self.evaluation_arrays(params, X, None if image_model(params) == "encoder" else np.zeros(len(X)))
         mean, sd, scale, scale_sd = _moments(model, _with_scale_variance(model, arrays), extra)
-        unseen, components = _unseen_observations(arrays), mixture_images(model, len(self.image_ids), params)
-        if unseen.any() and len(components):
-            own = _observations_of(arrays, unseen)
-            parts = np.array([_moments(model, _as_image(model, own, image), extra) for image in components])
+        unseen, parts = self._mixture_parts(params, model, arrays, lambda own: _moments(model, own, extra))
+        if parts is not None:
             mean[unseen], sd[unseen] = _mixed(parts[:, 0], parts[:, 1])
             scale[unseen], scale_sd[unseen] = _mixed(parts[:, 2], parts[:, 3])
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
@@ -257,12 +255,22 @@ class FitState:
         saw, of the mixture over the images it saw (:func:`mixture_images`)."""
         arrays, extra = self.evaluation_arrays(params, X, y)
         values = _log_predictive(model, _with_scale_variance(model, arrays), extra, n_samples, seed)
-        unseen, components = _unseen_observations(arrays), mixture_images(model, len(self.image_ids), params)
-        if unseen.any() and len(components):
-            own = _observations_of(arrays, unseen)
-            parts = [_log_predictive(model, _as_image(model, own, image), extra, n_samples, seed) for image in components]
-            values[unseen] = logsumexp(parts, axis=0) - math.log(len(components))
+        unseen, parts = self._mixture_parts(params, model, arrays,
+                                            lambda own: _log_predictive(model, own, extra, n_samples, seed))
+        if parts is not None:
+            values[unseen] = logsumexp(parts, axis=0) - math.log(len(parts))
         return values - math.log(self.intensity_scale)
+
+    def _mixture_parts(self, params, model, arrays, evaluate):
+        """Whether each observation's image is one the fit never saw, and ``evaluate`` of
+        those observations' arrays as each image of :func:`mixture_images` in turn
+        (stacked; None when there are no such observations or the images have no
+        weights of their own)."""
+        unseen, components = _unseen_observations(arrays), mixture_images(model, len(self.image_ids), params)
+        if not (unseen.any() and len(components)):
+            return unseen, None
+        own = _observations_of(arrays, unseen)
+        return unseen, np.array([evaluate(_as_image(model, own, image)) for image in components])
 
 
 # An image the fit never saw is predicted as any of the images it saw, each in turn: from
