@@ -27,6 +27,7 @@ import pandas as pd
 
 from .calibration import robust_sd
 from .errors import InputError
+from .io.writers import prediction_flags
 from .shells import correlation, make_shells, measured_reflections, paired_halves
 from .stats import _per_shell, merging_statistics, standardise_columns
 from .symmetry import reflection_flags
@@ -264,7 +265,8 @@ def _shell_frame(bins):
 
 
 def _prediction_frame(predictions):
-    """Iobs, SIGIobs, Ipred, image, test and dHKL of a predictions table."""
+    """Iobs, SIGIobs, Ipred, image, test and dHKL of a predictions table's rows outside
+    a detector shadow (those neither fitted nor tested)."""
     missing = [c for c in ("Iobs", "SIGIobs", "Ipred") if c not in predictions.columns]
     if missing:
         raise InputError(f"the predictions table has no column {', '.join(missing)}; give a predictions file "
@@ -273,9 +275,10 @@ def _prediction_frame(predictions):
     cell = getattr(predictions, "cell", None)
     if cell is None:
         raise InputError("the predictions table has no unit cell")
+    test, shadowed = prediction_flags(predictions)
+    if shadowed.any():
+        predictions, test = predictions[~shadowed], test[~shadowed]
     hkl = predictions.reset_index()[["H", "K", "L"]].to_numpy(np.int32)
-    test = (predictions["test"].to_numpy(np.float64, na_value=0) > 0 if "test" in predictions.columns
-            else np.zeros(len(predictions), bool))
     frame = pd.DataFrame({
         "Iobs": predictions["Iobs"].to_numpy(np.float64), "SIGIobs": predictions["SIGIobs"].to_numpy(np.float64),
         "Ipred": predictions["Ipred"].to_numpy(np.float64), "image": predictions[image].to_numpy(np.int64),

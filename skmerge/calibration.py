@@ -46,6 +46,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .errors import InputError
+from .io.writers import prediction_flags
 from .shells import ResolutionShells, make_shells
 
 __all__ = ["Calibration", "calibration_report", "coverage", "likelihood_law", "normal_score", "order_statistics",
@@ -715,7 +716,8 @@ def _check_columns(predictions, columns=("Z", "Ipred", "test", "image_id", "Scal
 
 
 def _held_out(predictions):
-    return predictions["test"].to_numpy(np.float64) > 0
+    held_out, shadowed = prediction_flags(predictions)
+    return held_out & ~shadowed
 
 
 def _summaries(held_z, held_groups, counts):

@@ -182,6 +182,11 @@ def _add_mono_arguments(mono, defaults):
                             "and merge random halves of the images (OUT_xval_<i>.mtz, CC1/2, CCanom)")
     validation.add_argument("--half-dataset-repeats", type=int, metavar="N",
                             help="number of random half splits (default: 1); needs --merge-half-datasets")
+    validation.add_argument("--no-shadow-mask", dest="mask_shadows", action="store_false",
+                            help="keep the observations behind a detector shadow (default: after the fit, find "
+                            "detector regions where strongly predicted spots come out below a fifth of their "
+                            "prediction, as behind an unmasked beam-stop arm, report them and fit again without "
+                            "their observations; needs detector-position columns such as XDET,YDET or X,Y)")
 
     output = mono.add_argument_group("output")
     _add_table_arguments(output)
@@ -375,7 +380,8 @@ def workflow_options(args):
     """The options of :func:`skmerge.run_merge` other than the estimator's."""
     return dict(**read_options(args),
                 half_datasets=(args.half_dataset_repeats or 1) if args.merge_half_datasets else 0,
-                test_fraction=args.test_fraction, track_test_loss=args.validation_frequency is not None, shells=args.shells, binning=args.binning, method=args.method)
+                test_fraction=args.test_fraction, track_test_loss=args.validation_frequency is not None,
+                mask_shadows=args.mask_shadows, shells=args.shells, binning=args.binning, method=args.method)
 
 
 # ------------------------------------------------------------------- validation

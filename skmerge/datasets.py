@@ -51,6 +51,7 @@ def make_unmerged(
     wavelength_range=(0.9, 1.9),
     resolve_harmonics=False,
     outlier_fraction=0.0,
+    beamstop_arm=False,
     time_points=1,
     changed_fraction=1.0,
     change=0.3,
@@ -78,7 +79,9 @@ def make_unmerged(
     image-to-image jitter (stills: a 30 % spread of crystal volumes, no decay, and the
     partiality). Reported σ follow counting statistics plus a 2 % error, and
     ``outlier_fraction`` of the observations are replaced by gross outliers (zingers and
-    shadowed spots).
+    shadowed spots). ``beamstop_arm`` adds the shadow of a beam-stop arm: a stripe 40
+    pixels wide from the beam to the detector's edge in which every spot keeps 0.5–10 %
+    of its intensity, as on an unmasked detector.
 
     Parameters
     ----------
@@ -126,6 +129,8 @@ def make_unmerged(
         its own: the same crystal and images without harmonic overlap.
     outlier_fraction : float, default=0.0
         Fraction of observations replaced by gross outliers.
+    beamstop_arm : bool, default=False
+        Shadow the spots behind a beam-stop arm (``truth.shadowed`` says which).
     time_points : int, default=1
         Repeat the experiment on this many states of the crystal (a time-resolved
         series, one file each: ``file_id`` 0, 1, …), each pass in a new orientation.
@@ -159,7 +164,7 @@ def make_unmerged(
         (every harmonic in Laue mode), with F, I (= F²), CENTRIC, EPSILON, dHKL and, when anomalous, F(+), F(-), DANO.
         ``scale``: the true scale of each row of X (of its reported harmonic in Laue mode).
         ``Itrue``: the noise-free intensity of each row. ``outlier``: which rows are gross
-        outliers. With several ``time_points``, ``merged`` holds every state's
+        outliers. ``shadowed``: which rows lie behind the beam-stop arm. With several ``time_points``, ``merged`` holds every state's
         reflections with a ``file_id`` column and DF = F − F of the first state. In Laue
         mode also ``harmonics``: one row per harmonic of every spot
         (``spot``, ASU H, K, L, n, Wavelength, scale, I). ``image_operator``: per
@@ -204,7 +209,8 @@ def make_unmerged(
                       mean_intensity=mean_intensity, anomalous=anomalous, laue=laue, stills=stills, mosaicity=mosaicity,
                       mosaicity_spread=mosaicity_spread,
                       wavelength_range=wavelength_range, resolve_harmonics=resolve_harmonics,
-                      outlier_fraction=outlier_fraction, twin_laws=twin_laws, reindexed_fraction=reindexed_fraction)
+                      outlier_fraction=outlier_fraction, beamstop_arm=beamstop_arm, twin_laws=twin_laws,
+                      reindexed_fraction=reindexed_fraction)
     writer = None if store is None else StoreWriter(store, anomalous=anomalous)
     chunk = n_images if writer is None else int(chunk_images)
     if chunk < 1:
@@ -245,7 +251,7 @@ def make_unmerged(
     X = read_unmerged([p["raw"] for p in passes], anomalous=anomalous)
     _check_nothing_dropped(len(X), sum(len(p["raw"]) for p in passes))
     truth = Bunch(**{key: np.concatenate([p[key] for p in passes])
-                     for key in ("scale", "Itrue", "outlier", "image_operator")})
+                     for key in ("scale", "Itrue", "outlier", "shadowed", "image_operator")})
     truth.merged = merged
     if laue:
         truth.harmonics = pd.concat([p["harmonics_table"] for p in passes], ignore_index=True)
@@ -331,7 +337,7 @@ def _changed(amplitudes, fraction, change, rng):
 
 def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation, wavelength, mean_intensity,
                 anomalous, laue, stills, mosaicity, mosaicity_spread, wavelength_range, resolve_harmonics,
-                outlier_fraction, twin_laws, reindexed_fraction, chunk_images):
+                outlier_fraction, beamstop_arm, twin_laws, reindexed_fraction, chunk_images):
     """One pass of the experiment on a crystal with ``amplitudes``, ``chunk_images`` images
     at a time: yields the raw observations of each chunk (an unmerged ``rs.DataSet``) and
     their truth. The crystal, the image scales, the stills' orientations and the images'
@@ -378,12 +384,13 @@ def _experiment(amplitudes, sphere, sg, uc, rng, *, n_images, dmin, oscillation,
             obs = _rotation_observations(sphere, reciprocal, n_images, images, oscillation, wavelength)
             harmonics = None
         result = _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, anomalous=anomalous,
-                          outlier_fraction=outlier_fraction)
+                          outlier_fraction=outlier_fraction, beamstop_arm=beamstop_arm)
         result["image_operator"] = reindexing[0][reindexing[1][list(images)]]
         yield result
 
 
-def _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, *, anomalous, outlier_fraction):
+def _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, *, anomalous, outlier_fraction,
+             beamstop_arm=False):
     """The measured intensities of the reflections ``obs`` (and, in Laue mode, their
     ``harmonics``) of some images, as an unmerged ``rs.DataSet`` with their truth; the
     indices reported as ``reindexing`` (:func:`_image_operators`) says."""
@@ -398,8 +405,13 @@ def _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, *, a
         scale = scale_of(obs["image"], obs["d"], obs["x"], obs["y"]) * obs.get("partiality", 1.0)
         i_true = scale * f**2
 
-    sigma = np.sqrt(np.maximum(i_true, 0.0) + _BACKGROUND + (_ERROR_FRACTION * i_true) ** 2)
-    i_obs = i_true + sigma * rng.standard_normal(len(i_true))
+    shadowed = _behind_arm(obs["x"], obs["y"]) if beamstop_arm else np.zeros(len(i_true), dtype=bool)
+    # Drawn only with the arm, so that other simulations draw the same numbers.
+    kept = rng.uniform(0.005, 0.1, shadowed.sum()) if beamstop_arm else 1.0
+    i_spot = i_true.copy()
+    i_spot[shadowed] *= kept
+    sigma = np.sqrt(np.maximum(i_spot, 0.0) + _BACKGROUND + (_ERROR_FRACTION * i_spot) ** 2)
+    i_obs = i_spot + sigma * rng.standard_normal(len(i_true))
     outlier = rng.random_sample(len(i_true)) < outlier_fraction
     if outlier.any():
         zinger = rng.random_sample(outlier.sum()) < 0.7
@@ -428,7 +440,8 @@ def _observe(obs, harmonics, amplitudes, sg, uc, rng, scale_of, reindexing, *, a
         cell=uc,
         merged=False,
     ).infer_mtz_dtypes()
-    result = {"raw": raw, "obs": obs, "harmonics": harmonics, "scale": scale, "Itrue": i_true, "outlier": outlier}
+    result = {"raw": raw, "obs": obs, "harmonics": harmonics, "scale": scale, "Itrue": i_true, "outlier": outlier,
+              "shadowed": shadowed}
     if laue:
         asu, _ = map_to_asu(harmonics["hkl"], sg, anomalous)
         result["harmonics_table"] = pd.DataFrame(
@@ -578,6 +591,14 @@ def _reported(hkl, image, names, choice, operators):
 def _rotate_x(q, angle):
     cos, sin = np.cos(angle), np.sin(angle)
     return np.stack([q[:, 0], cos * q[:, 1] - sin * q[:, 2], sin * q[:, 1] + cos * q[:, 2]], axis=1)
+
+
+def _behind_arm(x, y):
+    """Whether the pixels (x, y) lie behind the beam-stop arm: a stripe 40 pixels wide
+    from the beam (1500, 1500) towards the detector's upper left corner."""
+    along = (1500.0 - np.asarray(x)) + (np.asarray(y) - 1500.0)
+    across = (1500.0 - np.asarray(x)) - (np.asarray(y) - 1500.0)
+    return (along > 0) & (np.abs(across) < 20.0 * np.sqrt(2.0))
 
 
 def _detector_position(q_lab, wavelength):

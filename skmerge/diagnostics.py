@@ -7,6 +7,7 @@ The warnings are plain strings (or None when all is well), so that
 import numpy as np
 
 from .errors import InputError
+from .io.writers import prediction_flags
 
 # Observation-table columns read_unmerged provides whatever the file format.
 SPECIAL_KEYS = ("dHKL", "Hobs", "Kobs", "Lobs", "image_id", "file_id")
@@ -89,8 +90,10 @@ def sigma_scatter(predictions):
 
 
 def fitted_square_residuals(predictions):
-    """z² = ((Iobs − Ipred)/σ)² of the rows of a predictions table with ``test == 0``."""
-    fitted = predictions["test"].to_numpy() == 0
+    """z² = ((Iobs − Ipred)/σ)² of the rows of a predictions table the fit saw (neither
+    held out nor shadowed)."""
+    held_out, shadowed = prediction_flags(predictions)
+    fitted = ~(held_out | shadowed)
     z = (predictions["Iobs"].to_numpy(float) - predictions["Ipred"].to_numpy(float)) / predictions[
         "SIGIobs"].to_numpy(float)
     return z[fitted] ** 2

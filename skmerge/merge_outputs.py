@@ -31,10 +31,11 @@ __all__ = ["caught_warnings", "dataset_statistics", "fit_messages", "fitted_erro
            "statistics_document", "statistics_table", "write_merger", "write_run_files"]
 
 
-def observation_predictions(merger, X, test=None):
+def observation_predictions(merger, X, test=None, shadowed=None):
     """The predictions table of the observations X by a fitted merger
     (:func:`skmerge.io.writers.predictions_table`: Ipred, its σ, Z, Weight, the scale and
-    its σ), with ``test`` flagging those held out of the fit.
+    its σ), with ``test`` flagging those held out of the fit and ``shadowed`` those left
+    out of it for a detector shadow.
 
     Examples
     --------
@@ -43,7 +44,7 @@ def observation_predictions(merger, X, test=None):
     """
     ipred, ipred_sd, scale, scale_sd = merger.predict(X, return_std=True, return_scale=True)
     return writers.predictions_table(X, ipred, ipred_sd, *observation_scores(merger, X, ipred, ipred_sd), scale,
-                                     scale_sd, test=test)
+                                     scale_sd, test=test, shadowed=shadowed)
 
 
 def merged_halves(merger, X, n_repeats, seed, warn):
@@ -266,6 +267,8 @@ def statistics_document(result):
     error_model = fitted_error_model(merger)
     if error_model is not None:
         document["error_model"] = error_model
+    if getattr(result, "shadow", None) is not None:
+        document["shadow"] = result.shadow.to_dict()
     if len(result.statistics) > 1:
         document["parents"] = parent_files(merger, len(result.statistics))
     learned = learned_likelihood(merger)

@@ -30,6 +30,7 @@ from .io import writers
 from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, fitted_error_model, merged_halves,
                             observation_predictions, parent_files, report_calibration, resolution_shells, split_seed,
                             statistics_table, write_merger, write_run_files)
+from .shadows import find_shadows
 
 __all__ = ["MergeResult", "calibration_from_outputs", "check_options", "format_statistics", "held_out_rows",
            "make_merger", "parent_files", "reindexing_summary", "resolve_output_prefix", "run_merge",
@@ -39,6 +40,7 @@ __all__ = ["MergeResult", "calibration_from_outputs", "check_options", "format_s
 OPTION_CONSTRAINTS = {
     "half_datasets": [Interval(Integral, 0, None, closed="left")],
     "test_fraction": [Interval(Real, 0, 1, closed="left")],
+    "mask_shadows": ["boolean"],
     "shells": [Interval(Integral, 1, None, closed="left"), list, tuple],
     "binning": [StrOptions({"equal-count", "equal-volume"})],
     "method": [StrOptions({"pearson", "spearman"})],
@@ -83,6 +85,9 @@ class MergeResult:
         (:func:`skmerge.calibration.calibration_report`).
     command : str or None
         The command line that ran the merge (None from Python), for the report.
+    shadow : ShadowMask or None
+        The detector shadow whose observations were left out of the fit
+        (:func:`skmerge.shadows.find_shadows`).
     """
 
     merger: object
@@ -97,6 +102,7 @@ class MergeResult:
     paths: list = field(default_factory=list)
     calibration: list = field(default_factory=list)
     command: str = None
+    shadow: object = None
 
     @property
     def error_model(self):
@@ -140,8 +146,8 @@ class MergeResult:
 
 def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=None, isigi_cutoff=None,
               intensity_key=None, sigma_key=None, image_key=None, drop_invalid=None, half_datasets=0, test_fraction=0.0,
-              track_test_loss=False, shells=10, binning="equal-count", method="pearson", log=None, command=None,
-              **params):
+              track_test_loss=False, mask_shadows=True, shells=10, binning="equal-count", method="pearson", log=None,
+              command=None, **params):
     """Read, fit, predict, merge half datasets, compute statistics and write the outputs:
     what ``skmerge mono`` and ``skmerge poly`` do.
 
@@ -173,6 +179,12 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         Record the test observations' loss every ``validation_frequency`` steps of the
         fit (the merger's ``held_out_loss_curve_``, the ``test_loss`` column of
         ``OUT_history.csv``); it does not steer the fit.
+    mask_shadows : bool, default=True
+        Look for a detector shadow after the fit (:func:`skmerge.shadows.find_shadows`,
+        with the data's detector-position columns) and, when there is one, fit again
+        without the observations behind it; they keep their predictions, flagged in the
+        ``shadowed`` column, and are left out of the half datasets and the calibration.
+        (A streamed merge of a store does not look.)
     shells, binning, method
         The statistics table's, see :func:`skmerge.merging_statistics`.
     log : callable, optional
@@ -214,8 +226,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     ...     anomalous=True, half_datasets=1, random_state=0)
     """
     report = log or _log_to_logger
-    check_options(half_datasets=half_datasets, test_fraction=test_fraction, shells=shells, binning=binning,
-                  method=method)
+    check_options(half_datasets=half_datasets, test_fraction=test_fraction, mask_shadows=mask_shadows, shells=shells,
+                  binning=binning, method=method)
     merger = make_merger(merger, **params)
     if out is not None:
         writers.check_output_prefix(out)
@@ -251,28 +263,30 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     test = held_out_rows(np.arange(len(X)), test_fraction, seed)
     if test.all():
         raise ParameterError(f"test_fraction={test_fraction} leaves no observation to fit")
-    X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
     report("info", f"read {len(X):,} observations of {X['asu_index'].nunique():,} reflections"
            + (" (Friedel mates apart)" if merger.anomalous else "") + f" on "
            f"{X['image_id'].nunique():,} images from {X['file_id'].nunique()} file(s)"
            + (f"; {int(test.sum()):,} held out for testing" if test.any() else ""))
 
-    with caught_warnings(ConvergenceWarning):  # the status line says when max_iter stopped the fit
-        merger.fit(X_train, X_held_out=X.iloc[np.flatnonzero(test)] if track_test_loss and test.any() else None)
-    merged = merger.transform(X_train)
-    error_model = fitted_error_model(merger)
+    # A second start, should the fit find a detector shadow to leave out.
+    unfitted = copy.deepcopy(merger) if mask_shadows else None
+    shadowed = np.zeros(len(X), dtype=bool)
+    X, merged = _fit_and_merge(merger, X, test, shadowed, track_test_loss)
+    predictions = observation_predictions(merger, X, test)
+    shadow = find_shadows(_rows(X, ~test), predictions["Ipred"].to_numpy()[~test]) if mask_shadows else None
+    if shadow is not None:
+        shadowed = shadow.contains(X)
+        report("info", f"found {shadow.describe()}; fitting again without its {int(shadowed.sum()):,} observations")
+        merger = unfitted
+        X, merged = _fit_and_merge(merger, X, test, shadowed, track_test_loss)
+        predictions = observation_predictions(merger, X, test, shadowed)
     for message in fit_messages(merger):
         report("info", message)
     if len(merger.reindexing_operators_) > 1:
         report("info", reindexing_summary(merger))
-        # Everything after the fit (predictions, half datasets, statistics) in the merge's setting.
-        X = merger.reindex(X)
-        X_train = X.iloc[np.flatnonzero(~test)] if test.any() else X
-        merged = merger.transform(X_train)
-    predictions = observation_predictions(merger, X, test)
-    if error_model is None:
+    if fitted_error_model(merger) is None:
         warn(sigma_scatter_warning(sigma_scatter(predictions)))
-    halves = merged_halves(merger, X, half_datasets, seed, warn) if half_datasets else None
+    halves = merged_halves(merger, _rows(X, ~shadowed), half_datasets, seed, warn) if half_datasets else None
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
     statistics = dataset_statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
@@ -280,11 +294,28 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     calibration = [calibration_report(p, resolution_shells(stats)) for p, stats in zip(predictions, statistics)]
     report_calibration(calibration, names, report, warn)
     result = MergeResult(merger, X, test, merged, predictions, halves, statistics, names, warnings,
-                         calibration=calibration, command=command)
+                         calibration=calibration, command=command, shadow=shadow)
     if out is not None:
         result.paths = result.write(out)
         report("info", "wrote " + ", ".join(p.name for p in result.paths))
     return result
+
+
+def _fit_and_merge(merger, X, test, left_out, track_test_loss):
+    """Fit ``merger`` on the observations X neither held out (``test``) nor ``left_out``
+    and merge them: (X in the fit's indexing setting, the merged table)."""
+    fitted = ~(test | left_out)
+    with caught_warnings(ConvergenceWarning):  # the status line says when max_iter stopped the fit
+        merger.fit(_rows(X, fitted), X_held_out=_rows(X, test) if track_test_loss and test.any() else None)
+    if len(merger.reindexing_operators_) > 1:
+        # Everything after the fit (predictions, half datasets, statistics) in the merge's setting.
+        X = merger.reindex(X)
+    return X, merger.transform(_rows(X, fitted))
+
+
+def _rows(X, keep):
+    """The rows of X where ``keep`` is True (X itself, not a copy, when it is all)."""
+    return X if keep.all() else X.iloc[np.flatnonzero(keep)]
 
 
 def held_out_rows(rows, fraction, seed):

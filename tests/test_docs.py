@@ -31,6 +31,7 @@ PUBLIC_MODULES = [
     "skmerge.metrics",
     "skmerge.stats",
     "skmerge.calibration",
+    "skmerge.shadows",
     "skmerge.laue",
     "skmerge.geometry",
     "skmerge.store",

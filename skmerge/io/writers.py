@@ -36,6 +36,7 @@ PREDICTION_TYPES = {
     "image_id": "Batch",
     "file_id": "MTZInt",
     "test": "MTZInt",
+    "shadowed": "MTZInt",
 }
 
 
@@ -190,7 +191,7 @@ def history_table(loss_curve, held_out_loss=None):
     return table
 
 
-def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None):
+def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None, shadowed=None):
     """Per-observation predictions as an unmerged ``rs.DataSet`` ready for MTZ.
 
     The rows are indexed by the reflection's ASU index with an M/ISYM column (the
@@ -207,9 +208,13 @@ def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None)
         observation.
     test : array-like of bool, optional
         True for observations held out of the fit.
+    shadowed : array-like of bool, optional
+        True for observations left out of the fit behind a detector shadow
+        (:mod:`skmerge.shadows`).
     """
     n = len(X)
     test = np.zeros(n, dtype=bool) if test is None else np.asarray(test, dtype=bool)
+    shadowed = np.zeros(n, dtype=bool) if shadowed is None else np.asarray(shadowed, dtype=bool)
     keys = ["Hobs", "Kobs", "Lobs"] if "Hobs" in X.columns else ["H", "K", "L"]
     hkl = X[keys].to_numpy(np.int32)
     data = {
@@ -225,6 +230,7 @@ def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None)
         "image_id": X["image_id"].to_numpy(np.int64),
         "file_id": X["file_id"].to_numpy(np.int64) if "file_id" in X.columns else np.zeros(n, np.int64),
         "test": test.astype(np.int32),
+        "shadowed": shadowed.astype(np.int32),
     }
     for name, values in data.items():
         if len(values) != n:
@@ -233,6 +239,22 @@ def predictions_table(X, ipred, sigipred, z, weight, scale, sigscale, test=None)
     table = table.astype({"H": "HKL", "K": "HKL", "L": "HKL", **PREDICTION_TYPES}).set_index(["H", "K", "L"])
     table = table.hkl_to_asu()
     return table[["M/ISYM", *PREDICTION_TYPES]]
+
+
+def prediction_flags(predictions):
+    """(held out, shadowed): arrays of bool over the rows of a predictions table, from
+    its ``test`` and ``shadowed`` columns (all False for a column the table lacks, as in
+    the files of earlier versions).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from skmerge.io.writers import prediction_flags
+    >>> prediction_flags(pd.DataFrame({"test": [0, 1, 1], "shadowed": [0, 0, 1]}))
+    (array([False,  True,  True]), array([False, False,  True]))
+    """
+    return tuple(predictions[c].to_numpy(np.float64, na_value=0) > 0 if c in predictions.columns
+                 else np.zeros(len(predictions), dtype=bool) for c in ("test", "shadowed"))
 
 
 # careless's names of the σ columns its analysis tools read (skmerge's merged files keep
