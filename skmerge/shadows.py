@@ -153,7 +153,7 @@ def find_shadows(X, ipred, columns=None):
     --------
     >>> from skmerge.datasets import make_unmerged
     >>> from skmerge.shadows import find_shadows
-    >>> X, truth = make_unmerged(n_images=30, beamstop_arm=True, random_state=0)
+    >>> X, truth = make_unmerged(n_images=90, beamstop_arm=True, random_state=0)
     >>> mask = find_shadows(X, truth.Itrue)  # the truth as a perfect fit's prediction
     >>> bool(mask.contains(X)[truth.shadowed].mean() > 0.9)
     True
