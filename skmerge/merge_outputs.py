@@ -315,16 +315,17 @@ def write_run_files(result, out, *, correlations):
     ``out``: ``OUT_history.csv``, ``OUT_reindexing.csv`` (when the indexing was
     ambiguous), ``OUT.joblib``, ``OUT.npz``, ``OUT_stats.csv``, ``OUT_stats.json``,
     ``OUT_history.png``, ``OUT_cchalf.png`` (when ``correlations``: half datasets or a
-    test set), ``OUT_calibration.png`` and ``OUT_report.html`` (:mod:`skmerge.report`;
-    a warning replaces it when it cannot be made). Returns the paths written, in that
-    order.
+    test set), ``OUT_calibration.png``, ``OUT_shadow.png`` (when the merge left out a
+    detector shadow: :func:`skmerge.plotting.plot_shadow`) and ``OUT_report.html``
+    (:mod:`skmerge.report`; a warning replaces it when it cannot be made). Returns the
+    paths written, in that order.
 
     Examples
     --------
     >>> from skmerge.merge_outputs import write_run_files
     >>> paths = write_run_files(result, "out/hypf", correlations=True)  # doctest: +SKIP
     """
-    from .plotting import plot_calibration, plot_history, plot_statistics
+    from .plotting import plot_calibration, plot_history, plot_shadow, plot_statistics
     from .report import report_html
 
     merger = result.merger
@@ -341,6 +342,11 @@ def write_run_files(result, out, *, correlations):
     if correlations:
         paths.append(writers.write_figure(plot_statistics(result.statistics, labels), f"{out}_cchalf.png"))
     paths.append(writers.write_figure(plot_calibration(result.calibration, labels), f"{out}_calibration.png"))
+    if getattr(result, "shadow", None) is not None:
+        observations = writers.split_by_file(result.observations, len(result.predictions))
+        ipred = np.concatenate([p["Ipred"].to_numpy(np.float64) for p in result.predictions])
+        paths.append(writers.write_figure(plot_shadow(result.shadow, pd.concat(observations), ipred),
+                                          f"{out}_shadow.png"))
     try:
         page = report_html(result, title=Path(out).name)
     except Exception as exc:  # a figure that cannot be drawn must not cost the merge

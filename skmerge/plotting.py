@@ -376,6 +376,51 @@ def plot_anomalous_signal(tables, statistics):
     return figure
 
 
+def plot_shadow(shadow, X, ipred):
+    """The detector as the fit sees it: every strongly predicted observation at its
+    position, coloured by log₁₀(Iobs/Ipred), with the cells of a detector shadow outlined.
+
+    Parameters
+    ----------
+    shadow : ShadowMask
+        :func:`skmerge.shadows.find_shadows`'s result.
+    X : DataFrame
+        The observations, with Iobs, SIGIobs and the shadow's position columns.
+    ipred : array-like of shape (n_observations,)
+        Their predicted intensities.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Blue where the spots come out as predicted, red where they come out extinguished
+        (the colour scale stops at 1 % and at 3× the prediction).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from .shadows import strongly_predicted
+
+    ipred = np.asarray(ipred, dtype=np.float64)
+    strong = strongly_predicted(X, ipred)
+    x, y = (X[column].to_numpy(np.float64)[strong] for column in shadow.columns)
+    ratio = X["Iobs"].to_numpy(np.float64)[strong] / ipred[strong]
+    figure = Figure(figsize=(6.4, 5.6))
+    axes = figure.add_subplot()
+    points = axes.scatter(x, y, c=np.log10(np.clip(ratio, 0.01, 3.0)), s=2, cmap="coolwarm_r", vmin=-2.0,
+                          vmax=np.log10(3.0), linewidths=0)
+    for cell in shadow.cells:
+        axes.add_patch(Rectangle(shadow.origin + cell * shadow.cell_size, *shadow.cell_size, fill=False,
+                                 edgecolor="black", linewidth=0.6))
+    figure.colorbar(points, ax=axes, label="log10(Iobs / Ipred)")
+    axes.set_aspect("equal")
+    axes.set_xlabel(shadow.columns[0])
+    axes.set_ylabel(shadow.columns[1])
+    axes.set_title(f"{strong.sum():,} observations predicted at 5σ or more; {len(shadow.cells)} shadowed cells",
+                   fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
 def _as_lists(items, labels):
     """One item or several, and their legend labels (None for a single item)."""
     if not isinstance(items, (list, tuple)):

@@ -29,7 +29,7 @@ from scipy.stats import binom
 
 from .errors import InputError
 
-__all__ = ["ShadowMask", "detector_columns", "find_shadows"]
+__all__ = ["ShadowMask", "detector_columns", "find_shadows", "strongly_predicted"]
 
 DETECTOR_COLUMNS = (("XDET", "YDET"), ("X", "Y"), ("xobs", "yobs"), ("XCAL", "YCAL"), ("xcal", "ycal"))
 """Pairs of detector-position columns, in the order they are looked for."""
@@ -168,11 +168,10 @@ def find_shadows(X, ipred, columns=None):
     origin = positions[finite].min(axis=0)
     cell_size = np.maximum(np.ptp(positions[finite], axis=0) / _GRID, 1e-12)
     ipred = np.asarray(ipred, dtype=np.float64)
-    iobs = X["Iobs"].to_numpy(np.float64)
-    strong = finite & (ipred >= _STRONG_OVER_SIGMA * X["SIGIobs"].to_numpy(np.float64))
+    strong = finite & strongly_predicted(X, ipred)
     if not strong.any():
         return None
-    extinct = strong & (iobs < _EXTINCT_RATIO * ipred)
+    extinct = strong & (X["Iobs"].to_numpy(np.float64) < _EXTINCT_RATIO * ipred)
     keys, inverse = np.unique(_cell_keys(_grid_cells(positions[strong], origin, cell_size)), return_inverse=True)
     n_strong = np.bincount(inverse, minlength=len(keys))
     n_extinct = np.bincount(inverse, weights=extinct[strong], minlength=len(keys)).astype(np.int64)
@@ -186,6 +185,12 @@ def find_shadows(X, ipred, columns=None):
     outside = extinct.sum() - n_extinct[shadowed].sum()
     return ShadowMask(columns, origin, cell_size, _key_cells(keys[shadowed]), n_strong[shadowed],
                       n_extinct[shadowed], float(outside / max(strong.sum() - n_strong[shadowed].sum(), 1)))
+
+
+def strongly_predicted(X, ipred):
+    """Whether each observation of X is predicted at 5 σ (its SIGIobs) or more: those
+    whose extinction a shadow is told by (an array of bool)."""
+    return np.asarray(ipred, dtype=np.float64) >= _STRONG_OVER_SIGMA * X["SIGIobs"].to_numpy(np.float64)
 
 
 def _grow(cells, seeds, elevated):

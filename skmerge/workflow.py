@@ -119,7 +119,8 @@ class MergeResult:
         format, unless it holds what only joblib stores), ``OUT_stats.csv``,
         ``OUT_stats.json``, ``OUT_reindexing.csv`` (when the indexing was ambiguous: each
         image's operator and probability), ``OUT_history.png``, ``OUT_cchalf.png`` (with half
-        datasets or a test set), ``OUT_calibration.png`` and ``OUT_report.html``
+        datasets or a test set), ``OUT_calibration.png``, ``OUT_shadow.png`` (when a detector
+        shadow was left out) and ``OUT_report.html``
         (:mod:`skmerge.report`); see ``docs/cli.md``.
 
         Returns

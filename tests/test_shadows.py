@@ -68,7 +68,7 @@ def test_positions_outside_the_grid_or_missing_are_not_shadowed(arm):
     assert not mask.contains(far).any()
 
 
-def test_the_merge_leaves_the_shadow_out_and_says_so(arm):
+def test_the_merge_leaves_the_shadow_out_and_says_so(arm, tmp_path):
     """run_merge finds the arm after its fit, fits again without it, flags its
     observations in the predictions and keeps them out of the calibration; the
     amplitudes come closer to the truth than a merge that keeps them."""
@@ -93,6 +93,12 @@ def test_the_merge_leaves_the_shadow_out_and_says_so(arm):
         return np.corrcoef(merged["F"], truth.merged.loc[merged.index, "F"])[0, 1]
 
     assert cc_truth(masked) > cc_truth(kept) + 0.003
+
+    paths = {path.name for path in masked.write(tmp_path / "arm")}
+    assert "arm_shadow.png" in paths and "arm_shadow.png" not in {p.name for p in kept.write(tmp_path / "kept")}
+    document = json.loads((tmp_path / "arm_stats.json").read_text())
+    assert document["shadow"]["columns"] == ["XDET", "YDET"] and len(document["shadow"]["cells"]) == len(
+        masked.shadow.cells)
 
 
 def test_calibration_counts_only_unshadowed_held_out_rows():
