@@ -46,7 +46,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .errors import InputError
-from .io.writers import prediction_flags
+from .io.writers import evaluation_rows
 from .shells import ResolutionShells, make_shells
 
 __all__ = ["Calibration", "calibration_report", "coverage", "likelihood_law", "normal_score", "order_statistics",
@@ -472,11 +472,11 @@ def streamed_calibration(pieces, shells, n_bins=10):
             for piece in pieces([column, "test"]):
                 _check_columns(piece, (column, "test"))
                 found = piece[column].to_numpy(np.float64)
-                yield found[_held_out(piece)] if held_out_only else found
+                yield found[evaluation_rows(piece)] if held_out_only else found
         return batches
 
     z_limit = OUTLIER_LIMIT * max(1.0, _robust_sd_of(values("Z")))
-    n_test = sum(int(_held_out(piece).sum()) for piece in pieces(["test"]))  # Z's pass checked the column
+    n_test = sum(int(evaluation_rows(piece).sum()) for piece in pieces(["test"]))  # Z's pass checked the column
     # Binned by the prediction, not by Iobs: bins of Iobs would select by the noise.
     edges = _equal_count_edges(values("Ipred", held_out_only=n_test > 0), n_bins)
     tally = _Tally(shells, edges, z_limit)
@@ -600,7 +600,7 @@ class _Tally:
 
     def add(self, predictions):
         z = predictions["Z"].to_numpy(np.float64)
-        test = _held_out(predictions)
+        test = evaluation_rows(predictions)
         outlier = np.abs(z) > self.z_limit
         shell = self.shells.assign(_resolution(predictions))
         ipred = predictions["Ipred"].to_numpy(np.float64)
@@ -713,11 +713,6 @@ def _check_columns(predictions, columns=("Z", "Ipred", "test", "image_id", "Scal
         if needed not in predictions.columns:
             raise InputError(f"the predictions table has no column {needed!r}; calibration needs the predictions "
                              "file of skmerge 0.x or later (with Z)")
-
-
-def _held_out(predictions):
-    held_out, shadowed = prediction_flags(predictions)
-    return held_out & ~shadowed
 
 
 def _summaries(held_z, held_groups, counts):

@@ -16,7 +16,7 @@ import pandas as pd
 import reciprocalspaceship as rs
 
 from .errors import InputError
-from .io.writers import prediction_flags
+from .io.writers import evaluation_rows
 from .merged import combine_friedel
 from .shells import (
     BINNINGS,
@@ -632,8 +632,7 @@ def _cc_pred(predictions, shells, method, cell):
     for needed in ("Iobs", "Ipred", "test"):
         if needed not in predictions.columns:
             raise InputError(f"the predictions table has no column {needed!r}.")
-    held_out, shadowed = prediction_flags(predictions)
-    test = held_out & ~shadowed
+    test = evaluation_rows(predictions)
     if not test.any():
         return np.full(shells.n + 1, np.nan), 0
     table = predictions[test]

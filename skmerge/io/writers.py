@@ -257,6 +257,21 @@ def prediction_flags(predictions):
                  else np.zeros(len(predictions), dtype=bool) for c in ("test", "shadowed"))
 
 
+def evaluation_rows(predictions):
+    """The rows of a predictions table that test the fit: held out of it and not behind a
+    detector shadow (which the model does not describe), an array of bool.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from skmerge.io.writers import evaluation_rows
+    >>> evaluation_rows(pd.DataFrame({"test": [0, 1, 1], "shadowed": [0, 0, 1]}))
+    array([False,  True, False])
+    """
+    held_out, shadowed = prediction_flags(predictions)
+    return held_out & ~shadowed
+
+
 # careless's names of the σ columns its analysis tools read (skmerge's merged files keep
 # the CCP4 names SIGF, SIGI, which refinement programs expect).
 _CARELESS_NAMES = {f"SIG{name}{half}": f"Sig{name}{half}" for name in ("F", "I", "Iobs", "Ipred")
