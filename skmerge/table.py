@@ -403,6 +403,22 @@ def assemble_table(table, spacegroup, cell, asu_index=None, image_id=None, mtz_d
     return out
 
 
+def take_rows(X, mask):
+    """The rows of the observation table X where ``mask`` is True: X itself, not a copy,
+    when that is all of them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> from skmerge.table import take_rows
+    >>> X = pd.DataFrame({"Iobs": [1.0, 2.0, 3.0]})
+    >>> take_rows(X, np.array([True, True, True])) is X, len(take_rows(X, np.array([True, False, True])))
+    (True, 2)
+    """
+    return X if mask.all() else X.iloc[np.flatnonzero(mask)]
+
+
 def dense_image_ids(file_id, image):
     """0, 1, … over the distinct (file, image) pairs, ordered by file, then image."""
     file_id, image = np.asarray(file_id, np.int64), np.asarray(image, np.int64)

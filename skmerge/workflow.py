@@ -31,6 +31,7 @@ from .merge_outputs import (caught_warnings, dataset_statistics, fit_messages, f
                             observation_predictions, parent_files, report_calibration, resolution_shells, split_seed,
                             statistics_table, write_merger, write_run_files)
 from .shadows import find_shadows
+from .table import take_rows
 
 __all__ = ["MergeResult", "calibration_from_outputs", "check_options", "format_statistics", "held_out_rows",
            "make_merger", "parent_files", "reindexing_summary", "resolve_output_prefix", "run_merge",
@@ -274,7 +275,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
     shadowed = np.zeros(len(X), dtype=bool)
     X, merged = _fit_and_merge(merger, X, test, shadowed, track_test_loss)
     predictions = observation_predictions(merger, X, test)
-    shadow = find_shadows(_rows(X, ~test), predictions["Ipred"].to_numpy()[~test]) if mask_shadows else None
+    shadow = find_shadows(take_rows(X, ~test), predictions["Ipred"].to_numpy()[~test]) if mask_shadows else None
     if shadow is not None:
         shadowed = shadow.contains(X)
         report("info", f"found {shadow.describe()}; fitting again without its {int(shadowed.sum()):,} observations")
@@ -287,7 +288,7 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         report("info", reindexing_summary(merger))
     if fitted_error_model(merger) is None:
         warn(sigma_scatter_warning(sigma_scatter(predictions)))
-    halves = merged_halves(merger, _rows(X, ~shadowed), half_datasets, seed, warn) if half_datasets else None
+    halves = merged_halves(merger, take_rows(X, ~shadowed), half_datasets, seed, warn) if half_datasets else None
     merged, predictions = writers.split_by_file(merged, n_sets), writers.split_by_file(predictions, n_sets)
     halves = None if halves is None else writers.split_by_file(halves, n_sets)
     statistics = dataset_statistics(merged, halves or [None] * n_sets, predictions, parent_files(merger, n_sets),
@@ -307,16 +308,11 @@ def _fit_and_merge(merger, X, test, left_out, track_test_loss):
     and merge them: (X in the fit's indexing setting, the merged table)."""
     fitted = ~(test | left_out)
     with caught_warnings(ConvergenceWarning):  # the status line says when max_iter stopped the fit
-        merger.fit(_rows(X, fitted), X_held_out=_rows(X, test) if track_test_loss and test.any() else None)
+        merger.fit(take_rows(X, fitted), X_held_out=take_rows(X, test) if track_test_loss and test.any() else None)
     if len(merger.reindexing_operators_) > 1:
         # Everything after the fit (predictions, half datasets, statistics) in the merge's setting.
         X = merger.reindex(X)
-    return X, merger.transform(_rows(X, fitted))
-
-
-def _rows(X, keep):
-    """The rows of X where ``keep`` is True (X itself, not a copy, when it is all)."""
-    return X if keep.all() else X.iloc[np.flatnonzero(keep)]
+    return X, merger.transform(take_rows(X, fitted))
 
 
 def held_out_rows(rows, fraction, seed):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ParameterError
+from ..table import take_rows
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
 from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, NetworkShape, Weights, likelihood_attributes, shape_asked_for
@@ -90,8 +91,8 @@ def fit_model(params, X, y, rng, seed, *, previous=None, X_held_out=None, previo
     if not params.early_stopping:
         return train(params, encode(X, y, **encoding), rng, seed, params.max_iter, held_out=X_held_out, **start)
     rows = _training_rows(X["image_id"].to_numpy(np.int64), params.validation_fraction, rng)
-    first = train(params, encode(_take(X, rows), None if y is None else np.asarray(y)[rows], **encoding), rng,
-                  seed, params.max_iter, validation=_take(X, ~rows), **start)
+    first = train(params, encode(take_rows(X, rows), None if y is None else np.asarray(y)[rows], **encoding), rng,
+                  seed, params.max_iter, validation=take_rows(X, ~rows), **start)
     steps, converged, scores = first.kept_step, first.converged, first.validation_scores
     del first
     gc.collect()  # the first model's TensorFlow functions sit in reference cycles
@@ -333,10 +334,6 @@ def _training_rows(image, fraction, rng):
     n_val = min(max(1, int(round(fraction * len(images)))), len(images) - 1)
     held_out = rng.choice(images, n_val, replace=False)
     return ~np.isin(image, held_out)
-
-
-def _take(X, mask):
-    return X if mask.all() else X.iloc[np.flatnonzero(mask)]
 
 
 class _progress:
