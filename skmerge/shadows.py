@@ -31,7 +31,10 @@ from .errors import InputError
 
 __all__ = ["ShadowMask", "detector_columns", "find_shadows", "strongly_predicted"]
 
-DETECTOR_COLUMNS = (("XDET", "YDET"), ("X", "Y"), ("xobs", "yobs"), ("XCAL", "YCAL"), ("xcal", "ycal"))
+# Observed positions before calculated ones: MTZ (XDET), Laue and careless (X), DIALS
+# tables (xobs), XDS_ASCII.HKL (XD), INTEGRATE.HKL (XOBS, then XCAL).
+DETECTOR_COLUMNS = (("XDET", "YDET"), ("X", "Y"), ("xobs", "yobs"), ("XD", "YD"), ("XOBS", "YOBS"),
+                    ("XCAL", "YCAL"), ("xcal", "ycal"))
 """Pairs of detector-position columns, in the order they are looked for."""
 
 # An observation is strongly predicted at I_pred ≥ 5 σ and extinguished below a fifth

@@ -18,6 +18,7 @@ from skmerge.errors import InputError
 from skmerge.io.crystfel import read_crystfel
 from skmerge.io.dials import read_dials
 from skmerge.io.xds import read_xds
+from skmerge.shadows import detector_columns
 from _xds import XSCALE_HEADER
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "formats"
@@ -85,6 +86,12 @@ def test_xds_batch_is_the_image_gemmi_assigns(formats, name):
     assert sorted(ds["BATCH"].to_numpy()) == sorted(expected)
     z = ds["ZD" if name == "XDS_ASCII.HKL" else "ZCAL"].to_numpy()
     np.testing.assert_array_equal(ds["BATCH"].to_numpy(), np.floor(z).astype(int) + 1)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name, positions", [("XDS_ASCII.HKL", ("XD", "YD")), ("INTEGRATE.HKL", ("XOBS", "YOBS"))])
+def test_xds_spots_have_detector_positions_for_the_shadow_search(formats, name, positions):
+    assert detector_columns(read_xds(formats / name)) == positions
 
 
 @pytest.mark.realdata
