@@ -185,8 +185,9 @@ def _add_mono_arguments(mono, defaults):
     validation.add_argument("--no-shadow-mask", dest="mask_shadows", action="store_false",
                             help="keep the observations behind a detector shadow (default: after the fit, find "
                             "detector regions where strongly predicted spots come out below a fifth of their "
-                            "prediction, as behind an unmasked beam-stop arm, report them and fit again without "
-                            "their observations; needs detector-position columns such as XDET,YDET or X,Y)")
+                            "prediction, as behind an unmasked beam-stop arm, or a zone around the beam where they "
+                            "come out more than twice or less than half their prediction, report them and fit again "
+                            "without their observations; needs detector-position columns such as XDET,YDET or X,Y)")
 
     output = mono.add_argument_group("output")
     _add_table_arguments(output)

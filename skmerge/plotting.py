@@ -378,7 +378,8 @@ def plot_anomalous_signal(tables, statistics):
 
 def plot_shadow(shadow, X, ipred):
     """The detector as the fit sees it: every strongly predicted observation at its
-    position, coloured by log₁₀(Iobs/Ipred), with the cells of a detector shadow outlined.
+    position, coloured by log₁₀(Iobs/Ipred), with the cells of a detector shadow and its
+    zone around the beam outlined.
 
     Parameters
     ----------
@@ -396,7 +397,7 @@ def plot_shadow(shadow, X, ipred):
         (the colour scale stops at 1 % and at 3× the prediction).
     """
     from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Circle, Rectangle
 
     from .shadows import strongly_predicted
 
@@ -411,12 +412,15 @@ def plot_shadow(shadow, X, ipred):
     for cell in shadow.cells:
         axes.add_patch(Rectangle(shadow.origin + cell * shadow.cell_size, *shadow.cell_size, fill=False,
                                  edgecolor="black", linewidth=0.6))
+    zone = shadow.beam_zone
+    if zone is not None:
+        axes.add_patch(Circle(zone.centre, zone.radius, fill=False, edgecolor="black", linewidth=0.8))
     figure.colorbar(points, ax=axes, label="log10(Iobs / Ipred)")
     axes.set_aspect("equal")
     axes.set_xlabel(shadow.columns[0])
     axes.set_ylabel(shadow.columns[1])
-    axes.set_title(f"{strong.sum():,} observations predicted at 5σ or more; {len(shadow.cells)} shadowed cells",
-                   fontsize="small")
+    left_out = f"{len(shadow.cells)} shadowed cells" + ("" if zone is None else ", the beam zone")
+    axes.set_title(f"{strong.sum():,} spots predicted at ≥ 5σ; outlined: {left_out}", fontsize="small")
     figure.tight_layout()
     return figure
 

@@ -183,7 +183,8 @@ def run_merge(data, out=None, *, merger=None, spacegroup=None, cell=None, dmin=N
         ``OUT_history.csv``); it does not steer the fit.
     mask_shadows : bool, default=True
         Look for a detector shadow after the fit (:func:`skmerge.shadows.find_shadows`,
-        with the data's detector-position columns) and, when there is one, fit again
+        with the data's detector-position columns: cells whose spots are extinguished, a
+        zone around the beam whose spots disagree with the fit) and, when there is one, fit again
         without the observations behind it; they keep their predictions, flagged in the
         ``shadowed`` column, and are left out of the half datasets and the calibration.
         (A streamed merge of a store does not look.)

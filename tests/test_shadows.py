@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.patches import Circle
 
 import skmerge
 from skmerge.calibration import calibration_report
 from skmerge.datasets import make_unmerged
+from skmerge.plotting import plot_shadow
 from skmerge.errors import InputError
 from skmerge.shadows import detector_columns, find_shadows
 
@@ -41,8 +43,34 @@ def test_a_perfect_prediction_finds_the_arm_and_little_else(arm):
     assert mask.columns == ("XDET", "YDET")
     assert mask.n_extinct.sum() > 0.6 * mask.n_strong.sum() and mask.extinct_rate < 0.02
     assert "detector shadow" in mask.describe()
+    # The arm's root next to the beam has too few spots per cell; a beam zone takes it.
+    assert mask.beam_zone is None or np.hypot(*(mask.beam_zone.centre - 1500.0)) < 20.0
     document = json.loads(json.dumps(mask.to_dict()))
     assert len(document["cells"]) == len(mask.cells)
+
+
+def test_spots_that_disagree_around_the_beam_make_a_beam_zone():
+    """A penumbra: 40 % of the spots within 150 pixels of the beam (1500, 1500) come out
+    2.5-4× above or below their intensity, as next to PYP's beam stop."""
+    X, truth = make_unmerged(n_images=90, outlier_fraction=0.01, random_state=0)
+    rng = np.random.default_rng(1)
+    distance = np.hypot(X["XDET"].to_numpy() - 1500.0, X["YDET"].to_numpy() - 1500.0)
+    spoiled = (distance < 150.0) & (rng.uniform(size=len(X)) < 0.4)
+    factor = np.exp(rng.choice([-1.0, 1.0], spoiled.sum()) * rng.uniform(np.log(2.5), np.log(4.0), spoiled.sum()))
+    X.loc[spoiled, "Iobs"] *= factor
+    mask = find_shadows(X, truth.Itrue)
+    zone = mask.beam_zone
+    assert len(mask.cells) == 0
+    assert np.hypot(*(zone.centre - 1500.0)) < 20.0
+    assert 100.0 < zone.radius < 200.0
+    assert zone.n_discordant > 10 * zone.discordant_rate * zone.n_strong
+    inside = mask.contains(X)
+    assert inside[spoiled].mean() > 0.7
+    assert not inside[distance > 250.0].any()
+    assert "around the beam" in mask.describe()
+    assert json.loads(json.dumps(mask.to_dict()))["beam_zone"]["radius"] == pytest.approx(zone.radius)
+    circles = [patch for patch in plot_shadow(mask, X, truth.Itrue).axes[0].patches if isinstance(patch, Circle)]
+    assert len(circles) == 1 and circles[0].get_radius() == pytest.approx(zone.radius)
 
 
 def test_no_shadow_in_data_without_one():
