@@ -210,12 +210,14 @@ def detector_columns(X, columns=None):
 
 
 def find_shadows(X, ipred, columns=None):
-    """The detector's shadowed cells, or None when no cell is shadowed.
+    """The detector's shadowed cells and its discordant zone around the beam, or None
+    when there is neither.
 
     Parameters
     ----------
     X : DataFrame
-        Observations with Iobs, SIGIobs and detector positions.
+        Observations with Iobs, SIGIobs and detector positions (and dHKL, without which
+        no zone around the beam is looked for).
     ipred : array-like of shape (n_observations,)
         The fit's predicted intensity of each observation.
     columns : pair of str, optional
