@@ -178,12 +178,14 @@ class BeamZone:
         return np.hypot(*(np.asarray(positions, dtype=np.float64) - self.centre).T) <= self.radius
 
     def describe(self, columns):
+        """The zone for the log, in the position columns' names."""
         x, y = columns
         return (f"the disc of radius {self.radius:.4g} around the beam ({x} {self.centre[0]:.5g}, {y} {self.centre[1]:.5g}), where "
                 f"{self.n_discordant:,} of {self.n_strong:,} strongly predicted observations came out more than "
                 f"{_DISCORDANT_FACTOR:g}× from their prediction ({self.discordant_rate:.1%} beyond)")
 
     def to_dict(self):
+        """A JSON-ready description (the statistics document's ``shadow.beam_zone``)."""
         return {"centre": self.centre.tolist(), "radius": self.radius, "n_strong": self.n_strong,
                 "n_discordant": self.n_discordant, "discordant_rate": self.discordant_rate}
 
