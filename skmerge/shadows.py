@@ -274,10 +274,13 @@ def find_shadows(X, ipred, columns=None):
 def _beam_zone(X, positions, finite, strong, ipred):
     """The disc around the beam whose strong spots are discordant far more often than
     beyond it (module docstring), or None."""
-    resolution = X["dHKL"].to_numpy(np.float64) if "dHKL" in X.columns else None
-    if resolution is None or not strong.any():
+    if "dHKL" not in X.columns or not strong.any():
         return None
-    lowest = finite & (resolution >= np.quantile(resolution[finite], _LOWEST_RESOLUTION_QUANTILE))
+    resolution = X["dHKL"].to_numpy(np.float64)
+    known = finite & np.isfinite(resolution)
+    if not known.any():
+        return None
+    lowest = known & (resolution >= np.quantile(resolution[known], _LOWEST_RESOLUTION_QUANTILE))
     centre = np.median(positions[lowest], axis=0)
     ratio = X["Iobs"].to_numpy(np.float64)[strong] / ipred[strong]
     discordant = (ratio > _DISCORDANT_FACTOR) | (ratio < 1.0 / _DISCORDANT_FACTOR)

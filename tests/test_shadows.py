@@ -68,6 +68,9 @@ def test_spots_that_disagree_around_the_beam_make_a_beam_zone():
     assert inside[spoiled].mean() > 0.7
     assert not inside[distance > 250.0].any()
     assert "around the beam" in mask.describe()
+    # Without resolutions there is no beam position to look around.
+    assert find_shadows(X.drop(columns=["dHKL"]), truth.Itrue) is None
+    assert find_shadows(X.assign(dHKL=np.nan), truth.Itrue) is None
     assert json.loads(json.dumps(mask.to_dict()))["beam_zone"]["radius"] == pytest.approx(zone.radius)
     circles = [patch for patch in plot_shadow(mask, X, truth.Itrue).axes[0].patches if isinstance(patch, Circle)]
     assert len(circles) == 1 and circles[0].get_radius() == pytest.approx(zone.radius)
