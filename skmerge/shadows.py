@@ -85,7 +85,7 @@ _ZONE_RATE_FACTOR = 5.0
 
 @dataclass(frozen=True)
 class ShadowMask:
-    """Shadowed cells of a grid over the detector.
+    """Shadowed cells of a grid over the detector, and a discordant zone around the beam.
 
     Attributes
     ----------
@@ -150,7 +150,7 @@ class ShadowMask:
                 "beam_zone": None if self.beam_zone is None else self.beam_zone.to_dict()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class BeamZone:
     """A disc around the direct beam whose spots disagree with their prediction.
 
@@ -180,9 +180,10 @@ class BeamZone:
     def describe(self, columns):
         """The zone for the log, in the position columns' names."""
         x, y = columns
-        return (f"the disc of radius {self.radius:.4g} around the beam ({x} {self.centre[0]:.5g}, {y} {self.centre[1]:.5g}), where "
-                f"{self.n_discordant:,} of {self.n_strong:,} strongly predicted observations came out more than "
-                f"{_DISCORDANT_FACTOR:g}× from their prediction ({self.discordant_rate:.1%} beyond)")
+        return (f"the disc of radius {self.radius:.4g} around the beam ({x} {self.centre[0]:.5g}, "
+                f"{y} {self.centre[1]:.5g}), where {self.n_discordant:,} of {self.n_strong:,} strongly predicted "
+                f"observations came out more than {_DISCORDANT_FACTOR:g}× from their prediction "
+                f"({self.discordant_rate:.1%} beyond)")
 
     def to_dict(self):
         """A JSON-ready description (the statistics document's ``shadow.beam_zone``)."""
