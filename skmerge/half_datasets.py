@@ -12,6 +12,7 @@ import pandas as pd
 from sklearn.utils import check_random_state
 
 from .errors import InputError
+from .table import take_rows
 
 
 def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0):
@@ -93,7 +94,7 @@ def half_dataset_merges(merger, X, *, n_repeats=1, random_state=None, verbose=0)
                 half_merger.set_params(warm_start="scales", freeze="scales", posterior_init="data", early_stopping=False,
                                        verbose=0, random_state=rng.randint(2**31 - 1))
                 if source is None:
-                    X_half = X.iloc[np.flatnonzero(rows)]
+                    X_half = take_rows(X, rows)
                 else:
                     X_half = source.where(_of_images(np.flatnonzero(rows)))
                 merged = half_merger.fit(X_half).transform(X_half)

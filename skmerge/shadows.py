@@ -80,6 +80,7 @@ _LOWEST_RESOLUTION_QUANTILE = 0.99
 _DISCORDANT_FACTOR = 2.0
 _ZONE_RADII = 40
 _ZONE_MIN_SPOTS = 10
+_ZONE_MIN_DISCORDANT = 3
 _ZONE_RATE_FACTOR = 5.0
 
 
@@ -295,7 +296,8 @@ def _beam_zone(X, positions, finite, strong, ipred):
     inside = np.cumsum(discordant)[k - 1]
     beyond = (discordant.sum() - inside) / (n - k)
     p = binom.sf(inside - 1, k, np.maximum(beyond, 1.0 / n))
-    candidate = (inside >= _MIN_EXTINCT) & (inside >= _ZONE_RATE_FACTOR * beyond * k) & (p < _FAMILY_ALPHA / len(k))
+    candidate = ((inside >= _ZONE_MIN_DISCORDANT) & (inside >= _ZONE_RATE_FACTOR * beyond * k)
+                 & (p < _FAMILY_ALPHA / len(k)))
     if not candidate.any():
         return None
     best = np.argmin(np.where(candidate, p, np.inf))
