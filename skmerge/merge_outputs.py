@@ -155,8 +155,9 @@ def fitted_error_model(merger):
 
 def fit_messages(merger):
     """The status lines on a finished fit: its steps and error model, the learned
-    likelihood, the scale network's shape, the sandwich ratio of SIGF and its images'
-    scale weights' factors, and the double-Wilson r.
+    likelihood, the scale network's shape, the frame of a rotation series' amplitudes,
+    the sandwich ratio of SIGF and its images' scale weights' factors, and the
+    double-Wilson r.
 
     Examples
     --------
@@ -188,6 +189,10 @@ def fit_messages(merger):
     if getattr(merger, "image_heads_", False):
         messages.append("image heads: each image bends its scale its own way"
                         + (" (the images are stills)" if merger.image_heads == "auto" else ""))
+    reference_b = getattr(merger, "reference_b_", 0.0)
+    if reference_b:
+        messages.append(f"decay: F and I are as the least-decayed images record them, whose scales fall off "
+                        f"with B {reference_b:+.3g} Å² against the fit's amplitudes")
     ratio = getattr(merger, "sandwich_ratio_", None)
     if ratio is not None:
         messages.append(f"SIGF: the likelihood's score varies {ratio:.3g} times its curvature (J/H), "
@@ -281,6 +286,8 @@ def statistics_document(result):
             document[name] = int(getattr(merger, f"{name}_"))
     if hasattr(merger, "sandwich_ratio_"):
         document["sandwich_ratio"] = float(merger.sandwich_ratio_)
+    if getattr(merger, "reference_b_", 0.0):
+        document["reference_b"] = float(merger.reference_b_)
     for name in ("image_weight_ratio", "image_scale_variance"):
         values = getattr(merger, f"{name}_", None)
         if values is not None and len(values):

@@ -29,6 +29,7 @@ from .features import split_metadata
 from .laue import check_spectrum
 from .model.build import restore_model
 from .model.data import check_compatible, check_table
+from .model.decay import rotation_reference_b
 from .model.fitted import FitState, Weights, evaluation_chunks, heads_asked_for, layers_asked_for
 from .model.fitting import (OPTIONAL_ATTRIBUTES, fit_model, joined_with_previous, values_on_union,
                             with_posterior_corrections)
@@ -307,6 +308,12 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         decided from the data).
     image_heads_ : bool
         Whether the images have heads (``image_heads``, "auto" decided from the data).
+    reference_b_ : float
+        For a rotation series, the B (Å²) by which the scales of its least-decayed
+        images fall off against the model's amplitudes (:mod:`skmerge.model.decay`);
+        :meth:`transform` reports the amplitudes as those images record them, F and
+        SIGF times exp(−B/(4d²)), I and SIGI times exp(−B/(2d²)), and
+        :meth:`predict`'s scales are divided by the latter. 0 for stills and Laue data.
     wavelength_bands_, dmin_ : (float, float) or dict, float
         Laue only: the band (per file_id when taken from the data) and the resolution
         limit of the harmonic expansion.
@@ -655,6 +662,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
         with_posterior_corrections(self, model,
                                    lambda: evaluation_chunks(model, state.evaluation_data(self, X_fit, y)[0]),
                                    len(state.reflections))
+        if previous is None and self.freeze is None:
+            state.reference_b = rotation_reference_b(self, model, state, lambda: iter([X_fit]))
         return result, seed, settings
 
     def _fit_store(self, store, y, X_held_out):
@@ -813,7 +822,8 @@ class VariationalMerger(PersistentMixin, TransformerMixin, BaseEstimator):
     # --------------------------------------------------------------- evaluation
     def posterior(self):
         """The fitted posterior of the amplitudes of ``reflections_`` in standardised
-        units (F² in units of ``intensity_scale_``), a ``tfp.distributions``
+        units (F² in units of ``intensity_scale_``) and in the model's frame (before
+        :meth:`transform`'s factor for ``reference_b_``), a ``tfp.distributions``
         distribution of batch shape (n_reflections,)."""
         check_is_fitted(self, "posterior_weights_")
         return self._get_model().posterior.distribution()

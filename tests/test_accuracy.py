@@ -6,6 +6,8 @@ shell as well as overall, because an amplitude's overall fall-off with resolutio
 Wilson B) is shared between F and the scales and is not identifiable from the data.
 """
 
+import copy
+
 import numpy as np
 import pytest
 from sklearn.model_selection import GroupShuffleSplit
@@ -13,6 +15,7 @@ from sklearn.model_selection import GroupShuffleSplit
 import skmerge
 from skmerge import StudentTLikelihood, VariationalMerger
 from skmerge.datasets import make_unmerged
+from skmerge.model.decay import REFERENCE_QUANTILE, image_b_factors
 from skmerge.stats import resolution_shells
 
 METADATA = ["dHKL", "BATCH", "XDET", "YDET"]
@@ -65,6 +68,42 @@ def test_sigf_is_calibrated(rotation):
         k = np.sum(f[s] * f_true[s]) / np.sum(f_true[s] ** 2)
         z[s] = (f[s] - k * f_true[s]) / sigf[s]
     assert 0.7 <= z.std() <= 1.5
+
+
+def test_amplitudes_are_the_least_decayed_images(rotation):
+    # The simulated crystal decays from B 0 to 8 Å² over the series; the truth is undecayed.
+    X, truth, merger = rotation
+    merged = merger.transform(X)
+    true = truth.merged.loc[merged.index]
+    f, f_true = merged["F"].to_numpy(float), true["F"].to_numpy(float)
+    s = 1 / true["dHKL"].to_numpy(float) ** 2
+    strong = (f / merged["SIGF"].to_numpy(float) > 3) & (f_true > 0)
+    design = np.stack([np.ones(strong.sum()), -s[strong] / 4], 1)
+    b = np.linalg.lstsq(design, np.log(f[strong] / f_true[strong]), rcond=None)[0][1]
+    # The frame of the first images (B 0.09 Å² at the 2 % quantile), not the mean decay.
+    assert merger.reference_b_ < -1.0
+    assert abs(b) < 1.0
+    # Without a fitted overall B, as a refinement program would receive them.
+    overall, _ = _cc(merged, truth)
+    assert overall > _cc(_true_scale_merge(X, truth), truth)[0] - 0.005
+    # Scale × I of the merged table is still the prediction.
+    ipred, scale, _ = merger.predict(X, return_scale=True)
+    asu = merged.loc[list(zip(*(X[c] for c in "HKL")))]
+    np.testing.assert_allclose(ipred, scale * asu["I"].to_numpy(float), rtol=1e-4)
+    # A warm start (as each half-dataset merge) stays in the frame of the fit it continues.
+    half = X[X["image_id"] % 2 == 0]
+    warm = copy.deepcopy(merger).set_params(warm_start="scales", freeze="scales", max_iter=5, early_stopping=False)
+    assert warm.fit(half).reference_b_ == merger.reference_b_
+
+
+def test_image_b_factors_follow_the_decay(rotation):
+    X, truth, merger = rotation
+    _, scale, _ = merger.predict(X, return_scale=True)
+    b = image_b_factors(np.log(scale), X["dHKL"].to_numpy(), X["image_id"].to_numpy())
+    true_b = 8.0 * np.arange(len(b)) / len(b)
+    assert np.corrcoef(b, true_b)[0, 1] > 0.99
+    # In the merge's frame the least-decayed images have B ≈ 0.
+    assert abs(np.quantile(b, REFERENCE_QUANTILE)) < 0.5
 
 
 @pytest.fixture(scope="module")

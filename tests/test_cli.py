@@ -361,6 +361,15 @@ def test_error_model_is_fitted_reported_and_saved(anomalous_run):
     assert document["error_model"] == {"sdfac": merger.sdfac_, "sdadd": merger.sdadd_}
 
 
+def test_the_decay_frame_is_reported_and_saved(anomalous_run):
+    out, capture = anomalous_run
+    merger = joblib.load(f"{out}.joblib")
+    assert merger.reference_b_ != 0.0  # a rotation series
+    logged = f"least-decayed images record them, whose scales fall off with B {merger.reference_b_:+.3g}"
+    assert logged in capture["err"]
+    assert json.loads(open(f"{out}_stats.json").read())["reference_b"] == merger.reference_b_
+
+
 def test_fitted_merger_is_saved(anomalous_run):
     out, _ = anomalous_run
     merger = joblib.load(f"{out}.joblib")

@@ -41,6 +41,7 @@ PUBLIC_MODULES = [
     "skmerge.workflow",
     "skmerge.model.distributed",
     "skmerge.model.marginals",
+    "skmerge.model.decay",
     "skmerge.half_datasets",
     "skmerge.baseline",
     "skmerge.diagnostics",

@@ -75,6 +75,7 @@ def test_deconvolution_recovers_what_overlap_hides(crystal):
 def test_predictions_and_scores_are_per_spot(crystal):
     (X, _), _ = crystal
     merger = VariationalMerger(laue=True, wavelength_range=BAND, mlp_layers=2, max_iter=100, random_state=0).fit(X)
+    assert merger.reference_b_ == 0.0  # Laue scales follow the wavelength too: the model's frame
     assert merger.predict(X).shape == (len(X),)
     assert merger.score_samples(X).shape == (len(X),)
     rows = expand_harmonics(X, wavelength_range=BAND, dmin=2.0)

@@ -110,6 +110,7 @@ def test_stills_image_layers_widen_the_strongest_reflections_most():
     X, _ = make_unmerged(n_images=12, stills=True, random_state=0)
     merger = VariationalMerger(**FAST).fit(X)
     assert merger.image_layers_ > 0
+    assert merger.reference_b_ == 0.0  # stills stay in the model's frame
     ratio = merger.image_weight_ratio_
     assert (ratio >= 1).all() and ratio.max() > 1.2
     # Fifths of the posterior's F/SD: the most precisely measured fifth lost the most to

@@ -314,3 +314,21 @@ def test_streamed_grid_marginals_equal_those_of_the_table(store, monkeypatch):
     np.testing.assert_allclose(streamed.marginal_moments_, from_table.values, rtol=1e-4, atol=1e-6)
     merged = streamed.transform(path)
     assert np.isfinite(merged["SIGF"]).all()
+
+
+def test_a_streamed_rotation_series_is_in_its_least_decayed_images_frame(tmp_path):
+    """A store's fit reads its images' B piece by piece (:mod:`skmerge.model.decay`), as
+    an in-memory fit reads them from its table."""
+    from skmerge.model.decay import rotation_reference_b
+    from skmerge.model.fitted import FitState
+
+    X, _ = skmerge.datasets.make_unmerged(n_images=20, random_state=1)
+    path = write_store(X, tmp_path / "rotation.parquet", row_group_size=3000)
+    pieces = [X.iloc[start:start + 3000] for start in range(0, len(X), 3000)]
+    for merger in (_fit(X, max_iter=60), _fit(path, max_iter=60)):
+        assert merger.reference_b_ < 0  # the first images are the least decayed (B rises by 8 Å²)
+        state, model = FitState.from_attributes(merger), merger._get_model()
+        # In its own frame the fit's least-decayed images fall off by no more: the same B.
+        whole = rotation_reference_b(merger, model, state, lambda: iter([X]))
+        assert whole == pytest.approx(merger.reference_b_, abs=1e-3)
+        assert rotation_reference_b(merger, model, state, lambda: iter(pieces)) == pytest.approx(whole, abs=1e-9)

@@ -79,8 +79,11 @@ def build_model(params, observations, rng, previous=None, harmonics=None, previo
         curve = previous[0].wilson_curve
     reflections.mean_intensity = evaluate_curve(curve, reflections.dhkl)
     shape = network_shape or shape_asked_for(params)
+    # A warm start stays in the frame of the fit it continues (a half-dataset merge in the full merge's).
+    reference_b = previous[0].reference_b if previous is not None else 0.0
     state = FitState(reflections, image_ids, np.bincount(refl, minlength=len(reflections)), c, transformer,
-                     features.shape[1], curve, harmonics, shape.image_heads, shape.image_layers, shape.mlp_layers)
+                     features.shape[1], curve, harmonics, shape.image_heads, shape.image_layers, shape.mlp_layers,
+                     reference_b)
 
     encoder = image_model(params) == "encoder"
     data = tensor_data(refl, image_row, features, intensity, sigma, observations.spot,

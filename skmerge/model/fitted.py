@@ -20,6 +20,7 @@ from ..features import metadata_features
 from ..merged import anomalous_table, merged_table
 from ..symmetry import lookup_keys, pack_hkl, resolution, unpack_group, unpack_hkl
 from .data import Reflections, chunks, encode, tensor_data
+from .decay import fall_off
 from .initialisation import evaluate_curve
 
 # Posterior samples of the expected prior curvature behind the linear-response SIGF.
@@ -78,6 +79,10 @@ class FitState:
     """The number of layers of their own the images have (``image_layers``, "auto" resolved)."""
     mlp_layers: int = MLP_LAYERS
     """The scale network's depth (``mlp_layers``, "auto" resolved)."""
+    reference_b: float = 0.0
+    """The B (Å²) by which the fit's least-decayed images' scales fall off against the
+    model's amplitudes; the merged table and the predictions' scales are in their frame
+    (:mod:`skmerge.model.decay`; 0 for stills, Laue data and fits saved before it)."""
 
     def attributes(self):
         """The estimator's fitted attributes that hold this state."""
@@ -86,7 +91,7 @@ class FitState:
             "reflection_counts_": self.reflection_counts, "intensity_scale_": self.intensity_scale,
             "metadata_transformer_": self.metadata_transformer, "n_metadata_features_": self.n_metadata_features,
             "wilson_curve_": self.wilson_curve, "image_heads_": self.image_heads,
-            "image_layers_": self.image_layers, "mlp_layers_": self.mlp_layers,
+            "image_layers_": self.image_layers, "mlp_layers_": self.mlp_layers, "reference_b_": self.reference_b,
         }
         if self.harmonics is not None:
             attributes["wavelength_bands_"] = self.harmonics["wavelength_range"]
@@ -107,12 +112,24 @@ class FitState:
         return cls(estimator.reflections_, estimator.image_ids_, estimator.reflection_counts_,
                    estimator.intensity_scale_, estimator.metadata_transformer_, estimator.n_metadata_features_,
                    estimator.wilson_curve_, harmonics, bool(shape.image_heads), int(shape.image_layers),
-                   int(shape.mlp_layers))
+                   int(shape.mlp_layers), float(getattr(estimator, "reference_b_", 0.0)))
 
     def encode(self, params, X, y=None):
         """X encoded as the fit encoded its training data."""
         return encode(X, y, anomalous=params.anomalous, separate_files=params.separate_files,
                       harmonics=self.harmonics)
+
+    def fall_off(self, keys):
+        """The factor that takes the model's intensities of the reflections with the given
+        keys into the frame of the merged table (:func:`skmerge.model.decay.fall_off` of
+        ``reference_b``)."""
+        if not self.reference_b:
+            return np.ones(len(keys))
+        return fall_off(self.reference_b, resolution(unpack_hkl(keys), self.reflections.cell))
+
+    def observation_resolution(self, params, X):
+        """dHKL (Å) of each observation of X (of each harmonic, for Laue data)."""
+        return resolution(unpack_hkl(self.encode(params, X, np.zeros(len(X))).keys), self.reflections.cell)
 
     def locate(self, params, keys):
         """Rows of reflection ``keys`` among the model's; reflections the fit never saw
@@ -190,7 +207,8 @@ class FitState:
         moments = [m.numpy().astype(np.float64) for m in model.amplitude_moments(extra)]
         m1, m2, _, m4 = (m[refl] for m in moments)
         counts = np.append(self.reflection_counts, 0)[np.minimum(refl, len(self.reflections))]
-        root, c = math.sqrt(self.intensity_scale), self.intensity_scale
+        c = self.intensity_scale * self.fall_off(keys)
+        root = np.sqrt(c)
         sigf, sigi = np.sqrt(np.maximum(m2 - m1**2, 0.0)), np.sqrt(np.maximum(m4 - m2**2, 0.0))
         hkl = unpack_hkl(keys)
         group = unpack_group(keys) if params.separate_files else None
@@ -247,6 +265,10 @@ class FitState:
         if parts is not None:
             mean[unseen], sd[unseen] = _mixed(parts[:, 0], parts[:, 1])
             scale[unseen], scale_sd[unseen] = _mixed(parts[:, 2], parts[:, 3])
+        # Ipred = Scale × I of the merged table, whose intensities carry the fall-off.
+        if self.reference_b:
+            observed = fall_off(self.reference_b, self.observation_resolution(params, X))
+            scale, scale_sd = scale / observed, scale_sd / observed
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
 
     def log_predictive(self, params, model, X, y, n_samples, seed):

@@ -12,7 +12,7 @@ from ..errors import ParameterError
 from ..table import take_rows
 from .build import build_model, restore_model
 from .data import Reflections, encode, laue_band
-from .fitted import LIKELIHOOD_ATTRIBUTES, FitState, NetworkShape, Weights, likelihood_attributes, shape_asked_for
+from .fitted import LIKELIHOOD_ATTRIBUTES, NetworkShape, Weights, likelihood_attributes, shape_asked_for
 
 
 # Fitted attributes that only some fits have (a refit drops those it does not set).
@@ -238,9 +238,7 @@ def joined_with_previous(params, old_state, old_weights, result):
     for i in result.model.scale_network.per_image_weights():
         if len(scale[i]) == len(state.image_ids):  # not the empty table of a model without offsets
             scale[i] = values_on_union(images, old_state.image_ids, old_weights.scale[i], state.image_ids, scale[i])
-    union_state = FitState(union, images, counts, state.intensity_scale, state.metadata_transformer,
-                           state.n_metadata_features, state.wilson_curve, state.harmonics, state.image_heads,
-                           state.image_layers, state.mlp_layers)
+    union_state = dataclasses.replace(state, reflections=union, image_ids=images, reflection_counts=counts)
     # The marginals of the reflections seen before stand with their posterior; without
     # marginals on both sides there are none.
     marginals = None

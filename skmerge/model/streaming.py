@@ -54,6 +54,7 @@ from ..symmetry import lookup_keys
 from .build import _metadata_transformer, _scale_network, checked_intensity_scale, merging_model, start_posterior
 from .data import Reflections, encode
 from .fitted import FitState
+from .decay import rotation_reference_b
 from .fitting import (Training, _progress, resolved_network_shape, trained_variables,
                       with_posterior_corrections)
 from .initialisation import (SCALING_ROUNDS, evaluate_curve, image_scale_factors, probable_observations, scale_floor,
@@ -187,6 +188,8 @@ def fit_store(params, store, rng, seed, previous=None):
     with_posterior_corrections(params, model,
                                lambda: (state.evaluation_data(params, X)[0] for X, _ in source.chunks()),
                                len(state.reflections))
+    if previous is None and params.freeze is None:
+        state.reference_b = rotation_reference_b(params, model, state, lambda: (X for X, _ in source.chunks()))
     return Training(model, state, history, converged, trainer.kept_step), survey.head
 
 
