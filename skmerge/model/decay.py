@@ -52,7 +52,7 @@ def _line_sums(log_scale, d, image, n_images):
     """Per image (``image`` numbers them from 0), n, Σx, Σy, Σx², Σxy of its
     observations' x = 1/(2d²) and y = ``log_scale``: what its line needs, added up over
     pieces of a store."""
-    # bincounts, not a loop over images: hypf has 10⁶ observations in 10³ images.
+    # bincounts, not a loop over images: a series may hold thousands of images.
     x, y = 1.0 / (2.0 * np.asarray(d, np.float64) ** 2), np.asarray(log_scale, np.float64)
     return np.stack([np.bincount(image, weights=w, minlength=n_images) for w in (np.ones_like(x), x, y, x * x, x * y)])
 

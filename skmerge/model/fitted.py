@@ -119,13 +119,10 @@ class FitState:
         return encode(X, y, anomalous=params.anomalous, separate_files=params.separate_files,
                       harmonics=self.harmonics)
 
-    def fall_off(self, keys):
-        """The factor that takes the model's intensities of the reflections with the given
-        keys into the frame of the merged table (:func:`skmerge.model.decay.fall_off` of
-        ``reference_b``)."""
-        if not self.reference_b:
-            return np.ones(len(keys))
-        return fall_off(self.reference_b, resolution(unpack_hkl(keys), self.reflections.cell))
+    def fall_off(self, d):
+        """The factor that takes the model's intensities at resolutions ``d`` (Å) into the
+        frame of the merged table (:func:`skmerge.model.decay.fall_off` of ``reference_b``)."""
+        return fall_off(self.reference_b, d) if self.reference_b else np.ones(len(d))
 
     def observation_resolution(self, params, X):
         """dHKL (Å) of each observation of X (of each harmonic, for Laue data)."""
@@ -207,10 +204,10 @@ class FitState:
         moments = [m.numpy().astype(np.float64) for m in model.amplitude_moments(extra)]
         m1, m2, _, m4 = (m[refl] for m in moments)
         counts = np.append(self.reflection_counts, 0)[np.minimum(refl, len(self.reflections))]
-        c = self.intensity_scale * self.fall_off(keys)
+        hkl = unpack_hkl(keys)
+        c = self.intensity_scale * self.fall_off(resolution(hkl, self.reflections.cell))
         root = np.sqrt(c)
         sigf, sigi = np.sqrt(np.maximum(m2 - m1**2, 0.0)), np.sqrt(np.maximum(m4 - m2**2, 0.0))
-        hkl = unpack_hkl(keys)
         group = unpack_group(keys) if params.separate_files else None
         fitted = refl < len(self.reflections)
         variance = np.maximum(moments[1] - moments[0] ** 2, 0.0)[:len(self.reflections)]
@@ -267,7 +264,7 @@ class FitState:
             scale[unseen], scale_sd[unseen] = _mixed(parts[:, 2], parts[:, 3])
         # Ipred = Scale × I of the merged table, whose intensities carry the fall-off.
         if self.reference_b:
-            observed = fall_off(self.reference_b, self.observation_resolution(params, X))
+            observed = self.fall_off(self.observation_resolution(params, X))
             scale, scale_sd = scale / observed, scale_sd / observed
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
 
