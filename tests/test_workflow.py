@@ -94,8 +94,9 @@ def test_run_merge_returns_what_it_wrote(both_runs):
     assert result.names == ["sim.mtz"] and result.error_model["sdfac"] > 0  # the default error model
     assert np.isfinite(result.statistics[0].table.loc["overall", "cc_pred"])
     levels = [level for level, _ in lines]
-    assert set(levels) <= {"info", "warning"} and levels.count("info") == 8, lines
+    assert set(levels) <= {"info", "warning"} and levels.count("info") == 9, lines
     messages = " ".join(message for _, message in lines)
+    assert "decay: F and I are as the least-decayed images record them" in messages  # a rotation series
     assert "degrees of freedom (learned)" in messages and "double-Wilson prior: r file 0" in messages
     assert "SIGF: the likelihood's score varies" in messages
     assert "SIGF: the images' own scale weights are uncertain too" in messages
