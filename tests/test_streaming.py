@@ -1,6 +1,7 @@
 """Tests of fits on an observation store (:mod:`skmerge.model.streaming`): they equal the
 in-memory fit of the store's table, and refuse what they cannot stream."""
 
+import copy
 import json
 import warnings
 
@@ -337,3 +338,6 @@ def test_a_streamed_rotation_series_is_in_its_least_decayed_images_frame(tmp_pat
         whole = rotation_reference_b(merger, model, state, lambda: iter([X]))
         assert whole == pytest.approx(merger.reference_b_, abs=1e-3)
         assert rotation_reference_b(merger, model, state, lambda: iter(pieces)) == pytest.approx(whole, abs=1e-9)
+    # A warm start on the store (as each of its half-dataset merges) keeps the full fit's frame.
+    warm = copy.deepcopy(merger).set_params(warm_start="scales", freeze="scales", max_iter=2, early_stopping=False)
+    assert warm.fit(path).reference_b_ == merger.reference_b_

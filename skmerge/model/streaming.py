@@ -239,9 +239,11 @@ class _Survey:
             c = previous[0].intensity_scale
         image_ids = np.flatnonzero(image_counts)
         self.image_counts = image_counts[image_ids]
+        # A warm start stays in the frame of the fit it continues (a half-dataset merge in the full merge's).
         self.state = FitState(reflections, image_ids, count.astype(np.int64), c, transformer, n_features, None,
                               image_heads=shape.image_heads, image_layers=shape.image_layers,
-                              mlp_layers=shape.mlp_layers)
+                              mlp_layers=shape.mlp_layers,
+                              reference_b=previous[0].reference_b if previous is not None else 0.0)
         # The merge of the unscaled data in standardised units: ΣwI/c over Σw/c² with w = 1/σ².
         self.first_merge = means_of_sums(weight * c * c, weighted * c)[0]
 
