@@ -80,7 +80,7 @@ def test_amplitudes_are_the_least_decayed_images(rotation):
     strong = (f / merged["SIGF"].to_numpy(float) > 3) & (f_true > 0)
     design = np.stack([np.ones(strong.sum()), -s[strong] / 4], 1)
     b = np.linalg.lstsq(design, np.log(f[strong] / f_true[strong]), rcond=None)[0][1]
-    # The frame of the first images (B 0.09 Å² at the 2 % quantile), not the mean decay.
+    # The frame of the first images (true B 0.16 Å² at the 2 % quantile), not the mean decay.
     assert merger.reference_b_ < -1.0
     assert abs(b) < 1.0
     # Without a fitted overall B, as a refinement program would receive them.

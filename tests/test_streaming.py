@@ -63,9 +63,10 @@ def test_streamed_start_is_the_in_memory_start(start_fits):
 
 def test_streamed_fit_equals_the_in_memory_fit(store):
     path, X, truth = store
-    # Without the stills' layers (or heads) of their own, whose weights move only in the steps that draw their
-    # image: the two fits draw the images in different orders, and at 200 steps their
-    # scales differ by 3.5 % (median), where the shared network's agree within 2 %.
+    # Without the stills' layers (or heads) of their own, whose weights move only in the
+    # steps that draw their image: the two fits draw the images in different orders, and at
+    # 200 steps their scales differ by 3.5 % (median), where the shared network's agree
+    # within 2 %.
     in_memory = _fit(X, max_iter=200, image_layers=0, image_heads=False)
     streamed = _fit(path, max_iter=200, image_layers=0, image_heads=False)
     merged, merged_streamed = in_memory.transform(X), streamed.transform(path)
