@@ -72,6 +72,10 @@ SPREAD_LIMIT = 5.0
 this many robust SDs over the images and this many of its own sampling errors, and ..."""
 SPREAD_MIN_RATIO = 1.5
 """... is at least this factor above the median."""
+SPREAD_MIN_OBSERVATIONS = 3
+"""Images with fewer observations have no robust SD of z (NaN): one observation's is 0,
+which, where most images hold one (XDS's example: 300 observations on 185 images), made
+the images' median 0 and listed every other image as scattered."""
 _MAD_SD_ERROR = 1.166  # the SD of the MAD estimate of a normal law's SD from n values: 1.166·σ/√n
 LEVELS = (0.68, 0.95)
 """Probabilities of the predictive intervals whose coverage is reported."""
@@ -639,7 +643,8 @@ def image_report(predictions, outlier):
     scale (the median of its observations') differs from the rolling median over the
     :data:`SCALE_WINDOW` images around it (in image order, within its file) by more than
     :data:`SCALE_LIMIT` robust SDs of that log ratio over all images and by a factor of
-    at least :data:`SCALE_MIN_RATIO`; or when the robust SD of its z exceeds the median
+    at least :data:`SCALE_MIN_RATIO`; or when the robust SD of its z (of images with at
+    least :data:`SPREAD_MIN_OBSERVATIONS` observations) exceeds the median
     over the images by a factor of at least :data:`SPREAD_MIN_RATIO` and by more than
     :data:`SPREAD_LIMIT` times the larger of that SD's robust spread over the images and
     its sampling error (1.166·median/√n for n observations). Fitted observations have z
@@ -661,7 +666,7 @@ def _image_counts(predictions, outlier):
     frame["z_deviation"] = (frame["z"] - by_image["z"].transform("median")).abs()
     counts = by_image.agg(file_id=("file_id", "first"), n_obs=("outlier", "size"), n_outliers=("outlier", "sum"),
                           scale=("scale", "median"), z_robust_sd=("z_deviation", "median"))
-    counts["z_robust_sd"] *= _MAD_TO_SD
+    counts["z_robust_sd"] = (_MAD_TO_SD * counts["z_robust_sd"]).where(counts["n_obs"] >= SPREAD_MIN_OBSERVATIONS)
     return counts
 
 

@@ -118,6 +118,20 @@ def test_images_listed_for_their_scale_their_outliers_or_their_scatter_and_no_ot
     assert report.images.loc[13, "spread_ratio"] == pytest.approx(1.3, rel=0.15)
 
 
+def test_images_of_one_or_two_observations_are_not_listed_for_their_scatter():
+    # Most images hold one observation (robust SD of z 0), a few hold two or many.
+    rng = np.random.default_rng(0)
+    image_id = np.r_[np.arange(100), 100, 100, np.repeat([101, 102, 103], 50)]
+    z = rng.normal(size=len(image_id))
+    z[image_id == 103] *= 3
+    predictions = pd.DataFrame({"Z": z, "Ipred": rng.exponential(100, len(z)), "test": False, "image_id": image_id,
+                                "Scale": 1.0, "dHKL": rng.uniform(2, 10, len(z))})
+    report = calibration_report(predictions, shells=2, n_bins=2)
+    assert report.images["z_robust_sd"].notna().sum() == 3  # the images of 50
+    assert report.flagged.index.tolist() == [103]
+    assert report.images.loc[103, "spread_ratio"] == pytest.approx(3, rel=0.3)
+
+
 def test_a_still_of_garbled_intensities_is_listed(tmp_path):
     """Stills have no neighbours to compare scales with; a still whose intensities belong
     to no reflection it is indexed as (shuffled here) still stands out by its scatter."""
