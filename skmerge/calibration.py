@@ -609,7 +609,8 @@ class _Tally:
         shell = self.shells.assign(_resolution(predictions))
         ipred = predictions["Ipred"].to_numpy(np.float64)
         n_bins = len(self.by_intensity) - 1
-        intensity_bin = np.clip(np.searchsorted(self.edges, ipred, side="right") - 1, 0, len(self.edges) - 2)
+        # With every Ipred equal the edges are one value and there is no bin: only the overall row.
+        intensity_bin = np.clip(np.searchsorted(self.edges, ipred, side="right") - 1, 0, max(len(self.edges) - 2, 0))
         for table, group, inside, n in ((self.by_shell, shell, shell >= 0, self.shells.n),
                                         (self.by_intensity, intensity_bin, np.ones(len(z), bool), n_bins)):
             table[:n, 0] += np.bincount(group[inside], minlength=n)[:n]

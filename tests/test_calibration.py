@@ -132,6 +132,16 @@ def test_images_of_one_or_two_observations_are_not_listed_for_their_scatter():
     assert report.images.loc[103, "spread_ratio"] == pytest.approx(3, rel=0.3)
 
 
+def test_equal_predictions_have_only_the_overall_intensity_row():
+    rng = np.random.default_rng(0)
+    n = 500
+    predictions = pd.DataFrame({"Z": rng.normal(size=n), "Ipred": 100.0, "test": rng.random(n) < 0.3,
+                                "image_id": np.arange(n) // 50, "Scale": 1.0, "dHKL": rng.uniform(2, 10, n)})
+    report = calibration_report(predictions, shells=2, n_bins=4)
+    assert report.intensity.index.tolist() == ["overall"]
+    assert report.intensity.loc["overall", "n_obs"] == n == report.shells.loc["overall", "n_obs"]
+
+
 def test_a_still_of_garbled_intensities_is_listed(tmp_path):
     """Stills have no neighbours to compare scales with; a still whose intensities belong
     to no reflection it is indexed as (shuffled here) still stands out by its scatter."""
