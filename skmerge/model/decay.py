@@ -96,5 +96,5 @@ def rotation_reference_b(params, model, state, tables):
         # The predictions' scales are in the state's frame, B = state.reference_b from the model's.
         scale = state.predict(params, model, X)[2]
         image = np.searchsorted(state.image_ids, X["image_id"].to_numpy(np.int64))
-        sums += _line_sums(np.log(scale), state.observation_resolution(params, X), image, len(state.image_ids))
+        sums += _line_sums(np.log(scale), state.observation_resolution(X), image, len(state.image_ids))
     return state.reference_b + reference_b(_b_factors(sums))

@@ -124,9 +124,12 @@ class FitState:
         frame of the merged table (:func:`skmerge.model.decay.fall_off` of ``reference_b``)."""
         return fall_off(self.reference_b, d) if self.reference_b else np.ones(len(d))
 
-    def observation_resolution(self, params, X):
-        """dHKL (Å) of each observation of X (of each harmonic, for Laue data)."""
-        return resolution(unpack_hkl(self.encode(params, X, np.zeros(len(X))).keys), self.reflections.cell)
+    def observation_resolution(self, X):
+        """dHKL (Å) in the fit's cell of each row of X (a Laue spot's indices as recorded,
+        not its harmonics')."""
+        # From the rows' own indices, which give the ASU's d: no second encoding of X.
+        columns = ["H", "K", "L"] if {"H", "K", "L"} <= set(X.columns) else ["Hobs", "Kobs", "Lobs"]
+        return resolution(X[columns].to_numpy(np.int32), self.reflections.cell)
 
     def locate(self, params, keys):
         """Rows of reflection ``keys`` among the model's; reflections the fit never saw
@@ -264,7 +267,7 @@ class FitState:
             scale[unseen], scale_sd[unseen] = _mixed(parts[:, 2], parts[:, 3])
         # Ipred = Scale × I of the merged table, whose intensities carry the fall-off.
         if self.reference_b:
-            observed = self.fall_off(self.observation_resolution(params, X))
+            observed = self.fall_off(self.observation_resolution(X))
             scale, scale_sd = scale / observed, scale_sd / observed
         return mean * self.intensity_scale, sd * self.intensity_scale, scale, scale_sd
 
